@@ -1,0 +1,231 @@
+"""The networks of CycleGAN (arXiv 1703.10593) and CUT (arXiv 2007.15651), parameter for parameter.
+
+- ResnetGenerator: Johnson et al.'s ResNet generator (CycleGAN's G and F, CUT's G).
+- UnetGenerator: the pix2pix U-Net (arXiv 1611.07004), selectable as CycleGAN's generator.
+- PatchDiscriminator: the 70x70 PatchGAN (CycleGAN's D_X and D_Y, CUT's D).
+- PatchSampleMLP: CUT's H, which samples patches of G's encoder features and projects them.
+- load_official_state_dict: loads `latest_net_G.pth` / `latest_net_D.pth` of the official code.
+
+Mirrors models/networks.py of junyanz/pytorch-CycleGAN-and-pix2pix and of
+taesungp/contrastive-unpaired-translation: every network keeps the official flat `model`
+layout, so checkpoint keys and CUT's tap indices (nce_layers 0,4,8,12,16) line up.
+"""
+from collections.abc import Mapping, Sequence
+from itertools import zip_longest
+
+import torch
+import torch.nn as nn
+
+from layers import (BlurDownsample, ResnetBlock, activation, conv_bias, conv_norm_act, downsample,
+                    norm_act, padding, upsample)
+
+# CUT's default encoder taps; the official indices (antialiased G) are 0, 4, 8, 12, 16.
+DEFAULT_TAPS = ("input", "down1", "down2", "res1", "res5")
+
+
+class ResnetGenerator(nn.Module):
+    """c7s1-ngf, d(2ngf), d(4ngf), n_blocks x R(4ngf), u(2ngf), u(ngf), c7s1-out, tanh.
+
+    (B, in_channels, H, W) -> (B, out_channels, H, W) for H, W multiples of 4.
+    CycleGAN uses strided / transposed convs (antialias=False); CUT blur-pools (antialias=True).
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 3, ngf: int = 64, n_blocks: int = 9,
+                 norm: str = "instance", antialias: bool = False, dropout: bool = False):
+        super().__init__()
+        # Named encoder taps: name -> (index into self.model, channels of that layer's output).
+        self.taps: dict[str, tuple[int, int]] = {"input": (0, in_channels)}
+        layers = conv_norm_act(in_channels, ngf, 7, pad=3, pad_mode="reflect", norm=norm)
+        ch = ngf
+        for i in (1, 2):
+            self.taps[f"down{i}"] = (len(layers), 2 * ch)  # the conv's output, before its norm
+            layers += downsample(ch, 2 * ch, norm, antialias)
+            ch *= 2
+        for i in range(1, n_blocks + 1):
+            self.taps[f"res{i}"] = (len(layers), ch)
+            layers.append(ResnetBlock(ch, norm, dropout))
+        for _ in range(2):
+            layers += upsample(ch, ch // 2, norm, antialias)
+            ch //= 2
+        layers += [padding("reflect", 3), nn.Conv2d(ngf, out_channels, 7), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def tap(self, tap: str | int) -> tuple[int, int]:
+        """(layer index, channels) of a tap given by name ('res1') or official index (12)."""
+        for name, (index, channels) in self.taps.items():
+            if tap in (name, index):
+                return index, channels
+        raise ValueError(f"unknown encoder tap {tap!r}: use one of "
+                         + ", ".join(f"{name} ({index})" for name, (index, _) in self.taps.items()))
+
+    def tap_channels(self, taps: Sequence[str | int] = DEFAULT_TAPS) -> list[int]:
+        """Channels of each tapped feature map (what H's MLPs take in)."""
+        return [self.tap(t)[1] for t in taps]
+
+    def forward(self, x: torch.Tensor, taps: Sequence[str | int] | None = None):
+        """(B, C, H, W) -> (B, out, H, W); with `taps`, also the tapped features, in one pass."""
+        if taps is None:
+            return self.model(x)
+        return self._run(x, taps, stop_early=False)
+
+    def encode(self, x: torch.Tensor, taps: Sequence[str | int] = DEFAULT_TAPS) -> list[torch.Tensor]:
+        """The feature maps at `taps`, running only as deep as the deepest tap needs.
+
+        For a 1x3x256x256 input with antialias=True and the default taps:
+        (1,3,262,262), (1,128,256,256), (1,256,128,128), (1,256,64,64), (1,256,64,64).
+        """
+        return self._run(x, taps, stop_early=True)[1]
+
+    def _run(self, x, taps, stop_early):
+        wanted = [self.tap(t)[0] for t in taps]
+        last = max(wanted) if stop_early else len(self.model) - 1
+        feats = {}
+        for i, layer in enumerate(self.model[:last + 1]):
+            x = layer(x)
+            if i in wanted:
+                feats[i] = x
+        return x, [feats[i] for i in wanted]
+
+
+class UnetBlock(nn.Module):
+    """One level of the U-Net: down-conv, the inner levels, up-conv, then the skip concat.
+
+    (B, outer_ch, H, W) -> (B, 2*outer_ch, H, W) (the outermost level returns the image itself).
+    """
+
+    def __init__(self, outer_ch: int, inner_ch: int, in_ch: int | None = None, inner: nn.Module | None = None,
+                 outermost: bool = False, norm: str = "instance", dropout: bool = False):
+        super().__init__()
+        self.outermost = outermost
+        bias = conv_bias(norm)
+        down = nn.Conv2d(in_ch or outer_ch, inner_ch, 4, 2, 1, bias=bias)
+        up_in = inner_ch if inner is None else 2 * inner_ch  # inner levels return their skip concat
+        if outermost:
+            layers = [down, inner, nn.ReLU(True), nn.ConvTranspose2d(up_in, outer_ch, 4, 2, 1), nn.Tanh()]
+        elif inner is None:  # innermost: no norm on the 1x1 bottleneck
+            layers = [activation("lrelu"), down, nn.ReLU(True), nn.ConvTranspose2d(up_in, outer_ch, 4, 2, 1, bias=bias),
+                      *norm_act(outer_ch, norm, "none")]
+        else:
+            layers = [activation("lrelu"), down, *norm_act(inner_ch, norm, "none"), inner, nn.ReLU(True),
+                      nn.ConvTranspose2d(up_in, outer_ch, 4, 2, 1, bias=bias), *norm_act(outer_ch, norm, "none"),
+                      *([nn.Dropout(0.5)] if dropout else [])]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.model(x)
+        return y if self.outermost else torch.cat([x, y], 1)
+
+
+class UnetGenerator(nn.Module):
+    """The pix2pix U-Net: num_downs stride-2 levels with skips; 8 for 256x256, 7 for 128x128.
+
+    (B, in_channels, H, W) -> (B, out_channels, H, W), H and W multiples of 2**num_downs.
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 3, num_downs: int = 8, ngf: int = 64,
+                 norm: str = "instance", dropout: bool = False):
+        super().__init__()
+        if num_downs < 5:
+            raise ValueError(f"UnetGenerator needs num_downs >= 5, got {num_downs}")
+        self.num_downs = num_downs
+        block = UnetBlock(ngf * 8, ngf * 8, norm=norm)
+        for _ in range(num_downs - 5):
+            block = UnetBlock(ngf * 8, ngf * 8, inner=block, norm=norm, dropout=dropout)
+        for mult in (4, 2, 1):
+            block = UnetBlock(ngf * mult, ngf * mult * 2, inner=block, norm=norm)
+        self.model = UnetBlock(out_channels, ngf, in_ch=in_channels, inner=block, outermost=True, norm=norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = 2 ** self.num_downs
+        if x.shape[-2] % side or x.shape[-1] % side:
+            raise ValueError(f"a U-Net with {self.num_downs} downs needs sides that are multiples of {side}, "
+                             f"got {tuple(x.shape[-2:])}: change the crop size or use a ResNet generator")
+        return self.model(x)
+
+
+class PatchDiscriminator(nn.Module):
+    """The 70x70 PatchGAN: (B, C, H, W) -> (B, 1, H/8 - 2, W/8 - 2) logits, one per patch.
+
+    C64-C128-C256-C512 (4x4 convs, LeakyReLU 0.2, no norm on the first) then a 1-channel conv.
+    With antialias=True (the CUT default) each stride-2 conv becomes stride 1 plus blur-pool.
+    """
+
+    def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3, norm: str = "instance",
+                 antialias: bool = False):
+        super().__init__()
+        stride = 1 if antialias else 2
+        blur = (lambda ch: [BlurDownsample(ch)]) if antialias else (lambda ch: [])
+        layers = [nn.Conv2d(in_channels, ndf, 4, stride, 1), activation("lrelu"), *blur(ndf)]
+        ch = ndf
+        for n in range(1, n_layers):
+            out = ndf * min(2 ** n, 8)
+            layers += conv_norm_act(ch, out, 4, stride, 1, norm=norm, act="lrelu") + blur(out)
+            ch = out
+        out = ndf * min(2 ** n_layers, 8)
+        layers += conv_norm_act(ch, out, 4, 1, 1, norm=norm, act="lrelu")
+        layers.append(nn.Conv2d(out, 1, 4, 1, 1))
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class PatchSampleMLP(nn.Module):
+    """CUT's H: per tapped layer, sample patch locations, project with a 2-layer MLP, L2-normalise.
+
+    Built eagerly from the tap channels (the official code builds it lazily on the first batch,
+    which broke multi-GPU runs). The same locations are used for every image of the batch.
+    """
+
+    def __init__(self, in_channels: Sequence[int], nc: int = 256):
+        super().__init__()
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(c, nc), nn.ReLU(), nn.Linear(nc, nc)) for c in in_channels)
+
+    def forward(self, feats: Sequence[torch.Tensor], num_patches: int = 256,
+                patch_ids: Sequence[torch.Tensor] | None = None):
+        """feats[l]: (B, C_l, H_l, W_l) -> (features, ids): features[l] (B, P, nc), ids[l] (P,).
+
+        P = min(num_patches, H_l * W_l); pass the ids of an earlier call to sample the same places.
+        """
+        if len(feats) != len(self.mlps):
+            raise ValueError(f"H has {len(self.mlps)} MLPs but got {len(feats)} feature maps")
+        out, ids_out = [], []
+        for layer, (feat, mlp) in enumerate(zip(feats, self.mlps)):
+            flat = feat.flatten(2).transpose(1, 2)  # (B, H*W, C)
+            if patch_ids is None:
+                ids = torch.randperm(flat.shape[1], device=feat.device)[:num_patches]
+            else:
+                ids = patch_ids[layer]
+            x = mlp(flat[:, ids])  # (B, P, nc)
+            out.append(x / (x.norm(dim=-1, keepdim=True) + 1e-7))
+            ids_out.append(ids)
+        return out, ids_out
+
+
+# Old official checkpoints (PyTorch 0.4) stored running stats of instance norms, which have none.
+_STALE_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def load_official_state_dict(net: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Load an official `latest_net_*.pth` into `net`, tensor by tensor in registration order.
+
+    Our networks register their weights in the official order, so the i-th official tensor
+    goes to the i-th of ours; names and shapes are checked and the first mismatch is named.
+    """
+    ours = net.state_dict()
+    theirs = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if not any(k.endswith(_STALE_SUFFIXES) for k in ours):
+        theirs = {k: v for k, v in theirs.items() if not k.endswith(_STALE_SUFFIXES)}
+    mapped = {}
+    for (our_key, our_t), (their_key, their_t) in zip_longest(ours.items(), theirs.items(), fillvalue=(None, None)):
+        if our_key is None or their_key is None:
+            raise ValueError(f"checkpoint has {len(theirs)} tensors but {type(net).__name__} has {len(ours)}; "
+                             f"first unmatched: {our_key or their_key!r}. Build the network with the options "
+                             f"the checkpoint was trained with (netG, ngf, n_blocks, norm, antialias)")
+        if their_key.rsplit(".", 1)[-1] != our_key.rsplit(".", 1)[-1] or their_t.shape != our_t.shape:
+            raise ValueError(f"checkpoint tensor {their_key!r} {tuple(their_t.shape)} does not fit "
+                             f"{type(net).__name__}.{our_key} {tuple(our_t.shape)}. Build the network with the "
+                             f"options the checkpoint was trained with (netG, ngf, n_blocks, norm, antialias)")
+        mapped[our_key] = their_t
+    net.load_state_dict(mapped)
+    return net
