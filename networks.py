@@ -229,3 +229,16 @@ def load_official_state_dict(net: nn.Module, state_dict: Mapping[str, torch.Tens
         mapped[our_key] = their_t
     net.load_state_dict(mapped)
     return net
+
+
+GENERATORS = ("resnet_9blocks", "resnet_6blocks", "unet_256", "unet_128")
+
+
+def define_G(netG: str, in_channels: int = 3, out_channels: int = 3, ngf: int = 64, norm: str = "instance",
+             dropout: bool = False, antialias: bool = False) -> nn.Module:
+    """A generator by its official name: resnet_9blocks, resnet_6blocks, unet_256 or unet_128."""
+    if netG.startswith("resnet_") and netG.endswith("blocks") and netG[7:-6].isdigit():
+        return ResnetGenerator(in_channels, out_channels, ngf, int(netG[7:-6]), norm, antialias, dropout)
+    if netG in ("unet_256", "unet_128"):
+        return UnetGenerator(in_channels, out_channels, 8 if netG == "unet_256" else 7, ngf, norm, dropout)
+    raise ValueError(f"unknown generator {netG!r}: use one of {', '.join(GENERATORS)}")

@@ -302,3 +302,234 @@ def test_mismatched_official_weights_name_the_first_mismatch():
         load_official_state_dict(ResnetGenerator(ngf=4, n_blocks=3), ResnetGenerator(ngf=4, n_blocks=2).state_dict())
     with pytest.raises(ValueError, match="has 8 tensors but PatchSampleMLP has 4; first unmatched: 'mlps.1.0.weight'"):
         load_official_state_dict(PatchSampleMLP([3], nc=4), PatchSampleMLP([3, 3], nc=4).state_dict())
+
+
+# ----------------------------------------------------------------------------- data
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import data_utility as du  # noqa: E402
+from cycle_gan import CycleGAN, CycleGANConfig, ImagePool, lr_factor  # noqa: E402
+from train_gan import main as cli  # noqa: E402
+
+SHARED = Path(__file__).resolve().parent.parent / "shared" / "datasets" / "apple2orange"
+
+
+def write_mixed_images(folder: Path, n: int = 3, seed: int = 0) -> list[Path]:
+    """n images of assorted formats, modes and sizes (png/jpg, RGB, L, RGBA, P, odd sides)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    kinds = [("RGB", "jpg", (40, 30)), ("L", "png", (33, 47)), ("RGBA", "png", (64, 64)), ("P", "PNG", (50, 41))]
+    paths = []
+    for i in range(n):
+        mode, ext, (w, h) = kinds[i % len(kinds)]
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert(mode)
+        sub = folder / ("nested" if i % 2 else "")
+        sub.mkdir(exist_ok=True)
+        paths.append(sub / f"img{i}.{ext}")
+        img.save(paths[-1])
+    return paths
+
+
+@pytest.fixture
+def dataset_root(tmp_path):
+    for split, n in (("trainA", 4), ("trainB", 3), ("testA", 2), ("testB", 2)):
+        write_mixed_images(tmp_path / "ds" / split, n, seed=len(split) + n)
+    return tmp_path / "ds"
+
+
+def test_list_images_is_recursive_and_ignores_case_and_other_files(tmp_path):
+    paths = write_mixed_images(tmp_path, 4)
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert du.list_images(tmp_path) == sorted(paths)
+
+
+@pytest.mark.parametrize("layout", list(du.LAYOUTS.values()))
+def test_find_domains_reads_both_layouts_and_swaps_for_BtoA(tmp_path, layout):
+    for name in layout:
+        (tmp_path / name).mkdir()
+    found = du.find_domains(tmp_path)
+    assert [found[k].name for k in ("train_x", "train_y", "test_x", "test_y")] == list(layout)
+    swapped = du.find_domains(tmp_path, "BtoA")
+    assert (swapped["train_x"].name, swapped["test_y"].name) == (layout[1], layout[2])
+
+
+def test_find_domains_names_what_it_found_when_the_layout_is_unknown(tmp_path):
+    (tmp_path / "apples").mkdir()
+    with pytest.raises(du.DataError, match="neither layout.*found apples/"):
+        du.find_domains(tmp_path)
+    with pytest.raises(du.DataError, match="does not exist"):
+        du.find_domains(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_unpaired_dataset_gives_cropped_tensors_in_range(dataset_root, channels):
+    data = du.UnpairedDataset(dataset_root / "trainA", dataset_root / "trainB", 36, 32, channels, 3)
+    assert len(data) == 4  # the larger domain
+    sampler = du.PairSampler(4, 3, seed=1)
+    for key in sampler:
+        x, y = data[key]
+        assert x.shape == (channels, 32, 32) and y.shape == (3, 32, 32)
+        assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.1
+
+
+def test_pair_sampler_covers_x_each_epoch_and_depends_only_on_seed_and_epoch():
+    s = du.PairSampler(5, 3, seed=7)
+    keys = list(s)
+    assert sorted(k[0] for k in keys) == [0, 1, 2, 3, 4] and all(0 <= k[1] < 3 for k in keys)
+    s.set_epoch(1)
+    assert list(s) != keys
+    s.set_epoch(0, start=2, stop=4)
+    assert list(s) == keys[2:4]
+    ranks = [list(du.PairSampler(5, 3, seed=7, rank=r, world_size=2)) for r in (0, 1)]
+    assert ranks[0] + ranks[1] != keys and sorted(ranks[0] + ranks[1]) == sorted(keys)
+
+
+def test_jitter_is_deterministic_per_seed_and_flips_sometimes():
+    img = Image.fromarray(np.arange(40 * 40 * 3, dtype=np.uint8).reshape(40, 40, 3))
+    crops = [np.asarray(du.jitter(img, 36, 32, np.random.default_rng(s))) for s in range(8)]
+    assert all(c.shape == (32, 32, 3) for c in crops)
+    assert np.array_equal(crops[0], np.asarray(du.jitter(img, 36, 32, np.random.default_rng(0))))
+    assert len({c.tobytes() for c in crops}) > 1
+
+
+def test_image_tensor_round_trip():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 6, 3), dtype=np.uint8))
+    t = du.to_tensor(img)
+    assert t.shape == (3, 8, 6) and t.min() >= -1 and t.max() <= 1
+    assert np.array_equal(np.asarray(du.to_image(t)), np.asarray(img))
+
+
+def test_save_image_grid_lays_out_rows_and_columns(tmp_path):
+    rows = [[torch.zeros(3, 8, 8), torch.ones(1, 8, 8)]] * 3
+    du.save_image_grid(rows, tmp_path / "g.png", pad=2)
+    grid = Image.open(tmp_path / "g.png")
+    assert grid.size == (2 * 10 + 2, 3 * 10 + 2)
+    assert grid.getpixel((2 + 10 + 1, 3)) == (255, 255, 255)  # the one-channel column, shown as gray
+
+
+def test_plot_losses_writes_a_png(tmp_path):
+    for step in range(1, 4):
+        du.append_losses(tmp_path / "l.csv", step, 1, {"G": 1.0 / step, "D": 0.5})
+    du.plot_losses(tmp_path / "l.csv", tmp_path / "l.png")
+    assert Image.open(tmp_path / "l.png").size[0] > 100
+
+
+def test_download_fails_offline_with_a_clear_message(tmp_path, monkeypatch):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(du.urllib.request, "urlopen", offline)
+    with pytest.raises(du.DataError, match="could not download .*apple2orange.zip.*offline"):
+        du.download("apple2orange", tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no partial file left
+    with pytest.raises(du.DataError, match="unknown dataset"):
+        du.download("pears2plums", tmp_path)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="the shared apple2orange dataset is absent")
+def test_real_apple2orange_loads():
+    data = du.UnpairedDataset(SHARED / "trainA", SHARED / "trainB", 286, 256)
+    assert len(data) == 1019
+    x, y = data[next(iter(du.PairSampler(995, 1019)))]
+    assert x.shape == y.shape == (3, 256, 256)
+
+
+# ----------------------------------------------------------------------------- CycleGAN
+
+TINY = dict(netG="resnet_6blocks", ngf=4, ndf=4)
+
+
+def snapshot(nets):
+    return {name: [p.detach().clone() for p in net.parameters()] for name, net in nets.items()}
+
+
+def test_cycle_gan_step_changes_every_network_and_gives_finite_losses():
+    torch.manual_seed(0)
+    model = CycleGAN(CycleGANConfig(**TINY))
+    before = snapshot(model.nets)
+    losses = model.train_step(torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 64, 64) * 2 - 1)
+    assert set(losses) == {"G_gan", "F_gan", "cycle_X", "cycle_Y", "idt_X", "idt_Y", "D_X", "D_Y"}
+    assert all(math.isfinite(v) for v in losses.values())
+    for name, net in model.nets.items():
+        assert all(not torch.equal(a, b) for a, b in zip(before[name], net.parameters())), name
+    assert model.step == 1
+
+
+def test_cycle_gan_has_no_identity_loss_when_its_weight_is_zero():
+    model = CycleGAN(CycleGANConfig(**TINY, lambda_identity=0))
+    assert "idt_X" not in model.train_step(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))
+
+
+def test_cycle_gan_translates_grayscale_to_color():
+    with pytest.raises(ValueError, match="--lambda-identity 0"):
+        CycleGAN(CycleGANConfig(**TINY, channels_x=1, channels_y=3))
+    model = CycleGAN(CycleGANConfig(**TINY, channels_x=1, channels_y=3, lambda_identity=0))
+    model.train_step(torch.zeros(2, 1, 32, 32), torch.zeros(2, 3, 32, 32))
+    assert model.translate(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)
+    assert model.translate(torch.zeros(1, 3, 32, 32), "y2x").shape == (1, 1, 32, 32)
+
+
+def test_image_pool_fills_then_swaps_half_the_time():
+    torch.manual_seed(0)
+    pool = ImagePool(3)
+    first = torch.arange(3.0).view(3, 1, 1, 1)
+    assert torch.equal(pool.query(first), first)  # filling: returned as given
+    queries = [torch.full((1, 1, 1, 1), 10.0 + i) for i in range(200)]
+    swapped = sum(not torch.equal(pool.query(q), q) for q in queries)
+    assert 70 < swapped < 130  # about half the queries return an older image
+    assert len(pool.images) == 3
+    assert torch.equal(ImagePool(0).query(first), first)
+
+
+@pytest.mark.parametrize("epoch, expected", [(0, 1.0), (99, 1.0), (100, 1 - 1 / 101), (150, 1 - 51 / 101),
+                                             (199, 1 / 101)])
+def test_lr_schedule_is_constant_then_linear(epoch, expected):
+    assert lr_factor(epoch, 100, 100) == pytest.approx(expected)
+
+
+def test_end_epoch_sets_the_scheduled_lr():
+    model = CycleGAN(CycleGANConfig(**TINY, epochs=1, epochs_decay=3))
+    model.end_epoch()
+    assert model.optimizers["G"].param_groups[0]["lr"] == pytest.approx(2e-4 * (1 - 1 / 4))
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+def cli_args(root, out, *extra):
+    return ["--dataroot", str(root), "--output-dir", str(out), "--name", "run", "--crop-size", "32",
+            "--load-size", "36", "--ngf", "4", "--ndf", "4", "--netG", "resnet_6blocks", "--max-steps", "2",
+            "--workers", "0", "--device", "cpu", "--log-every", "1", *extra]
+
+
+def test_cli_run_writes_grid_csv_plot_and_checkpoint_then_resumes(dataset_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
+    run = out / "run"
+    assert {p.name for p in run.iterdir()} >= {"epoch_001.png", "losses.csv", "losses.png", "latest.pt"}
+    assert Image.open(run / "epoch_001.png").size == (3 * 34 + 2, 4 * 34 + 2)  # 2+2 rows of x | G(x) | F(G(x))
+    assert len((run / "losses.csv").read_text().splitlines()) == 3  # header + one row per step
+    state = torch.load(run / "latest.pt", weights_only=True)
+    assert (state["epoch"], state["step"], state["epoch_step"]) == (1, 2, 0)
+
+    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "1", "--resume")) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert (run / "epoch_002.png").exists()
+    assert torch.load(run / "latest.pt", weights_only=True)["step"] == 4
+
+
+def test_cli_translate_keeps_each_image_size_and_name(dataset_root, tmp_path):
+    out = tmp_path / "out"
+    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
+    inputs = write_mixed_images(tmp_path / "in", 4)
+    for direction in ("x2y", "y2x"):
+        target = tmp_path / direction
+        assert cli(["translate", "--checkpoint", str(out / "run" / "latest.pt"), "--input", str(tmp_path / "in"),
+                    "--output", str(target), "--direction", direction, "--device", "cpu"]) == 0
+        for p in inputs:
+            result = Image.open(target / f"{p.stem}.png")
+            assert result.size == Image.open(p).size and result.mode == "RGB"

@@ -1,0 +1,232 @@
+"""CycleGAN: Zhu, Park, Isola, Efros, "Unpaired Image-to-Image Translation using Cycle-Consistent
+Adversarial Networks", ICCV 2017, arXiv 1703.10593. Mirrors models/cycle_gan_model.py of
+junyanz/pytorch-CycleGAN-and-pix2pix.
+
+Names: the paper's G: X->Y is the official G_A, F: Y->X is G_B, D_Y is D_A and D_X is D_B.
+
+Objective (Eq. 3), minimised by G and F, maximised by D_X and D_Y:
+    L = L_GAN(G, D_Y, X, Y) + L_GAN(F, D_X, Y, X) + lambda * L_cyc(G, F)
+    L_GAN (Eq. 1): least squares, as the official code does (more stable than log-likelihood)
+    L_cyc (Eq. 2): ||F(G(x)) - x||_1 + ||G(F(y)) - y||_1, lambda = 10
+    + the identity loss of Sec. 5.2, ||G(y) - y||_1 + ||F(x) - x||_1, weighted 0.5 * lambda.
+Official details kept: D's loss is halved, D sees a 50-image history of fakes, Adam lr 2e-4 with
+betas (0.5, 0.999), lr constant for `epochs` then linear to 0 over `epochs_decay`, N(0, 0.02) init.
+
+This file also holds what CUT (cut_model.py) shares: `TranslationModel`, the training plumbing.
+"""
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from itertools import chain
+
+import torch
+import torch.nn as nn
+from torch.nn.functional import l1_loss
+
+from layers import init_weights
+from losses import GANLoss
+from networks import PatchDiscriminator, define_G
+
+
+def set_requires_grad(nets, flag: bool) -> None:
+    """Freeze (False) or unfreeze the parameters of `nets`: D stays fixed while G steps."""
+    for net in nets:
+        for p in net.parameters():
+            p.requires_grad_(flag)
+
+
+def lr_factor(epoch: int, epochs: int, epochs_decay: int) -> float:
+    """The official 'linear' policy: 1 for the first `epochs`, then down by 1/(epochs_decay+1) per epoch."""
+    return 1.0 - max(0, epoch + 1 - epochs) / float(epochs_decay + 1)
+
+
+class TranslationModel:
+    """Networks, Adam optimisers and the lr schedule, with state for an exact resume.
+
+    Subclasses fill `self.nets` (name -> module) and `self.optimizers` (name -> Adam) and write
+    `train_step(x, y) -> dict[str, float]`, `translate(x)` and `visuals(x, y)`.
+    """
+    name = ""
+
+    def __init__(self, config, device: torch.device | str = "cpu"):
+        self.config, self.device = config, torch.device(device)
+        self.nets: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.epoch = 0  # epochs finished
+        self.step = 0  # optimisation steps taken in all
+
+    def _finish_init(self, init: str) -> None:
+        """Initialise the networks' weights (`normal` or `xavier`) and move them to the device."""
+        for net in self.nets.values():
+            init_weights(net, init, self.config.init_gain).to(self.device)
+
+    def adam(self, *nets: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(chain(*(n.parameters() for n in nets)), lr=self.config.lr,
+                                betas=(self.config.beta1, 0.999))
+
+    def update(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """One gradient step of `optimizer` on `loss`."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def autocast(self):
+        """Mixed-precision context for the forward passes (fp32: none)."""
+        return nullcontext()
+
+    def end_epoch(self) -> None:
+        """Count a finished epoch and set the lr of the next one."""
+        self.epoch += 1
+        factor = lr_factor(self.epoch, self.config.epochs, self.config.epochs_decay)
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = self.config.lr * factor
+
+    def train(self, mode: bool = True) -> None:
+        for net in self.nets.values():
+            net.train(mode)
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        """Everything a resume needs: config, networks, optimisers, counters, model extras."""
+        return {"model": self.name, "config": asdict(self.config), "epoch": self.epoch, "step": self.step,
+                "nets": {k: v.state_dict() for k, v in self.nets.items()},
+                "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
+                "extra": self.extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, net in self.nets.items():
+            net.load_state_dict(state["nets"][k])
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][k])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.load_extra_state(state["extra"])
+
+
+class ImagePool:
+    """History of generated images (Shrivastava et al. 2017), so D does not forget old fakes.
+
+    query(fakes): (B, C, H, W) -> (B, C, H, W). Until the pool is full each fake is stored and
+    returned; then each fake is, with probability 1/2, swapped for a random stored one.
+    """
+
+    def __init__(self, size: int = 50):
+        self.size = size
+        self.images: list[torch.Tensor] = []
+
+    def query(self, fakes: torch.Tensor) -> torch.Tensor:
+        fakes = fakes.detach()
+        if self.size == 0:
+            return fakes
+        out = []
+        for img in fakes.split(1):
+            if len(self.images) < self.size:
+                self.images.append(img)
+                out.append(img)
+            elif torch.rand(()) < 0.5:
+                i = int(torch.randint(self.size, ()))
+                out.append(self.images[i])
+                self.images[i] = img
+            else:
+                out.append(img)
+        return torch.cat(out)
+
+
+@dataclass
+class CycleGANConfig:
+    netG: str = "resnet_9blocks"  # the paper: 6 blocks at 128x128, 9 at 256x256
+    ngf: int = 64
+    ndf: int = 64
+    n_layers_D: int = 3
+    norm: str = "instance"
+    dropout: bool = False
+    channels_x: int = 3
+    channels_y: int = 3
+    gan_mode: str = "lsgan"  # the official default; Eq. 1 is the log-likelihood ('vanilla')
+    real_label: float = 1.0  # < 1 for one-sided label smoothing
+    lambda_cycle: float = 10.0  # lambda of Eq. 3, both directions
+    lambda_identity: float = 0.5  # identity loss weight, as a fraction of lambda_cycle
+    pool_size: int = 50
+    lr: float = 2e-4
+    beta1: float = 0.5
+    epochs: int = 100  # at the initial lr
+    epochs_decay: int = 100  # then linearly to 0
+    init_gain: float = 0.02
+
+
+class CycleGAN(TranslationModel):
+    """G: X->Y, F: Y->X (generators), D_X, D_Y (PatchGAN discriminators)."""
+    name = "cycle_gan"
+
+    def __init__(self, config: CycleGANConfig | None = None, device="cpu"):
+        super().__init__(config or CycleGANConfig(), device)
+        c = self.config
+        if c.lambda_identity > 0 and c.channels_x != c.channels_y:
+            raise ValueError(f"the identity loss compares G(y) with y, which needs as many channels in X as in Y "
+                             f"(got {c.channels_x} and {c.channels_y}): pass --lambda-identity 0")
+        self.G = define_G(c.netG, c.channels_x, c.channels_y, c.ngf, c.norm, c.dropout)
+        self.F = define_G(c.netG, c.channels_y, c.channels_x, c.ngf, c.norm, c.dropout)
+        self.D_X = PatchDiscriminator(c.channels_x, c.ndf, c.n_layers_D, c.norm)
+        self.D_Y = PatchDiscriminator(c.channels_y, c.ndf, c.n_layers_D, c.norm)
+        self.nets = {"G": self.G, "F": self.F, "D_X": self.D_X, "D_Y": self.D_Y}
+        self._finish_init("normal")
+        self.optimizers = {"G": self.adam(self.G, self.F), "D": self.adam(self.D_X, self.D_Y)}
+        self.gan_loss = GANLoss(c.gan_mode, c.real_label)
+        self.pool_X, self.pool_Y = ImagePool(c.pool_size), ImagePool(c.pool_size)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """One step of Eq. 3 on a batch x (B, C_x, H, W) from X and y (B, C_y, H, W) from Y."""
+        c, gan = self.config, self.gan_loss
+        lam, lam_idt = c.lambda_cycle, c.lambda_cycle * c.lambda_identity
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+        # 1. G and F: minimise Eq. 3 with D_X, D_Y fixed.
+        set_requires_grad([self.D_X, self.D_Y], False)
+        with self.autocast():
+            fake_y, fake_x = self.G(x), self.F(y)
+            loss = {
+                "G_gan": gan(self.D_Y(fake_y), True),  # Eq. 1: G fools D_Y
+                "F_gan": gan(self.D_X(fake_x), True),  # Eq. 1 for F: fools D_X
+                "cycle_X": lam * l1_loss(self.F(fake_y), x),  # Eq. 2: x -> G(x) -> F(G(x)) ~ x
+                "cycle_Y": lam * l1_loss(self.G(fake_x), y),  # Eq. 2: y -> F(y) -> G(F(y)) ~ y
+            }
+            if lam_idt > 0:  # Sec. 5.2: G leaves real Y images alone, F real X images
+                loss["idt_Y"] = lam_idt * l1_loss(self.G(y), y)
+                loss["idt_X"] = lam_idt * l1_loss(self.F(x), x)
+        self.update(sum(loss.values()), self.optimizers["G"])
+
+        # 2. D_X and D_Y: tell real from (pooled) fake; the official code halves D's loss.
+        set_requires_grad([self.D_X, self.D_Y], True)
+        with self.autocast():
+            loss["D_Y"] = 0.5 * (gan(self.D_Y(y), True) + gan(self.D_Y(self.pool_Y.query(fake_y)), False))
+            loss["D_X"] = 0.5 * (gan(self.D_X(x), True) + gan(self.D_X(self.pool_X.query(fake_x)), False))
+        self.update(loss["D_Y"] + loss["D_X"], self.optimizers["D"])
+        self.step += 1
+        return {k: v.item() for k, v in loss.items()}
+
+    @torch.no_grad()
+    def translate(self, images: torch.Tensor, direction: str = "x2y") -> torch.Tensor:
+        """G(images) for 'x2y', F(images) for 'y2x'; (B, C, H, W) -> (B, C', H, W), eval mode."""
+        net = {"x2y": self.G, "y2x": self.F}[direction]
+        net.eval()
+        out = net(images.to(self.device))
+        net.train()
+        return out
+
+    def visuals(self, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Grid rows: x | G(x) | F(G(x)) for each x, then y | F(y) | G(F(y)) for each y."""
+        fake_y, fake_x = self.translate(x, "x2y"), self.translate(y, "y2x")
+        rec_x, rec_y = self.translate(fake_y, "y2x"), self.translate(fake_x, "x2y")
+        return [list(r) for r in zip(x, fake_y.cpu(), rec_x.cpu())] + \
+               [list(r) for r in zip(y, fake_x.cpu(), rec_y.cpu())]
+
+    def extra_state(self) -> dict:
+        return {"pool_X": [t.cpu() for t in self.pool_X.images], "pool_Y": [t.cpu() for t in self.pool_Y.images]}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.pool_X.images = [t.to(self.device) for t in state["pool_X"]]
+        self.pool_Y.images = [t.to(self.device) for t in state["pool_Y"]]

@@ -1,0 +1,245 @@
+"""Data for unpaired translation: find images, load them, jitter them, pair them at random;
+write image grids and loss plots; download the official CycleGAN datasets.
+
+Mirrors data/unaligned_dataset.py and data/base_dataset.py of the official code: domain X
+is walked in a shuffled order, each x gets a random y, and an epoch is as long as the larger
+domain. Training augmentation is the papers' "random jitter": resize to load_size, random crop
+to crop_size, random horizontal flip.
+"""
+import csv
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+# Each layout: (train X, train Y, test X, test Y) folder names.
+LAYOUTS = {"trainA/trainB/testA/testB": ("trainA", "trainB", "testA", "testB"),
+           "x_train/y_train/x_test/y_test": ("x_train", "y_train", "x_test", "y_test")}
+DATASET_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/datasets/{}.zip"
+OFFICIAL_DATASETS = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "monet2photo", "cezanne2photo",
+                     "ukiyoe2photo", "vangogh2photo", "maps", "cityscapes", "facades", "iphone2dslr_flower",
+                     "ae_photos", "grumpifycat")
+
+
+class DataError(ValueError):
+    """A dataset problem the user can fix; its message says how."""
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Every image below `folder`, recursively, any letter case of the suffix, sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def find_domains(root: Path, direction: str = "AtoB") -> dict[str, Path | None]:
+    """{'train_x', 'train_y', 'test_x', 'test_y'} folders of a dataset root; BtoA swaps X and Y.
+
+    Test folders may be missing (None); the training folders must exist.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataroot {root} does not exist: pass --dataroot with a folder holding "
+                        f"trainA/ and trainB/ (or x_train/ and y_train/)")
+    for names in LAYOUTS.values():
+        if (root / names[0]).is_dir() and (root / names[1]).is_dir():
+            folders = [root / n if (root / n).is_dir() else None for n in names]
+            if direction == "BtoA":
+                folders = [folders[1], folders[0], folders[3], folders[2]]
+            return dict(zip(("train_x", "train_y", "test_x", "test_y"), folders))
+    found = ", ".join(sorted(p.name + "/" for p in root.iterdir() if p.is_dir())) or "no folders"
+    raise DataError(f"dataroot {root} has neither layout {' nor '.join(LAYOUTS)}; found {found}")
+
+
+def load_image(path: Path, channels: int = 3) -> Image.Image:
+    """Open any image as 8-bit RGB (channels=3) or grayscale (channels=1).
+
+    Palette, RGBA, CMYK and grayscale convert directly; 16-bit and float images are rescaled
+    to 0..255 first, since Pillow's own conversion would clip them.
+    """
+    img = Image.open(path)
+    img.load()
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255
+        img = Image.fromarray(a.round().astype(np.uint8), "L")
+    return img.convert("RGB" if channels == 3 else "L")
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL image -> (C, H, W) float tensor in [-1, 1]."""
+    a = np.asarray(img, dtype=np.float32)
+    a = a[:, :, None] if a.ndim == 2 else a
+    return torch.from_numpy(a.transpose(2, 0, 1).copy()) / 127.5 - 1
+
+
+def to_image(t: torch.Tensor) -> Image.Image:
+    """(C, H, W) tensor in [-1, 1] -> 8-bit PIL image (RGB or L)."""
+    a = ((t.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a)
+
+
+def jitter(img: Image.Image, load_size: int, crop_size: int, rng: np.random.Generator) -> Image.Image:
+    """Random jitter: bicubic resize to load_size x load_size, random crop, random h-flip."""
+    img = img.resize((load_size, load_size), Image.BICUBIC)
+    left, top = rng.integers(0, load_size - crop_size + 1, size=2)
+    img = img.crop((left, top, left + crop_size, top + crop_size))
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+
+class UnpairedDataset(torch.utils.data.Dataset):
+    """Images of domains X and Y, indexed by (i_x, i_y, aug_seed) from `PairSampler`.
+
+    Returns (x, y): (C_x, crop, crop) and (C_y, crop, crop) tensors in [-1, 1]. Each item's
+    randomness comes from its key, so a run is the same with any number of workers.
+    """
+
+    def __init__(self, folder_x: Path, folder_y: Path, load_size: int = 286, crop_size: int = 256,
+                 channels_x: int = 3, channels_y: int = 3):
+        if crop_size > load_size:
+            raise DataError(f"crop size {crop_size} is larger than load size {load_size}: "
+                            f"lower --crop-size or raise --load-size")
+        self.files = [readable_images(folder_x, channels_x), readable_images(folder_y, channels_y)]
+        self.channels = (channels_x, channels_y)
+        self.load_size, self.crop_size = load_size, crop_size
+
+    def __len__(self) -> int:
+        return max(len(f) for f in self.files)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i_x, i_y, seed = key
+        rng = np.random.default_rng(seed)
+        return tuple(to_tensor(jitter(load_image(files[i], c), self.load_size, self.crop_size, rng))
+                     for files, i, c in zip(self.files, (i_x, i_y), self.channels))
+
+
+def readable_images(folder: Path, channels: int = 3) -> list[Path]:
+    """The images of a folder that open; warns once about the rest; fails if none is left."""
+    if folder is None or not Path(folder).is_dir():
+        raise DataError(f"image folder {folder} does not exist")
+    good, bad = [], []
+    for path in list_images(folder):
+        try:
+            with Image.open(path) as img:
+                img.load()  # decodes the whole file: truncated or corrupt images fail here
+            good.append(path)
+        except Exception:  # Pillow raises many types for broken files; any of them means "skip"
+            bad.append(path)
+    if bad:
+        names = ", ".join(p.name for p in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        warnings.warn(f"skipping {len(bad)} unreadable image(s) in {folder}: {names}", stacklevel=2)
+    if not good:
+        raise DataError(f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
+    return good
+
+
+class PairSampler(torch.utils.data.Sampler):
+    """Yields (i_x, i_y, aug_seed) keys: X in a shuffled order, a random y for each x.
+
+    The order is a function of (seed, epoch) alone, so resuming at step k of an epoch
+    replays exactly what an uninterrupted run would have seen. With `world_size` > 1 each
+    rank takes every world_size-th key (a DistributedSampler over the same order).
+    """
+
+    def __init__(self, n_x: int, n_y: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.n_x, self.n_y, self.seed = n_x, n_y, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start, self.stop = 0, 0, None
+
+    def set_epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> None:
+        """Select the epoch's order and yield this rank's keys[start:stop] of it."""
+        self.epoch, self.start, self.stop = epoch, start, stop
+
+    def keys(self) -> list[tuple[int, int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        n = max(self.n_x, self.n_y)
+        order = torch.randperm(n, generator=g) % self.n_x
+        partners = torch.randint(0, self.n_y, (n,), generator=g)
+        seeds = torch.randint(0, 2 ** 31 - 1, (n,), generator=g)
+        keys = list(zip(order.tolist(), partners.tolist(), seeds.tolist()))
+        return keys[self.rank::self.world_size]
+
+    def __iter__(self):
+        return iter(self.keys()[self.start:self.stop])
+
+    def __len__(self) -> int:
+        return len(self.keys()[self.start:self.stop])
+
+
+def load_fixed_images(folder: Path, n: int, size: int, channels: int = 3) -> torch.Tensor:
+    """The first n images of a folder resized to size x size: the fixed grid inputs (n, C, size, size)."""
+    files = readable_images(folder, channels)[:n]
+    return torch.stack([to_tensor(load_image(f, channels).resize((size, size), Image.BICUBIC)) for f in files])
+
+
+def save_image_grid(rows: list[list[torch.Tensor]], path: Path, pad: int = 2) -> None:
+    """Write a PNG of rows of (C, H, W) images in [-1, 1], e.g. x | G(x) | F(G(x)) per row.
+
+    Written with Pillow (no torchvision); one-channel images are shown as gray.
+    """
+    h, w = rows[0][0].shape[-2:]
+    grid = Image.new("RGB", (max(map(len, rows)) * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            grid.paste(to_image(img).convert("RGB"), (pad + c * (w + pad), pad + r * (h + pad)))
+    grid.save(path)
+
+
+def append_losses(path: Path, step: int, epoch: int, losses: dict[str, float]) -> None:
+    """Append one row to losses.csv (header written with the first row)."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["step", "epoch", *losses])
+        writer.writerow([step, epoch, *(f"{v:.5g}" for v in losses.values())])
+
+
+def plot_losses(csv_path: Path, png_path: Path) -> None:
+    """Plot every loss column of losses.csv against the step, one panel per loss."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display server needed
+    import matplotlib.pyplot as plt
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = [k for k in rows[0] if k not in ("step", "epoch")]
+    steps = [int(r["step"]) for r in rows]
+    fig, axes = plt.subplots(len(names), 1, figsize=(7, 1.6 * len(names)), sharex=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        ax.plot(steps, [float(r[name]) for r in rows], lw=0.8)
+        ax.set_ylabel(name, rotation=0, ha="right")
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
+
+
+def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:
+    """Download and unzip an official CycleGAN dataset into root/name; returns that folder."""
+    if name not in OFFICIAL_DATASETS:
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(OFFICIAL_DATASETS)}")
+    target = Path(root) / name
+    if target.is_dir():
+        return target
+    url = DATASET_URL.format(name)
+    part = Path(root) / f"{name}.zip.part"
+    part.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+        with zipfile.ZipFile(part) as z:
+            z.extractall(root)
+    except (urllib.error.URLError, OSError, zipfile.BadZipFile) as e:
+        reason = getattr(e, "reason", e)
+        raise DataError(f"could not download {url} ({reason}): if this machine is offline, fetch the zip "
+                        f"elsewhere and unzip it into {target}") from None
+    finally:
+        part.unlink(missing_ok=True)
+    return target

@@ -1,0 +1,348 @@
+"""The one command: train CycleGAN / CUT / FastCUT, translate a folder, or download a dataset.
+
+    python train_gan.py                                  # bundled apples -> oranges, any device
+    python train_gan.py --dataroot data/horse2zebra --name h2z --crop-size 256
+    python train_gan.py --resume --name h2z              # continue exactly where it stopped
+    python train_gan.py translate --checkpoint output/h2z/latest.pt --input photos --output out
+    python train_gan.py download horse2zebra
+
+Each epoch writes to output/NAME/: epoch_NNN.png (a grid of fixed test images), losses.csv,
+losses.png and latest.pt (everything needed to resume), plus epoch_NNN.pt every --save-every epochs.
+"""
+import argparse
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cycle_gan import CycleGAN, CycleGANConfig
+from data_utility import (DataError, PairSampler, UnpairedDataset, append_losses, download, find_domains,
+                          list_images, load_image, load_fixed_images, plot_losses, save_image_grid, to_image,
+                          to_tensor)
+from networks import GENERATORS
+
+BUNDLED = Path(__file__).resolve().parent / "data" / "apple2orange_small"
+MODELS = {"cycle_gan": (CycleGAN, CycleGANConfig)}
+MODEL_CHOICES = ("cycle_gan", "cut", "fastcut")
+# Defaults per model, the official ones; any flag given on the command line wins.
+PRESETS = {
+    "cycle_gan": dict(netG="resnet_9blocks", epochs=100, epochs_decay=100),
+}
+# Without a GPU the official 256x256 setting takes weeks; this shows results within minutes.
+# Crop 128 with 6 residual blocks is the paper's own setting for 128x128 images.
+CPU_PRESET = dict(crop_size=128, load_size=143, max_steps=200, netG="resnet_6blocks")
+GPU_PRESET = dict(crop_size=256, load_size=286, max_steps=None)
+
+
+class UsageError(Exception):
+    """A bad option or file: the CLI prints the message and exits with code 2."""
+
+
+class Diverged(Exception):
+    """A loss became NaN or infinite."""
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train CycleGAN, CUT or FastCUT on unpaired images. "
+                    "Other commands: 'translate' (run a checkpoint on a folder), 'download' (get a dataset).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", choices=MODEL_CHOICES, default="cycle_gan", help="what to train")
+    a("--dataroot", type=Path, default=BUNDLED,
+      help="dataset folder with trainA/ trainB/ [testA/ testB/] or x_train/ y_train/ [x_test/ y_test/]")
+    a("--name", help="run name: outputs go to OUTPUT_DIR/NAME (default: MODEL_DATASET)")
+    a("--output-dir", type=Path, default=Path("output"), help="where runs are written")
+    a("--resume", action="store_true", help="continue the run OUTPUT_DIR/NAME from its latest.pt")
+    a("--direction", choices=("AtoB", "BtoA"), default="AtoB", help="BtoA swaps the domains X and Y")
+    a("--epochs", type=int, help="epochs at the initial lr (official: 100 cycle_gan, 200 cut, 150 fastcut)")
+    a("--epochs-decay", type=int, help="epochs of linear lr decay to 0 (official: 100, 200, 50)")
+    a("--max-steps", type=int, help="cap on steps per epoch (CPU default 200; GPU default: whole epoch)")
+    a("--batch-size", type=int, default=1, help="images per domain per step (the papers use 1)")
+    a("--lr", type=float, default=2e-4, help="Adam learning rate")
+    a("--load-size", type=int, help="images are resized to this square size ... (GPU 286, CPU 143)")
+    a("--crop-size", type=int, help="... then randomly cropped to this size (GPU 256, CPU 128)")
+    a("--input-nc", type=int, choices=(1, 3), default=3, help="channels of domain X images (1 = grayscale)")
+    a("--output-nc", type=int, choices=(1, 3), default=3, help="channels of domain Y images")
+    a("--netG", choices=GENERATORS, help="generator (GPU default resnet_9blocks, CPU resnet_6blocks)")
+    a("--ngf", type=int, default=64, help="filters of the generator's first layer")
+    a("--ndf", type=int, default=64, help="filters of the discriminator's first layer")
+    a("--norm", choices=("instance", "batch", "none"), default="instance", help="normalisation layers")
+    a("--gan-mode", choices=("lsgan", "vanilla", "nonsaturating"), default="lsgan",
+      help="adversarial loss: least squares (official), log-likelihood (the papers' Eq. 1), or softplus")
+    a("--lambda-cycle", type=float, default=10.0, help="CycleGAN: weight of the cycle loss, each way")
+    a("--lambda-identity", type=float, default=0.5, help="CycleGAN: identity loss weight, x lambda-cycle")
+    a("--pool-size", type=int, default=50, help="CycleGAN: history of fakes shown to D (0 = none)")
+    a("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
+    a("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda, then mps, then cpu")
+    a("--workers", type=int, default=2, help="data-loading processes (0 = load in the main process)")
+    a("--log-every", type=int, default=10, help="steps averaged into each row of losses.csv")
+    a("--save-every", type=int, default=10, help="also keep epoch_NNN.pt every this many epochs (0 = never)")
+    return p
+
+
+def translate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train_gan.py translate",
+                                description="Translate every image of a folder at its own size; "
+                                            "PNGs with the same names are written to --output.")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a latest.pt or epoch_NNN.pt of a run")
+    p.add_argument("--input", type=Path, required=True, help="folder of images to translate")
+    p.add_argument("--output", type=Path, required=True, help="folder for the results (not the input folder)")
+    p.add_argument("--direction", choices=("x2y", "y2x"), default="x2y", help="y2x needs a CycleGAN checkpoint")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    return p
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name} is not available on this machine: use --device auto or cpu")
+    return torch.device(name)
+
+
+def apply_presets(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """Fill the options left unset from the model's and the device's presets; return what was filled."""
+    filled = []
+    for key, value in {**PRESETS[args.model], **(GPU_PRESET if device.type != "cpu" else CPU_PRESET)}.items():
+        if getattr(args, key) is None and value is not None:
+            setattr(args, key, value)
+            filled.append(f"{key}={value}")
+    args.name = args.name or f"{args.model}_{args.dataroot.name}"
+    return filled
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Reject impossible options before any work starts."""
+    def need(ok: bool, message: str):
+        if not ok:
+            raise UsageError(message)
+    for flag in ("batch_size", "epochs_decay", "ngf", "ndf", "log_every"):
+        need(getattr(args, flag) >= (0 if flag == "epochs_decay" else 1),
+             f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    need(args.epochs >= 0, f"--epochs must be >= 0, got {args.epochs}")
+    need(args.max_steps is None or args.max_steps >= 1, f"--max-steps must be >= 1, got {args.max_steps}")
+    need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    need(args.workers >= 0 and args.pool_size >= 0 and args.save_every >= 0,
+         "--workers, --pool-size and --save-every must be >= 0")
+    for flag in ("lambda_cycle", "lambda_identity"):
+        need(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    need(args.crop_size >= 16 and args.crop_size % 4 == 0,
+         f"--crop-size must be a multiple of 4 and at least 16, got {args.crop_size}")
+    need(args.crop_size <= args.load_size,
+         f"--crop-size {args.crop_size} is larger than --load-size {args.load_size}: lower one or raise the other")
+    if args.netG.startswith("unet"):
+        side = 2 ** (8 if args.netG == "unet_256" else 7)
+        need(args.crop_size % side == 0, f"--netG {args.netG} needs a crop size that is a multiple of {side}, "
+                                         f"got {args.crop_size}: use --crop-size {side} or a resnet generator")
+
+
+def model_config(args: argparse.Namespace, config_cls):
+    """The model's config dataclass, from the options of the same names."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)}
+    return config_cls(**values, channels_x=args.input_nc, channels_y=args.output_nc)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a crash mid-save leaves the previous file intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist: check --name / --output-dir or --checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for foreign or broken files
+        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
+                         f"pass a latest.pt or epoch_NNN.pt written by train_gan.py") from None
+    if not isinstance(state, dict) or state.get("model") not in MODEL_CHOICES or "nets" not in state:
+        raise UsageError(f"{path} is not a cyclecut checkpoint (an official latest_net_G.pth holds one network "
+                         f"only; load it with networks.load_official_state_dict): pass a latest.pt of train_gan.py")
+    return state
+
+
+def build_model(state: dict, device: torch.device):
+    """The model a checkpoint describes (its own config), with its weights and optimiser state."""
+    model_cls, config_cls = MODELS[state["model"]]
+    model = model_cls(config_cls(**state["config"]), device)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UsageError(f"checkpoint does not match a {state['model']} of its own config: "
+                         f"{str(e).splitlines()[0]}") from None
+    return model
+
+
+class StopFlag:
+    """Set by SIGINT / SIGTERM; the loop saves and stops after the current step."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: setattr(self, "requested", True))
+        return self
+
+
+def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Path:
+    """Train per the options; returns the run folder."""
+    device = pick_device(args.device)
+    filled = apply_presets(args, device)
+    validate(args)
+    if args.model not in MODELS:
+        raise UsageError(f"--model {args.model} is not implemented yet: use --model cycle_gan")
+    folders = find_domains(args.dataroot, args.direction)
+    run_dir = args.output_dir / args.name
+    ckpt = run_dir / "latest.pt"
+    if args.resume:
+        state = load_checkpoint(ckpt)
+        if state["model"] != args.model:
+            raise UsageError(f"{ckpt} is a {state['model']} run: resume it with --model {state['model']}")
+        # The schedule may be extended on resume; the architecture comes from the checkpoint.
+        state["config"].update(epochs=args.epochs, epochs_decay=args.epochs_decay)
+        model = build_model(state, device)
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        epoch_step = state["epoch_step"]
+        print(f"resuming {ckpt}: epoch {model.epoch + 1}, step {epoch_step} of it ({model.step} steps in all)")
+    else:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or a new --name")
+        torch.manual_seed(args.seed)
+        try:
+            model = MODELS[args.model][0](model_config(args, MODELS[args.model][1]), device)
+        except ValueError as e:  # an option combination the model cannot build
+            raise UsageError(str(e)) from None
+        epoch_step = 0
+    cfg = model.config
+
+    data = UnpairedDataset(folders["train_x"], folders["train_y"], args.load_size, args.crop_size,
+                           cfg.channels_x, cfg.channels_y)
+    sampler = PairSampler(len(data.files[0]), len(data.files[1]), args.seed)
+    loader = torch.utils.data.DataLoader(
+        data, args.batch_size, sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0, generator=torch.Generator())  # own generator: global RNG untouched
+    fixed = [load_fixed_images(folders[f"test_{d}"] or folders[f"train_{d}"], 4, args.crop_size, c)
+             for d, c in (("x", cfg.channels_x), ("y", cfg.channels_y))]
+    steps = min(math.ceil(len(data) / args.batch_size), args.max_steps or math.inf)
+    total_epochs = cfg.epochs + cfg.epochs_decay
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{args.model} on {device} | data {args.dataroot} ({len(data.files[0])} X, {len(data.files[1])} Y) | "
+          f"crop {args.crop_size} (load {args.load_size}) | {steps} steps/epoch x {total_epochs} epochs | "
+          f"out {run_dir}" + (f"\ndefaults for {device.type}: {', '.join(filled)}" if filled else ""))
+    stop = stop or StopFlag().install()
+
+    def checkpoint(step_in_epoch: int) -> dict:
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+        return {**model.state_dict(), "epoch_step": step_in_epoch, "rng": rng}
+
+    for epoch in range(model.epoch, total_epochs):
+        sampler.set_epoch(epoch, epoch_step * args.batch_size, steps * args.batch_size)
+        start, window = time.time(), {}
+        with tqdm(total=steps, initial=epoch_step, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
+                  dynamic_ncols=True) as bar:
+            for x, y in loader:
+                losses = model.train_step(x, y)
+                bad = [k for k, v in losses.items() if not math.isfinite(v)]
+                if bad:
+                    raise Diverged(f"loss {bad[0]} became {losses[bad[0]]} at step {model.step}; "
+                                   f"{ckpt} keeps the last good state: resume with a lower --lr")
+                epoch_step += 1
+                for k, v in losses.items():
+                    window[k] = window.get(k, 0.0) + v
+                if epoch_step % args.log_every == 0 or epoch_step == steps:
+                    n = (epoch_step - 1) % args.log_every + 1
+                    mean = {k: v / n for k, v in window.items()}
+                    append_losses(run_dir / "losses.csv", model.step, epoch + 1, mean)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in mean.items()}, refresh=False)
+                    window = {}
+                bar.update()
+                if stop.requested:
+                    save_checkpoint(ckpt, checkpoint(epoch_step))
+                    print(f"\nstopped at epoch {epoch + 1}, step {epoch_step}: saved {ckpt}; "
+                          f"continue with --resume --name {args.name}")
+                    return run_dir
+        seconds = time.time() - start
+        model.end_epoch()
+        epoch_step = 0
+        save_image_grid(model.visuals(*fixed), run_dir / f"epoch_{model.epoch:03d}.png")
+        plot_losses(run_dir / "losses.csv", run_dir / "losses.png")
+        state = checkpoint(0)
+        save_checkpoint(ckpt, state)
+        if args.save_every and model.epoch % args.save_every == 0:
+            save_checkpoint(run_dir / f"epoch_{model.epoch:03d}.pt", state)
+        last = ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
+        print(f"epoch {model.epoch}/{total_epochs}  {last}  {seconds:.0f} s  "
+              f"{steps * args.batch_size / seconds:.2f} img/s")
+    return run_dir
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Reflect-pad (B, C, H, W) at the bottom/right so H and W are multiples of `multiple`."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    mode = "reflect" if ph < h and pw < w else "replicate"  # reflect needs pad < side
+    return torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def translate(args: argparse.Namespace) -> int:
+    """Translate every image of --input with a checkpoint; returns how many were written."""
+    if args.output.resolve() == args.input.resolve():
+        raise UsageError("--output is the --input folder: choose another folder so no input is overwritten")
+    if not args.input.is_dir():
+        raise UsageError(f"input folder {args.input} does not exist")
+    files = list_images(args.input)
+    if not files:
+        raise UsageError(f"no images (.jpg .jpeg .png .bmp .webp) in {args.input}")
+    device = pick_device(args.device)
+    model = build_model(load_checkpoint(args.checkpoint), device)
+    if args.direction == "y2x" and model.name != "cycle_gan":
+        raise UsageError(f"a {model.name} model translates x2y only: drop --direction y2x")
+    cfg = model.config
+    c_in = cfg.channels_x if args.direction == "x2y" else cfg.channels_y
+    multiple = 2 ** (8 if cfg.netG == "unet_256" else 7) if cfg.netG.startswith("unet") else 4
+    args.output.mkdir(parents=True, exist_ok=True)
+    for f in tqdm(files, desc="translate", leave=False):
+        x = to_tensor(load_image(f, c_in))[None]
+        y = model.translate(pad_to_multiple(x, multiple), args.direction)[..., :x.shape[-2], :x.shape[-1]]
+        to_image(y[0]).save(args.output / f"{f.stem}.png")
+    print(f"translated {len(files)} images into {args.output}")
+    return len(files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
+    try:
+        if argv[:1] == ["translate"]:
+            translate(translate_parser().parse_args(argv[1:]))
+        elif argv[:1] == ["download"]:
+            p = argparse.ArgumentParser(prog="train_gan.py download", description="Download an official dataset.")
+            p.add_argument("name", help="e.g. apple2orange, horse2zebra, summer2winter_yosemite, monet2photo")
+            p.add_argument("--root", type=Path, default=Path("data"), help="datasets go to ROOT/NAME")
+            print(download(**vars(p.parse_args(argv[1:]))))
+        else:
+            train(train_parser().parse_args(argv))
+    except (UsageError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
