@@ -85,6 +85,22 @@ class TranslationModel:
         for net in self.nets.values():
             net.train(mode)
 
+    def generators(self) -> dict[str, nn.Module]:
+        """direction ('x2y', 'y2x') -> the generator that translates that way."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def translate(self, images: torch.Tensor, direction: str = "x2y") -> torch.Tensor:
+        """Translate (B, C, H, W) images one way, in eval mode, without gradients."""
+        nets = self.generators()
+        if direction not in nets:
+            raise ValueError(f"a {self.name} model translates {' and '.join(nets)} only, not {direction}")
+        net = nets[direction]
+        net.eval()
+        out = net(images.to(self.device))
+        net.train()
+        return out
+
     def extra_state(self) -> dict:
         return {}
 
@@ -208,14 +224,8 @@ class CycleGAN(TranslationModel):
         self.step += 1
         return {k: v.item() for k, v in loss.items()}
 
-    @torch.no_grad()
-    def translate(self, images: torch.Tensor, direction: str = "x2y") -> torch.Tensor:
-        """G(images) for 'x2y', F(images) for 'y2x'; (B, C, H, W) -> (B, C', H, W), eval mode."""
-        net = {"x2y": self.G, "y2x": self.F}[direction]
-        net.eval()
-        out = net(images.to(self.device))
-        net.train()
-        return out
+    def generators(self) -> dict[str, nn.Module]:
+        return {"x2y": self.G, "y2x": self.F}
 
     def visuals(self, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
         """Grid rows: x | G(x) | F(G(x)) for each x, then y | F(y) | G(F(y)) for each y."""

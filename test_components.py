@@ -506,17 +506,23 @@ def cli_args(root, out, *extra):
             "--workers", "0", "--device", "cpu", "--log-every", "1", *extra]
 
 
-def test_cli_run_writes_grid_csv_plot_and_checkpoint_then_resumes(dataset_root, tmp_path, capsys):
+# grid (columns, rows) per model: CycleGAN x | G(x) | F(G(x)) and y | F(y) | G(F(y)); CUT x | G(x) | y | G(y)
+GRID = {"cycle_gan": (3, 4), "cut": (4, 2), "fastcut": (2, 2)}
+
+
+@pytest.mark.parametrize("model", list(GRID))
+def test_cli_run_writes_grid_csv_plot_and_checkpoint_then_resumes(dataset_root, tmp_path, capsys, model):
     out = tmp_path / "out"
-    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
+    assert cli(cli_args(dataset_root, out, "--model", model, "--epochs", "1", "--epochs-decay", "0")) == 0
     run = out / "run"
     assert {p.name for p in run.iterdir()} >= {"epoch_001.png", "losses.csv", "losses.png", "latest.pt"}
-    assert Image.open(run / "epoch_001.png").size == (3 * 34 + 2, 4 * 34 + 2)  # 2+2 rows of x | G(x) | F(G(x))
+    cols, rows = GRID[model]
+    assert Image.open(run / "epoch_001.png").size == (cols * 34 + 2, rows * 34 + 2)
     assert len((run / "losses.csv").read_text().splitlines()) == 3  # header + one row per step
     state = torch.load(run / "latest.pt", weights_only=True)
-    assert (state["epoch"], state["step"], state["epoch_step"]) == (1, 2, 0)
+    assert (state["model"], state["epoch"], state["step"], state["epoch_step"]) == (model, 1, 2, 0)
 
-    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "1", "--resume")) == 0
+    assert cli(cli_args(dataset_root, out, "--model", model, "--epochs", "1", "--epochs-decay", "1", "--resume")) == 0
     assert "resuming" in capsys.readouterr().out
     assert (run / "epoch_002.png").exists()
     assert torch.load(run / "latest.pt", weights_only=True)["step"] == 4
@@ -533,3 +539,112 @@ def test_cli_translate_keeps_each_image_size_and_name(dataset_root, tmp_path):
         for p in inputs:
             result = Image.open(target / f"{p.stem}.png")
             assert result.size == Image.open(p).size and result.mode == "RGB"
+
+
+# ----------------------------------------------------------------------------- CUT / FastCUT
+
+from cut_model import CUT, CUTConfig  # noqa: E402
+
+TINY_CUT = dict(netG="resnet_6blocks", ngf=4, ndf=4, netF_nc=8, num_patches=32)
+
+
+def pair(size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, size, size, generator=g) * 2 - 1, torch.rand(1, 3, size, size, generator=g) * 2 - 1
+
+
+@pytest.mark.parametrize("mode, expected", [("cut", {"D", "G_gan", "NCE_X", "NCE_Y"}),
+                                            ("fastcut", {"D", "G_gan", "NCE_X"})])
+def test_cut_step_changes_G_D_H_and_gives_finite_losses(mode, expected):
+    torch.manual_seed(0)
+    model = CUT(CUTConfig(mode=mode, **TINY_CUT))
+    before = snapshot(model.nets)
+    losses = model.train_step(*pair())
+    assert set(losses) == expected and all(math.isfinite(v) for v in losses.values())
+    for name, net in model.nets.items():
+        assert all(not torch.equal(a, b) for a, b in zip(before[name], net.parameters())), name
+
+
+def test_cut_and_fastcut_presets_are_the_official_ones():
+    cut, fast = CUTConfig(mode="cut"), CUTConfig(mode="fastcut")
+    assert (cut.lambda_nce, cut.nce_idt, cut.flip_equivariance) == (1.0, True, False)
+    assert (fast.lambda_nce, fast.nce_idt, fast.flip_equivariance) == (10.0, False, True)
+    assert CUTConfig(mode="fastcut", lambda_nce=3.0).lambda_nce == 3.0  # explicit values win
+    assert (cut.num_patches, cut.nce_temperature, cut.antialias) == (256, 0.07, True)
+
+
+def test_fresh_cut_nce_is_near_log_num_patches():
+    torch.manual_seed(0)
+    model = CUT(CUTConfig(netG="resnet_6blocks", ndf=8))  # official widths: ngf 64, H 256 wide
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    fake, keys = model.G(x, model.config.nce_layers)
+    k, ids = model.H(keys, 256)
+    q, _ = model.H(model.G.encode(fake), 256, ids)
+    # At res1 and res5 (16x16 = 256 places) a fresh H gives near-random unit vectors, so the loss is
+    # about log(256); the shallow taps are higher because a fresh G's output is almost constant.
+    deep = [model.nce_loss(a, b).item() for a, b in zip(q[3:], k[3:])]
+    assert deep == pytest.approx([math.log(256)] * 2, abs=0.5)
+
+
+def test_cut_queries_and_keys_are_sampled_at_the_same_places(monkeypatch):
+    model = CUT(CUTConfig(**TINY_CUT))
+    calls = []
+    forward = model.H.forward
+
+    def record(feats, num_patches=256, patch_ids=None):
+        out, ids = forward(feats, num_patches, patch_ids)
+        calls.append((patch_ids, ids))
+        return out, ids
+    monkeypatch.setattr(model.H, "forward", record)
+    model.train_step(*pair())
+    assert len(calls) == 4  # keys then queries, for the X term and the Y term
+    for (given_k, drawn), (given_q, used) in (calls[0:2], calls[2:4]):
+        assert given_k is None and given_q is drawn
+        assert all(torch.equal(a, b) for a, b in zip(drawn, used))
+
+
+def test_fastcut_flip_mirrors_the_input_not_the_target(monkeypatch):
+    model = CUT(CUTConfig(mode="fastcut", **TINY_CUT))
+    monkeypatch.setattr(model, "flip_this_step", lambda: True)
+    seen = {"G": [], "D": []}
+    model.G.model[0].register_forward_pre_hook(lambda m, inp: seen["G"].append(inp[0].detach().clone()))
+    model.D.model[0].register_forward_pre_hook(lambda m, inp: seen["D"].append(inp[0].detach().clone()))
+    x, y = pair()
+    model.train_step(x, y)
+    assert torch.equal(seen["G"][0], x.flip(3))  # G translates the mirrored x
+    assert torch.equal(seen["G"][1], x)  # the keys come from x as it is
+    assert any(torch.equal(d, y) for d in seen["D"])  # D sees the real y unmirrored
+    assert not any(torch.equal(d, y.flip(3)) for d in seen["D"])
+
+
+def test_cut_reuses_the_main_pass_for_keys_when_not_flipped(monkeypatch):
+    model = CUT(CUTConfig(**TINY_CUT))
+    encodes = []
+    encode = model.G.encode
+    monkeypatch.setattr(model.G, "encode", lambda x, taps: encodes.append(x) or encode(x, taps))
+    model.train_step(*pair())
+    assert len(encodes) == 2  # only the queries G(x) and G(y) are encoded again
+
+
+def test_short_cut_training_on_one_pair_drives_nce_down():
+    torch.manual_seed(0)
+    model = CUT(CUTConfig(**{**TINY_CUT, "ngf": 8}))
+    x, y = pair()
+    first = model.train_step(x, y)["NCE_X"]
+    for _ in range(30):
+        last = model.train_step(x, y)["NCE_X"]
+    assert last < 0.75 * first
+
+
+def test_cut_rejects_a_unet_and_channel_mismatches_clearly():
+    with pytest.raises(ValueError, match="encoder taps of a ResNet.*--netG resnet_9blocks"):
+        CUT(CUTConfig(netG="unet_128"))
+    with pytest.raises(ValueError, match="--no-nce-idt"):
+        CUT(CUTConfig(**TINY_CUT, channels_x=1))
+    assert CUT(CUTConfig(**TINY_CUT, channels_x=1, nce_idt=False)).translate(torch.zeros(1, 1, 32, 32)).shape \
+        == (1, 3, 32, 32)
+
+
+def test_cut_translates_one_way_only():
+    with pytest.raises(ValueError, match="x2y only"):
+        CUT(CUTConfig(**TINY_CUT)).translate(torch.zeros(1, 3, 32, 32), "y2x")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from cut_model import CUT, CUTConfig
 from cycle_gan import CycleGAN, CycleGANConfig
 from data_utility import (DataError, PairSampler, UnpairedDataset, append_losses, download, find_domains,
                           list_images, load_image, load_fixed_images, plot_losses, save_image_grid, to_image,
@@ -29,16 +30,24 @@ from data_utility import (DataError, PairSampler, UnpairedDataset, append_losses
 from networks import GENERATORS
 
 BUNDLED = Path(__file__).resolve().parent / "data" / "apple2orange_small"
-MODELS = {"cycle_gan": (CycleGAN, CycleGANConfig)}
-MODEL_CHOICES = ("cycle_gan", "cut", "fastcut")
+MODELS = {"cycle_gan": (CycleGAN, CycleGANConfig), "cut": (CUT, CUTConfig), "fastcut": (CUT, CUTConfig)}
 # Defaults per model, the official ones; any flag given on the command line wins.
 PRESETS = {
     "cycle_gan": dict(netG="resnet_9blocks", epochs=100, epochs_decay=100),
+    "cut": dict(netG="resnet_9blocks", epochs=200, epochs_decay=200),
+    "fastcut": dict(netG="resnet_9blocks", epochs=150, epochs_decay=50),
 }
 # Without a GPU the official 256x256 setting takes weeks; this shows results within minutes.
 # Crop 128 with 6 residual blocks is the paper's own setting for 128x128 images.
 CPU_PRESET = dict(crop_size=128, load_size=143, max_steps=200, netG="resnet_6blocks")
 GPU_PRESET = dict(crop_size=256, load_size=286, max_steps=None)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show '(default: X)' only where there is a fixed default (presets fill the others)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 class UsageError(Exception):
@@ -53,9 +62,9 @@ def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train CycleGAN, CUT or FastCUT on unpaired images. "
                     "Other commands: 'translate' (run a checkpoint on a folder), 'download' (get a dataset).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--model", choices=MODEL_CHOICES, default="cycle_gan", help="what to train")
+    a("--model", choices=tuple(MODELS), default="cycle_gan", help="what to train")
     a("--dataroot", type=Path, default=BUNDLED,
       help="dataset folder with trainA/ trainB/ [testA/ testB/] or x_train/ y_train/ [x_test/ y_test/]")
     a("--name", help="run name: outputs go to OUTPUT_DIR/NAME (default: MODEL_DATASET)")
@@ -80,12 +89,29 @@ def train_parser() -> argparse.ArgumentParser:
     a("--lambda-cycle", type=float, default=10.0, help="CycleGAN: weight of the cycle loss, each way")
     a("--lambda-identity", type=float, default=0.5, help="CycleGAN: identity loss weight, x lambda-cycle")
     a("--pool-size", type=int, default=50, help="CycleGAN: history of fakes shown to D (0 = none)")
+    a("--lambda-gan", type=float, default=1.0, help="CUT: weight of the adversarial loss")
+    a("--lambda-nce", type=float, help="CUT: weight of PatchNCE (cut 1, fastcut 10)")
+    a("--nce-idt", action=argparse.BooleanOptionalAction, help="CUT: add the identity PatchNCE term on Y "
+                                                                "(cut on, fastcut off)")
+    a("--flip-equivariance", action=argparse.BooleanOptionalAction,
+      help="CUT: mirror G's input half the time (cut off, fastcut on)")
+    a("--nce-layers", type=parse_taps, help="CUT: encoder taps, names or official indices "
+                                            "(default input,down1,down2,res1,res5 = 0,4,8,12,16)")
+    a("--num-patches", type=int, default=256, help="CUT: patches sampled per layer")
+    a("--nce-temperature", type=float, default=0.07, help="CUT: temperature tau of Eq. 2")
+    a("--antialias", action=argparse.BooleanOptionalAction,
+      help="CUT: blur-pool down/up-sampling in G and D (default on, as officially)")
     a("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
     a("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda, then mps, then cpu")
     a("--workers", type=int, default=2, help="data-loading processes (0 = load in the main process)")
     a("--log-every", type=int, default=10, help="steps averaged into each row of losses.csv")
     a("--save-every", type=int, default=10, help="also keep epoch_NNN.pt every this many epochs (0 = never)")
     return p
+
+
+def parse_taps(text: str) -> tuple:
+    """'0,4,8,12,16' or 'input,down1,res1' -> a tuple of indices / names."""
+    return tuple(int(t) if t.strip().isdigit() else t.strip() for t in text.split(",") if t.strip())
 
 
 def translate_parser() -> argparse.ArgumentParser:
@@ -130,10 +156,11 @@ def validate(args: argparse.Namespace) -> None:
     need(args.epochs >= 0, f"--epochs must be >= 0, got {args.epochs}")
     need(args.max_steps is None or args.max_steps >= 1, f"--max-steps must be >= 1, got {args.max_steps}")
     need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    need(args.num_patches >= 1 and args.nce_temperature > 0, "--num-patches must be >= 1 and --nce-temperature > 0")
     need(args.workers >= 0 and args.pool_size >= 0 and args.save_every >= 0,
          "--workers, --pool-size and --save-every must be >= 0")
-    for flag in ("lambda_cycle", "lambda_identity"):
-        need(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    for flag in ("lambda_cycle", "lambda_identity", "lambda_gan", "lambda_nce"):
+        need((getattr(args, flag) or 0) >= 0, f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     need(args.crop_size >= 16 and args.crop_size % 4 == 0,
          f"--crop-size must be a multiple of 4 and at least 16, got {args.crop_size}")
     need(args.crop_size <= args.load_size,
@@ -146,7 +173,10 @@ def validate(args: argparse.Namespace) -> None:
 
 def model_config(args: argparse.Namespace, config_cls):
     """The model's config dataclass, from the options of the same names."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
+              if getattr(args, f.name, None) is not None}
+    if config_cls is CUTConfig:
+        values["mode"] = args.model
     return config_cls(**values, channels_x=args.input_nc, channels_y=args.output_nc)
 
 
@@ -165,7 +195,7 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as e:  # torch.load raises many types for foreign or broken files
         raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
                          f"pass a latest.pt or epoch_NNN.pt written by train_gan.py") from None
-    if not isinstance(state, dict) or state.get("model") not in MODEL_CHOICES or "nets" not in state:
+    if not isinstance(state, dict) or state.get("model") not in MODELS or "nets" not in state:
         raise UsageError(f"{path} is not a cyclecut checkpoint (an official latest_net_G.pth holds one network "
                          f"only; load it with networks.load_official_state_dict): pass a latest.pt of train_gan.py")
     return state
@@ -200,8 +230,6 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Path:
     device = pick_device(args.device)
     filled = apply_presets(args, device)
     validate(args)
-    if args.model not in MODELS:
-        raise UsageError(f"--model {args.model} is not implemented yet: use --model cycle_gan")
     folders = find_domains(args.dataroot, args.direction)
     run_dir = args.output_dir / args.name
     ckpt = run_dir / "latest.pt"
@@ -308,8 +336,8 @@ def translate(args: argparse.Namespace) -> int:
         raise UsageError(f"no images (.jpg .jpeg .png .bmp .webp) in {args.input}")
     device = pick_device(args.device)
     model = build_model(load_checkpoint(args.checkpoint), device)
-    if args.direction == "y2x" and model.name != "cycle_gan":
-        raise UsageError(f"a {model.name} model translates x2y only: drop --direction y2x")
+    if args.direction not in model.generators():
+        raise UsageError(f"a {model.name} model translates x2y only: drop --direction {args.direction}")
     cfg = model.config
     c_in = cfg.channels_x if args.direction == "x2y" else cfg.channels_y
     multiple = 2 ** (8 if cfg.netG == "unet_256" else 7) if cfg.netG.startswith("unet") else 4

@@ -1,0 +1,149 @@
+"""CUT and FastCUT: Park, Efros, Zhang, Zhu, "Contrastive Learning for Unpaired Image-to-Image
+Translation", ECCV 2020, arXiv 2007.15651. Mirrors models/cut_model.py of
+taesungp/contrastive-unpaired-translation.
+
+One generator G: X->Y, one discriminator D, and H, an MLP on patches of G's encoder features.
+Objective (Eq. 5): L_GAN(G, D, X, Y) + lambda_X * L_PatchNCE(G, H, X) + lambda_Y * L_PatchNCE(G, H, Y)
+    L_GAN (Eq. 1): least squares, weight lambda_GAN = 1, as the official code.
+    L_PatchNCE (Eq. 3): at each tapped layer l, each sampled output patch of G(x) must pick out
+        the input patch of x at the same place among the other patches of x (Eq. 2); averaged
+        over layers (the official code averages where the paper sums).
+    CUT: lambda_X = lambda_Y = 1; the Y term is the identity loss (G(y) against y) and the
+        official code averages the two terms. FastCUT: lambda_X = 10, no Y term, and
+        flip-equivariance: half the time G sees the input mirrored and its features are
+        mirrored back before they are compared with the input's.
+Official details kept: anti-aliased G and D, xavier init with gain 0.02, Adam lr 2e-4 with
+betas (0.5, 0.999) for G, D and H, 256 patches per layer, temperature 0.07; each step updates
+D first, then G and H together.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from cycle_gan import TranslationModel, set_requires_grad
+from losses import GANLoss, PatchNCELoss
+from networks import DEFAULT_TAPS, PatchDiscriminator, PatchSampleMLP, ResnetGenerator, define_G
+
+MODES = {"cut": dict(lambda_nce=1.0, nce_idt=True, flip_equivariance=False),
+         "fastcut": dict(lambda_nce=10.0, nce_idt=False, flip_equivariance=True)}
+
+
+@dataclass
+class CUTConfig:
+    mode: str = "cut"  # 'cut' or 'fastcut': sets the three options below when they are None
+    lambda_nce: float | None = None  # lambda_X of Eq. 5: CUT 1, FastCUT 10
+    nce_idt: bool | None = None  # the lambda_Y identity term: CUT yes, FastCUT no
+    flip_equivariance: bool | None = None  # CUT no, FastCUT yes
+    netG: str = "resnet_9blocks"
+    ngf: int = 64
+    ndf: int = 64
+    n_layers_D: int = 3
+    norm: str = "instance"
+    dropout: bool = False
+    antialias: bool = True  # blur-pool sampling in G and D, the official CUT default
+    channels_x: int = 3
+    channels_y: int = 3
+    gan_mode: str = "lsgan"
+    real_label: float = 1.0
+    lambda_gan: float = 1.0
+    nce_layers: tuple = DEFAULT_TAPS  # official indices 0, 4, 8, 12, 16
+    num_patches: int = 256
+    nce_temperature: float = 0.07
+    netF_nc: int = 256  # H's output width
+    lr: float = 2e-4
+    beta1: float = 0.5
+    epochs: int = 200  # official: CUT 200 + 200, FastCUT 150 + 50
+    epochs_decay: int = 200
+    init_gain: float = 0.02
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown CUT mode {self.mode!r}: use 'cut' or 'fastcut'")
+        for key, value in MODES[self.mode].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        self.nce_layers = tuple(self.nce_layers)
+
+
+class CUT(TranslationModel):
+    """G: X->Y (ResNet, anti-aliased), D (PatchGAN), H (PatchSampleMLP over G's encoder taps)."""
+    def __init__(self, config: CUTConfig | None = None, device="cpu"):
+        super().__init__(config or CUTConfig(), device)
+        c = self.config
+        self.name = c.mode  # 'cut' or 'fastcut', as checkpoints and the CLI call it
+        self.G = define_G(c.netG, c.channels_x, c.channels_y, c.ngf, c.norm, c.dropout, c.antialias)
+        if not isinstance(self.G, ResnetGenerator):
+            raise ValueError(f"CUT samples patches from the encoder taps of a ResNet generator; --netG {c.netG} "
+                             f"has none: use --netG resnet_9blocks or resnet_6blocks")
+        if c.nce_idt and c.channels_x != c.channels_y:
+            raise ValueError(f"the identity NCE term feeds y to G, which needs as many channels in X as in Y "
+                             f"(got {c.channels_x} and {c.channels_y}): pass --no-nce-idt")
+        self.D = PatchDiscriminator(c.channels_y, c.ndf, c.n_layers_D, c.norm, c.antialias)
+        self.H = PatchSampleMLP(self.G.tap_channels(c.nce_layers), c.netF_nc)  # built eagerly
+        self.nets = {"G": self.G, "D": self.D, "H": self.H}
+        self._finish_init("xavier")
+        self.optimizers = {"D": self.adam(self.D), "G": self.adam(self.G, self.H)}
+        self.gan_loss = GANLoss(c.gan_mode, c.real_label)
+        self.nce_loss = PatchNCELoss(c.nce_temperature)
+
+    def flip_this_step(self) -> bool:
+        return self.config.flip_equivariance and bool(torch.rand(()) < 0.5)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """One step of Eq. 5 on x (B, C_x, H, W) from X and y (B, C_y, H, W) from Y."""
+        c, gan, B = self.config, self.gan_loss, x.shape[0]
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        real = torch.cat([x, y]) if c.nce_idt else x  # y through G as well, for the identity term
+        flipped = self.flip_this_step()
+        with self.autocast():
+            # One pass of G gives G(x), G(y) and the input features at the NCE taps (the keys).
+            fake, keys = self.G(real.flip(3) if flipped else real, c.nce_layers)
+            if flipped:  # the keys are the unflipped input's features: run the encoder once more
+                with torch.no_grad():
+                    keys = self.G.encode(real, c.nce_layers)
+            fake_y = fake[:B]
+
+            # 1. D: tell real y from G(x) (Eq. 1); the official code halves D's loss.
+            set_requires_grad([self.D], True)
+            loss = {"D": 0.5 * (gan(self.D(fake_y.detach()), False) + gan(self.D(y), True))}
+        self.update(loss["D"], self.optimizers["D"])
+
+        # 2. G and H, with D fixed.
+        set_requires_grad([self.D], False)
+        with self.autocast():
+            loss["G_gan"] = c.lambda_gan * gan(self.D(fake_y), True)  # Eq. 1: G fools D
+            nce = []
+            if c.lambda_nce > 0:
+                loss["NCE_X"] = c.lambda_nce * self.patch_nce([k[:B] for k in keys], fake_y, flipped)  # Eq. 3
+                nce.append(loss["NCE_X"])
+                if c.nce_idt:  # Eq. 5's lambda_Y term: G(y) keeps the patches of y
+                    loss["NCE_Y"] = c.lambda_nce * self.patch_nce([k[B:] for k in keys], fake[B:], flipped)
+                    nce.append(loss["NCE_Y"])
+            total = loss["G_gan"] + (sum(nce) / len(nce) if nce else 0)
+        self.update(total, self.optimizers["G"])
+        self.step += 1
+        return {k: v.item() for k, v in loss.items()}
+
+    def patch_nce(self, keys: list[torch.Tensor], output: torch.Tensor, flipped: bool) -> torch.Tensor:
+        """Eq. 3: multilayer PatchNCE between the input's features `keys` and G's encoding of
+        `output` (B, C, H, W), at the same sampled locations, averaged over the tapped layers.
+
+        Keys are detached inside the loss, so their projection needs no graph.
+        """
+        queries = self.G.encode(output, self.config.nce_layers)
+        if flipped:
+            queries = [q.flip(3) for q in queries]
+        with torch.no_grad():
+            k, ids = self.H([f.detach() for f in keys], self.config.num_patches)
+        q, _ = self.H(queries, self.config.num_patches, ids)
+        return sum(self.nce_loss(qi, ki) for qi, ki in zip(q, k)) / len(q)
+
+    def generators(self) -> dict:
+        return {"x2y": self.G}  # CUT learns one direction only
+
+    def visuals(self, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Grid rows: x | G(x), and | y | G(y) when the identity term is on."""
+        rows = [list(r) for r in zip(x, self.translate(x).cpu())]
+        if self.config.nce_idt:
+            rows = [r + [yi, gy] for r, yi, gy in zip(rows, y, self.translate(y).cpu())]
+        return rows
