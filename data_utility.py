@@ -21,6 +21,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 # Each layout: (train X, train Y, test X, test Y) folder names.
 LAYOUTS = {"trainA/trainB/testA/testB": ("trainA", "trainB", "testA", "testB"),
            "x_train/y_train/x_test/y_test": ("x_train", "y_train", "x_test", "y_test")}
+# Pillow refuses images over ~179 MP as possible decompression bombs; photos of a dataset the user
+# chose may be large, so allow up to 1 GP (about 4 GB decoded) and skip anything bigger.
+Image.MAX_IMAGE_PIXELS = 1 << 30
 DATASET_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/datasets/{}.zip"
 OFFICIAL_DATASETS = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "monet2photo", "cezanne2photo",
                      "ukiyoe2photo", "vangogh2photo", "maps", "cityscapes", "facades", "iphone2dslr_flower",
@@ -55,13 +58,16 @@ def find_domains(root: Path, direction: str = "AtoB") -> dict[str, Path | None]:
     raise DataError(f"dataroot {root} has neither layout {' nor '.join(LAYOUTS)}; found {found}")
 
 
-def load_image(path: Path, channels: int = 3) -> Image.Image:
+def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Image.Image:
     """Open any image as 8-bit RGB (channels=3) or grayscale (channels=1).
 
     Palette, RGBA, CMYK and grayscale convert directly; 16-bit and float images are rescaled
-    to 0..255 first, since Pillow's own conversion would clip them.
+    to 0..255 first, since Pillow's own conversion would clip them. With `min_side`, a large
+    JPEG is decoded at the smallest power-of-2 reduction that keeps both sides >= min_side.
     """
     img = Image.open(path)
+    if min_side:
+        img.draft(img.mode, (min_side, min_side))
     img.load()
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         a = np.asarray(img, dtype=np.float64)
@@ -113,7 +119,7 @@ class UnpairedDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         i_x, i_y, seed = key
         rng = np.random.default_rng(seed)
-        return tuple(to_tensor(jitter(load_image(files[i], c), self.load_size, self.crop_size, rng))
+        return tuple(to_tensor(jitter(load_image(files[i], c, self.load_size), self.load_size, self.crop_size, rng))
                      for files, i, c in zip(self.files, (i_x, i_y), self.channels))
 
 
@@ -125,7 +131,8 @@ def readable_images(folder: Path, channels: int = 3) -> list[Path]:
     for path in list_images(folder):
         try:
             with Image.open(path) as img:
-                img.load()  # decodes the whole file: truncated or corrupt images fail here
+                img.draft(img.mode, (64, 64))  # a JPEG decodes fast at reduced scale
+                img.load()  # reads the whole file: truncated or corrupt images fail here
             good.append(path)
         except Exception:  # Pillow raises many types for broken files; any of them means "skip"
             bad.append(path)

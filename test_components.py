@@ -3,10 +3,18 @@
 Run: python -m pytest -q test_components.py   (CPU only, tiny widths; GPU tests skip without CUDA)
 """
 import math
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 from layers import BlurDownsample, BlurUpsample, init_weights
 from losses import GANLoss, PatchNCELoss
@@ -306,10 +314,7 @@ def test_mismatched_official_weights_name_the_first_mismatch():
 
 # ----------------------------------------------------------------------------- data
 
-from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 import data_utility as du  # noqa: E402
 from cycle_gan import CycleGAN, CycleGANConfig, ImagePool, lr_factor  # noqa: E402
@@ -648,3 +653,206 @@ def test_cut_rejects_a_unet_and_channel_mismatches_clearly():
 def test_cut_translates_one_way_only():
     with pytest.raises(ValueError, match="x2y only"):
         CUT(CUTConfig(**TINY_CUT)).translate(torch.zeros(1, 3, 32, 32), "y2x")
+
+
+# ----------------------------------------------------------------------------- reliability
+
+
+import train_gan  # noqa: E402
+
+
+def run_cli(argv, capsys):
+    """(exit code, stderr lines) of an in-process CLI call."""
+    capsys.readouterr()  # drop what earlier calls printed
+    code = cli([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def assert_one_line_error(code, err, pattern):
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    assert re.search(pattern, err[0]), err[0]
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--crop-size", "64", "--load-size", "48"], "--crop-size 64 is larger than --load-size 48"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--model", "pix2pix"], "invalid choice: 'pix2pix'"),
+    (["--netG", "resnet_2blocks"], "invalid choice: 'resnet_2blocks'"),
+    (["--lambda-cycle", "-1"], "--lambda-cycle must be >= 0"),
+    (["--lambda-nce", "-1", "--model", "cut"], "--lambda-nce must be >= 0"),
+    (["--netG", "unet_128", "--crop-size", "32"], "multiple of 128"),
+    (["--crop-size", "30"], "multiple of 4"),
+    (["--model", "cut", "--netG", "unet_128", "--crop-size", "128", "--load-size", "128"], "encoder taps"),
+    (["--model", "cut", "--nce-layers", "0,5"], "unknown encoder tap 5"),
+    (["--input-nc", "1"], "--lambda-identity 0"),
+    (["--epochs", "x"], "invalid int value: 'x'"),
+])
+def test_cli_rejects_bad_options_in_one_line(dataset_root, tmp_path, capsys, extra, pattern):
+    code, err = run_cli(cli_args(dataset_root, tmp_path / "out", *extra), capsys)
+    assert_one_line_error(code, err, pattern)
+    assert not (tmp_path / "out" / "run" / "latest.pt").exists()
+
+
+def test_cli_rejects_bad_datasets_in_one_line(tmp_path, capsys):
+    code, err = run_cli(cli_args(tmp_path / "nowhere", tmp_path / "out"), capsys)
+    assert_one_line_error(code, err, "nowhere does not exist")
+    (tmp_path / "odd" / "apples").mkdir(parents=True)
+    code, err = run_cli(cli_args(tmp_path / "odd", tmp_path / "out"), capsys)
+    assert_one_line_error(code, err, "neither layout.*found apples/")
+    for split in ("trainA", "trainB"):
+        (tmp_path / "empty" / split).mkdir(parents=True)
+    write_mixed_images(tmp_path / "empty" / "trainA", 2)
+    (tmp_path / "empty" / "trainB" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    code, err = run_cli(cli_args(tmp_path / "empty", tmp_path / "out"), capsys)
+    assert_one_line_error(code, err[-1:], "no readable images in .*trainB")
+    assert "skipping 1 unreadable image(s)" in err[0]
+
+
+def test_corrupt_and_truncated_images_are_skipped_with_one_warning(tmp_path):
+    good = write_mixed_images(tmp_path, 3)
+    jpg = good[0].read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(jpg[:len(jpg) // 2])
+    (tmp_path / "text.png").write_text("hello")
+    with pytest.warns(UserWarning, match="skipping 2 unreadable image\\(s\\).*text.png, truncated.jpg"):
+        assert du.readable_images(tmp_path) == sorted(good)
+
+
+@pytest.mark.parametrize("mode, array", [
+    ("I;16", np.arange(600, dtype=np.uint16).reshape(20, 30) * 100),
+    ("CMYK", None), ("RGBA", None), ("P", None), ("L", None), ("1", None)])
+def test_every_image_mode_loads_as_8bit_rgb_or_gray(tmp_path, mode, array):
+    if array is not None:
+        img = Image.fromarray(array)
+    else:
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)).convert(mode)
+    path = tmp_path / f"img.{'jpg' if mode == 'CMYK' else 'png'}"
+    img.save(path)
+    rgb, gray = du.load_image(path, 3), du.load_image(path, 1)
+    assert (rgb.mode, gray.mode, rgb.size) == ("RGB", "L", (30, 20))
+    assert np.asarray(gray).std() > 5  # not clipped to one value
+
+
+def test_small_and_huge_images_become_crops(tmp_path):
+    for split, size in (("trainA", (10, 7)), ("trainB", (5000, 3000))):
+        (tmp_path / split).mkdir()
+        Image.new("RGB", size, (200, 30, 30)).save(tmp_path / split / "img.jpg", quality=50)
+    data = du.UnpairedDataset(tmp_path / "trainA", tmp_path / "trainB", 72, 64)
+    x, y = data[(0, 0, 0)]
+    assert x.shape == y.shape == (3, 64, 64)
+    assert du.load_image(tmp_path / "trainB" / "img.jpg", 3, 72).size == (625, 375)  # decoded at 1/8 scale
+
+
+def test_checkpoint_problems_are_named(dataset_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
+    assert_one_line_error(code, err, "latest.pt does not exist")
+    (out / "run").mkdir(parents=True)
+    (out / "run" / "latest.pt").write_bytes(b"garbage")
+    code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
+    assert_one_line_error(code, err, "is not a readable checkpoint")
+    torch.save(ResnetGenerator(ngf=4, n_blocks=1).state_dict(), out / "run" / "latest.pt")
+    code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
+    assert_one_line_error(code, err, "not a cyclecut checkpoint.*load_official_state_dict")
+
+
+def test_resume_refuses_another_model_or_network(dataset_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
+    code, err = run_cli(cli_args(dataset_root, out, "--resume", "--model", "cut"), capsys)
+    assert_one_line_error(code, err, "a cycle_gan run: resume it with --model cycle_gan")
+    code, err = run_cli(cli_args(dataset_root, out, "--resume", "--ngf", "8"), capsys)
+    assert_one_line_error(code, err, "trained with ngf=4; --ngf 8 asks for another network")
+
+
+def test_a_new_run_never_overwrites_an_old_one(dataset_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
+    before = (out / "run" / "latest.pt").read_bytes()
+    code, err = run_cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0"), capsys)
+    assert_one_line_error(code, err, "already holds a run: pass --resume to continue it, or a new --name")
+    assert (out / "run" / "latest.pt").read_bytes() == before
+
+
+def test_translate_problems_are_named(dataset_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(cli_args(dataset_root, out, "--model", "fastcut", "--epochs", "1", "--epochs-decay", "0")) == 0
+    ckpt = out / "run" / "latest.pt"
+    (tmp_path / "empty").mkdir()
+    for argv, pattern in [
+        (["--input", tmp_path / "empty", "--output", tmp_path / "res"], "no images"),
+        (["--input", dataset_root / "testA", "--output", dataset_root / "testA"], "--output is the --input folder"),
+        (["--input", dataset_root / "testB", "--output", tmp_path / "res", "--direction", "y2x"], "x2y only"),
+    ]:
+        code, err = run_cli(["translate", "--checkpoint", ckpt, *argv], capsys)
+        assert_one_line_error(code, err, pattern)
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "latest.pt"
+    train_gan.save_checkpoint(path, {"step": 1})
+
+    def crash(obj, f):
+        Path(f).write_bytes(b"half a checkp")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        train_gan.save_checkpoint(path, {"step": 2})
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_a_nan_loss_stops_the_run_naming_the_loss_and_step(dataset_root, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
+    saved = (out / "run" / "latest.pt").read_bytes()
+    step = CycleGAN.train_step
+    monkeypatch.setattr(CycleGAN, "train_step",
+                        lambda self, x, y: {**step(self, x, y), "cycle_X": float("nan")})
+    code, err = run_cli(cli_args(dataset_root, out, "--epochs", "2", "--epochs-decay", "0", "--resume"), capsys)
+    assert code == 1 and re.search("loss cycle_X became nan at step 3", err[-1])
+    assert (out / "run" / "latest.pt").read_bytes() == saved
+
+
+class StopAfter:
+    """A stop flag that is raised after n steps."""
+
+    def __init__(self, n):
+        self.n = n
+
+    @property
+    def requested(self):
+        self.n -= 1
+        return self.n <= 0
+
+
+@pytest.mark.parametrize("model", ["cycle_gan", "fastcut"])
+def test_stop_and_resume_gives_the_same_weights_as_one_run(dataset_root, tmp_path, model):
+    argv = ["--model", model, "--epochs", "1", "--epochs-decay", "1", "--max-steps", "3"]
+    once = train_gan.train(train_gan.parse_train_args(cli_args(dataset_root, tmp_path / "a", *argv)))
+    train_gan.train(train_gan.parse_train_args(cli_args(dataset_root, tmp_path / "b", *argv)), stop=StopAfter(4))
+    stopped = torch.load(tmp_path / "b" / "run" / "latest.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["epoch_step"]) == (1, 1)  # mid-way through the second epoch
+    twice = train_gan.train(train_gan.parse_train_args(cli_args(dataset_root, tmp_path / "b", *argv, "--resume")))
+    a, b = (torch.load(run / "latest.pt", weights_only=True) for run in (once, twice))
+    assert a["step"] == b["step"] == 6
+    for net in a["nets"]:
+        for key, tensor in a["nets"][net].items():
+            assert torch.allclose(tensor, b["nets"][net][key], atol=1e-6), (net, key)
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(dataset_root, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "train_gan.py", *cli_args(dataset_root, out, "--max-steps", "500")],
+                            cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    csv_path = out / "run" / "losses.csv"
+    deadline = time.time() + 120
+    while not csv_path.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopped at epoch 1" in stdout
+    state = torch.load(out / "run" / "latest.pt", weights_only=True)
+    assert state["epoch"] == 0 and state["epoch_step"] >= 1
+
+

@@ -13,12 +13,14 @@ import argparse
 import dataclasses
 import math
 import os
+import random
 import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -54,16 +56,25 @@ class UsageError(Exception):
     """A bad option or file: the CLI prints the message and exits with code 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line ('error: ... (see --help)'), not the whole usage."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 class Diverged(Exception):
     """A loss became NaN or infinite."""
 
 
-def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Train CycleGAN, CUT or FastCUT on unpaired images. "
-                    "Other commands: 'translate' (run a checkpoint on a folder), 'download' (get a dataset).",
-        formatter_class=HelpFormatter)
-    a = p.add_argument
+def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """The train options; with defaults=False, parsing yields only the options given."""
+    p = Parser(prog="train_gan.py", formatter_class=HelpFormatter,
+               description="Train CycleGAN, CUT or FastCUT on unpaired images. Other commands: "
+                           "'translate' (run a checkpoint on a folder), 'download' (get a dataset).")
+
+    def a(*names, **kw):
+        p.add_argument(*names, **kw if defaults else {**kw, "default": argparse.SUPPRESS})
     a("--model", choices=tuple(MODELS), default="cycle_gan", help="what to train")
     a("--dataroot", type=Path, default=BUNDLED,
       help="dataset folder with trainA/ trainB/ [testA/ testB/] or x_train/ y_train/ [x_test/ y_test/]")
@@ -109,13 +120,20 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_train_args(argv: list[str]) -> argparse.Namespace:
+    """The train options, with `given`: the names of those set on the command line."""
+    args = train_parser().parse_args(argv)
+    args.given = set(vars(train_parser(defaults=False).parse_args(argv)))
+    return args
+
+
 def parse_taps(text: str) -> tuple:
     """'0,4,8,12,16' or 'input,down1,res1' -> a tuple of indices / names."""
     return tuple(int(t) if t.strip().isdigit() else t.strip() for t in text.split(",") if t.strip())
 
 
 def translate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train_gan.py translate",
+    p = Parser(prog="train_gan.py translate",
                                 description="Translate every image of a folder at its own size; "
                                             "PNGs with the same names are written to --output.")
     p.add_argument("--checkpoint", type=Path, required=True, help="a latest.pt or epoch_NNN.pt of a run")
@@ -141,7 +159,6 @@ def apply_presets(args: argparse.Namespace, device: torch.device) -> list[str]:
         if getattr(args, key) is None and value is not None:
             setattr(args, key, value)
             filled.append(f"{key}={value}")
-    args.name = args.name or f"{args.model}_{args.dataroot.name}"
     return filled
 
 
@@ -221,33 +238,81 @@ class StopFlag:
 
     def install(self) -> "StopFlag":
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: setattr(self, "requested", True))
+            signal.signal(sig, self.handle)
         return self
+
+    def handle(self, signum, frame):
+        if self.requested:  # asked twice: stop now, without the save
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (again to quit without saving)", file=sys.stderr)
+
+
+# Data options a run keeps: a resume reuses them unless given again (seed: never, it fixes the order).
+RUN_OPTIONS = ("dataroot", "direction", "load_size", "crop_size", "batch_size", "max_steps", "log_every",
+               "save_every")
+
+
+def option_for(config_key: str) -> str:
+    """The train option that sets a config field (input_nc sets channels_x)."""
+    return {"channels_x": "input_nc", "channels_y": "output_nc"}.get(config_key, config_key)
+
+
+def restore_run_options(args: argparse.Namespace, state: dict) -> None:
+    """On resume: take the run's data options and network config unless given; refuse a given
+    option that would change the network, since the weights fit only the network they came from."""
+    given = getattr(args, "given", set())
+    if state["model"] != args.model:
+        raise UsageError(f"this run is a {state['model']} run: resume it with --model {state['model']}")
+    for key, value in state["run"].items():
+        if key == "seed" or key not in given:
+            setattr(args, key, Path(value) if key == "dataroot" else value)
+    for key, value in state["config"].items():
+        flag = option_for(key)
+        if flag in given and key not in ("epochs", "epochs_decay") and getattr(args, flag) != value:
+            raise UsageError(f"this run was trained with {key}={value!r}; --{flag.replace('_', '-')} "
+                             f"{getattr(args, flag)} asks for another network: drop it, or start a new --name")
+        if hasattr(args, flag) and flag not in given:
+            setattr(args, flag, value)
+
+
+def rng_state(device: torch.device) -> dict:
+    return {"python": random.getstate(), "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
+            "numpy_pos": int(np.random.get_state()[2]), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", state["numpy"].numpy(), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Path:
     """Train per the options; returns the run folder."""
     device = pick_device(args.device)
+    args.name = args.name or f"{args.model}_{args.dataroot.name}"
+    run_dir = args.output_dir / args.name
+    ckpt = run_dir / "latest.pt"
+    state = load_checkpoint(ckpt) if args.resume else None
+    if state:
+        restore_run_options(args, state)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or a new --name")
     filled = apply_presets(args, device)
     validate(args)
     folders = find_domains(args.dataroot, args.direction)
-    run_dir = args.output_dir / args.name
-    ckpt = run_dir / "latest.pt"
-    if args.resume:
-        state = load_checkpoint(ckpt)
-        if state["model"] != args.model:
-            raise UsageError(f"{ckpt} is a {state['model']} run: resume it with --model {state['model']}")
-        # The schedule may be extended on resume; the architecture comes from the checkpoint.
-        state["config"].update(epochs=args.epochs, epochs_decay=args.epochs_decay)
+    if state:
+        state["config"].update(epochs=args.epochs, epochs_decay=args.epochs_decay)  # a schedule may grow
         model = build_model(state, device)
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        set_rng_state(state["rng"], device)
         epoch_step = state["epoch_step"]
         print(f"resuming {ckpt}: epoch {model.epoch + 1}, step {epoch_step} of it ({model.step} steps in all)")
     else:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or a new --name")
+        random.seed(args.seed)
+        np.random.seed(args.seed)
         torch.manual_seed(args.seed)
         try:
             model = MODELS[args.model][0](model_config(args, MODELS[args.model][1]), device)
@@ -272,9 +337,11 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Path:
           f"out {run_dir}" + (f"\ndefaults for {device.type}: {', '.join(filled)}" if filled else ""))
     stop = stop or StopFlag().install()
 
+    run = {key: str(getattr(args, key)) if key == "dataroot" else getattr(args, key) for key in RUN_OPTIONS}
+
     def checkpoint(step_in_epoch: int) -> dict:
-        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-        return {**model.state_dict(), "epoch_step": step_in_epoch, "rng": rng}
+        return {**model.state_dict(), "epoch_step": step_in_epoch, "rng": rng_state(device),
+                "run": {**run, "seed": args.seed}}
 
     for epoch in range(model.epoch, total_epochs):
         sampler.set_epoch(epoch, epoch_step * args.batch_size, steps * args.batch_size)
@@ -357,12 +424,15 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["translate"]:
             translate(translate_parser().parse_args(argv[1:]))
         elif argv[:1] == ["download"]:
-            p = argparse.ArgumentParser(prog="train_gan.py download", description="Download an official dataset.")
+            p = Parser(prog="train_gan.py download", description="Download an official dataset.")
             p.add_argument("name", help="e.g. apple2orange, horse2zebra, summer2winter_yosemite, monet2photo")
             p.add_argument("--root", type=Path, default=Path("data"), help="datasets go to ROOT/NAME")
             print(download(**vars(p.parse_args(argv[1:]))))
         else:
-            train(train_parser().parse_args(argv))
+            train(parse_train_args(argv))
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
