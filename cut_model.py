@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cycle_gan import TranslationModel, set_requires_grad
+from cycle_gan import TranslationModel, frozen
 from losses import GANLoss, PatchNCELoss
 from networks import DEFAULT_TAPS, PatchDiscriminator, PatchSampleMLP, ResnetGenerator, define_G
 
@@ -67,22 +67,20 @@ class CUTConfig:
 
 class CUT(TranslationModel):
     """G: X->Y (ResNet, anti-aliased), D (PatchGAN), H (PatchSampleMLP over G's encoder taps)."""
-    def __init__(self, config: CUTConfig | None = None, device="cpu"):
-        super().__init__(config or CUTConfig(), device)
+    def __init__(self, config: CUTConfig | None = None, device="cpu", precision: str = "fp32"):
+        super().__init__(config or CUTConfig(), device, precision)
         c = self.config
         self.name = c.mode  # 'cut' or 'fastcut', as checkpoints and the CLI call it
-        self.G = define_G(c.netG, c.channels_x, c.channels_y, c.ngf, c.norm, c.dropout, c.antialias)
-        if not isinstance(self.G, ResnetGenerator):
+        G = define_G(c.netG, c.channels_x, c.channels_y, c.ngf, c.norm, c.dropout, c.antialias)
+        if not isinstance(G, ResnetGenerator):
             raise ValueError(f"CUT samples patches from the encoder taps of a ResNet generator; --netG {c.netG} "
                              f"has none: use --netG resnet_9blocks or resnet_6blocks")
         if c.nce_idt and c.channels_x != c.channels_y:
             raise ValueError(f"the identity NCE term feeds y to G, which needs as many channels in X as in Y "
                              f"(got {c.channels_x} and {c.channels_y}): pass --no-nce-idt")
-        self.D = PatchDiscriminator(c.channels_y, c.ndf, c.n_layers_D, c.norm, c.antialias)
-        self.H = PatchSampleMLP(self.G.tap_channels(c.nce_layers), c.netF_nc)  # built eagerly
-        self.nets = {"G": self.G, "D": self.D, "H": self.H}
-        self._finish_init("xavier")
-        self.optimizers = {"D": self.adam(self.D), "G": self.adam(self.G, self.H)}
+        self.setup({"G": G, "D": PatchDiscriminator(c.channels_y, c.ndf, c.n_layers_D, c.norm, c.antialias),
+                    "H": PatchSampleMLP(G.tap_channels(c.nce_layers), c.netF_nc)},  # H built eagerly
+                   init="xavier", groups={"D": ("D",), "G": ("G", "H")})
         self.gan_loss = GANLoss(c.gan_mode, c.real_label)
         self.nce_loss = PatchNCELoss(c.nce_temperature)
 
@@ -100,17 +98,15 @@ class CUT(TranslationModel):
             fake, keys = self.G(real.flip(3) if flipped else real, c.nce_layers)
             if flipped:  # the keys are the unflipped input's features: run the encoder once more
                 with torch.no_grad():
-                    keys = self.G.encode(real, c.nce_layers)
+                    keys = self.G(real, c.nce_layers, encode_only=True)
             fake_y = fake[:B]
 
             # 1. D: tell real y from G(x) (Eq. 1); the official code halves D's loss.
-            set_requires_grad([self.D], True)
             loss = {"D": 0.5 * (gan(self.D(fake_y.detach()), False) + gan(self.D(y), True))}
-        self.update(loss["D"], self.optimizers["D"])
+        self.update(loss["D"], "D")
 
         # 2. G and H, with D fixed.
-        set_requires_grad([self.D], False)
-        with self.autocast():
+        with frozen(self.D), self.autocast():
             loss["G_gan"] = c.lambda_gan * gan(self.D(fake_y), True)  # Eq. 1: G fools D
             nce = []
             if c.lambda_nce > 0:
@@ -119,10 +115,9 @@ class CUT(TranslationModel):
                 if c.nce_idt:  # Eq. 5's lambda_Y term: G(y) keeps the patches of y
                     loss["NCE_Y"] = c.lambda_nce * self.patch_nce([k[B:] for k in keys], fake[B:], flipped)
                     nce.append(loss["NCE_Y"])
-            total = loss["G_gan"] + (sum(nce) / len(nce) if nce else 0)
-        self.update(total, self.optimizers["G"])
+            self.update(loss["G_gan"] + (sum(nce) / len(nce) if nce else 0), "G")
         self.step += 1
-        return {k: v.item() for k, v in loss.items()}
+        return self.floats(loss)
 
     def patch_nce(self, keys: list[torch.Tensor], output: torch.Tensor, flipped: bool) -> torch.Tensor:
         """Eq. 3: multilayer PatchNCE between the input's features `keys` and G's encoding of
@@ -130,7 +125,7 @@ class CUT(TranslationModel):
 
         Keys are detached inside the loss, so their projection needs no graph.
         """
-        queries = self.G.encode(output, self.config.nce_layers)
+        queries = self.G(output, self.config.nce_layers, encode_only=True)
         if flipped:
             queries = [q.flip(3) for q in queries]
         with torch.no_grad():
@@ -138,8 +133,8 @@ class CUT(TranslationModel):
         q, _ = self.H(queries, self.config.num_patches, ids)
         return sum(self.nce_loss(qi, ki) for qi, ki in zip(q, k)) / len(q)
 
-    def generators(self) -> dict:
-        return {"x2y": self.G}  # CUT learns one direction only
+    def generators(self) -> dict[str, str]:
+        return {"x2y": "G"}  # CUT learns one direction only
 
     def visuals(self, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
         """Grid rows: x | G(x), and | y | G(y) when the identity term is on."""

@@ -14,12 +14,13 @@ betas (0.5, 0.999), lr constant for `epochs` then linear to 0 over `epochs_decay
 
 This file also holds what CUT (cut_model.py) shares: `TranslationModel`, the training plumbing.
 """
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from itertools import chain
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.functional import l1_loss
 
 from layers import init_weights
@@ -27,11 +28,21 @@ from losses import GANLoss
 from networks import PatchDiscriminator, define_G
 
 
-def set_requires_grad(nets, flag: bool) -> None:
-    """Freeze (False) or unfreeze the parameters of `nets`: D stays fixed while G steps."""
-    for net in nets:
-        for p in net.parameters():
-            p.requires_grad_(flag)
+@contextmanager
+def frozen(*nets: nn.Module):
+    """Freeze the parameters of `nets` (D stays fixed while G steps). Under DDP they also skip
+    the gradient all-reduce, since they get no gradients that step."""
+    with ExitStack() as stack:
+        for net in nets:
+            inner = getattr(net, "_orig_mod", net)  # under torch.compile
+            if isinstance(inner, DistributedDataParallel):
+                stack.enter_context(inner.no_sync())
+            net.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for net in nets:
+                net.requires_grad_(True)
 
 
 def lr_factor(epoch: int, epochs: int, epochs_decay: int) -> float:
@@ -39,39 +50,66 @@ def lr_factor(epoch: int, epochs: int, epochs_decay: int) -> float:
     return 1.0 - max(0, epoch + 1 - epochs) / float(epochs_decay + 1)
 
 
-class TranslationModel:
-    """Networks, Adam optimisers and the lr schedule, with state for an exact resume.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    Subclasses fill `self.nets` (name -> module) and `self.optimizers` (name -> Adam) and write
-    `train_step(x, y) -> dict[str, float]`, `translate(x)` and `visuals(x, y)`.
+
+class TranslationModel:
+    """Networks, Adam optimisers, the lr schedule and precision, with state for an exact resume.
+
+    A subclass builds its networks and calls `setup`; then `self.nets[name]` is the plain
+    module and `self.<name>` what the step calls (the same module, or it wrapped for DDP or
+    torch.compile). It writes `train_step(x, y) -> dict[str, float]`, `generators()` and `visuals(x, y)`.
     """
     name = ""
 
-    def __init__(self, config, device: torch.device | str = "cpu"):
-        self.config, self.device = config, torch.device(device)
-        self.nets: dict[str, nn.Module] = {}
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+    def __init__(self, config, device: torch.device | str = "cpu", precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        self.config, self.device, self.precision = config, torch.device(device), precision
         self.epoch = 0  # epochs finished
         self.step = 0  # optimisation steps taken in all
 
-    def _finish_init(self, init: str) -> None:
-        """Initialise the networks' weights (`normal` or `xavier`) and move them to the device."""
-        for net in self.nets.values():
-            init_weights(net, init, self.config.init_gain).to(self.device)
+    def setup(self, nets: dict[str, nn.Module], init: str, groups: dict[str, tuple[str, ...]]) -> None:
+        """Initialise (`normal` or `xavier`) and place `nets`; one Adam per group of nets."""
+        self.nets = nets
+        for name, net in nets.items():
+            setattr(self, name, init_weights(net, init, self.config.init_gain).to(self.device))
+        self.optimizers = {
+            group: torch.optim.Adam(chain(*(nets[n].parameters() for n in members)), lr=self.config.lr,
+                                    betas=(self.config.beta1, 0.999),  # one multi-tensor kernel per step:
+                                    **({"fused": True} if self.device.type == "cuda" else {"foreach": True}))
+            for group, members in groups.items()}
+        # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 does not.
+        self.scalers = {group: torch.amp.GradScaler(self.device.type) for group in groups} \
+            if self.precision == "fp16" else {}
 
-    def adam(self, *nets: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.Adam(chain(*(n.parameters() for n in nets)), lr=self.config.lr,
-                                betas=(self.config.beta1, 0.999))
+    def wrap(self, fn) -> None:
+        """Replace what the step calls by fn(module), e.g. a DDP wrapper or torch.compile."""
+        for name in self.nets:
+            setattr(self, name, fn(getattr(self, name)))
 
-    def update(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """One gradient step of `optimizer` on `loss`."""
+    def update(self, loss: torch.Tensor, group: str) -> None:
+        """One gradient step of the optimiser of `group` on `loss`."""
+        optimizer = self.optimizers[group]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if group in self.scalers:
+            self.scalers[group].scale(loss).backward()
+            self.scalers[group].step(optimizer)
+            self.scalers[group].update()
+        else:
+            loss.backward()
+            optimizer.step()
 
     def autocast(self):
-        """Mixed-precision context for the forward passes (fp32: none)."""
-        return nullcontext()
+        """Mixed-precision context for forward passes and losses (fp32: none)."""
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(self.device.type, dtype) if dtype else nullcontext()
+
+    @staticmethod
+    def floats(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Loss tensors -> floats with one device-to-host copy (one sync per step on a GPU)."""
+        values = torch.stack([v.detach().float() for v in losses.values()]).tolist()
+        return dict(zip(losses, values))
 
     def end_epoch(self) -> None:
         """Count a finished epoch and set the lr of the next one."""
@@ -81,21 +119,17 @@ class TranslationModel:
             for group in opt.param_groups:
                 group["lr"] = self.config.lr * factor
 
-    def train(self, mode: bool = True) -> None:
-        for net in self.nets.values():
-            net.train(mode)
-
-    def generators(self) -> dict[str, nn.Module]:
-        """direction ('x2y', 'y2x') -> the generator that translates that way."""
+    def generators(self) -> dict[str, str]:
+        """direction ('x2y', 'y2x') -> the name of the generator that translates that way."""
         raise NotImplementedError
 
     @torch.no_grad()
     def translate(self, images: torch.Tensor, direction: str = "x2y") -> torch.Tensor:
         """Translate (B, C, H, W) images one way, in eval mode, without gradients."""
-        nets = self.generators()
-        if direction not in nets:
-            raise ValueError(f"a {self.name} model translates {' and '.join(nets)} only, not {direction}")
-        net = nets[direction]
+        names = self.generators()
+        if direction not in names:
+            raise ValueError(f"a {self.name} model translates {' and '.join(names)} only, not {direction}")
+        net = self.nets[names[direction]]
         net.eval()
         out = net(images.to(self.device))
         net.train()
@@ -178,31 +212,31 @@ class CycleGAN(TranslationModel):
     """G: X->Y, F: Y->X (generators), D_X, D_Y (PatchGAN discriminators)."""
     name = "cycle_gan"
 
-    def __init__(self, config: CycleGANConfig | None = None, device="cpu"):
-        super().__init__(config or CycleGANConfig(), device)
+    def __init__(self, config: CycleGANConfig | None = None, device="cpu", precision: str = "fp32"):
+        super().__init__(config or CycleGANConfig(), device, precision)
         c = self.config
         if c.lambda_identity > 0 and c.channels_x != c.channels_y:
             raise ValueError(f"the identity loss compares G(y) with y, which needs as many channels in X as in Y "
                              f"(got {c.channels_x} and {c.channels_y}): pass --lambda-identity 0")
-        self.G = define_G(c.netG, c.channels_x, c.channels_y, c.ngf, c.norm, c.dropout)
-        self.F = define_G(c.netG, c.channels_y, c.channels_x, c.ngf, c.norm, c.dropout)
-        self.D_X = PatchDiscriminator(c.channels_x, c.ndf, c.n_layers_D, c.norm)
-        self.D_Y = PatchDiscriminator(c.channels_y, c.ndf, c.n_layers_D, c.norm)
-        self.nets = {"G": self.G, "F": self.F, "D_X": self.D_X, "D_Y": self.D_Y}
-        self._finish_init("normal")
-        self.optimizers = {"G": self.adam(self.G, self.F), "D": self.adam(self.D_X, self.D_Y)}
+        self.setup({"G": define_G(c.netG, c.channels_x, c.channels_y, c.ngf, c.norm, c.dropout),
+                    "F": define_G(c.netG, c.channels_y, c.channels_x, c.ngf, c.norm, c.dropout),
+                    "D_X": PatchDiscriminator(c.channels_x, c.ndf, c.n_layers_D, c.norm),
+                    "D_Y": PatchDiscriminator(c.channels_y, c.ndf, c.n_layers_D, c.norm)},
+                   init="normal", groups={"G": ("G", "F"), "D": ("D_X", "D_Y")})
         self.gan_loss = GANLoss(c.gan_mode, c.real_label)
         self.pool_X, self.pool_Y = ImagePool(c.pool_size), ImagePool(c.pool_size)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """One step of Eq. 3 on a batch x (B, C_x, H, W) from X and y (B, C_y, H, W) from Y."""
+        """One step of Eq. 3 on a batch x (B, C_x, H, W) from X and y (B, C_y, H, W) from Y.
+
+        The min-max of Eq. 4 is solved by alternating: a step of G and F, then one of D_X and D_Y.
+        """
         c, gan = self.config, self.gan_loss
         lam, lam_idt = c.lambda_cycle, c.lambda_cycle * c.lambda_identity
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
         # 1. G and F: minimise Eq. 3 with D_X, D_Y fixed.
-        set_requires_grad([self.D_X, self.D_Y], False)
-        with self.autocast():
+        with frozen(self.D_X, self.D_Y), self.autocast():
             fake_y, fake_x = self.G(x), self.F(y)
             loss = {
                 "G_gan": gan(self.D_Y(fake_y), True),  # Eq. 1: G fools D_Y
@@ -213,19 +247,18 @@ class CycleGAN(TranslationModel):
             if lam_idt > 0:  # Sec. 5.2: G leaves real Y images alone, F real X images
                 loss["idt_Y"] = lam_idt * l1_loss(self.G(y), y)
                 loss["idt_X"] = lam_idt * l1_loss(self.F(x), x)
-        self.update(sum(loss.values()), self.optimizers["G"])
+            self.update(sum(loss.values()), "G")
 
         # 2. D_X and D_Y: tell real from (pooled) fake; the official code halves D's loss.
-        set_requires_grad([self.D_X, self.D_Y], True)
         with self.autocast():
             loss["D_Y"] = 0.5 * (gan(self.D_Y(y), True) + gan(self.D_Y(self.pool_Y.query(fake_y)), False))
             loss["D_X"] = 0.5 * (gan(self.D_X(x), True) + gan(self.D_X(self.pool_X.query(fake_x)), False))
-        self.update(loss["D_Y"] + loss["D_X"], self.optimizers["D"])
+        self.update(loss["D_Y"] + loss["D_X"], "D")
         self.step += 1
-        return {k: v.item() for k, v in loss.items()}
+        return self.floats(loss)
 
-    def generators(self) -> dict[str, nn.Module]:
-        return {"x2y": self.G, "y2x": self.F}
+    def generators(self) -> dict[str, str]:
+        return {"x2y": "G", "y2x": "F"}
 
     def visuals(self, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
         """Grid rows: x | G(x) | F(G(x)) for each x, then y | F(y) | G(F(y)) for each y."""

@@ -122,7 +122,11 @@ class BlurUpsample(nn.Module):
         self.register_buffer("filt", (binomial_filter(4) * 4)[None, None].repeat(channels, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv_transpose2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self.filt,
+        # Replicate-pad by 1, written with cat: torch.compile fails on replication_pad2d's
+        # backward (PyTorch 2.13, CPU); the values are the same as F.pad(mode="replicate").
+        x = torch.cat([x[:, :, :1], x, x[:, :, -1:]], 2)
+        x = torch.cat([x[..., :1], x, x[..., -1:]], 3)
+        y = F.conv_transpose2d(x, self.filt,
                                stride=2, padding=2, groups=x.shape[1])  # (B, C, 2H+2, 2W+2)
         return y[:, :, 1:-1, 1:-1]
 

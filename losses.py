@@ -17,6 +17,8 @@ GAN_MODES = ("lsgan", "vanilla", "nonsaturating")
 class GANLoss(nn.Module):
     """loss(prediction, target_is_real) -> scalar, for a discriminator's logit map (B, 1, h, w).
 
+    The adversarial loss of Eq. 1 in both papers, in the form the official codes train with.
+
     lsgan: mean (D - label)^2. vanilla: binary cross-entropy on logits. nonsaturating:
     softplus(-D) for real targets, softplus(D) for fake ones (the same as vanilla at labels 1/0).
     `real_label` < 1 is one-sided label smoothing (Salimans et al. 2016).

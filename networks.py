@@ -62,11 +62,22 @@ class ResnetGenerator(nn.Module):
         """Channels of each tapped feature map (what H's MLPs take in)."""
         return [self.tap(t)[1] for t in taps]
 
-    def forward(self, x: torch.Tensor, taps: Sequence[str | int] | None = None):
-        """(B, C, H, W) -> (B, out, H, W); with `taps`, also the tapped features, in one pass."""
+    def forward(self, x: torch.Tensor, taps: Sequence[str | int] | None = None, encode_only: bool = False):
+        """(B, C, H, W) -> (B, out, H, W). With `taps`: (output, features at the taps) from one
+        pass: the layers l of CUT's Eq. 3. With encode_only, the features alone (what `encode`
+        returns), running only as deep as the deepest tap. Going through
+        forward lets DDP and torch.compile see the encoder passes too."""
         if taps is None:
             return self.model(x)
-        return self._run(x, taps, stop_early=False)
+        wanted = [self.tap(t)[0] for t in taps]
+        last = max(wanted) if encode_only else len(self.model) - 1
+        feats = {}
+        for i, layer in enumerate(self.model[:last + 1]):
+            x = layer(x)
+            if i in wanted:
+                feats[i] = x
+        feats = [feats[i] for i in wanted]
+        return feats if encode_only else (x, feats)
 
     def encode(self, x: torch.Tensor, taps: Sequence[str | int] = DEFAULT_TAPS) -> list[torch.Tensor]:
         """The feature maps at `taps`, running only as deep as the deepest tap needs.
@@ -74,17 +85,7 @@ class ResnetGenerator(nn.Module):
         For a 1x3x256x256 input with antialias=True and the default taps:
         (1,3,262,262), (1,128,256,256), (1,256,128,128), (1,256,64,64), (1,256,64,64).
         """
-        return self._run(x, taps, stop_early=True)[1]
-
-    def _run(self, x, taps, stop_early):
-        wanted = [self.tap(t)[0] for t in taps]
-        last = max(wanted) if stop_early else len(self.model) - 1
-        feats = {}
-        for i, layer in enumerate(self.model[:last + 1]):
-            x = layer(x)
-            if i in wanted:
-                feats[i] = x
-        return x, [feats[i] for i in wanted]
+        return self(x, taps, encode_only=True)
 
 
 class UnetBlock(nn.Module):
@@ -184,6 +185,8 @@ class PatchSampleMLP(nn.Module):
     def forward(self, feats: Sequence[torch.Tensor], num_patches: int = 256,
                 patch_ids: Sequence[torch.Tensor] | None = None):
         """feats[l]: (B, C_l, H_l, W_l) -> (features, ids): features[l] (B, P, nc), ids[l] (P,).
+
+        These are the z_l^s of CUT's Eq. 3: location s of tapped layer l, projected and normalised.
 
         P = min(num_patches, H_l * W_l); pass the ids of an earlier call to sample the same places.
         """

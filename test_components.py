@@ -119,6 +119,13 @@ def test_unknown_tap_names_the_valid_ones():
         ResnetGenerator(ngf=4, n_blocks=5, antialias=True).encode(torch.randn(1, 3, 16, 16), ["res7"])
 
 
+def test_blur_upsample_pads_like_replicate_padding():
+    x = torch.randn(2, 3, 5, 7)
+    expected = torch.nn.functional.conv_transpose2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"),
+                                                    BlurUpsample(3).filt, stride=2, padding=2, groups=3)
+    assert torch.allclose(BlurUpsample(3)(x), expected[:, :, 1:-1, 1:-1], atol=1e-6)
+
+
 def test_blur_sampling_halves_and_doubles_and_keeps_constants():
     x = torch.full((1, 2, 8, 8), 3.0)
     assert torch.allclose(BlurDownsample(2)(x), torch.full((1, 2, 4, 4), 3.0))
@@ -506,9 +513,9 @@ def test_end_epoch_sets_the_scheduled_lr():
 # ----------------------------------------------------------------------------- the CLI
 
 def cli_args(root, out, *extra):
-    return ["--dataroot", str(root), "--output-dir", str(out), "--name", "run", "--crop-size", "32",
-            "--load-size", "36", "--ngf", "4", "--ndf", "4", "--netG", "resnet_6blocks", "--max-steps", "2",
-            "--workers", "0", "--device", "cpu", "--log-every", "1", *extra]
+    return ["--model", "cycle_gan", "--dataroot", str(root), "--output-dir", str(out), "--name", "run",
+            "--crop-size", "32", "--load-size", "36", "--ngf", "4", "--ndf", "4", "--netG", "resnet_6blocks",
+            "--max-steps", "2", "--workers", "0", "--device", "cpu", "--log-every", "1", *extra]
 
 
 # grid (columns, rows) per model: CycleGAN x | G(x) | F(G(x)) and y | F(y) | G(F(y)); CUT x | G(x) | y | G(y)
@@ -622,13 +629,16 @@ def test_fastcut_flip_mirrors_the_input_not_the_target(monkeypatch):
     assert not any(torch.equal(d, y.flip(3)) for d in seen["D"])
 
 
-def test_cut_reuses_the_main_pass_for_keys_when_not_flipped(monkeypatch):
+def test_cut_reuses_the_main_pass_for_keys_when_not_flipped():
     model = CUT(CUTConfig(**TINY_CUT))
-    encodes = []
-    encode = model.G.encode
-    monkeypatch.setattr(model.G, "encode", lambda x, taps: encodes.append(x) or encode(x, taps))
-    model.train_step(*pair())
-    assert len(encodes) == 2  # only the queries G(x) and G(y) are encoded again
+    calls = []
+    model.G.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args[0], kwargs)), with_kwargs=True)
+    x, y = pair()
+    model.train_step(x, y)
+    assert len(calls) == 3  # G(x, y) with taps, then only the queries: encode(G(x)), encode(G(y))
+    assert torch.equal(calls[0][0], torch.cat([x, y])) and not calls[0][1].get("encode_only")
+    assert all(kw.get("encode_only") for _, kw in calls[1:])
+    assert not any(torch.equal(inp, x) or torch.equal(inp, y) for inp, _ in calls[1:])
 
 
 def test_short_cut_training_on_one_pair_drives_nce_down():
@@ -828,12 +838,12 @@ class StopAfter:
 @pytest.mark.parametrize("model", ["cycle_gan", "fastcut"])
 def test_stop_and_resume_gives_the_same_weights_as_one_run(dataset_root, tmp_path, model):
     argv = ["--model", model, "--epochs", "1", "--epochs-decay", "1", "--max-steps", "3"]
-    once = train_gan.train(train_gan.parse_train_args(cli_args(dataset_root, tmp_path / "a", *argv)))
+    train_gan.train(train_gan.parse_train_args(cli_args(dataset_root, tmp_path / "a", *argv)))
     train_gan.train(train_gan.parse_train_args(cli_args(dataset_root, tmp_path / "b", *argv)), stop=StopAfter(4))
     stopped = torch.load(tmp_path / "b" / "run" / "latest.pt", weights_only=True)
     assert (stopped["epoch"], stopped["epoch_step"]) == (1, 1)  # mid-way through the second epoch
-    twice = train_gan.train(train_gan.parse_train_args(cli_args(dataset_root, tmp_path / "b", *argv, "--resume")))
-    a, b = (torch.load(run / "latest.pt", weights_only=True) for run in (once, twice))
+    train_gan.train(train_gan.parse_train_args(cli_args(dataset_root, tmp_path / "b", *argv, "--resume")))
+    a, b = (torch.load(tmp_path / run / "run" / "latest.pt", weights_only=True) for run in "ab")
     assert a["step"] == b["step"] == 6
     for net in a["nets"]:
         for key, tensor in a["nets"][net].items():
@@ -856,3 +866,57 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(dataset_root, tmp_path):
     assert state["epoch"] == 0 and state["epoch_step"] >= 1
 
 
+
+
+# ----------------------------------------------------------------------------- DDP
+
+def ddp_worker(rank, world, port, argv, out):
+    """One torchrun-like rank: train, then dump this rank's weights for comparison."""
+    import os
+    import torch.distributed as dist
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model = train_gan.train(train_gan.parse_train_args(argv))
+    torch.save({k: v.state_dict() for k, v in model.nets.items()}, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("model", ["cycle_gan", "cut"])
+def test_ddp_on_two_gloo_processes_keeps_ranks_identical_and_writes_once(dataset_root, tmp_path, model):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = cli_args(dataset_root, tmp_path / "out", "--model", model, "--epochs", "1", "--epochs-decay", "0")
+    mp.spawn(ddp_worker, args=(2, port, argv, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for net in ranks[0]:
+        for key, tensor in ranks[0][net].items():
+            assert torch.equal(tensor, ranks[1][net][key]), (net, key)
+    run = tmp_path / "out" / "run"
+    assert sorted(p.name for p in run.iterdir()) == ["epoch_001.png", "latest.pt", "losses.csv", "losses.png"]
+    assert len((run / "losses.csv").read_text().splitlines()) == 1 + 2  # rank 0's two steps only
+    trained = torch.load(run / "latest.pt", weights_only=True)
+    assert trained["step"] == 2 and all(torch.equal(t, ranks[0]["G"][k]) for k, t in trained["nets"]["G"].items())
+
+
+# ----------------------------------------------------------------------------- the reading guide
+
+def test_guide_names_real_functions_that_cite_their_equations():
+    import importlib
+    import inspect
+    guide = (Path(__file__).parent / "docs" / "GUIDE.md").read_text()
+    rows = [line.split("|")[1:-1] for line in guide.splitlines() if line.startswith("| ") and "`" in line]
+    checked = 0
+    for paper, _, code in (r[:3] for r in rows if len(r) >= 3):
+        for name in re.findall(r"`(\w+)\.([\w.]+)`", code):
+            obj = importlib.import_module(name[0])
+            for part in name[1].split("."):
+                obj = getattr(obj, part)  # fails if the map names something that does not exist
+            equation = re.fullmatch(r"\s*(Eq\. \d)\s*", paper)
+            if equation and callable(obj) and not isinstance(obj, (tuple, dict)):
+                assert equation.group(1) in inspect.getsource(obj), f"{name} does not cite {equation.group(1)}"
+            checked += 1
+    assert checked >= 20

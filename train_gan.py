@@ -11,10 +11,13 @@ losses.png and latest.pt (everything needed to resume), plus epoch_NNN.pt every 
 """
 import argparse
 import dataclasses
+import json
 import math
 import os
 import random
+import resource
 import signal
+import statistics
 import sys
 import time
 import warnings
@@ -22,10 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cut_model import CUT, CUTConfig
-from cycle_gan import CycleGAN, CycleGANConfig
+from cycle_gan import CycleGAN, CycleGANConfig, TranslationModel
 from data_utility import (DataError, PairSampler, UnpairedDataset, append_losses, download, find_domains,
                           list_images, load_image, load_fixed_images, plot_losses, save_image_grid, to_image,
                           to_tensor)
@@ -39,9 +44,10 @@ PRESETS = {
     "cut": dict(netG="resnet_9blocks", epochs=200, epochs_decay=200),
     "fastcut": dict(netG="resnet_9blocks", epochs=150, epochs_decay=50),
 }
-# Without a GPU the official 256x256 setting takes weeks; this shows results within minutes.
-# Crop 128 with 6 residual blocks is the paper's own setting for 128x128 images.
-CPU_PRESET = dict(crop_size=128, load_size=143, max_steps=200, netG="resnet_6blocks")
+# Without a GPU the official 256x256 setting takes weeks; this shows results within minutes
+# (a FastCUT epoch of 150 steps takes about 4 minutes on 2 cores). Crop 128 with 6 residual
+# blocks is the CycleGAN paper's own setting for 128x128 images.
+CPU_PRESET = dict(crop_size=128, load_size=143, max_steps=150, netG="resnet_6blocks")
 GPU_PRESET = dict(crop_size=256, load_size=286, max_steps=None)
 
 
@@ -75,7 +81,8 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
 
     def a(*names, **kw):
         p.add_argument(*names, **kw if defaults else {**kw, "default": argparse.SUPPRESS})
-    a("--model", choices=tuple(MODELS), default="cycle_gan", help="what to train")
+    a("--model", choices=tuple(MODELS), default="fastcut",
+      help="what to train; fastcut, the default, shows apples turning orange soonest on a CPU")
     a("--dataroot", type=Path, default=BUNDLED,
       help="dataset folder with trainA/ trainB/ [testA/ testB/] or x_train/ y_train/ [x_test/ y_test/]")
     a("--name", help="run name: outputs go to OUTPUT_DIR/NAME (default: MODEL_DATASET)")
@@ -84,7 +91,7 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
     a("--direction", choices=("AtoB", "BtoA"), default="AtoB", help="BtoA swaps the domains X and Y")
     a("--epochs", type=int, help="epochs at the initial lr (official: 100 cycle_gan, 200 cut, 150 fastcut)")
     a("--epochs-decay", type=int, help="epochs of linear lr decay to 0 (official: 100, 200, 50)")
-    a("--max-steps", type=int, help="cap on steps per epoch (CPU default 200; GPU default: whole epoch)")
+    a("--max-steps", type=int, help="cap on steps per epoch (CPU default 150; GPU default: whole epoch)")
     a("--batch-size", type=int, default=1, help="images per domain per step (the papers use 1)")
     a("--lr", type=float, default=2e-4, help="Adam learning rate")
     a("--load-size", type=int, help="images are resized to this square size ... (GPU 286, CPU 143)")
@@ -115,6 +122,11 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
     a("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
     a("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda, then mps, then cpu")
     a("--workers", type=int, default=2, help="data-loading processes (0 = load in the main process)")
+    a("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+      help="autocast precision of the forward passes (fp16 adds loss scaling); fp32 is the official math")
+    a("--compile", action="store_true", help="torch.compile the networks (slow first steps, faster later)")
+    a("--benchmark", type=int, metavar="N", help="time N training steps after 3 warm-up ones, print one "
+                                                "JSON line and write nothing")
     a("--log-every", type=int, default=10, help="steps averaged into each row of losses.csv")
     a("--save-every", type=int, default=10, help="also keep epoch_NNN.pt every this many epochs (0 = never)")
     return p
@@ -171,6 +183,7 @@ def validate(args: argparse.Namespace) -> None:
         need(getattr(args, flag) >= (0 if flag == "epochs_decay" else 1),
              f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     need(args.epochs >= 0, f"--epochs must be >= 0, got {args.epochs}")
+    need(args.benchmark is None or args.benchmark >= 1, f"--benchmark must be >= 1, got {args.benchmark}")
     need(args.max_steps is None or args.max_steps >= 1, f"--max-steps must be >= 1, got {args.max_steps}")
     need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
     need(args.num_patches >= 1 and args.nce_temperature > 0, "--num-patches must be >= 1 and --nce-temperature > 0")
@@ -218,10 +231,10 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def build_model(state: dict, device: torch.device):
+def build_model(state: dict, device: torch.device, precision: str = "fp32"):
     """The model a checkpoint describes (its own config), with its weights and optimiser state."""
     model_cls, config_cls = MODELS[state["model"]]
-    model = model_cls(config_cls(**state["config"]), device)
+    model = model_cls(config_cls(**state["config"]), device, precision)
     try:
         model.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as e:
@@ -290,98 +303,174 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Path:
-    """Train per the options; returns the run folder."""
-    device = pick_device(args.device)
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device) under torchrun; (0, 1, device) without it."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def prepare(args: argparse.Namespace, device: torch.device, fresh: bool = False):
+    """Options checked and completed, the dataset folders, and the model (resumed or new).
+
+    Returns (model, epoch_step, folders, filled presets). `fresh` ignores output folders (benchmark).
+    """
     args.name = args.name or f"{args.model}_{args.dataroot.name}"
     run_dir = args.output_dir / args.name
-    ckpt = run_dir / "latest.pt"
-    state = load_checkpoint(ckpt) if args.resume else None
+    state = None if fresh or not args.resume else load_checkpoint(run_dir / "latest.pt")
     if state:
         restore_run_options(args, state)
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif not fresh and run_dir.exists() and any(run_dir.iterdir()):
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or a new --name")
     filled = apply_presets(args, device)
     validate(args)
     folders = find_domains(args.dataroot, args.direction)
     if state:
         state["config"].update(epochs=args.epochs, epochs_decay=args.epochs_decay)  # a schedule may grow
-        model = build_model(state, device)
+        model = build_model(state, device, args.precision)
         set_rng_state(state["rng"], device)
-        epoch_step = state["epoch_step"]
-        print(f"resuming {ckpt}: epoch {model.epoch + 1}, step {epoch_step} of it ({model.step} steps in all)")
-    else:
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        torch.manual_seed(args.seed)
-        try:
-            model = MODELS[args.model][0](model_config(args, MODELS[args.model][1]), device)
-        except ValueError as e:  # an option combination the model cannot build
-            raise UsageError(str(e)) from None
-        epoch_step = 0
-    cfg = model.config
+        return model, state["epoch_step"], folders, filled
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    try:
+        model = MODELS[args.model][0](model_config(args, MODELS[args.model][1]), device, args.precision)
+    except ValueError as e:  # an option combination the model cannot build
+        raise UsageError(str(e)) from None
+    return model, 0, folders, filled
 
+
+def make_loader(args, model, folders, rank: int = 0, world: int = 1):
+    """(dataset, sampler, loader) over the training folders; each rank gets its share of every epoch."""
+    cfg = model.config
     data = UnpairedDataset(folders["train_x"], folders["train_y"], args.load_size, args.crop_size,
                            cfg.channels_x, cfg.channels_y)
-    sampler = PairSampler(len(data.files[0]), len(data.files[1]), args.seed)
+    sampler = PairSampler(len(data.files[0]), len(data.files[1]), args.seed, rank, world)
     loader = torch.utils.data.DataLoader(
-        data, args.batch_size, sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda",
+        data, args.batch_size, sampler=sampler, num_workers=args.workers, pin_memory=model.device.type == "cuda",
         persistent_workers=args.workers > 0, generator=torch.Generator())  # own generator: global RNG untouched
+    return data, sampler, loader
+
+
+def speed_up(args, model, rank: int, world: int) -> None:
+    """DDP across ranks, then torch.compile, as asked."""
+    if world > 1:
+        ids = [model.device.index] if model.device.type == "cuda" else None
+        model.wrap(lambda net: DistributedDataParallel(net, device_ids=ids))
+        torch.manual_seed(args.seed + 1_000 * rank + model.step)  # each rank its own pools, patches, flips
+    if args.compile:
+        model.wrap(torch.compile)
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    """Time --benchmark N training steps (after warm-up) on the real data and step; print one JSON line."""
+    device = pick_device(args.device)
+    model, _, folders, _ = prepare(args, device, fresh=True)
+    speed_up(args, model, 0, 1)
+    _, sampler, loader = make_loader(args, model, folders)
+    warmup, times, batches = 3, [], iter(())
+    for i in range(warmup + args.benchmark):
+        try:
+            x, y = next(batches)
+        except StopIteration:  # a new epoch of the same loader
+            sampler.set_epoch(i)
+            batches = iter(loader)
+            x, y = next(batches)
+        start = time.perf_counter()
+        model.train_step(x, y)  # its losses come back as floats: the step has finished
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    sec = statistics.median(times)
+    peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux reports KiB
+    result = {"model": args.model, "device": str(device), "precision": args.precision, "compile": args.compile,
+              "crop_size": args.crop_size, "batch_size": args.batch_size, "netG": model.config.netG,
+              "sec_per_iter": round(sec, 4), "images_per_sec": round(args.batch_size / sec, 3),
+              "peak_mem_mb": round(peak, 1), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    print(json.dumps(result))
+    return result
+
+
+def train(args: argparse.Namespace, stop: StopFlag | None = None) -> TranslationModel:
+    """Train per the options (under torchrun: on every rank); returns the model."""
+    rank, world, device = init_distributed(pick_device(args.device))
+    lead = rank == 0  # only rank 0 prints and writes
+    model, epoch_step, folders, filled = prepare(args, device)
+    run_dir = args.output_dir / args.name
+    ckpt = run_dir / "latest.pt"
+    data, sampler, loader = make_loader(args, model, folders, rank, world)
+    speed_up(args, model, rank, world)
+    cfg = model.config
     fixed = [load_fixed_images(folders[f"test_{d}"] or folders[f"train_{d}"], 4, args.crop_size, c)
              for d, c in (("x", cfg.channels_x), ("y", cfg.channels_y))]
-    steps = min(math.ceil(len(data) / args.batch_size), args.max_steps or math.inf)
+    steps = min(math.ceil(len(sampler.keys()) / args.batch_size), args.max_steps or math.inf)
     total_epochs = cfg.epochs + cfg.epochs_decay
-    run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"{args.model} on {device} | data {args.dataroot} ({len(data.files[0])} X, {len(data.files[1])} Y) | "
-          f"crop {args.crop_size} (load {args.load_size}) | {steps} steps/epoch x {total_epochs} epochs | "
-          f"out {run_dir}" + (f"\ndefaults for {device.type}: {', '.join(filled)}" if filled else ""))
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(("resuming " if epoch_step or model.step else "") +
+              f"{args.model} on {device} x {world} | data {args.dataroot} ({len(data.files[0])} X, "
+              f"{len(data.files[1])} Y) | crop {args.crop_size} (load {args.load_size}) | batch {args.batch_size} | "
+              f"{steps} steps/epoch x {total_epochs} epochs | at epoch {model.epoch + 1} step {epoch_step} | "
+              f"out {run_dir}" + (f"\ndefaults for {device.type}: {', '.join(filled)}" if filled else ""))
     stop = stop or StopFlag().install()
-
     run = {key: str(getattr(args, key)) if key == "dataroot" else getattr(args, key) for key in RUN_OPTIONS}
 
-    def checkpoint(step_in_epoch: int) -> dict:
-        return {**model.state_dict(), "epoch_step": step_in_epoch, "rng": rng_state(device),
-                "run": {**run, "seed": args.seed}}
+    def save(path: Path, step_in_epoch: int) -> None:
+        if lead:
+            save_checkpoint(path, {**model.state_dict(), "epoch_step": step_in_epoch, "rng": rng_state(device),
+                                   "run": {**run, "seed": args.seed}})
 
     for epoch in range(model.epoch, total_epochs):
         sampler.set_epoch(epoch, epoch_step * args.batch_size, steps * args.batch_size)
-        start, window = time.time(), {}
+        start, window, count = time.time(), {}, 0
         with tqdm(total=steps, initial=epoch_step, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
-                  dynamic_ncols=True) as bar:
+                  dynamic_ncols=True, disable=not lead) as bar:
             for x, y in loader:
                 losses = model.train_step(x, y)
-                bad = [k for k, v in losses.items() if not math.isfinite(v)]
-                if bad:
-                    raise Diverged(f"loss {bad[0]} became {losses[bad[0]]} at step {model.step}; "
-                                   f"{ckpt} keeps the last good state: resume with a lower --lr")
                 epoch_step += 1
-                for k, v in losses.items():
-                    window[k] = window.get(k, 0.0) + v
+                bad = [k for k, v in losses.items() if not math.isfinite(v)]
+                halt, diverged = stop.requested, bool(bad)
+                if world > 1:  # every rank stops at the same step, or the collectives would hang
+                    flags = torch.tensor([halt, diverged], dtype=torch.int32, device=device)
+                    dist.all_reduce(flags, dist.ReduceOp.MAX)
+                    halt, diverged = bool(flags[0]), bool(flags[1])
+                if diverged:
+                    what = f"loss {bad[0]} became {losses[bad[0]]}" if bad else "a loss on another rank diverged"
+                    raise Diverged(f"{what} at step {model.step}; {ckpt} keeps the last good state: "
+                                   f"resume with a lower --lr")
+                window = {k: window.get(k, 0.0) + v for k, v in losses.items()}
+                count += 1
                 if epoch_step % args.log_every == 0 or epoch_step == steps:
-                    n = (epoch_step - 1) % args.log_every + 1
-                    mean = {k: v / n for k, v in window.items()}
-                    append_losses(run_dir / "losses.csv", model.step, epoch + 1, mean)
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in mean.items()}, refresh=False)
-                    window = {}
+                    mean = {k: v / count for k, v in window.items()}
+                    if lead:
+                        append_losses(run_dir / "losses.csv", model.step, epoch + 1, mean)
+                        bar.set_postfix({k: f"{v:.3f}" for k, v in mean.items()}, refresh=False)
+                    window, count = {}, 0
                 bar.update()
-                if stop.requested:
-                    save_checkpoint(ckpt, checkpoint(epoch_step))
-                    print(f"\nstopped at epoch {epoch + 1}, step {epoch_step}: saved {ckpt}; "
-                          f"continue with --resume --name {args.name}")
-                    return run_dir
+                if halt:
+                    save(ckpt, epoch_step)
+                    if lead:
+                        print(f"\nstopped at epoch {epoch + 1}, step {epoch_step}: saved {ckpt}; "
+                              f"continue with --resume --name {args.name}")
+                    return model
         seconds = time.time() - start
         model.end_epoch()
         epoch_step = 0
-        save_image_grid(model.visuals(*fixed), run_dir / f"epoch_{model.epoch:03d}.png")
-        plot_losses(run_dir / "losses.csv", run_dir / "losses.png")
-        state = checkpoint(0)
-        save_checkpoint(ckpt, state)
-        if args.save_every and model.epoch % args.save_every == 0:
-            save_checkpoint(run_dir / f"epoch_{model.epoch:03d}.pt", state)
-        last = ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
-        print(f"epoch {model.epoch}/{total_epochs}  {last}  {seconds:.0f} s  "
-              f"{steps * args.batch_size / seconds:.2f} img/s")
-    return run_dir
+        if lead:
+            save_image_grid(model.visuals(*fixed), run_dir / f"epoch_{model.epoch:03d}.png")
+            plot_losses(run_dir / "losses.csv", run_dir / "losses.png")
+            save(ckpt, 0)
+            if args.save_every and model.epoch % args.save_every == 0:
+                save(run_dir / f"epoch_{model.epoch:03d}.pt", 0)
+            last = ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
+            print(f"epoch {model.epoch}/{total_epochs}  {last}  {seconds:.0f} s  "
+                  f"{steps * args.batch_size * world / seconds:.2f} img/s")
+    return model
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -429,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--root", type=Path, default=Path("data"), help="datasets go to ROOT/NAME")
             print(download(**vars(p.parse_args(argv[1:]))))
         else:
-            train(parse_train_args(argv))
+            args = parse_train_args(argv)
+            benchmark(args) if args.benchmark else train(args)
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -439,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
