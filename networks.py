@@ -237,6 +237,11 @@ def load_official_state_dict(net: nn.Module, state_dict: Mapping[str, torch.Tens
 GENERATORS = ("resnet_9blocks", "resnet_6blocks", "unet_256", "unet_128")
 
 
+def size_multiple(netG: str) -> int:
+    """What image sides must be a multiple of: 4 for a ResNet (two stride-2 levels), 2**num_downs for a U-Net."""
+    return {"unet_256": 2 ** 8, "unet_128": 2 ** 7}.get(netG, 4)
+
+
 def define_G(netG: str, in_channels: int = 3, out_channels: int = 3, ngf: int = 64, norm: str = "instance",
              dropout: bool = False, antialias: bool = False) -> nn.Module:
     """A generator by its official name: resnet_9blocks, resnet_6blocks, unet_256 or unet_128."""

@@ -540,6 +540,17 @@ def test_cli_run_writes_grid_csv_plot_and_checkpoint_then_resumes(dataset_root, 
     assert torch.load(run / "latest.pt", weights_only=True)["step"] == 4
 
 
+def test_grayscale_runs_end_to_end(dataset_root, tmp_path):
+    out = tmp_path / "out"
+    assert cli(cli_args(dataset_root, out, "--model", "fastcut", "--input-nc", "1", "--output-nc", "1",
+                        "--epochs", "1", "--epochs-decay", "0")) == 0
+    config = torch.load(out / "run" / "latest.pt", weights_only=True)["config"]
+    assert (config["channels_x"], config["channels_y"]) == (1, 1)
+    assert cli(["translate", "--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
+                "--output", str(tmp_path / "gray"), "--device", "cpu"]) == 0
+    assert {Image.open(p).mode for p in (tmp_path / "gray").iterdir()} == {"L"}
+
+
 def test_cli_translate_keeps_each_image_size_and_name(dataset_root, tmp_path):
     out = tmp_path / "out"
     assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0

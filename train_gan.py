@@ -34,7 +34,7 @@ from cycle_gan import CycleGAN, CycleGANConfig, TranslationModel
 from data_utility import (DataError, PairSampler, UnpairedDataset, append_losses, download, find_domains,
                           list_images, load_image, load_fixed_images, plot_losses, save_image_grid, to_image,
                           to_tensor)
-from networks import GENERATORS
+from networks import GENERATORS, size_multiple
 
 BUNDLED = Path(__file__).resolve().parent / "data" / "apple2orange_small"
 MODELS = {"cycle_gan": (CycleGAN, CycleGANConfig), "cut": (CUT, CUTConfig), "fastcut": (CUT, CUTConfig)}
@@ -191,14 +191,12 @@ def validate(args: argparse.Namespace) -> None:
          "--workers, --pool-size and --save-every must be >= 0")
     for flag in ("lambda_cycle", "lambda_identity", "lambda_gan", "lambda_nce"):
         need((getattr(args, flag) or 0) >= 0, f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    need(args.crop_size >= 16 and args.crop_size % 4 == 0,
-         f"--crop-size must be a multiple of 4 and at least 16, got {args.crop_size}")
     need(args.crop_size <= args.load_size,
          f"--crop-size {args.crop_size} is larger than --load-size {args.load_size}: lower one or raise the other")
-    if args.netG.startswith("unet"):
-        side = 2 ** (8 if args.netG == "unet_256" else 7)
-        need(args.crop_size % side == 0, f"--netG {args.netG} needs a crop size that is a multiple of {side}, "
-                                         f"got {args.crop_size}: use --crop-size {side} or a resnet generator")
+    side = size_multiple(args.netG)
+    need(args.crop_size >= 16 and args.crop_size % side == 0,
+         f"--netG {args.netG} needs a crop size that is a multiple of {side} (and at least 16), got "
+         f"{args.crop_size}: use --crop-size {max(side, 16)}" + (" or a resnet generator" if side > 4 else ""))
 
 
 def model_config(args: argparse.Namespace, config_cls):
@@ -368,11 +366,12 @@ def speed_up(args, model, rank: int, world: int) -> None:
 
 
 def benchmark(args: argparse.Namespace) -> dict:
-    """Time --benchmark N training steps (after warm-up) on the real data and step; print one JSON line."""
-    device = pick_device(args.device)
+    """Time --benchmark N training steps (after 3 warm-up ones) on the real data and step; rank 0
+    prints one JSON line. Under torchrun every rank steps, and images/s counts all of them."""
+    rank, world, device = init_distributed(pick_device(args.device))
     model, _, folders, _ = prepare(args, device, fresh=True)
-    speed_up(args, model, 0, 1)
-    _, sampler, loader = make_loader(args, model, folders)
+    _, sampler, loader = make_loader(args, model, folders, rank, world)
+    speed_up(args, model, rank, world)
     warmup, times, batches = 3, [], iter(())
     for i in range(warmup + args.benchmark):
         try:
@@ -388,11 +387,13 @@ def benchmark(args: argparse.Namespace) -> dict:
     sec = statistics.median(times)
     peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux reports KiB
-    result = {"model": args.model, "device": str(device), "precision": args.precision, "compile": args.compile,
-              "crop_size": args.crop_size, "batch_size": args.batch_size, "netG": model.config.netG,
-              "sec_per_iter": round(sec, 4), "images_per_sec": round(args.batch_size / sec, 3),
-              "peak_mem_mb": round(peak, 1), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    print(json.dumps(result))
+    result = {"model": args.model, "device": str(device), "processes": world, "precision": args.precision,
+              "compile": args.compile, "crop_size": args.crop_size, "batch_size": args.batch_size,
+              "netG": model.config.netG, "sec_per_iter": round(sec, 4),
+              "images_per_sec": round(args.batch_size * world / sec, 3), "peak_mem_mb": round(peak, 1),
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if rank == 0:
+        print(json.dumps(result))
     return result
 
 
@@ -496,7 +497,7 @@ def translate(args: argparse.Namespace) -> int:
         raise UsageError(f"a {model.name} model translates x2y only: drop --direction {args.direction}")
     cfg = model.config
     c_in = cfg.channels_x if args.direction == "x2y" else cfg.channels_y
-    multiple = 2 ** (8 if cfg.netG == "unet_256" else 7) if cfg.netG.startswith("unet") else 4
+    multiple = size_multiple(cfg.netG)
     args.output.mkdir(parents=True, exist_ok=True)
     for f in tqdm(files, desc="translate", leave=False):
         x = to_tensor(load_image(f, c_in))[None]
