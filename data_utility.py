@@ -173,8 +173,12 @@ class PairSampler(torch.utils.data.Sampler):
     def __iter__(self):
         return iter(self.keys()[self.start:self.stop])
 
+    def epoch_size(self) -> int:
+        """Keys of this rank in a whole epoch, without drawing the order."""
+        return len(range(self.rank, max(self.n_x, self.n_y), self.world_size))
+
     def __len__(self) -> int:
-        return len(self.keys()[self.start:self.stop])
+        return len(range(self.epoch_size())[self.start:self.stop])
 
 
 def load_fixed_images(folder: Path, n: int, size: int, channels: int = 3) -> torch.Tensor:

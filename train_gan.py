@@ -409,7 +409,7 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Translation
     cfg = model.config
     fixed = [load_fixed_images(folders[f"test_{d}"] or folders[f"train_{d}"], 4, args.crop_size, c)
              for d, c in (("x", cfg.channels_x), ("y", cfg.channels_y))]
-    steps = min(math.ceil(len(sampler.keys()) / args.batch_size), args.max_steps or math.inf)
+    steps = min(math.ceil(sampler.epoch_size() / args.batch_size), args.max_steps or math.inf)
     total_epochs = cfg.epochs + cfg.epochs_decay
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
