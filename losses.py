@@ -56,15 +56,17 @@ class PatchNCELoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, feat_q: torch.Tensor, feat_k: torch.Tensor) -> torch.Tensor:
-        feat_k = feat_k.detach()
-        B, P, _ = feat_q.shape
-        l_pos = (feat_q * feat_k).sum(-1, keepdim=True)  # (B, P, 1): v . v+
-        l_neg = feat_q @ feat_k.transpose(1, 2)  # (B, P, P): v . v-, row i against every key
-        # The diagonal is the positive again: the official code fills it with -10 (exp(-10/0.07)
-        # is 0 in float32) rather than dropping it; we do the same so the numbers agree.
-        eye = torch.eye(P, dtype=torch.bool, device=feat_q.device)
-        l_neg = l_neg.masked_fill(eye, -10.0)
-        logits = torch.cat([l_pos, l_neg], dim=-1) / self.temperature  # (B, P, 1 + P)
-        # Eq. 2: l(v, v+, v-) = -log softmax(logits)[positive]; Eq. 3: mean over the B*P patches.
-        target = torch.zeros(B * P, dtype=torch.long, device=feat_q.device)
-        return F.cross_entropy(logits.flatten(0, 1), target)
+        # In fp32 under any autocast: fp16 similarities / 0.07 overflow the scaled gradients.
+        with torch.autocast(feat_q.device.type, enabled=False):
+            feat_q, feat_k = feat_q.float(), feat_k.detach().float()
+            B, P, _ = feat_q.shape
+            l_pos = (feat_q * feat_k).sum(-1, keepdim=True)  # (B, P, 1): v . v+
+            l_neg = feat_q @ feat_k.transpose(1, 2)  # (B, P, P): v . v-, row i against every key
+            # The diagonal is the positive again: the official code fills it with -10 (exp(-10/0.07)
+            # is 0 in float32) rather than dropping it; we do the same so the numbers agree.
+            eye = torch.eye(P, dtype=torch.bool, device=feat_q.device)
+            l_neg = l_neg.masked_fill(eye, -10.0)
+            logits = torch.cat([l_pos, l_neg], dim=-1) / self.temperature  # (B, P, 1 + P)
+            # Eq. 2: l(v, v+, v-) = -log softmax(logits)[positive]; Eq. 3: mean over the B*P patches.
+            target = torch.zeros(B * P, dtype=torch.long, device=feat_q.device)
+            return F.cross_entropy(logits.flatten(0, 1), target)

@@ -199,7 +199,7 @@ class PatchSampleMLP(nn.Module):
                 ids = torch.randperm(flat.shape[1], device=feat.device)[:num_patches]
             else:
                 ids = patch_ids[layer]
-            x = mlp(flat[:, ids])  # (B, P, nc)
+            x = mlp(flat[:, ids]).float()  # (B, P, nc), normalised in fp32 whatever the --precision
             out.append(x / (x.norm(dim=-1, keepdim=True) + 1e-7))
             ids_out.append(ids)
         return out, ids_out

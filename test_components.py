@@ -252,6 +252,15 @@ def test_patchnce_detaches_the_keys():
     assert q.grad is not None and k.grad is None
 
 
+def test_patchnce_runs_in_float32_under_autocast():
+    torch.manual_seed(0)
+    q, k = (nn.functional.normalize(torch.randn(2, 64, 16), dim=-1) for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = PatchNCELoss()(q.bfloat16(), k.bfloat16())
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(PatchNCELoss()(q.bfloat16().float(), k.bfloat16().float()).item(), abs=1e-5)
+
+
 def test_patchnce_passes_gradcheck_in_float64():
     torch.manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(2, 3, 4, dtype=torch.float64), dim=-1).requires_grad_()
@@ -564,6 +573,27 @@ def test_cli_translate_keeps_each_image_size_and_name(dataset_root, tmp_path):
             assert result.size == Image.open(p).size and result.mode == "RGB"
 
 
+def test_cli_compare_puts_each_checkpoint_in_a_column_and_names_problems(dataset_root, tmp_path, capsys):
+    ckpts = []
+    for model in ("cycle_gan", "fastcut"):
+        out = tmp_path / model
+        assert cli(cli_args(dataset_root, out, "--model", model, "--epochs", "1", "--epochs-decay", "0")) == 0
+        ckpts.append(str(out / "run" / "latest.pt"))
+    grid = tmp_path / "grids" / "a2o.jpg"
+    assert cli(["compare", "--checkpoints", *ckpts, "--input", str(dataset_root / "testA"), "--output", str(grid),
+                "--count", "3", "--size", "30", "--device", "cpu"]) == 0
+    assert Image.open(grid).size == (3 * 32 + 2, 3 * 32 + 2)  # input | CycleGAN | FastCUT, 3 rows, pad 2
+    for argv, pattern in [
+        (["--direction", "y2x"], r"fastcut model, which translates x2y only"),
+        (["--output", str(tmp_path / "grid.gif")], r"must end in \.png or \.jpg"),
+        (["--count", "0"], "must be >= 1"),
+    ]:
+        code, err = run_cli(["compare", "--checkpoints", *ckpts, "--input", str(dataset_root / "testA"),
+                             "--output", str(tmp_path / "g.png"), "--device", "cpu", *argv], capsys)
+        assert_one_line_error(code, err, pattern)
+    assert not (tmp_path / "g.png").exists()
+
+
 # ----------------------------------------------------------------------------- CUT / FastCUT
 
 from cut_model import CUT, CUTConfig  # noqa: E402
@@ -708,6 +738,7 @@ def assert_one_line_error(code, err, pattern):
     (["--model", "cut", "--nce-layers", "0,5"], "unknown encoder tap 5"),
     (["--input-nc", "1"], "--lambda-identity 0"),
     (["--epochs", "x"], "invalid int value: 'x'"),
+    (["--precision", "fp16"], "fp16 is for CUDA GPUs"),
 ])
 def test_cli_rejects_bad_options_in_one_line(dataset_root, tmp_path, capsys, extra, pattern):
     code, err = run_cli(cli_args(dataset_root, tmp_path / "out", *extra), capsys)

@@ -1,9 +1,11 @@
-"""The one command: train CycleGAN / CUT / FastCUT, translate a folder, or download a dataset.
+"""The one command: train CycleGAN / CUT / FastCUT, translate a folder, compare runs, or download a dataset.
 
     python train_gan.py                                  # bundled apples -> oranges, any device
     python train_gan.py --dataroot data/horse2zebra --name h2z --crop-size 256
     python train_gan.py --resume --name h2z              # continue exactly where it stopped
     python train_gan.py translate --checkpoint output/h2z/latest.pt --input photos --output out
+    python train_gan.py compare --checkpoints output/h2z/latest.pt output/h2z_cut/latest.pt \
+        --input data/horse2zebra/testA --output h2z.jpg          # the same test images, one row each
     python train_gan.py download horse2zebra
 
 Each epoch writes to output/NAME/: epoch_NNN.png (a grid of fixed test images), losses.csv,
@@ -144,13 +146,23 @@ def parse_taps(text: str) -> tuple:
     return tuple(int(t) if t.strip().isdigit() else t.strip() for t in text.split(",") if t.strip())
 
 
-def translate_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="train_gan.py translate",
-                                description="Translate every image of a folder at its own size; "
-                                            "PNGs with the same names are written to --output.")
-    p.add_argument("--checkpoint", type=Path, required=True, help="a latest.pt or epoch_NNN.pt of a run")
+def translate_parser(compare: bool = False) -> argparse.ArgumentParser:
+    """The options of `translate` (a folder at full size) or `compare` (several checkpoints in one grid)."""
+    if compare:
+        p = Parser(prog="train_gan.py compare",
+                   description="Translate the first --count images of a folder with each checkpoint and write "
+                               "one grid, a row per image: the input, then each checkpoint's result.")
+        p.add_argument("--checkpoints", type=Path, nargs="+", required=True, help="latest.pt files of the runs")
+        p.add_argument("--output", type=Path, required=True, help="the grid image, .png or .jpg")
+        p.add_argument("--count", type=int, default=6, help="images, the first ones of --input by name")
+        p.add_argument("--size", type=int, default=128, help="images are resized to size x size")
+    else:
+        p = Parser(prog="train_gan.py translate",
+                   description="Translate every image of a folder at its own size; "
+                               "PNGs with the same names are written to --output.")
+        p.add_argument("--checkpoint", type=Path, required=True, help="a latest.pt or epoch_NNN.pt of a run")
+        p.add_argument("--output", type=Path, required=True, help="folder for the results (not the input folder)")
     p.add_argument("--input", type=Path, required=True, help="folder of images to translate")
-    p.add_argument("--output", type=Path, required=True, help="folder for the results (not the input folder)")
     p.add_argument("--direction", choices=("x2y", "y2x"), default="x2y", help="y2x needs a CycleGAN checkpoint")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     return p
@@ -174,7 +186,7 @@ def apply_presets(args: argparse.Namespace, device: torch.device) -> list[str]:
     return filled
 
 
-def validate(args: argparse.Namespace) -> None:
+def validate(args: argparse.Namespace, device: torch.device) -> None:
     """Reject impossible options before any work starts."""
     def need(ok: bool, message: str):
         if not ok:
@@ -191,6 +203,9 @@ def validate(args: argparse.Namespace) -> None:
          "--workers, --pool-size and --save-every must be >= 0")
     for flag in ("lambda_cycle", "lambda_identity", "lambda_gan", "lambda_nce"):
         need((getattr(args, flag) or 0) >= 0, f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    need(args.precision != "fp16" or device.type == "cuda",
+         f"--precision fp16 is for CUDA GPUs (on {device.type} G's gradients come out NaN, so G never learns): "
+         f"use fp32, or bf16")
     need(args.crop_size <= args.load_size,
          f"--crop-size {args.crop_size} is larger than --load-size {args.load_size}: lower one or raise the other")
     side = size_multiple(args.netG)
@@ -326,7 +341,7 @@ def prepare(args: argparse.Namespace, device: torch.device, fresh: bool = False)
     elif not fresh and run_dir.exists() and any(run_dir.iterdir()):
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or a new --name")
     filled = apply_presets(args, device)
-    validate(args)
+    validate(args, device)
     folders = find_domains(args.dataroot, args.direction)
     if state:
         state["config"].update(epochs=args.epochs, epochs_decay=args.epochs_decay)  # a schedule may grow
@@ -482,29 +497,62 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode)
 
 
+def input_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise UsageError(f"input folder {folder} does not exist")
+    files = list_images(folder)
+    if not files:
+        raise UsageError(f"no images (.jpg .jpeg .png .bmp .webp) in {folder}")
+    return files
+
+
+def load_translator(checkpoint: Path, device: torch.device, direction: str) -> tuple[TranslationModel, int]:
+    """The model of a checkpoint and the channel count of the images it translates that way."""
+    model = build_model(load_checkpoint(checkpoint), device)
+    if direction not in model.generators():
+        raise UsageError(f"{checkpoint} is a {model.name} model, which translates x2y only: "
+                         f"drop --direction {direction}")
+    return model, model.config.channels_x if direction == "x2y" else model.config.channels_y
+
+
+def translate_any_size(model: TranslationModel, x: torch.Tensor, direction: str) -> torch.Tensor:
+    """(B, C, H, W) of any H, W: padded to the generator's size multiple, translated, cropped back."""
+    y = model.translate(pad_to_multiple(x, size_multiple(model.config.netG)), direction)
+    return y[..., :x.shape[-2], :x.shape[-1]]
+
+
 def translate(args: argparse.Namespace) -> int:
     """Translate every image of --input with a checkpoint; returns how many were written."""
     if args.output.resolve() == args.input.resolve():
         raise UsageError("--output is the --input folder: choose another folder so no input is overwritten")
-    if not args.input.is_dir():
-        raise UsageError(f"input folder {args.input} does not exist")
-    files = list_images(args.input)
-    if not files:
-        raise UsageError(f"no images (.jpg .jpeg .png .bmp .webp) in {args.input}")
-    device = pick_device(args.device)
-    model = build_model(load_checkpoint(args.checkpoint), device)
-    if args.direction not in model.generators():
-        raise UsageError(f"a {model.name} model translates x2y only: drop --direction {args.direction}")
-    cfg = model.config
-    c_in = cfg.channels_x if args.direction == "x2y" else cfg.channels_y
-    multiple = size_multiple(cfg.netG)
+    files = input_images(args.input)
+    model, c_in = load_translator(args.checkpoint, pick_device(args.device), args.direction)
     args.output.mkdir(parents=True, exist_ok=True)
     for f in tqdm(files, desc="translate", leave=False):
-        x = to_tensor(load_image(f, c_in))[None]
-        y = model.translate(pad_to_multiple(x, multiple), args.direction)[..., :x.shape[-2], :x.shape[-1]]
+        y = translate_any_size(model, to_tensor(load_image(f, c_in))[None], args.direction)
         to_image(y[0]).save(args.output / f"{f.stem}.png")
     print(f"translated {len(files)} images into {args.output}")
     return len(files)
+
+
+def compare(args: argparse.Namespace) -> Path:
+    """One grid: a row per input image, the input then every checkpoint's translation of it."""
+    if args.output.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise UsageError(f"--output {args.output} must end in .png or .jpg")
+    if args.count < 1 or args.size < 1:
+        raise UsageError(f"--count and --size must be >= 1, got {args.count} and {args.size}")
+    input_images(args.input)
+    device = pick_device(args.device)
+    models, channels = zip(*(load_translator(c, device, args.direction) for c in args.checkpoints))
+    if len(set(channels)) > 1:
+        raise UsageError(f"the checkpoints take {' and '.join(map(str, sorted(set(channels))))}-channel inputs: "
+                         f"compare checkpoints of the same domains")
+    x = load_fixed_images(args.input, args.count, args.size, channels[0])
+    outputs = [translate_any_size(m, x, args.direction) for m in models]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    save_image_grid([[x[i], *(y[i] for y in outputs)] for i in range(len(x))], args.output)
+    print(f"wrote {args.output}: {len(x)} images x {len(models)} checkpoints")
+    return args.output
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -513,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["translate"]:
             translate(translate_parser().parse_args(argv[1:]))
+        elif argv[:1] == ["compare"]:
+            compare(translate_parser(compare=True).parse_args(argv[1:]))
         elif argv[:1] == ["download"]:
             p = Parser(prog="train_gan.py download", description="Download an official dataset.")
             p.add_argument("name", help="e.g. apple2orange, horse2zebra, summer2winter_yosemite, monet2photo")
