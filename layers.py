@@ -14,6 +14,11 @@ import torch.nn.functional as F
 NORMS = ("instance", "batch", "none")
 
 
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """t in float32 when it is fp16/bf16 (autocast), unchanged in float32 or float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def norm_layer(kind: str, channels: int) -> nn.Module:
     """Instance norm without affine or running stats (the official CycleGAN/CUT choice),
     batch norm with both, or nothing."""

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from layers import full_precision
+
 GAN_MODES = ("lsgan", "vanilla", "nonsaturating")
 
 
@@ -58,7 +60,7 @@ class PatchNCELoss(nn.Module):
     def forward(self, feat_q: torch.Tensor, feat_k: torch.Tensor) -> torch.Tensor:
         # In fp32 under any autocast: fp16 similarities / 0.07 overflow the scaled gradients.
         with torch.autocast(feat_q.device.type, enabled=False):
-            feat_q, feat_k = feat_q.float(), feat_k.detach().float()
+            feat_q, feat_k = full_precision(feat_q), full_precision(feat_k.detach())
             B, P, _ = feat_q.shape
             l_pos = (feat_q * feat_k).sum(-1, keepdim=True)  # (B, P, 1): v . v+
             l_neg = feat_q @ feat_k.transpose(1, 2)  # (B, P, P): v . v-, row i against every key

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from layers import (BlurDownsample, ResnetBlock, activation, conv_bias, conv_norm_act, downsample,
-                    norm_act, padding, upsample)
+                    full_precision, norm_act, padding, upsample)
 
 # CUT's default encoder taps; the official indices (antialiased G) are 0, 4, 8, 12, 16.
 DEFAULT_TAPS = ("input", "down1", "down2", "res1", "res5")
@@ -199,7 +199,7 @@ class PatchSampleMLP(nn.Module):
                 ids = torch.randperm(flat.shape[1], device=feat.device)[:num_patches]
             else:
                 ids = patch_ids[layer]
-            x = mlp(flat[:, ids]).float()  # (B, P, nc), normalised in fp32 whatever the --precision
+            x = full_precision(mlp(flat[:, ids]))  # (B, P, nc), normalised in fp32 whatever the --precision
             out.append(x / (x.norm(dim=-1, keepdim=True) + 1e-7))
             ids_out.append(ids)
         return out, ids_out

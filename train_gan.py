@@ -551,7 +551,7 @@ def compare(args: argparse.Namespace) -> Path:
     outputs = [translate_any_size(m, x, args.direction) for m in models]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     save_image_grid([[x[i], *(y[i] for y in outputs)] for i in range(len(x))], args.output)
-    print(f"wrote {args.output}: {len(x)} images x {len(models)} checkpoints")
+    print(f"wrote {args.output}: {len(x)} rows of the input and {len(models)} translation(s)")
     return args.output
 
 
