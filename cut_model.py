@@ -96,9 +96,11 @@ class CUT(TranslationModel):
         with self.autocast():
             # One pass of G gives G(x), G(y) and the input features at the NCE taps (the keys).
             fake, keys = self.G(real.flip(3) if flipped else real, c.nce_layers)
-            if flipped:  # the keys are the unflipped input's features: run the encoder once more
+            if flipped:  # the keys are the unflipped input's features: run the encoder once more,
+                # as the plain G: under DDP each forward broadcasts buffers, and this pass, drawn
+                # per rank, would unpair the ranks' collectives and hang them
                 with torch.no_grad():
-                    keys = self.G(real, c.nce_layers, encode_only=True)
+                    keys = self.nets["G"](real, c.nce_layers, encode_only=True)
             fake_y = fake[:B]
 
             # 1. D: tell real y from G(x) (Eq. 1); the official code halves D's loss.

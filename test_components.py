@@ -909,14 +909,14 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(dataset_root, tmp_path):
     assert state["epoch"] == 0 and state["epoch_step"] >= 1
 
 
-
-
 # ----------------------------------------------------------------------------- DDP
 
 def ddp_worker(rank, world, port, argv, out):
-    """One torchrun-like rank: train, then dump this rank's weights for comparison."""
+    """One torchrun-like rank: train, then dump this rank's weights for comparison. FastCUT's
+    ranks mirror differently (rank 0 every step, rank 1 never), the case that once hung them."""
     import os
     import torch.distributed as dist
+    CUT.flip_this_step = lambda self: self.config.flip_equivariance and rank == 0
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -925,7 +925,7 @@ def ddp_worker(rank, world, port, argv, out):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("model", ["cycle_gan", "cut"])
+@pytest.mark.parametrize("model", ["cycle_gan", "cut", "fastcut"])
 def test_ddp_on_two_gloo_processes_keeps_ranks_identical_and_writes_once(dataset_root, tmp_path, model):
     import socket
     import torch.multiprocessing as mp
@@ -933,7 +933,13 @@ def test_ddp_on_two_gloo_processes_keeps_ranks_identical_and_writes_once(dataset
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = cli_args(dataset_root, tmp_path / "out", "--model", model, "--epochs", "1", "--epochs-decay", "0")
-    mp.spawn(ddp_worker, args=(2, port, argv, str(tmp_path)), nprocs=2)
+    procs = mp.spawn(ddp_worker, args=(2, port, argv, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not procs.join(timeout=2):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("the two ranks hung")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for net in ranks[0]:
         for key, tensor in ranks[0][net].items():
