@@ -894,8 +894,9 @@ def test_stop_and_resume_gives_the_same_weights_as_one_run(dataset_root, tmp_pat
 
 
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(dataset_root, tmp_path):
+    write_mixed_images(dataset_root / "trainA" / "more", 600)  # an epoch of 600 steps: SIGINT lands inside it
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "train_gan.py", *cli_args(dataset_root, out, "--max-steps", "500")],
+    proc = subprocess.Popen([sys.executable, "train_gan.py", *cli_args(dataset_root, out, "--max-steps", "1000")],
                             cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     csv_path = out / "run" / "losses.csv"
     deadline = time.time() + 120
@@ -904,9 +905,9 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(dataset_root, tmp_path):
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
-    assert "stopped at epoch 1" in stdout
+    assert "stopped at epoch 1, step" in stdout
     state = torch.load(out / "run" / "latest.pt", weights_only=True)
-    assert state["epoch"] == 0 and state["epoch_step"] >= 1
+    assert state["epoch"] == 0 and 1 <= state["epoch_step"] < 600
 
 
 # ----------------------------------------------------------------------------- DDP
