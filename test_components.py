@@ -747,6 +747,17 @@ def test_cli_rejects_bad_options_in_one_line(dataset_root, tmp_path, capsys, ext
     assert not (tmp_path / "out" / "run" / "latest.pt").exists()
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_warns_and_still_runs(dataset_root, tmp_path, capsys, monkeypatch, native):
+    monkeypatch.setattr(train_gan, "cpu_has_native_bf16", lambda: native)
+    code, err = run_cli(cli_args(dataset_root, tmp_path / "out", "--precision", "bf16", "--max-steps", "1",
+                                 "--epochs", "1", "--epochs-decay", "0"), capsys)
+    assert code == 0, err
+    warned = [line for line in err if "no native bf16" in line]
+    assert len(warned) == (0 if native else 1) and all(w.startswith("warning: ") for w in warned), err
+    assert (tmp_path / "out" / "run" / "latest.pt").exists()
+
+
 def test_cli_rejects_bad_datasets_in_one_line(tmp_path, capsys):
     code, err = run_cli(cli_args(tmp_path / "nowhere", tmp_path / "out"), capsys)
     assert_one_line_error(code, err, "nowhere does not exist")

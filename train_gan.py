@@ -186,8 +186,13 @@ def apply_presets(args: argparse.Namespace, device: torch.device) -> list[str]:
     return filled
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX), where bf16 is the fast option."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def validate(args: argparse.Namespace, device: torch.device) -> None:
-    """Reject impossible options before any work starts."""
+    """Reject impossible options before any work starts; warn of a slow one."""
     def need(ok: bool, message: str):
         if not ok:
             raise UsageError(message)
@@ -206,6 +211,9 @@ def validate(args: argparse.Namespace, device: torch.device) -> None:
     need(args.precision != "fp16" or device.type == "cuda",
          f"--precision fp16 is for CUDA GPUs (on {device.type} G's gradients come out NaN, so G never learns): "
          f"use fp32, or bf16")
+    if args.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 autocast runs far slower "
+                      "than fp32 here (about 40x on an AVX2 CPU); use --precision fp32")
     need(args.crop_size <= args.load_size,
          f"--crop-size {args.crop_size} is larger than --load-size {args.load_size}: lower one or raise the other")
     side = size_multiple(args.netG)
