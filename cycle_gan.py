@@ -58,7 +58,7 @@ class TranslationModel:
 
     A subclass builds its networks and calls `setup`; then `self.nets[name]` is the plain
     module and `self.<name>` what the step calls (the same module, or it wrapped for DDP or
-    torch.compile). It writes `train_step(x, y) -> dict[str, float]`, `generators()` and `visuals(x, y)`.
+    torch.compile). It writes `train_step(x, y) -> dict[str, Tensor]`, `generators()` and `visuals(x, y)`.
     """
     name = ""
 
@@ -106,10 +106,11 @@ class TranslationModel:
         return torch.autocast(self.device.type, dtype) if dtype else nullcontext()
 
     @staticmethod
-    def floats(losses: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Loss tensors -> floats with one device-to-host copy (one sync per step on a GPU)."""
-        values = torch.stack([v.detach().float() for v in losses.values()]).tolist()
-        return dict(zip(losses, values))
+    def detached(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What a step returns: its losses as 0-dim tensors on the device, out of the graph. Reading
+        one (float(v)) waits for the step to finish on a GPU; the training loop reads them only
+        every --log-every steps, so the GPU is not stalled on every step."""
+        return {k: v.detach() for k, v in losses.items()}
 
     def end_epoch(self) -> None:
         """Count a finished epoch and set the lr of the next one."""
@@ -226,7 +227,7 @@ class CycleGAN(TranslationModel):
         self.gan_loss = GANLoss(c.gan_mode, c.real_label)
         self.pool_X, self.pool_Y = ImagePool(c.pool_size), ImagePool(c.pool_size)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """One step of Eq. 3 on a batch x (B, C_x, H, W) from X and y (B, C_y, H, W) from Y.
 
         The min-max of Eq. 4 is solved by alternating: a step of G and F, then one of D_X and D_Y.
@@ -255,7 +256,7 @@ class CycleGAN(TranslationModel):
             loss["D_X"] = 0.5 * (gan(self.D_X(x), True) + gan(self.D_X(self.pool_X.query(fake_x)), False))
         self.update(loss["D_Y"] + loss["D_X"], "D")
         self.step += 1
-        return self.floats(loss)
+        return self.detached(loss)
 
     def generators(self) -> dict[str, str]:
         return {"x2y": "G", "y2x": "F"}

@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q test_components.py   (CPU only, tiny widths; GPU tests skip without CUDA)
 """
+import csv
 import math
 import re
 import signal
@@ -871,10 +872,28 @@ def test_a_nan_loss_stops_the_run_naming_the_loss_and_step(dataset_root, tmp_pat
     saved = (out / "run" / "latest.pt").read_bytes()
     step = CycleGAN.train_step
     monkeypatch.setattr(CycleGAN, "train_step",
-                        lambda self, x, y: {**step(self, x, y), "cycle_X": float("nan")})
+                        lambda self, x, y: {**step(self, x, y), "cycle_X": torch.tensor(float("nan"))})
     code, err = run_cli(cli_args(dataset_root, out, "--epochs", "2", "--epochs-decay", "0", "--resume"), capsys)
-    assert code == 1 and re.search("loss cycle_X became nan at step 3", err[-1])
+    assert code == 1 and re.search("loss cycle_X became nan by step 3", err[-1])
     assert (out / "run" / "latest.pt").read_bytes() == saved
+
+
+def test_losses_are_read_once_per_logged_window_and_averaged(dataset_root, tmp_path, capsys, monkeypatch):
+    """The loop reads the step's loss tensors only at logged steps: a csv row is the mean of its
+    window, and a NaN is caught at the end of its window, not at its own step."""
+    step, nan_at = CycleGAN.train_step, [None]
+
+    def numbered(self, x, y):  # cycle_X = the step's number, or NaN at step nan_at
+        losses = step(self, x, y)
+        return {**losses, "cycle_X": torch.tensor(float("nan") if self.step == nan_at[0] else self.step)}
+    monkeypatch.setattr(CycleGAN, "train_step", numbered)
+    argv = ["--max-steps", "4", "--epochs", "1", "--epochs-decay", "0", "--log-every"]
+    assert cli(cli_args(dataset_root, tmp_path / "a", *argv, "2")) == 0
+    rows = list(csv.DictReader((tmp_path / "a" / "run" / "losses.csv").open()))
+    assert [(r["step"], float(r["cycle_X"])) for r in rows] == [("2", 1.5), ("4", 3.5)]
+    nan_at[0] = 2
+    code, err = run_cli(cli_args(dataset_root, tmp_path / "b", *argv, "4"), capsys)
+    assert code == 1 and re.search("loss cycle_X became nan by step 4", err[-1]), err
 
 
 class StopAfter:
@@ -889,13 +908,18 @@ class StopAfter:
         return self.n <= 0
 
 
-@pytest.mark.parametrize("model", ["cycle_gan", "fastcut"])
-def test_stop_and_resume_gives_the_same_weights_as_one_run(dataset_root, tmp_path, model):
+@pytest.mark.parametrize("model, stop_after, saved_at", [
+    ("cycle_gan", 4, (1, 1)), ("fastcut", 4, (1, 1)),  # mid-way through the second epoch
+    ("cycle_gan", 3, (1, 0)),  # on the first epoch's last step: the epoch is finished first
+])
+def test_stop_and_resume_gives_the_same_weights_as_one_run(dataset_root, tmp_path, model, stop_after, saved_at):
     argv = ["--model", model, "--epochs", "1", "--epochs-decay", "1", "--max-steps", "3"]
     train_gan.train(train_gan.parse_train_args(cli_args(dataset_root, tmp_path / "a", *argv)))
-    train_gan.train(train_gan.parse_train_args(cli_args(dataset_root, tmp_path / "b", *argv)), stop=StopAfter(4))
+    train_gan.train(train_gan.parse_train_args(cli_args(dataset_root, tmp_path / "b", *argv)),
+                    stop=StopAfter(stop_after))
     stopped = torch.load(tmp_path / "b" / "run" / "latest.pt", weights_only=True)
-    assert (stopped["epoch"], stopped["epoch_step"]) == (1, 1)  # mid-way through the second epoch
+    assert (stopped["epoch"], stopped["epoch_step"]) == saved_at
+    assert (tmp_path / "b" / "run" / "epoch_001.png").exists()
     train_gan.train(train_gan.parse_train_args(cli_args(dataset_root, tmp_path / "b", *argv, "--resume")))
     a, b = (torch.load(tmp_path / run / "run" / "latest.pt", weights_only=True) for run in "ab")
     assert a["step"] == b["step"] == 6

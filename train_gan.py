@@ -404,7 +404,11 @@ def benchmark(args: argparse.Namespace) -> dict:
             batches = iter(loader)
             x, y = next(batches)
         start = time.perf_counter()
-        model.train_step(x, y)  # its losses come back as floats: the step has finished
+        model.train_step(x, y)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's kernels have run
+        elif device.type == "mps":
+            torch.mps.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
     sec = statistics.median(times)
@@ -451,32 +455,37 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Translation
 
     for epoch in range(model.epoch, total_epochs):
         sampler.set_epoch(epoch, epoch_step * args.batch_size, steps * args.batch_size)
-        start, window, count = time.time(), {}, 0
+        start, window, count, done, mean, halt = time.time(), {}, 0, 0, {}, False
         with tqdm(total=steps, initial=epoch_step, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
                   dynamic_ncols=True, disable=not lead) as bar:
             for x, y in loader:
-                losses = model.train_step(x, y)
+                losses = model.train_step(x, y)  # 0-dim tensors, still on the device
                 epoch_step += 1
-                bad = [k for k, v in losses.items() if not math.isfinite(v)]
-                halt, diverged = stop.requested, bool(bad)
+                done += 1
+                bar.update()
+                window = {k: window.get(k, 0.0) + v for k, v in losses.items()}
+                count += 1
+                # The host reads the losses only at logged steps (a GPU runs on until then). A stop is
+                # honoured after this step on one process, at the next logged step under torchrun.
+                halt = stop.requested
+                if not (epoch_step % args.log_every == 0 or epoch_step == steps or halt and world == 1):
+                    continue
+                mean = dict(zip(window, (torch.stack(list(window.values())).float() / count).tolist()))
+                bad = [k for k, v in mean.items() if not math.isfinite(v)]
+                diverged = bool(bad)
                 if world > 1:  # every rank stops at the same step, or the collectives would hang
                     flags = torch.tensor([halt, diverged], dtype=torch.int32, device=device)
                     dist.all_reduce(flags, dist.ReduceOp.MAX)
                     halt, diverged = bool(flags[0]), bool(flags[1])
                 if diverged:
-                    what = f"loss {bad[0]} became {losses[bad[0]]}" if bad else "a loss on another rank diverged"
-                    raise Diverged(f"{what} at step {model.step}; {ckpt} keeps the last good state: "
+                    what = f"loss {bad[0]} became {mean[bad[0]]}" if bad else "a loss on another rank diverged"
+                    raise Diverged(f"{what} by step {model.step}; {ckpt} keeps the last good state: "
                                    f"resume with a lower --lr")
-                window = {k: window.get(k, 0.0) + v for k, v in losses.items()}
-                count += 1
-                if epoch_step % args.log_every == 0 or epoch_step == steps:
-                    mean = {k: v / count for k, v in window.items()}
-                    if lead:
-                        append_losses(run_dir / "losses.csv", model.step, epoch + 1, mean)
-                        bar.set_postfix({k: f"{v:.3f}" for k, v in mean.items()}, refresh=False)
-                    window, count = {}, 0
-                bar.update()
-                if halt:
+                if lead:
+                    append_losses(run_dir / "losses.csv", model.step, epoch + 1, mean)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in mean.items()}, refresh=False)
+                window, count = {}, 0
+                if halt and epoch_step < steps:  # on an epoch's last step, finish the epoch first
                     save(ckpt, epoch_step)
                     if lead:
                         print(f"\nstopped at epoch {epoch + 1}, step {epoch_step}: saved {ckpt}; "
@@ -491,9 +500,13 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Translation
             save(ckpt, 0)
             if args.save_every and model.epoch % args.save_every == 0:
                 save(run_dir / f"epoch_{model.epoch:03d}.pt", 0)
-            last = ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
+            last = ", ".join(f"{k} {v:.3f}" for k, v in mean.items())
             print(f"epoch {model.epoch}/{total_epochs}  {last}  {seconds:.0f} s  "
-                  f"{steps * args.batch_size * world / seconds:.2f} img/s")
+                  f"{done * args.batch_size * world / max(seconds, 1e-6):.2f} img/s")
+            if halt:
+                print(f"stopped after epoch {model.epoch}: saved {ckpt}; continue with --resume --name {args.name}")
+        if halt:
+            return model
     return model
 
 
