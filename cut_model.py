@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cycle_gan import TranslationModel, frozen
+from cycle_gan import StepLosses, TranslationModel, frozen
 from losses import GANLoss, PatchNCELoss
 from networks import DEFAULT_TAPS, PatchDiscriminator, PatchSampleMLP, ResnetGenerator, define_G
 
@@ -87,7 +87,7 @@ class CUT(TranslationModel):
     def flip_this_step(self) -> bool:
         return self.config.flip_equivariance and bool(torch.rand(()) < 0.5)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepLosses:
         """One step of Eq. 5 on x (B, C_x, H, W) from X and y (B, C_y, H, W) from Y."""
         c, gan, B = self.config, self.gan_loss, x.shape[0]
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -119,7 +119,7 @@ class CUT(TranslationModel):
                     nce.append(loss["NCE_Y"])
             self.update(loss["G_gan"] + (sum(nce) / len(nce) if nce else 0), "G")
         self.step += 1
-        return self.detached(loss)
+        return StepLosses(loss)
 
     def patch_nce(self, keys: list[torch.Tensor], output: torch.Tensor, flipped: bool) -> torch.Tensor:
         """Eq. 3: multilayer PatchNCE between the input's features `keys` and G's encoding of

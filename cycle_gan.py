@@ -14,6 +14,7 @@ betas (0.5, 0.999), lr constant for `epochs` then linear to 0 over `epochs_decay
 
 This file also holds what CUT (cut_model.py) shares: `TranslationModel`, the training plumbing.
 """
+from collections.abc import Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from itertools import chain
@@ -53,12 +54,37 @@ def lr_factor(epoch: int, epochs: int, epochs_decay: int) -> float:
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class StepLosses(Mapping):
+    """What a training step returns: loss name -> float.
+
+    The floats are read from the device on first access, all with one copy; on a GPU that waits
+    for the step to finish. `tensors` holds the same losses as 0-dim device tensors, which the
+    training loop sums and reads only every --log-every steps, so the GPU never waits between steps.
+    """
+
+    def __init__(self, losses: dict[str, torch.Tensor]):
+        self.tensors = {k: v.detach() for k, v in losses.items()}
+        self._floats: dict[str, float] | None = None
+
+    def __getitem__(self, name: str) -> float:
+        if self._floats is None:
+            values = torch.stack([v.float() for v in self.tensors.values()]).tolist()
+            self._floats = dict(zip(self.tensors, values))
+        return self._floats[name]
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
 class TranslationModel:
     """Networks, Adam optimisers, the lr schedule and precision, with state for an exact resume.
 
     A subclass builds its networks and calls `setup`; then `self.nets[name]` is the plain
     module and `self.<name>` what the step calls (the same module, or it wrapped for DDP or
-    torch.compile). It writes `train_step(x, y) -> dict[str, Tensor]`, `generators()` and `visuals(x, y)`.
+    torch.compile). It writes `train_step(x, y) -> StepLosses`, `generators()` and `visuals(x, y)`.
     """
     name = ""
 
@@ -104,13 +130,6 @@ class TranslationModel:
         """Mixed-precision context for forward passes and losses (fp32: none)."""
         dtype = PRECISIONS[self.precision]
         return torch.autocast(self.device.type, dtype) if dtype else nullcontext()
-
-    @staticmethod
-    def detached(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What a step returns: its losses as 0-dim tensors on the device, out of the graph. Reading
-        one (float(v)) waits for the step to finish on a GPU; the training loop reads them only
-        every --log-every steps, so the GPU is not stalled on every step."""
-        return {k: v.detach() for k, v in losses.items()}
 
     def end_epoch(self) -> None:
         """Count a finished epoch and set the lr of the next one."""
@@ -227,7 +246,7 @@ class CycleGAN(TranslationModel):
         self.gan_loss = GANLoss(c.gan_mode, c.real_label)
         self.pool_X, self.pool_Y = ImagePool(c.pool_size), ImagePool(c.pool_size)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepLosses:
         """One step of Eq. 3 on a batch x (B, C_x, H, W) from X and y (B, C_y, H, W) from Y.
 
         The min-max of Eq. 4 is solved by alternating: a step of G and F, then one of D_X and D_Y.
@@ -256,7 +275,7 @@ class CycleGAN(TranslationModel):
             loss["D_X"] = 0.5 * (gan(self.D_X(x), True) + gan(self.D_X(self.pool_X.query(fake_x)), False))
         self.update(loss["D_Y"] + loss["D_X"], "D")
         self.step += 1
-        return self.detached(loss)
+        return StepLosses(loss)
 
     def generators(self) -> dict[str, str]:
         return {"x2y": "G", "y2x": "F"}

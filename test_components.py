@@ -334,7 +334,7 @@ def test_mismatched_official_weights_name_the_first_mismatch():
 
 
 import data_utility as du  # noqa: E402
-from cycle_gan import CycleGAN, CycleGANConfig, ImagePool, lr_factor  # noqa: E402
+from cycle_gan import CycleGAN, CycleGANConfig, ImagePool, StepLosses, lr_factor  # noqa: E402
 from train_gan import main as cli  # noqa: E402
 
 SHARED = Path(__file__).resolve().parent.parent / "shared" / "datasets" / "apple2orange"
@@ -468,6 +468,18 @@ TINY = dict(netG="resnet_6blocks", ngf=4, ndf=4)
 
 def snapshot(nets):
     return {name: [p.detach().clone() for p in net.parameters()] for name, net in nets.items()}
+
+
+def test_step_losses_read_as_floats_lazily_with_one_copy(monkeypatch):
+    w = torch.tensor(3.0, requires_grad=True)
+    stacks = []
+    stack = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(1) or stack(*a, **k))
+    losses = StepLosses({"a": w * 2, "b": torch.tensor(0.5, dtype=torch.bfloat16)})
+    assert list(losses) == ["a", "b"] and not stacks  # nothing read yet
+    assert not losses.tensors["a"].requires_grad  # out of the graph
+    assert dict(losses) == {"a": 6.0, "b": 0.5} and losses["a"] == 6.0
+    assert len(stacks) == 1  # every loss came over in one copy
 
 
 def test_cycle_gan_step_changes_every_network_and_gives_finite_losses():
@@ -872,7 +884,7 @@ def test_a_nan_loss_stops_the_run_naming_the_loss_and_step(dataset_root, tmp_pat
     saved = (out / "run" / "latest.pt").read_bytes()
     step = CycleGAN.train_step
     monkeypatch.setattr(CycleGAN, "train_step",
-                        lambda self, x, y: {**step(self, x, y), "cycle_X": torch.tensor(float("nan"))})
+                        lambda self, x, y: StepLosses({**step(self, x, y).tensors, "cycle_X": torch.tensor(float("nan"))}))
     code, err = run_cli(cli_args(dataset_root, out, "--epochs", "2", "--epochs-decay", "0", "--resume"), capsys)
     assert code == 1 and re.search("loss cycle_X became nan by step 3", err[-1])
     assert (out / "run" / "latest.pt").read_bytes() == saved
@@ -884,8 +896,8 @@ def test_losses_are_read_once_per_logged_window_and_averaged(dataset_root, tmp_p
     step, nan_at = CycleGAN.train_step, [None]
 
     def numbered(self, x, y):  # cycle_X = the step's number, or NaN at step nan_at
-        losses = step(self, x, y)
-        return {**losses, "cycle_X": torch.tensor(float("nan") if self.step == nan_at[0] else self.step)}
+        losses = step(self, x, y).tensors
+        return StepLosses({**losses, "cycle_X": torch.tensor(float("nan") if self.step == nan_at[0] else self.step)})
     monkeypatch.setattr(CycleGAN, "train_step", numbered)
     argv = ["--max-steps", "4", "--epochs", "1", "--epochs-decay", "0", "--log-every"]
     assert cli(cli_args(dataset_root, tmp_path / "a", *argv, "2")) == 0

@@ -459,7 +459,7 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Translation
         with tqdm(total=steps, initial=epoch_step, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
                   dynamic_ncols=True, disable=not lead) as bar:
             for x, y in loader:
-                losses = model.train_step(x, y)  # 0-dim tensors, still on the device
+                losses = model.train_step(x, y).tensors  # still on the device: nothing waits here
                 epoch_step += 1
                 done += 1
                 bar.update()
