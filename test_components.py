@@ -4,6 +4,7 @@ Run: python -m pytest -q test_components.py   (CPU only, tiny widths; GPU tests 
 """
 import csv
 import math
+import os
 import re
 import signal
 import subprocess
@@ -943,15 +944,17 @@ def test_stop_and_resume_gives_the_same_weights_as_one_run(dataset_root, tmp_pat
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(dataset_root, tmp_path):
     write_mixed_images(dataset_root / "trainA" / "more", 600)  # an epoch of 600 steps: SIGINT lands inside it
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "train_gan.py", *cli_args(dataset_root, out, "--max-steps", "1000")],
-                            cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = cli_args(dataset_root, out, "--max-steps", "1000", "--workers", "2")
+    proc = subprocess.Popen([sys.executable, "train_gan.py", *argv], cwd=Path(__file__).parent, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     csv_path = out / "run" / "losses.csv"
     deadline = time.time() + 120
     while not csv_path.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: to the loader's workers too
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
+    assert stderr.count("stopping after this step") == 1, stderr  # the main process alone answers
     assert "stopped at epoch 1, step" in stdout
     state = torch.load(out / "run" / "latest.pt", weights_only=True)
     assert state["epoch"] == 0 and 1 <= state["epoch_step"] < 600
@@ -962,7 +965,6 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(dataset_root, tmp_path):
 def ddp_worker(rank, world, port, argv, out):
     """One torchrun-like rank: train, then dump this rank's weights for comparison. FastCUT's
     ranks mirror differently (rank 0 every step, rank 1 never), the case that once hung them."""
-    import os
     import torch.distributed as dist
     CUT.flip_this_step = lambda self: self.config.flip_equivariance and rank == 0
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",

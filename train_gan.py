@@ -366,6 +366,13 @@ def prepare(args: argparse.Namespace, device: torch.device, fresh: bool = False)
     return model, 0, folders, filled
 
 
+def quiet_worker(_: int) -> None:
+    """A data-loading worker leaves Ctrl-C to the main process, which saves and then stops the workers
+    (a terminal sends SIGINT to every process of the group), and dies on SIGTERM as usual."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def make_loader(args, model, folders, rank: int = 0, world: int = 1):
     """(dataset, sampler, loader) over the training folders; each rank gets its share of every epoch."""
     cfg = model.config
@@ -374,7 +381,8 @@ def make_loader(args, model, folders, rank: int = 0, world: int = 1):
     sampler = PairSampler(len(data.files[0]), len(data.files[1]), args.seed, rank, world)
     loader = torch.utils.data.DataLoader(
         data, args.batch_size, sampler=sampler, num_workers=args.workers, pin_memory=model.device.type == "cuda",
-        persistent_workers=args.workers > 0, generator=torch.Generator())  # own generator: global RNG untouched
+        persistent_workers=args.workers > 0, worker_init_fn=quiet_worker,
+        generator=torch.Generator())  # own generator: global RNG untouched
     return data, sampler, loader
 
 
