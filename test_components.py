@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q test_components.py   (CPU only, tiny widths; GPU tests skip without CUDA)
 """
+import copy
 import csv
 import math
 import os
@@ -335,7 +336,7 @@ def test_mismatched_official_weights_name_the_first_mismatch():
 
 
 import data_utility as du  # noqa: E402
-from cycle_gan import CycleGAN, CycleGANConfig, ImagePool, StepLosses, lr_factor  # noqa: E402
+from cycle_gan import CycleGAN, CycleGANConfig, ImagePool, StepLosses, adam, lr_factor  # noqa: E402
 from train_gan import main as cli  # noqa: E402
 
 SHARED = Path(__file__).resolve().parent.parent / "shared" / "datasets" / "apple2orange"
@@ -481,6 +482,42 @@ def test_step_losses_read_as_floats_lazily_with_one_copy(monkeypatch):
     assert not losses.tensors["a"].requires_grad  # out of the graph
     assert dict(losses) == {"a": 6.0, "b": 0.5} and losses["a"] == 6.0
     assert len(stacks) == 1  # every loss came over in one copy
+
+
+def test_adam_is_fused_where_torch_has_the_kernel_and_plain_where_not(monkeypatch):
+    params = [nn.Parameter(torch.zeros(3))]
+    has_cpu_kernel = tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 4)
+    assert adam(params, CycleGANConfig()).defaults["fused"] == has_cpu_kernel
+    adam_cls = torch.optim.Adam
+
+    def old_torch(params, fused=None, **kw):  # torch < 2.4 on a CPU
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return adam_cls(params, **kw)
+    monkeypatch.setattr(torch.optim, "Adam", old_torch)
+    opt = adam(params, CycleGANConfig(lr=1e-3, beta1=0.3))
+    assert not opt.defaults["fused"] and opt.defaults["lr"] == 1e-3 and opt.defaults["betas"] == (0.3, 0.999)
+
+
+def test_resume_uses_this_machines_adam_kernel_and_continues_exactly():
+    torch.manual_seed(0)
+    model = CycleGAN(CycleGANConfig(**TINY))
+    x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    model.train_step(x, y)
+    state = copy.deepcopy(model.state_dict())
+    for opt in state["optimizers"].values():  # as saved by the multi-tensor Adam of an older version
+        for group in opt["param_groups"]:
+            group.update(fused=None, foreach=True)
+    resumed = CycleGAN(CycleGANConfig(**TINY))
+    resumed.load_state_dict(state)
+    assert all(g["fused"] == opt.defaults["fused"] and g["foreach"] == opt.defaults["foreach"]
+               for opt in resumed.optimizers.values() for g in opt.param_groups)
+    torch.manual_seed(1)
+    model.train_step(x, y)
+    torch.manual_seed(1)
+    resumed.train_step(x, y)
+    for name, net in model.nets.items():
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(net.parameters(), resumed.nets[name].parameters()))
 
 
 def test_cycle_gan_step_changes_every_network_and_gives_finite_losses():
@@ -885,7 +922,7 @@ def test_a_nan_loss_stops_the_run_naming_the_loss_and_step(dataset_root, tmp_pat
     saved = (out / "run" / "latest.pt").read_bytes()
     step = CycleGAN.train_step
     monkeypatch.setattr(CycleGAN, "train_step",
-                        lambda self, x, y: StepLosses({**step(self, x, y).tensors, "cycle_X": torch.tensor(float("nan"))}))
+                        lambda self, x, y: StepLosses({**step(self, x, y).tensors, "cycle_X": torch.tensor(math.nan)}))
     code, err = run_cli(cli_args(dataset_root, out, "--epochs", "2", "--epochs-decay", "0", "--resume"), capsys)
     assert code == 1 and re.search("loss cycle_X became nan by step 3", err[-1])
     assert (out / "run" / "latest.pt").read_bytes() == saved
