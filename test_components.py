@@ -1016,28 +1016,29 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(dataset_root, tmp_path):
 
 # ----------------------------------------------------------------------------- DDP
 
-def ddp_worker(rank, world, port, argv, out):
+def ddp_worker(rank, world, port, argv, out, stop_after=None):
     """One torchrun-like rank: train, then dump this rank's weights for comparison. FastCUT's
-    ranks mirror differently (rank 0 every step, rank 1 never), the case that once hung them."""
+    ranks mirror differently (rank 0 every step, rank 1 never), the case that once hung them.
+    With `stop_after`, rank 1 alone is asked to stop after that many steps."""
     import torch.distributed as dist
     CUT.flip_this_step = lambda self: self.config.flip_equivariance and rank == 0
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    model = train_gan.train(train_gan.parse_train_args(argv))
+    stop = StopAfter(stop_after) if stop_after and rank == 1 else None
+    model = train_gan.train(train_gan.parse_train_args(argv), stop=stop)
     torch.save({k: v.state_dict() for k, v in model.nets.items()}, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("model", ["cycle_gan", "cut", "fastcut"])
-def test_ddp_on_two_gloo_processes_keeps_ranks_identical_and_writes_once(dataset_root, tmp_path, model):
+def train_two_ranks(argv, tmp_path, stop_after=None) -> list[dict]:
+    """Run ddp_worker on 2 gloo processes; each rank's final weights. Fails if the ranks hang."""
     import socket
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = cli_args(dataset_root, tmp_path / "out", "--model", model, "--epochs", "1", "--epochs-decay", "0")
-    procs = mp.spawn(ddp_worker, args=(2, port, argv, str(tmp_path)), nprocs=2, join=False)
+    procs = mp.spawn(ddp_worker, args=(2, port, argv, str(tmp_path), stop_after), nprocs=2, join=False)
     deadline = time.monotonic() + 120
     while not procs.join(timeout=2):  # raises if a rank failed
         if time.monotonic() > deadline:
@@ -1048,11 +1049,27 @@ def test_ddp_on_two_gloo_processes_keeps_ranks_identical_and_writes_once(dataset
     for net in ranks[0]:
         for key, tensor in ranks[0][net].items():
             assert torch.equal(tensor, ranks[1][net][key]), (net, key)
+    return ranks
+
+
+@pytest.mark.parametrize("model", ["cycle_gan", "cut", "fastcut"])
+def test_ddp_on_two_gloo_processes_keeps_ranks_identical_and_writes_once(dataset_root, tmp_path, model):
+    argv = cli_args(dataset_root, tmp_path / "out", "--model", model, "--epochs", "1", "--epochs-decay", "0")
+    ranks = train_two_ranks(argv, tmp_path)
     run = tmp_path / "out" / "run"
     assert sorted(p.name for p in run.iterdir()) == ["epoch_001.png", "latest.pt", "losses.csv", "losses.png"]
     assert len((run / "losses.csv").read_text().splitlines()) == 1 + 2  # rank 0's two steps only
     trained = torch.load(run / "latest.pt", weights_only=True)
     assert trained["step"] == 2 and all(torch.equal(t, ranks[0]["G"][k]) for k, t in trained["nets"]["G"].items())
+
+
+def test_ddp_ranks_stop_together_after_the_step_one_rank_was_asked_to_stop(dataset_root, tmp_path):
+    argv = cli_args(dataset_root, tmp_path / "out", "--model", "fastcut", "--epochs", "3", "--epochs-decay", "0",
+                    "--log-every", "10")  # 2 steps an epoch per rank: no logged step but the epochs' ends
+    ranks = train_two_ranks(argv, tmp_path, stop_after=3)
+    stopped = torch.load(tmp_path / "out" / "run" / "latest.pt", weights_only=True)
+    assert (stopped["step"], stopped["epoch"], stopped["epoch_step"]) == (3, 1, 1)  # mid-way through epoch 2
+    assert all(torch.equal(t, ranks[0]["G"][k]) for k, t in stopped["nets"]["G"].items())
 
 
 # ----------------------------------------------------------------------------- the reading guide

@@ -265,10 +265,14 @@ def build_model(state: dict, device: torch.device, precision: str = "fp32"):
 
 
 class StopFlag:
-    """Set by SIGINT / SIGTERM; the loop saves and stops after the current step."""
+    """Set by SIGINT / SIGTERM; the loop saves and stops after the current step.
 
-    def __init__(self):
-        self.requested = False
+    A second signal quits at once, without the save, except under torchrun: its launcher passes a
+    Ctrl-C on to ranks that the terminal has already signalled (and kills them if they linger).
+    """
+
+    def __init__(self, world: int = 1, lead: bool = True):
+        self.requested, self.world, self.lead = False, world, lead
 
     def install(self) -> "StopFlag":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -276,10 +280,19 @@ class StopFlag:
         return self
 
     def handle(self, signum, frame):
-        if self.requested:  # asked twice: stop now, without the save
+        if self.requested and self.world == 1:  # asked twice: stop now, without the save
             raise KeyboardInterrupt
+        if not self.requested and self.lead:
+            print("\nstopping after this step" + (" (again to quit without saving)" if self.world == 1 else ""),
+                  file=sys.stderr)
         self.requested = True
-        print("\nstopping after this step (again to quit without saving)", file=sys.stderr)
+
+
+def any_rank(flag: bool, group) -> bool:
+    """Whether `flag` is set on any rank, by an all-reduce over a CPU (gloo) group: it never waits for a GPU."""
+    votes = torch.tensor([int(flag)])
+    dist.all_reduce(votes, dist.ReduceOp.MAX, group=group)
+    return bool(votes)
 
 
 # Data options a run keeps: a resume reuses them unless given again (seed: never, it fixes the order).
@@ -453,7 +466,8 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Translation
               f"{len(data.files[1])} Y) | crop {args.crop_size} (load {args.load_size}) | batch {args.batch_size} | "
               f"{steps} steps/epoch x {total_epochs} epochs | at epoch {model.epoch + 1} step {epoch_step} | "
               f"out {run_dir}" + (f"\ndefaults for {device.type}: {', '.join(filled)}" if filled else ""))
-    stop = stop or StopFlag().install()
+    stop = stop or StopFlag(world, lead).install()
+    control = dist.new_group(backend="gloo") if world > 1 else None  # for the ranks' stop votes
     run = {key: str(getattr(args, key)) if key == "dataroot" else getattr(args, key) for key in RUN_OPTIONS}
 
     def save(path: Path, step_in_epoch: int) -> None:
@@ -473,18 +487,14 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Translation
                 bar.update()
                 window = {k: window.get(k, 0.0) + v for k, v in losses.items()}
                 count += 1
-                # The host reads the losses only at logged steps (a GPU runs on until then). A stop is
-                # honoured after this step on one process, at the next logged step under torchrun.
-                halt = stop.requested
-                if not (epoch_step % args.log_every == 0 or epoch_step == steps or halt and world == 1):
+                # Every rank stops after the same step, or the collectives would hang.
+                halt = any_rank(stop.requested, control) if world > 1 else stop.requested
+                # The host reads the losses only at logged steps (a GPU runs on until then).
+                if not (epoch_step % args.log_every == 0 or epoch_step == steps or halt):
                     continue
                 mean = dict(zip(window, (torch.stack(list(window.values())).float() / count).tolist()))
                 bad = [k for k, v in mean.items() if not math.isfinite(v)]
-                diverged = bool(bad)
-                if world > 1:  # every rank stops at the same step, or the collectives would hang
-                    flags = torch.tensor([halt, diverged], dtype=torch.int32, device=device)
-                    dist.all_reduce(flags, dist.ReduceOp.MAX)
-                    halt, diverged = bool(flags[0]), bool(flags[1])
+                diverged = any_rank(bool(bad), control) if world > 1 else bool(bad)
                 if diverged:
                     what = f"loss {bad[0]} became {mean[bad[0]]}" if bad else "a loss on another rank diverged"
                     raise Diverged(f"{what} by step {model.step}; {ckpt} keeps the last good state: "
