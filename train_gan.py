@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cut_model import CUT, CUTConfig
-from cycle_gan import CycleGAN, CycleGANConfig, TranslationModel
+from cycle_gan import CycleGAN, CycleGANConfig, StepLosses, TranslationModel
 from data_utility import (DataError, PairSampler, UnpairedDataset, append_losses, download, find_domains,
                           list_images, load_image, load_fixed_images, plot_losses, save_image_grid, to_image,
                           to_tensor)
@@ -477,13 +477,12 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Translation
 
     for epoch in range(model.epoch, total_epochs):
         sampler.set_epoch(epoch, epoch_step * args.batch_size, steps * args.batch_size)
-        start, window, count, done, mean, halt = time.time(), {}, 0, 0, {}, False
+        start, first, window, count, mean, halt = time.time(), epoch_step, {}, 0, {}, False
         with tqdm(total=steps, initial=epoch_step, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
                   dynamic_ncols=True, disable=not lead) as bar:
             for x, y in loader:
                 losses = model.train_step(x, y).tensors  # still on the device: nothing waits here
                 epoch_step += 1
-                done += 1
                 bar.update()
                 window = {k: window.get(k, 0.0) + v for k, v in losses.items()}
                 count += 1
@@ -492,7 +491,7 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Translation
                 # The host reads the losses only at logged steps (a GPU runs on until then).
                 if not (epoch_step % args.log_every == 0 or epoch_step == steps or halt):
                     continue
-                mean = dict(zip(window, (torch.stack(list(window.values())).float() / count).tolist()))
+                mean = dict(StepLosses({k: v / count for k, v in window.items()}))  # one copy to the host
                 bad = [k for k, v in mean.items() if not math.isfinite(v)]
                 diverged = any_rank(bool(bad), control) if world > 1 else bool(bad)
                 if diverged:
@@ -510,6 +509,7 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Translation
                               f"continue with --resume --name {args.name}")
                     return model
         seconds = time.time() - start
+        rate = (epoch_step - first) * args.batch_size * world / max(seconds, 1e-6)  # steps run now, all ranks
         model.end_epoch()
         epoch_step = 0
         if lead:
@@ -520,7 +520,7 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Translation
                 save(run_dir / f"epoch_{model.epoch:03d}.pt", 0)
             last = ", ".join(f"{k} {v:.3f}" for k, v in mean.items())
             print(f"epoch {model.epoch}/{total_epochs}  {last}  {seconds:.0f} s  "
-                  f"{done * args.batch_size * world / max(seconds, 1e-6):.2f} img/s")
+                  f"{rate:.2f} img/s")
             if halt:
                 print(f"stopped after epoch {model.epoch}: saved {ckpt}; continue with --resume --name {args.name}")
         if halt:
