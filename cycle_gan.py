@@ -29,14 +29,23 @@ from networks import PatchDiscriminator, define_G
 
 
 @contextmanager
-def frozen(*nets: nn.Module):
-    """Freeze the parameters of `nets` (D stays fixed while G steps). Under DDP they also skip
-    the gradient all-reduce, since they get no gradients that step."""
+def local_grads(*nets: nn.Module):
+    """Under DDP, gradients reaching `nets` inside the block stay on this rank: no all-reduce.
+    A later backward outside the block all-reduces what has been summed by then."""
     with ExitStack() as stack:
         for net in nets:
             inner = getattr(net, "_orig_mod", net)  # under torch.compile
             if isinstance(inner, DistributedDataParallel):
                 stack.enter_context(inner.no_sync())
+        yield
+
+
+@contextmanager
+def frozen(*nets: nn.Module):
+    """Freeze the parameters of `nets` (D stays fixed while G steps). Under DDP they also skip
+    the gradient all-reduce, since they get no gradients that step."""
+    with local_grads(*nets):
+        for net in nets:
             net.requires_grad_(False)
         try:
             yield
@@ -120,17 +129,28 @@ class TranslationModel:
         for name in self.nets:
             setattr(self, name, fn(getattr(self, name)))
 
-    def update(self, loss: torch.Tensor, group: str) -> None:
-        """One gradient step of the optimiser of `group` on `loss`."""
+    def backward(self, loss: torch.Tensor, group: str) -> None:
+        """Back-propagate `loss` into the gradients of `group`; several calls add up (fp16: scaled)."""
+        (self.scalers[group].scale(loss) if group in self.scalers else loss).backward()
+
+    def step_optimizer(self, group: str) -> None:
+        """One gradient step of the optimiser of `group` on the gradients summed so far.
+
+        The gradients are freed right after the step, not before the next backward: kept, they
+        would sit in memory through the next step's forward passes (91 MB for CycleGAN's G and F).
+        """
         optimizer = self.optimizers[group]
-        optimizer.zero_grad(set_to_none=True)
         if group in self.scalers:
-            self.scalers[group].scale(loss).backward()
             self.scalers[group].step(optimizer)
             self.scalers[group].update()
         else:
-            loss.backward()
             optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def update(self, loss: torch.Tensor, group: str) -> None:
+        """One gradient step of the optimiser of `group` on `loss`."""
+        self.backward(loss, group)
+        self.step_optimizer(group)
 
     def autocast(self):
         """Mixed-precision context for forward passes and losses (fp32: none)."""
@@ -260,31 +280,44 @@ class CycleGAN(TranslationModel):
 
         The min-max of Eq. 4 is solved by alternating: a step of G and F, then one of D_X and D_Y.
         """
-        c, gan = self.config, self.gan_loss
-        lam, lam_idt = c.lambda_cycle, c.lambda_cycle * c.lambda_identity
+        gan = self.gan_loss
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-        # 1. G and F: minimise Eq. 3 with D_X, D_Y fixed.
-        with frozen(self.D_X, self.D_Y), self.autocast():
-            fake_y, fake_x = self.G(x), self.F(y)
-            loss = {
-                "G_gan": gan(self.D_Y(fake_y), True),  # Eq. 1: G fools D_Y
-                "F_gan": gan(self.D_X(fake_x), True),  # Eq. 1 for F: fools D_X
-                "cycle_X": lam * l1_loss(self.F(fake_y), x),  # Eq. 2: x -> G(x) -> F(G(x)) ~ x
-                "cycle_Y": lam * l1_loss(self.G(fake_x), y),  # Eq. 2: y -> F(y) -> G(F(y)) ~ y
-            }
-            if lam_idt > 0:  # Sec. 5.2: G leaves real Y images alone, F real X images
-                loss["idt_Y"] = lam_idt * l1_loss(self.G(y), y)
-                loss["idt_X"] = lam_idt * l1_loss(self.F(x), x)
-            self.update(sum(loss.values()), "G")
+        # 1. G and F: minimise Eq. 3 with D_X, D_Y fixed. Its terms fall into two parts with separate
+        # graphs, those that start from x and those that start from y. Each part is back-propagated
+        # as soon as it is built, so one part's graph is in memory at a time; the gradients add up
+        # to those of the whole sum. Under DDP the second backward all-reduces the sum.
+        with frozen(self.D_X, self.D_Y):
+            with local_grads(self.G, self.F):
+                loss, fake_y = self.cycle_part(x, "X", "G", "F", "D_Y")
+            loss_y, fake_x = self.cycle_part(y, "Y", "F", "G", "D_X")
+            self.step_optimizer("G")
+        loss.update(loss_y)
 
-        # 2. D_X and D_Y: tell real from (pooled) fake; the official code halves D's loss.
+        # 2. D_X and D_Y: maximise Eq. 1, telling real from (pooled) fake; the official code halves D's loss.
         with self.autocast():
             loss["D_Y"] = 0.5 * (gan(self.D_Y(y), True) + gan(self.D_Y(self.pool_Y.query(fake_y)), False))
             loss["D_X"] = 0.5 * (gan(self.D_X(x), True) + gan(self.D_X(self.pool_X.query(fake_x)), False))
         self.update(loss["D_Y"] + loss["D_X"], "D")
         self.step += 1
         return StepLosses(loss)
+
+    def cycle_part(self, real: torch.Tensor, domain: str, to: str, back: str, D: str):
+        """The terms of Eq. 3 that start from `real` images of `domain` (X for x, Y for y), and their
+        backward pass into `to` and `back` (G and F, or F and G). Returns them and to(real), detached.
+
+        For x: D_Y(G(x)) ~ real (Eq. 1), F(G(x)) ~ x (Eq. 2), and F(x) ~ x (identity, Sec. 5.2).
+        """
+        c = self.config
+        to_net, back_net = getattr(self, to), getattr(self, back)
+        with self.autocast():
+            fake = to_net(real)
+            loss = {f"{to}_gan": self.gan_loss(getattr(self, D)(fake), True),  # Eq. 1: G fools D_Y
+                    f"cycle_{domain}": c.lambda_cycle * l1_loss(back_net(fake), real)}  # Eq. 2
+            if c.lambda_identity > 0:  # Sec. 5.2: F leaves real X images alone (G real Y images)
+                loss[f"idt_{domain}"] = c.lambda_cycle * c.lambda_identity * l1_loss(back_net(real), real)
+        self.backward(sum(loss.values()), "G")
+        return loss, fake.detach()
 
     def generators(self) -> dict[str, str]:
         return {"x2y": "G", "y2x": "F"}

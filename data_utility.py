@@ -201,13 +201,19 @@ def save_image_grid(rows: list[list[torch.Tensor]], path: Path, pad: int = 2) ->
 
 
 def append_losses(path: Path, step: int, epoch: int, losses: dict[str, float]) -> None:
-    """Append one row to losses.csv (header written with the first row)."""
-    new = not path.exists()
+    """Append one row to losses.csv (header written with the first row). The columns follow the
+    file's header, so a resumed run whose step lists its losses in another order still lines up."""
+    new = not path.exists() or path.stat().st_size == 0
+    if new:
+        names = list(losses)
+    else:
+        with open(path, newline="") as f:
+            names = next(csv.reader(f))[2:]
     with open(path, "a", newline="") as f:
         writer = csv.writer(f)
         if new:
-            writer.writerow(["step", "epoch", *losses])
-        writer.writerow([step, epoch, *(f"{v:.5g}" for v in losses.values())])
+            writer.writerow(["step", "epoch", *names])
+        writer.writerow([step, epoch, *(f"{losses[k]:.5g}" for k in names)])
 
 
 def plot_losses(csv_path: Path, png_path: Path) -> None:

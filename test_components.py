@@ -443,6 +443,13 @@ def test_plot_losses_writes_a_png(tmp_path):
     assert Image.open(tmp_path / "l.png").size[0] > 100
 
 
+def test_append_losses_follows_the_column_order_of_an_existing_file(tmp_path):
+    du.append_losses(tmp_path / "l.csv", 1, 1, {"D": 0.5, "G": 1.0})
+    du.append_losses(tmp_path / "l.csv", 2, 1, {"G": 2.0, "D": 0.25})  # a step listing them in another order
+    with open(tmp_path / "l.csv", newline="") as f:
+        assert list(csv.reader(f)) == [["step", "epoch", "D", "G"], ["1", "1", "0.5", "1"], ["2", "1", "0.25", "2"]]
+
+
 def test_download_fails_offline_with_a_clear_message(tmp_path, monkeypatch):
     import urllib.error
 
@@ -530,7 +537,56 @@ def test_cycle_gan_step_changes_every_network_and_gives_finite_losses():
     assert all(math.isfinite(v) for v in losses.values())
     for name, net in model.nets.items():
         assert all(not torch.equal(a, b) for a, b in zip(before[name], net.parameters())), name
+        assert all(p.grad is None for p in net.parameters()), f"{name} keeps its gradients between steps"
     assert model.step == 1
+
+
+def test_cycle_gan_step_gives_the_weights_of_one_backward_through_the_whole_objective():
+    """The step back-propagates the x part and the y part of Eq. 3 separately; the official step
+    builds the whole objective and back-propagates it once. Both must end with the same weights."""
+    torch.manual_seed(0)
+    split, whole = CycleGAN(CycleGANConfig(**TINY)), CycleGAN(CycleGANConfig(**TINY))
+    whole.load_state_dict(split.state_dict())
+    x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    losses = split.train_step(x, y)
+
+    m, gan, l1 = whole, whole.gan_loss, nn.functional.l1_loss  # the official step, written out
+    fake_y, fake_x = m.G(x), m.F(y)
+    m.D_X.requires_grad_(False), m.D_Y.requires_grad_(False)
+    terms = {"G_gan": gan(m.D_Y(fake_y), True), "F_gan": gan(m.D_X(fake_x), True),
+             "cycle_X": 10 * l1(m.F(fake_y), x), "cycle_Y": 10 * l1(m.G(fake_x), y),
+             "idt_Y": 5 * l1(m.G(y), y), "idt_X": 5 * l1(m.F(x), x)}
+    m.update(sum(terms.values()), "G")
+    m.D_X.requires_grad_(True), m.D_Y.requires_grad_(True)
+    terms["D_Y"] = 0.5 * (gan(m.D_Y(y), True) + gan(m.D_Y(fake_y.detach()), False))
+    terms["D_X"] = 0.5 * (gan(m.D_X(x), True) + gan(m.D_X(fake_x.detach()), False))
+    m.update(terms["D_Y"] + terms["D_X"], "D")
+    assert dict(losses) == pytest.approx({k: v.item() for k, v in terms.items()}, rel=1e-5)
+    for name, net in split.nets.items():
+        for (pname, a), b in zip(net.named_parameters(), whole.nets[name].parameters()):
+            assert torch.allclose(a, b, atol=1e-6), f"{name}.{pname}"
+
+
+def test_cycle_gan_step_holds_the_graph_of_one_domain_part_at_a_time():
+    """Peak bytes of activations saved for backward during a step: at most about one domain part."""
+    torch.manual_seed(0)
+    model = CycleGAN(CycleGANConfig(**TINY))
+    live, peak, total = [0], [0], [0]
+
+    class Saved:
+        def __init__(self, t):
+            self.t, self.n = t, t.numel() * t.element_size()
+            live[0] += self.n
+            total[0] += self.n
+            peak[0] = max(peak[0], live[0])
+
+        def __del__(self):
+            live[0] -= self.n
+
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.t):
+        model.train_step(torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 64, 64) * 2 - 1)
+    assert live[0] == 0
+    assert 0.3 * total[0] < peak[0] < 0.6 * total[0]
 
 
 def test_cycle_gan_has_no_identity_loss_when_its_weight_is_zero():
