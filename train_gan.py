@@ -289,7 +289,10 @@ class StopFlag:
 
 
 def any_rank(flag: bool, group) -> bool:
-    """Whether `flag` is set on any rank, by an all-reduce over a CPU (gloo) group: it never waits for a GPU."""
+    """Whether `flag` is set on any rank, by an all-reduce over a CPU (gloo) group: it never waits for a GPU.
+    Without a group (one process), `flag` itself."""
+    if group is None:
+        return flag
     votes = torch.tensor([int(flag)])
     dist.all_reduce(votes, dist.ReduceOp.MAX, group=group)
     return bool(votes)
@@ -445,6 +448,17 @@ def benchmark(args: argparse.Namespace) -> dict:
     return result
 
 
+def mean_losses(window: dict[str, torch.Tensor], count: int, control, where: str) -> dict[str, float]:
+    """Each loss summed over a log window of `count` steps, averaged and read to the host in one copy.
+    Raises Diverged, naming the loss and `where`, when one is not finite here or on another rank."""
+    mean = dict(StepLosses({k: v / count for k, v in window.items()}))
+    bad = [k for k, v in mean.items() if not math.isfinite(v)]
+    if any_rank(bool(bad), control):
+        what = f"loss {bad[0]} became {mean[bad[0]]}" if bad else "a loss on another rank diverged"
+        raise Diverged(f"{what} {where}: resume with a lower --lr")
+    return mean
+
+
 def train(args: argparse.Namespace, stop: StopFlag | None = None) -> TranslationModel:
     """Train per the options (under torchrun: on every rank); returns the model."""
     rank, world, device = init_distributed(pick_device(args.device))
@@ -487,17 +501,11 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Translation
                 window = {k: window.get(k, 0.0) + v for k, v in losses.items()}
                 count += 1
                 # Every rank stops after the same step, or the collectives would hang.
-                halt = any_rank(stop.requested, control) if world > 1 else stop.requested
+                halt = any_rank(stop.requested, control)
                 # The host reads the losses only at logged steps (a GPU runs on until then).
                 if not (epoch_step % args.log_every == 0 or epoch_step == steps or halt):
                     continue
-                mean = dict(StepLosses({k: v / count for k, v in window.items()}))  # one copy to the host
-                bad = [k for k, v in mean.items() if not math.isfinite(v)]
-                diverged = any_rank(bool(bad), control) if world > 1 else bool(bad)
-                if diverged:
-                    what = f"loss {bad[0]} became {mean[bad[0]]}" if bad else "a loss on another rank diverged"
-                    raise Diverged(f"{what} by step {model.step}; {ckpt} keeps the last good state: "
-                                   f"resume with a lower --lr")
+                mean = mean_losses(window, count, control, f"by step {model.step}; {ckpt} keeps the last good state")
                 if lead:
                     append_losses(run_dir / "losses.csv", model.step, epoch + 1, mean)
                     bar.set_postfix({k: f"{v:.3f}" for k, v in mean.items()}, refresh=False)
