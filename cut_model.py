@@ -16,11 +16,12 @@ Official details kept: anti-aliased G and D, xavier init with gain 0.02, Adam lr
 betas (0.5, 0.999) for G, D and H, 256 patches per layer, temperature 0.07; each step updates
 D first, then G and H together.
 """
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from cycle_gan import StepLosses, TranslationModel, frozen
+from cycle_gan import StepLosses, TranslationModel, frozen, local_grads
 from losses import GANLoss, PatchNCELoss
 from networks import DEFAULT_TAPS, PatchDiscriminator, PatchSampleMLP, ResnetGenerator, define_G
 
@@ -88,38 +89,49 @@ class CUT(TranslationModel):
         return self.config.flip_equivariance and bool(torch.rand(()) < 0.5)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepLosses:
-        """One step of Eq. 5 on x (B, C_x, H, W) from X and y (B, C_y, H, W) from Y."""
-        c, gan, B = self.config, self.gan_loss, x.shape[0]
+        """One step of Eq. 5 on x (B, C_x, H, W) from X and y (B, C_y, H, W) from Y.
+
+        Eq. 5's terms fall into those of G(x) and, for CUT, the identity term of G(y), on separate
+        graphs: each is back-propagated as soon as it is built, so one graph is in memory at a time
+        and the gradients add up to those of the whole sum. (The official code runs G once on x and
+        y together.) Under DDP the last backward all-reduces the sum.
+        """
+        c, gan = self.config, self.gan_loss
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        real = torch.cat([x, y]) if c.nce_idt else x  # y through G as well, for the identity term
         flipped = self.flip_this_step()
-        with self.autocast():
-            # One pass of G gives G(x), G(y) and the input features at the NCE taps (the keys).
-            fake, keys = self.G(real.flip(3) if flipped else real, c.nce_layers)
-            if flipped:  # the keys are the unflipped input's features: run the encoder once more,
-                # as the plain G: under DDP each forward broadcasts buffers, and this pass, drawn
-                # per rank, would unpair the ranks' collectives and hang them
-                with torch.no_grad():
-                    keys = self.nets["G"](real, c.nce_layers, encode_only=True)
-            fake_y = fake[:B]
+        identity = c.nce_idt and c.lambda_nce > 0
+        nce_weight = 0.5 if identity else 1.0  # the official code averages the X and Y terms
+        with local_grads(self.G, self.H) if identity else nullcontext():
+            with self.autocast():
+                fake_y, keys = self.translate_with_keys(x, flipped)
+                # 1. D: tell real y from G(x) (Eq. 1); the official code halves D's loss.
+                loss = {"D": 0.5 * (gan(self.D(fake_y.detach()), False) + gan(self.D(y), True))}
+            self.update(loss["D"], "D")
 
-            # 1. D: tell real y from G(x) (Eq. 1); the official code halves D's loss.
-            loss = {"D": 0.5 * (gan(self.D(fake_y.detach()), False) + gan(self.D(y), True))}
-        self.update(loss["D"], "D")
-
-        # 2. G and H, with D fixed.
-        with frozen(self.D), self.autocast():
-            loss["G_gan"] = c.lambda_gan * gan(self.D(fake_y), True)  # Eq. 1: G fools D
-            nce = []
-            if c.lambda_nce > 0:
-                loss["NCE_X"] = c.lambda_nce * self.patch_nce([k[:B] for k in keys], fake_y, flipped)  # Eq. 3
-                nce.append(loss["NCE_X"])
-                if c.nce_idt:  # Eq. 5's lambda_Y term: G(y) keeps the patches of y
-                    loss["NCE_Y"] = c.lambda_nce * self.patch_nce([k[B:] for k in keys], fake[B:], flipped)
-                    nce.append(loss["NCE_Y"])
-            self.update(loss["G_gan"] + (sum(nce) / len(nce) if nce else 0), "G")
+            # 2. G and H, with D fixed: the terms of G(x).
+            with frozen(self.D), self.autocast():
+                loss["G_gan"] = c.lambda_gan * gan(self.D(fake_y), True)  # Eq. 1: G fools D
+                if c.lambda_nce > 0:
+                    loss["NCE_X"] = c.lambda_nce * self.patch_nce(keys, fake_y, flipped)  # Eq. 3
+            self.backward(loss["G_gan"] + nce_weight * loss.get("NCE_X", 0), "G")
+        if identity:  # Eq. 5's lambda_Y term: G(y) keeps the patches of y
+            with self.autocast():
+                idt, keys = self.translate_with_keys(y, flipped)
+                loss["NCE_Y"] = c.lambda_nce * self.patch_nce(keys, idt, flipped)
+            self.backward(nce_weight * loss["NCE_Y"], "G")
+        self.step_optimizer("G")
         self.step += 1
         return StepLosses(loss)
+
+    def translate_with_keys(self, real: torch.Tensor, flipped: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """G(real) (B, C, H, W), of real mirrored when `flipped`, and the keys: real's features at the
+        NCE taps. Unflipped, one pass of G gives both; flipped, the keys need a pass of their own."""
+        fake, keys = self.G(real.flip(3) if flipped else real, self.config.nce_layers)
+        if flipped:  # run as the plain G: under DDP each forward broadcasts buffers, and this pass,
+            # drawn per rank, would unpair the ranks' collectives and hang them
+            with torch.no_grad():
+                keys = self.nets["G"](real, self.config.nce_layers, encode_only=True)
+        return fake, keys
 
     def patch_nce(self, keys: list[torch.Tensor], output: torch.Tensor, flipped: bool) -> torch.Tensor:
         """Eq. 3: multilayer PatchNCE between the input's features `keys` and G's encoding of

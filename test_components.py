@@ -567,10 +567,8 @@ def test_cycle_gan_step_gives_the_weights_of_one_backward_through_the_whole_obje
             assert torch.allclose(a, b, atol=1e-6), f"{name}.{pname}"
 
 
-def test_cycle_gan_step_holds_the_graph_of_one_domain_part_at_a_time():
-    """Peak bytes of activations saved for backward during a step: at most about one domain part."""
-    torch.manual_seed(0)
-    model = CycleGAN(CycleGANConfig(**TINY))
+def saved_bytes_of(step) -> tuple[int, int]:
+    """(peak, total) bytes of the tensors that autograd saved for backward while `step()` ran."""
     live, peak, total = [0], [0], [0]
 
     class Saved:
@@ -584,9 +582,17 @@ def test_cycle_gan_step_holds_the_graph_of_one_domain_part_at_a_time():
             live[0] -= self.n
 
     with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.t):
-        model.train_step(torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 64, 64) * 2 - 1)
+        step()
     assert live[0] == 0
-    assert 0.3 * total[0] < peak[0] < 0.6 * total[0]
+    return peak[0], total[0]
+
+
+def test_cycle_gan_step_holds_the_graph_of_one_domain_part_at_a_time():
+    torch.manual_seed(0)
+    model = CycleGAN(CycleGANConfig(**TINY))
+    peak, total = saved_bytes_of(lambda: model.train_step(torch.rand(1, 3, 64, 64) * 2 - 1,
+                                                          torch.rand(1, 3, 64, 64) * 2 - 1))
+    assert 0.3 * total < peak < 0.6 * total
 
 
 def test_cycle_gan_has_no_identity_loss_when_its_weight_is_zero():
@@ -801,10 +807,50 @@ def test_cut_reuses_the_main_pass_for_keys_when_not_flipped():
     model.G.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args[0], kwargs)), with_kwargs=True)
     x, y = pair()
     model.train_step(x, y)
-    assert len(calls) == 3  # G(x, y) with taps, then only the queries: encode(G(x)), encode(G(y))
-    assert torch.equal(calls[0][0], torch.cat([x, y])) and not calls[0][1].get("encode_only")
-    assert all(kw.get("encode_only") for _, kw in calls[1:])
-    assert not any(torch.equal(inp, x) or torch.equal(inp, y) for inp, _ in calls[1:])
+    assert len(calls) == 4  # G(x) with taps, encode(G(x)) for the queries; the same for y
+    for real, (main_input, main_kw), (query_input, query_kw) in ((x, *calls[:2]), (y, *calls[2:])):
+        assert torch.equal(main_input, real) and not main_kw.get("encode_only")
+        assert query_kw.get("encode_only") and not torch.equal(query_input, real)
+
+
+def test_cut_step_gives_the_gradients_of_one_pass_of_G_over_x_and_y_together(monkeypatch):
+    """The step back-propagates the terms of G(x), then builds and back-propagates the identity term
+    of G(y); the official step runs G once on x and y together and back-propagates Eq. 5 once."""
+    torch.manual_seed(0)
+    model = CUT(CUTConfig(**TINY_CUT))
+    official = copy.deepcopy(model)
+    grads, step_optimizer = {}, model.step_optimizer
+
+    def record(group):
+        grads[group] = [p.grad.clone() for p in model.optimizers[group].param_groups[0]["params"]]
+        step_optimizer(group)
+    monkeypatch.setattr(model, "step_optimizer", record)
+    x, y = pair()
+    torch.manual_seed(1)  # the same patches drawn in both steps
+    losses = model.train_step(x, y)
+
+    m, gan, taps = official, official.gan_loss, official.config.nce_layers  # the official step, written out
+    torch.manual_seed(1)
+    fake, keys = m.G(torch.cat([x, y]), taps)
+    m.update(0.5 * (gan(m.D(fake[:1].detach()), False) + gan(m.D(y), True)), "D")
+    m.D.requires_grad_(False)
+    nce = [m.patch_nce([k[i:i + 1] for k in keys], fake[i:i + 1], False) for i in (0, 1)]
+    g_gan = gan(m.D(fake[:1]), True)
+    expected = torch.autograd.grad(g_gan + (nce[0] + nce[1]) / 2, m.optimizers["G"].param_groups[0]["params"])
+    assert [losses[k] for k in ("G_gan", "NCE_X", "NCE_Y")] == pytest.approx([t.item() for t in (g_gan, *nce)],
+                                                                              rel=1e-5)
+    assert len(grads["G"]) == len(expected)
+    # Equal up to float rounding (G ran on batches of 1, not 2), judged over all of G and H at once:
+    # the biases before an instance norm have a zero gradient, made of rounding alone.
+    got, want = torch.cat([g.flatten() for g in grads["G"]]), torch.cat([g.flatten() for g in expected])
+    assert (got - want).norm() <= 1e-5 * want.norm()
+
+
+def test_cut_step_frees_the_graph_of_G_x_before_it_builds_G_y():
+    torch.manual_seed(0)
+    model = CUT(CUTConfig(**TINY_CUT))
+    peak, total = saved_bytes_of(lambda: model.train_step(*pair()))
+    assert 0.3 * total < peak < 0.7 * total
 
 
 def test_short_cut_training_on_one_pair_drives_nce_down():
