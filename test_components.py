@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q test_components.py   (CPU only, tiny widths; GPU tests skip without CUDA)
 """
+import contextlib
 import copy
 import csv
 import math
@@ -851,6 +852,26 @@ def test_cut_step_frees_the_graph_of_G_x_before_it_builds_G_y():
     model = CUT(CUTConfig(**TINY_CUT))
     peak, total = saved_bytes_of(lambda: model.train_step(*pair()))
     assert 0.3 * total < peak < 0.7 * total
+
+
+@pytest.mark.parametrize("model_cls, config", [(CycleGAN, CycleGANConfig(**TINY)), (CUT, CUTConfig(**TINY_CUT))])
+def test_fp16_loss_scaling_over_several_backward_passes_gives_the_fp32_step(model_cls, config, monkeypatch):
+    """The fp16 path (CUDA) scales each part's backward and unscales the sum once. Run here in fp32
+    arithmetic (autocast off): with a power-of-two scale the weights must match the plain step's."""
+    torch.manual_seed(0)
+    plain = model_cls(config)
+    scaled = model_cls(config, "cpu", "fp16")
+    scaled.load_state_dict(plain.state_dict())
+    monkeypatch.setattr(scaled, "autocast", contextlib.nullcontext)
+    x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    for model in (plain, scaled):
+        torch.manual_seed(1)
+        model.train_step(x, y)
+    assert set(scaled.scalers) == set(scaled.optimizers)
+    assert all(s.get_scale() == 2.0 ** 16 for s in scaled.scalers.values())  # no step was skipped
+    for name, net in plain.nets.items():
+        for (pname, a), b in zip(net.named_parameters(), scaled.nets[name].parameters()):
+            assert torch.allclose(a, b, atol=1e-6), f"{name}.{pname}"
 
 
 def test_short_cut_training_on_one_pair_drives_nce_down():
