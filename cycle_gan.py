@@ -294,11 +294,13 @@ class CycleGAN(TranslationModel):
             self.step_optimizer("G")
         loss.update(loss_y)
 
-        # 2. D_X and D_Y: maximise Eq. 1, telling real from (pooled) fake; the official code halves D's loss.
-        with self.autocast():
-            loss["D_Y"] = 0.5 * (gan(self.D_Y(y), True) + gan(self.D_Y(self.pool_Y.query(fake_y)), False))
-            loss["D_X"] = 0.5 * (gan(self.D_X(x), True) + gan(self.D_X(self.pool_X.query(fake_x)), False))
-        self.update(loss["D_Y"] + loss["D_X"], "D")
+        # 2. D_Y, then D_X: maximise Eq. 1, telling real from (pooled) fake; the official code halves D's loss.
+        for name, real, fake, pool in (("D_Y", y, fake_y, self.pool_Y), ("D_X", x, fake_x, self.pool_X)):
+            D = getattr(self, name)
+            with self.autocast():
+                loss[name] = 0.5 * (gan(D(real), True) + gan(D(pool.query(fake)), False))
+            self.backward(loss[name], "D")
+        self.step_optimizer("D")
         self.step += 1
         return StepLosses(loss)
 
