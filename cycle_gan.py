@@ -314,7 +314,7 @@ class CycleGAN(TranslationModel):
         to_net, back_net = getattr(self, to), getattr(self, back)
         with self.autocast():
             fake = to_net(real)
-            loss = {f"{to}_gan": self.gan_loss(getattr(self, D)(fake), True),  # Eq. 1: G fools D_Y
+            loss = {f"{to}_gan": self.gan_loss(getattr(self, D)(fake), True),  # Eq. 1: `to` fools D (G, D_Y for x)
                     f"cycle_{domain}": c.lambda_cycle * l1_loss(back_net(fake), real)}  # Eq. 2
             if c.lambda_identity > 0:  # Sec. 5.2: F leaves real X images alone (G real Y images)
                 loss[f"idt_{domain}"] = c.lambda_cycle * c.lambda_identity * l1_loss(back_net(real), real)
