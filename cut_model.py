@@ -14,16 +14,21 @@ Objective (Eq. 5): L_GAN(G, D, X, Y) + lambda_X * L_PatchNCE(G, H, X) + lambda_Y
         mirrored back before they are compared with the input's.
 Official details kept: anti-aliased G and D, xavier init with gain 0.02, Adam lr 2e-4 with
 betas (0.5, 0.999) for G, D and H, 256 patches per layer, temperature 0.07; each step updates
-D first, then G and H together.
+D first, then G and H together; in the lr-decay epochs the training images are no longer
+resized and cropped (flips stay).
+
+This file is the paper only. The optimisation (Adam, the lr schedule, precision, DDP, checkpoints)
+is train_gan.py's `Trainer`, handed to `train_step`.
 """
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from cycle_gan import StepLosses, TranslationModel, frozen, local_grads
+from layers import init_weights
 from losses import GANLoss, PatchNCELoss
-from networks import DEFAULT_TAPS, PatchDiscriminator, PatchSampleMLP, ResnetGenerator, define_G
+from networks import (DEFAULT_TAPS, PatchDiscriminator, PatchSampleMLP, ResnetGenerator, define_G, frozen,
+                      local_grads)
 
 MODES = {"cut": dict(lambda_nce=1.0, nce_idt=True, flip_equivariance=False),
          "fastcut": dict(lambda_nce=10.0, nce_idt=False, flip_equivariance=True)}
@@ -47,7 +52,7 @@ class CUTConfig:
     gan_mode: str = "lsgan"
     real_label: float = 1.0
     lambda_gan: float = 1.0
-    nce_layers: tuple = DEFAULT_TAPS  # official indices 0, 4, 8, 12, 16
+    nce_layers: tuple = DEFAULT_TAPS  # the paper's layers; official indices 0, 4, 8, 12 and 16 when antialiased
     num_patches: int = 256
     nce_temperature: float = 0.07
     netF_nc: int = 256  # H's output width
@@ -66,71 +71,79 @@ class CUTConfig:
         self.nce_layers = tuple(self.nce_layers)
 
 
-class CUT(TranslationModel):
+class CUT:
     """G: X->Y (ResNet, anti-aliased), D (PatchGAN), H (PatchSampleMLP over G's encoder taps)."""
-    def __init__(self, config: CUTConfig | None = None, device="cpu", precision: str = "fp32"):
-        super().__init__(config or CUTConfig(), device, precision)
-        c = self.config
+    groups = {"D": ("D",), "G": ("G", "H")}  # one Adam for D, one for G and H, as officially
+    directions = {"x2y": "G"}  # CUT learns one direction only
+    # The official CUT dataset stops the resize-and-crop jitter once the lr decays (load size = crop
+    # size in those epochs); flips stay.
+    resize_crop_in_decay = False
+
+    def __init__(self, config: CUTConfig | None = None):
+        c = self.config = config or CUTConfig()
         self.name = c.mode  # 'cut' or 'fastcut', as checkpoints and the CLI call it
-        G = define_G(c.netG, c.channels_x, c.channels_y, c.ngf, c.norm, c.dropout, c.antialias)
-        if not isinstance(G, ResnetGenerator):
+        if c.channels_x != c.channels_y:
+            raise ValueError(f"CUT encodes G(x) with G's own encoder, so X and Y need the same number of channels "
+                             f"(got {c.channels_x} and {c.channels_y}): give both domains the same --input-nc and "
+                             f"--output-nc, or use --model cycle_gan --lambda-identity 0")
+        self.G = define_G(c.netG, c.channels_x, c.channels_y, c.ngf, c.norm, c.dropout, c.antialias)
+        if not isinstance(self.G, ResnetGenerator):
             raise ValueError(f"CUT samples patches from the encoder taps of a ResNet generator; --netG {c.netG} "
                              f"has none: use --netG resnet_9blocks or resnet_6blocks")
-        if c.nce_idt and c.channels_x != c.channels_y:
-            raise ValueError(f"the identity NCE term feeds y to G, which needs as many channels in X as in Y "
-                             f"(got {c.channels_x} and {c.channels_y}): pass --no-nce-idt")
-        self.setup({"G": G, "D": PatchDiscriminator(c.channels_y, c.ndf, c.n_layers_D, c.norm, c.antialias),
-                    "H": PatchSampleMLP(G.tap_channels(c.nce_layers), c.netF_nc)},  # H built eagerly
-                   init="xavier", groups={"D": ("D",), "G": ("G", "H")})
+        self.D = PatchDiscriminator(c.channels_y, c.ndf, c.n_layers_D, c.norm, c.antialias)
+        self.H = PatchSampleMLP(self.G.tap_channels(c.nce_layers), c.netF_nc)  # built eagerly
+        for net in (self.G, self.D, self.H):
+            init_weights(net, "xavier", c.init_gain)
         self.gan_loss = GANLoss(c.gan_mode, c.real_label)
         self.nce_loss = PatchNCELoss(c.nce_temperature)
 
     def flip_this_step(self) -> bool:
         return self.config.flip_equivariance and bool(torch.rand(()) < 0.5)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepLosses:
-        """One step of Eq. 5 on x (B, C_x, H, W) from X and y (B, C_y, H, W) from Y.
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, trainer) -> dict[str, torch.Tensor]:
+        """One step of Eq. 5 on x (B, C, H, W) from X and y (B, C, H, W) from Y. Returns each loss
+        term as it enters the objective: G_gan + NCE_X (+ NCE_Y) is Eq. 5, D is D's loss.
 
-        Eq. 5's terms fall into those of G(x) and, for CUT, the identity term of G(y), on separate
-        graphs: each is back-propagated as soon as it is built, so one graph is in memory at a time
-        and the gradients add up to those of the whole sum. (The official code runs G once on x and
-        y together.) Under DDP the last backward all-reduces the sum.
+        `trainer` optimises: autocast() sets the precision, backward(loss, group) adds gradients,
+        step(group) takes an Adam step. D steps first, then G and H, as officially. G(x)'s terms
+        and, for CUT, the identity term of G(y) are on separate graphs: each is back-propagated
+        as soon as it is built, so one graph is in memory at a time and the gradients add up to
+        those of the whole sum. (The official code runs G once on x and y together.)
         """
         c, gan = self.config, self.gan_loss
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         flipped = self.flip_this_step()
         identity = c.nce_idt and c.lambda_nce > 0
         nce_weight = 0.5 if identity else 1.0  # the official code averages the X and Y terms
+        # Under DDP, with the identity term, G and H all-reduce once, after its backward.
         with local_grads(self.G, self.H) if identity else nullcontext():
-            with self.autocast():
+            with trainer.autocast():
                 fake_y, keys = self.translate_with_keys(x, flipped)
-                # 1. D: tell real y from G(x) (Eq. 1); the official code halves D's loss.
+                # 1. D tells real y from G(x) (Eq. 1); the official code halves D's loss.
                 loss = {"D": 0.5 * (gan(self.D(fake_y.detach()), False) + gan(self.D(y), True))}
-            self.update(loss["D"], "D")
+            trainer.backward(loss["D"], "D")
+            trainer.step("D")
 
             # 2. G and H, with D fixed: the terms of G(x).
-            with frozen(self.D), self.autocast():
+            with frozen(self.D), trainer.autocast():
                 loss["G_gan"] = c.lambda_gan * gan(self.D(fake_y), True)  # Eq. 1: G fools D
-                if c.lambda_nce > 0:
-                    loss["NCE_X"] = c.lambda_nce * self.patch_nce(keys, fake_y, flipped)  # Eq. 3
-            self.backward(loss["G_gan"] + nce_weight * loss.get("NCE_X", 0), "G")
+                if c.lambda_nce > 0:  # Eq. 5's lambda_X term: G(x) keeps the patches of x (Eq. 3)
+                    loss["NCE_X"] = nce_weight * c.lambda_nce * self.patch_nce(keys, fake_y, flipped)
+            trainer.backward(loss["G_gan"] + loss.get("NCE_X", 0), "G")
         if identity:  # Eq. 5's lambda_Y term: G(y) keeps the patches of y
-            with self.autocast():
+            with trainer.autocast():
                 idt, keys = self.translate_with_keys(y, flipped)
-                loss["NCE_Y"] = c.lambda_nce * self.patch_nce(keys, idt, flipped)
-            self.backward(nce_weight * loss["NCE_Y"], "G")
-        self.step_optimizer("G")
-        self.step += 1
-        return StepLosses(loss)
+                loss["NCE_Y"] = nce_weight * c.lambda_nce * self.patch_nce(keys, idt, flipped)
+            trainer.backward(loss["NCE_Y"], "G")
+        trainer.step("G")
+        return loss
 
     def translate_with_keys(self, real: torch.Tensor, flipped: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """G(real) (B, C, H, W), of real mirrored when `flipped`, and the keys: real's features at the
         NCE taps. Unflipped, one pass of G gives both; flipped, the keys need a pass of their own."""
         fake, keys = self.G(real.flip(3) if flipped else real, self.config.nce_layers)
-        if flipped:  # run as the plain G: under DDP each forward broadcasts buffers, and this pass,
-            # drawn per rank, would unpair the ranks' collectives and hang them
+        if flipped:
             with torch.no_grad():
-                keys = self.nets["G"](real, self.config.nce_layers, encode_only=True)
+                keys = self.G(real, self.config.nce_layers, encode_only=True)
         return fake, keys
 
     def patch_nce(self, keys: list[torch.Tensor], output: torch.Tensor, flipped: bool) -> torch.Tensor:
@@ -147,12 +160,10 @@ class CUT(TranslationModel):
         q, _ = self.H(queries, self.config.num_patches, ids)
         return sum(self.nce_loss(qi, ki) for qi, ki in zip(q, k)) / len(q)
 
-    def generators(self) -> dict[str, str]:
-        return {"x2y": "G"}  # CUT learns one direction only
-
+    @torch.no_grad()
     def visuals(self, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
         """Grid rows: x | G(x), and | y | G(y) when the identity term is on."""
-        rows = [list(r) for r in zip(x, self.translate(x).cpu())]
+        rows = [list(r) for r in zip(x, self.G(x))]
         if self.config.nce_idt:
-            rows = [r + [yi, gy] for r, yi, gy in zip(rows, y, self.translate(y).cpu())]
+            rows = [r + [yi, gy] for r, yi, gy in zip(rows, y, self.G(y))]
         return rows

@@ -98,28 +98,32 @@ def jitter(img: Image.Image, load_size: int, crop_size: int, rng: np.random.Gene
 
 
 class UnpairedDataset(torch.utils.data.Dataset):
-    """Images of domains X and Y, indexed by (i_x, i_y, aug_seed) from `PairSampler`.
+    """Images of domains X and Y, indexed by (i_x, i_y, aug_seed, epoch) from `PairSampler`.
 
     Returns (x, y): (C_x, crop, crop) and (C_y, crop, crop) tensors in [-1, 1]. Each item's
-    randomness comes from its key, so a run is the same with any number of workers.
+    randomness comes from its key, so a run is the same with any number of workers. From epoch
+    `no_crop_from_epoch` on (counted from 0), images are resized to the crop size and only flipped,
+    as the official CUT dataset does in the lr-decay epochs.
     """
 
     def __init__(self, folder_x: Path, folder_y: Path, load_size: int = 286, crop_size: int = 256,
-                 channels_x: int = 3, channels_y: int = 3):
+                 channels_x: int = 3, channels_y: int = 3, no_crop_from_epoch: int | None = None):
         if crop_size > load_size:
             raise DataError(f"crop size {crop_size} is larger than load size {load_size}: "
                             f"lower --crop-size or raise --load-size")
         self.files = [readable_images(folder_x, channels_x), readable_images(folder_y, channels_y)]
         self.channels = (channels_x, channels_y)
-        self.load_size, self.crop_size = load_size, crop_size
+        self.load_size, self.crop_size, self.no_crop_from_epoch = load_size, crop_size, no_crop_from_epoch
 
     def __len__(self) -> int:
         return max(len(f) for f in self.files)
 
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        i_x, i_y, seed = key
+    def __getitem__(self, key: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i_x, i_y, seed, epoch = key
         rng = np.random.default_rng(seed)
-        return tuple(to_tensor(jitter(load_image(files[i], c, self.load_size), self.load_size, self.crop_size, rng))
+        no_crop = self.no_crop_from_epoch is not None and epoch >= self.no_crop_from_epoch
+        load = self.crop_size if no_crop else self.load_size
+        return tuple(to_tensor(jitter(load_image(files[i], c, load), load, self.crop_size, rng))
                      for files, i, c in zip(self.files, (i_x, i_y), self.channels))
 
 
@@ -145,7 +149,7 @@ def readable_images(folder: Path, channels: int = 3) -> list[Path]:
 
 
 class PairSampler(torch.utils.data.Sampler):
-    """Yields (i_x, i_y, aug_seed) keys: X in a shuffled order, a random y for each x.
+    """Yields (i_x, i_y, aug_seed, epoch) keys: X in a shuffled order, a random y for each x.
 
     The order is a function of (seed, epoch) alone, so resuming at step k of an epoch
     replays exactly what an uninterrupted run would have seen. With `world_size` > 1 each
@@ -161,13 +165,14 @@ class PairSampler(torch.utils.data.Sampler):
         """Select the epoch's order and yield this rank's keys[start:stop] of it."""
         self.epoch, self.start, self.stop = epoch, start, stop
 
-    def keys(self) -> list[tuple[int, int, int]]:
+    def keys(self) -> list[tuple[int, int, int, int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = max(self.n_x, self.n_y)
         order = torch.randperm(n, generator=g) % self.n_x
         partners = torch.randint(0, self.n_y, (n,), generator=g)
         seeds = torch.randint(0, 2 ** 31 - 1, (n,), generator=g)
-        keys = list(zip(order.tolist(), partners.tolist(), seeds.tolist()))
+        keys = [(i_x, i_y, seed, self.epoch)
+                for i_x, i_y, seed in zip(order.tolist(), partners.tolist(), seeds.tolist())]
         return keys[self.rank::self.world_size]
 
     def __iter__(self):

@@ -5,16 +5,19 @@
 - PatchDiscriminator: the 70x70 PatchGAN (CycleGAN's D_X and D_Y, CUT's D).
 - PatchSampleMLP: CUT's H, which samples patches of G's encoder features and projects them.
 - load_official_state_dict: loads `latest_net_G.pth` / `latest_net_D.pth` of the official code.
+- frozen, local_grads: what a training step does to networks it does not update (D while G steps).
 
 Mirrors models/networks.py of junyanz/pytorch-CycleGAN-and-pix2pix and of
 taesungp/contrastive-unpaired-translation: every network keeps the official flat `model`
 layout, so checkpoint keys and CUT's tap indices (nce_layers 0,4,8,12,16) line up.
 """
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from itertools import zip_longest
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 from layers import (BlurDownsample, ResnetBlock, activation, conv_bias, conv_norm_act, downsample,
                     full_precision, norm_act, padding, upsample)
@@ -250,3 +253,29 @@ def define_G(netG: str, in_channels: int = 3, out_channels: int = 3, ngf: int = 
     if netG in ("unet_256", "unet_128"):
         return UnetGenerator(in_channels, out_channels, 8 if netG == "unet_256" else 7, ngf, norm, dropout)
     raise ValueError(f"unknown generator {netG!r}: use one of {', '.join(GENERATORS)}")
+
+
+@contextmanager
+def local_grads(*nets: nn.Module):
+    """Under DDP, gradients reaching `nets` inside the block stay on this rank: no all-reduce.
+    A later backward outside the block all-reduces what has been summed by then. Without DDP: nothing."""
+    with ExitStack() as stack:
+        for net in nets:
+            inner = getattr(net, "_orig_mod", net)  # under torch.compile
+            if isinstance(inner, DistributedDataParallel):
+                stack.enter_context(inner.no_sync())
+        yield
+
+
+@contextmanager
+def frozen(*nets: nn.Module):
+    """Freeze the parameters of `nets` (D stays fixed while G steps; the official set_requires_grad).
+    Under DDP they also skip the gradient all-reduce, since they get no gradients then."""
+    with local_grads(*nets):
+        for net in nets:
+            net.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for net in nets:
+                net.requires_grad_(True)

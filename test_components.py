@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q test_components.py   (CPU only, tiny widths; GPU tests skip without CUDA)
 """
+import ast
 import contextlib
 import copy
 import csv
@@ -338,7 +339,8 @@ def test_mismatched_official_weights_name_the_first_mismatch():
 
 
 import data_utility as du  # noqa: E402
-from cycle_gan import CycleGAN, CycleGANConfig, ImagePool, StepLosses, adam, lr_factor  # noqa: E402
+from cycle_gan import CycleGAN, CycleGANConfig, ImagePool  # noqa: E402
+from train_gan import StepLosses, Trainer, adam, lr_factor  # noqa: E402
 from train_gan import main as cli  # noqa: E402
 
 SHARED = Path(__file__).resolve().parent.parent / "shared" / "datasets" / "apple2orange"
@@ -402,12 +404,23 @@ def test_unpaired_dataset_gives_cropped_tensors_in_range(dataset_root, channels)
         assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.1
 
 
+def test_dataset_stops_resizing_and_cropping_from_its_no_crop_epoch_but_still_flips(dataset_root):
+    data = du.UnpairedDataset(dataset_root / "trainA", dataset_root / "trainB", 64, 32, no_crop_from_epoch=1)
+    whole = du.to_tensor(du.load_image(data.files[0][0], 3, 32).resize((32, 32), Image.BICUBIC))
+    decay = [data[(0, 0, seed, 1)][0] for seed in range(8)]  # epoch 1: resized to the crop size, maybe flipped
+    assert all(torch.equal(x, whole) or torch.equal(x, whole.flip(2)) for x in decay)
+    assert any(torch.equal(x, whole) for x in decay) and any(torch.equal(x, whole.flip(2)) for x in decay)
+    jittered = [data[(0, 0, seed, 0)][0] for seed in range(8)]  # epoch 0: resized to 64, cropped to 32
+    assert not any(torch.equal(x, whole) or torch.equal(x, whole.flip(2)) for x in jittered)
+
+
 def test_pair_sampler_covers_x_each_epoch_and_depends_only_on_seed_and_epoch():
     s = du.PairSampler(5, 3, seed=7)
     keys = list(s)
     assert sorted(k[0] for k in keys) == [0, 1, 2, 3, 4] and all(0 <= k[1] < 3 for k in keys)
+    assert {k[3] for k in keys} == {0}  # the epoch travels with the key (the dataset's jitter depends on it)
     s.set_epoch(1)
-    assert list(s) != keys
+    assert list(s) != keys and {k[3] for k in s} == {1}
     s.set_epoch(0, start=2, stop=4)
     assert list(s) == keys[2:4]
     ranks = [list(du.PairSampler(5, 3, seed=7, rank=r, world_size=2)) for r in (0, 1)]
@@ -481,6 +494,12 @@ def snapshot(nets):
     return {name: [p.detach().clone() for p in net.parameters()] for name, net in nets.items()}
 
 
+def update(trainer, loss, group):
+    """One plain optimiser step of `group` on `loss` (the official steps, written out in tests)."""
+    trainer.backward(loss, group)
+    trainer.step(group)
+
+
 def test_step_losses_read_as_floats_lazily_with_one_copy(monkeypatch):
     w = torch.tensor(3.0, requires_grad=True)
     stacks = []
@@ -510,14 +529,14 @@ def test_adam_is_fused_where_torch_has_the_kernel_and_plain_where_not(monkeypatc
 
 def test_resume_uses_this_machines_adam_kernel_and_continues_exactly():
     torch.manual_seed(0)
-    model = CycleGAN(CycleGANConfig(**TINY))
+    model = Trainer(CycleGAN(CycleGANConfig(**TINY)))
     x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
     model.train_step(x, y)
     state = copy.deepcopy(model.state_dict())
     for opt in state["optimizers"].values():  # as saved by the multi-tensor Adam of an older version
         for group in opt["param_groups"]:
             group.update(fused=None, foreach=True)
-    resumed = CycleGAN(CycleGANConfig(**TINY))
+    resumed = Trainer(CycleGAN(CycleGANConfig(**TINY)))
     resumed.load_state_dict(state)
     assert all(g["fused"] == opt.defaults["fused"] and g["foreach"] == opt.defaults["foreach"]
                for opt in resumed.optimizers.values() for g in opt.param_groups)
@@ -531,7 +550,7 @@ def test_resume_uses_this_machines_adam_kernel_and_continues_exactly():
 
 def test_cycle_gan_step_changes_every_network_and_gives_finite_losses():
     torch.manual_seed(0)
-    model = CycleGAN(CycleGANConfig(**TINY))
+    model = Trainer(CycleGAN(CycleGANConfig(**TINY)))
     before = snapshot(model.nets)
     losses = model.train_step(torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 64, 64) * 2 - 1)
     assert set(losses) == {"G_gan", "F_gan", "cycle_X", "cycle_Y", "idt_X", "idt_Y", "D_X", "D_Y"}
@@ -539,29 +558,29 @@ def test_cycle_gan_step_changes_every_network_and_gives_finite_losses():
     for name, net in model.nets.items():
         assert all(not torch.equal(a, b) for a, b in zip(before[name], net.parameters())), name
         assert all(p.grad is None for p in net.parameters()), f"{name} keeps its gradients between steps"
-    assert model.step == 1
+    assert model.global_step == 1
 
 
 def test_cycle_gan_step_gives_the_weights_of_one_backward_through_the_whole_objective():
     """The step back-propagates the x part and the y part of Eq. 3 separately; the official step
     builds the whole objective and back-propagates it once. Both must end with the same weights."""
     torch.manual_seed(0)
-    split, whole = CycleGAN(CycleGANConfig(**TINY)), CycleGAN(CycleGANConfig(**TINY))
+    split, whole = Trainer(CycleGAN(CycleGANConfig(**TINY))), Trainer(CycleGAN(CycleGANConfig(**TINY)))
     whole.load_state_dict(split.state_dict())
     x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
     losses = split.train_step(x, y)
 
-    m, gan, l1 = whole, whole.gan_loss, nn.functional.l1_loss  # the official step, written out
+    m, gan, l1 = whole.model, whole.model.gan_loss, nn.functional.l1_loss  # the official step, written out
     fake_y, fake_x = m.G(x), m.F(y)
     m.D_X.requires_grad_(False), m.D_Y.requires_grad_(False)
     terms = {"G_gan": gan(m.D_Y(fake_y), True), "F_gan": gan(m.D_X(fake_x), True),
              "cycle_X": 10 * l1(m.F(fake_y), x), "cycle_Y": 10 * l1(m.G(fake_x), y),
              "idt_Y": 5 * l1(m.G(y), y), "idt_X": 5 * l1(m.F(x), x)}
-    m.update(sum(terms.values()), "G")
+    update(whole, sum(terms.values()), "G")
     m.D_X.requires_grad_(True), m.D_Y.requires_grad_(True)
     terms["D_Y"] = 0.5 * (gan(m.D_Y(y), True) + gan(m.D_Y(fake_y.detach()), False))
     terms["D_X"] = 0.5 * (gan(m.D_X(x), True) + gan(m.D_X(fake_x.detach()), False))
-    m.update(terms["D_Y"] + terms["D_X"], "D")
+    update(whole, terms["D_Y"] + terms["D_X"], "D")
     assert dict(losses) == pytest.approx({k: v.item() for k, v in terms.items()}, rel=1e-5)
     for name, net in split.nets.items():
         for (pname, a), b in zip(net.named_parameters(), whole.nets[name].parameters()):
@@ -590,21 +609,21 @@ def saved_bytes_of(step) -> tuple[int, int]:
 
 def test_cycle_gan_step_holds_the_graph_of_one_domain_part_at_a_time():
     torch.manual_seed(0)
-    model = CycleGAN(CycleGANConfig(**TINY))
+    model = Trainer(CycleGAN(CycleGANConfig(**TINY)))
     peak, total = saved_bytes_of(lambda: model.train_step(torch.rand(1, 3, 64, 64) * 2 - 1,
                                                           torch.rand(1, 3, 64, 64) * 2 - 1))
     assert 0.3 * total < peak < 0.6 * total
 
 
 def test_cycle_gan_has_no_identity_loss_when_its_weight_is_zero():
-    model = CycleGAN(CycleGANConfig(**TINY, lambda_identity=0))
+    model = Trainer(CycleGAN(CycleGANConfig(**TINY, lambda_identity=0)))
     assert "idt_X" not in model.train_step(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))
 
 
 def test_cycle_gan_translates_grayscale_to_color():
     with pytest.raises(ValueError, match="--lambda-identity 0"):
         CycleGAN(CycleGANConfig(**TINY, channels_x=1, channels_y=3))
-    model = CycleGAN(CycleGANConfig(**TINY, channels_x=1, channels_y=3, lambda_identity=0))
+    model = Trainer(CycleGAN(CycleGANConfig(**TINY, channels_x=1, channels_y=3, lambda_identity=0)))
     model.train_step(torch.zeros(2, 1, 32, 32), torch.zeros(2, 3, 32, 32))
     assert model.translate(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)
     assert model.translate(torch.zeros(1, 3, 32, 32), "y2x").shape == (1, 1, 32, 32)
@@ -629,7 +648,7 @@ def test_lr_schedule_is_constant_then_linear(epoch, expected):
 
 
 def test_end_epoch_sets_the_scheduled_lr():
-    model = CycleGAN(CycleGANConfig(**TINY, epochs=1, epochs_decay=3))
+    model = Trainer(CycleGAN(CycleGANConfig(**TINY, epochs=1, epochs_decay=3)))
     model.end_epoch()
     assert model.optimizers["G"].param_groups[0]["lr"] == pytest.approx(2e-4 * (1 - 1 / 4))
 
@@ -675,7 +694,7 @@ def test_compiled_run_trains_and_saves_a_checkpoint_plain_networks_load(dataset_
         torch._dynamo.reset()
     state = torch.load(out / "run" / "latest.pt", weights_only=True)
     assert state["step"] == 2 and not any("_orig_mod" in k for net in state["nets"].values() for k in net)
-    CUT(CUTConfig(**state["config"])).load_state_dict(state)  # uncompiled networks take the weights
+    Trainer(CUT(CUTConfig(**state["config"]))).load_state_dict(state)  # uncompiled networks take the weights
     rows = list(csv.DictReader((out / "run" / "losses.csv").open()))
     assert len(rows) == 2 and all(math.isfinite(float(r["NCE_X"])) for r in rows)
 
@@ -742,7 +761,7 @@ def pair(size=64, seed=0):
                                             ("fastcut", {"D", "G_gan", "NCE_X"})])
 def test_cut_step_changes_G_D_H_and_gives_finite_losses(mode, expected):
     torch.manual_seed(0)
-    model = CUT(CUTConfig(mode=mode, **TINY_CUT))
+    model = Trainer(CUT(CUTConfig(mode=mode, **TINY_CUT)))
     before = snapshot(model.nets)
     losses = model.train_step(*pair())
     assert set(losses) == expected and all(math.isfinite(v) for v in losses.values())
@@ -781,7 +800,7 @@ def test_cut_queries_and_keys_are_sampled_at_the_same_places(monkeypatch):
         calls.append((patch_ids, ids))
         return out, ids
     monkeypatch.setattr(model.H, "forward", record)
-    model.train_step(*pair())
+    Trainer(model).train_step(*pair())
     assert len(calls) == 4  # keys then queries, for the X term and the Y term
     for (given_k, drawn), (given_q, used) in (calls[0:2], calls[2:4]):
         assert given_k is None and given_q is drawn
@@ -795,7 +814,7 @@ def test_fastcut_flip_mirrors_the_input_not_the_target(monkeypatch):
     model.G.model[0].register_forward_pre_hook(lambda m, inp: seen["G"].append(inp[0].detach().clone()))
     model.D.model[0].register_forward_pre_hook(lambda m, inp: seen["D"].append(inp[0].detach().clone()))
     x, y = pair()
-    model.train_step(x, y)
+    Trainer(model).train_step(x, y)
     assert torch.equal(seen["G"][0], x.flip(3))  # G translates the mirrored x
     assert torch.equal(seen["G"][1], x)  # the keys come from x as it is
     assert any(torch.equal(d, y) for d in seen["D"])  # D sees the real y unmirrored
@@ -807,7 +826,7 @@ def test_cut_reuses_the_main_pass_for_keys_when_not_flipped():
     calls = []
     model.G.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args[0], kwargs)), with_kwargs=True)
     x, y = pair()
-    model.train_step(x, y)
+    Trainer(model).train_step(x, y)
     assert len(calls) == 4  # G(x) with taps, encode(G(x)) for the queries; the same for y
     for real, (main_input, main_kw), (query_input, query_kw) in ((x, *calls[:2]), (y, *calls[2:])):
         assert torch.equal(main_input, real) and not main_kw.get("encode_only")
@@ -818,28 +837,29 @@ def test_cut_step_gives_the_gradients_of_one_pass_of_G_over_x_and_y_together(mon
     """The step back-propagates the terms of G(x), then builds and back-propagates the identity term
     of G(y); the official step runs G once on x and y together and back-propagates Eq. 5 once."""
     torch.manual_seed(0)
-    model = CUT(CUTConfig(**TINY_CUT))
-    official = copy.deepcopy(model)
-    grads, step_optimizer = {}, model.step_optimizer
+    trainer = Trainer(CUT(CUTConfig(**TINY_CUT)))
+    official = copy.deepcopy(trainer)
+    grads, step = {}, trainer.step
 
     def record(group):
-        grads[group] = [p.grad.clone() for p in model.optimizers[group].param_groups[0]["params"]]
-        step_optimizer(group)
-    monkeypatch.setattr(model, "step_optimizer", record)
+        grads[group] = [p.grad.clone() for p in trainer.optimizers[group].param_groups[0]["params"]]
+        step(group)
+    monkeypatch.setattr(trainer, "step", record)
     x, y = pair()
     torch.manual_seed(1)  # the same patches drawn in both steps
-    losses = model.train_step(x, y)
+    losses = trainer.train_step(x, y)
 
-    m, gan, taps = official, official.gan_loss, official.config.nce_layers  # the official step, written out
+    m, gan, taps = official.model, official.model.gan_loss, official.model.config.nce_layers  # the official step
     torch.manual_seed(1)
     fake, keys = m.G(torch.cat([x, y]), taps)
-    m.update(0.5 * (gan(m.D(fake[:1].detach()), False) + gan(m.D(y), True)), "D")
+    update(official, 0.5 * (gan(m.D(fake[:1].detach()), False) + gan(m.D(y), True)), "D")
     m.D.requires_grad_(False)
     nce = [m.patch_nce([k[i:i + 1] for k in keys], fake[i:i + 1], False) for i in (0, 1)]
     g_gan = gan(m.D(fake[:1]), True)
-    expected = torch.autograd.grad(g_gan + (nce[0] + nce[1]) / 2, m.optimizers["G"].param_groups[0]["params"])
-    assert [losses[k] for k in ("G_gan", "NCE_X", "NCE_Y")] == pytest.approx([t.item() for t in (g_gan, *nce)],
-                                                                              rel=1e-5)
+    expected = torch.autograd.grad(g_gan + (nce[0] + nce[1]) / 2, official.optimizers["G"].param_groups[0]["params"])
+    # The logged terms are those of the objective: the official code averages the two NCE terms.
+    assert [losses[k] for k in ("G_gan", "NCE_X", "NCE_Y")] == \
+        pytest.approx([g_gan.item(), nce[0].item() / 2, nce[1].item() / 2], rel=1e-5)
     assert len(grads["G"]) == len(expected)
     # Equal up to float rounding (G ran on batches of 1, not 2), judged over all of G and H at once:
     # the biases before an instance norm have a zero gradient, made of rounding alone.
@@ -849,7 +869,7 @@ def test_cut_step_gives_the_gradients_of_one_pass_of_G_over_x_and_y_together(mon
 
 def test_cut_step_frees_the_graph_of_G_x_before_it_builds_G_y():
     torch.manual_seed(0)
-    model = CUT(CUTConfig(**TINY_CUT))
+    model = Trainer(CUT(CUTConfig(**TINY_CUT)))
     peak, total = saved_bytes_of(lambda: model.train_step(*pair()))
     assert 0.3 * total < peak < 0.7 * total
 
@@ -859,8 +879,8 @@ def test_fp16_loss_scaling_over_several_backward_passes_gives_the_fp32_step(mode
     """The fp16 path (CUDA) scales each part's backward and unscales the sum once. Run here in fp32
     arithmetic (autocast off): with a power-of-two scale the weights must match the plain step's."""
     torch.manual_seed(0)
-    plain = model_cls(config)
-    scaled = model_cls(config, "cpu", "fp16")
+    plain = Trainer(model_cls(config))
+    scaled = Trainer(model_cls(config), "cpu", "fp16")
     scaled.load_state_dict(plain.state_dict())
     monkeypatch.setattr(scaled, "autocast", contextlib.nullcontext)
     x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
@@ -876,7 +896,7 @@ def test_fp16_loss_scaling_over_several_backward_passes_gives_the_fp32_step(mode
 
 def test_short_cut_training_on_one_pair_drives_nce_down():
     torch.manual_seed(0)
-    model = CUT(CUTConfig(**{**TINY_CUT, "ngf": 8}))
+    model = Trainer(CUT(CUTConfig(**{**TINY_CUT, "ngf": 8})))
     x, y = pair()
     first = model.train_step(x, y)["NCE_X"]
     for _ in range(30):
@@ -887,15 +907,43 @@ def test_short_cut_training_on_one_pair_drives_nce_down():
 def test_cut_rejects_a_unet_and_channel_mismatches_clearly():
     with pytest.raises(ValueError, match="encoder taps of a ResNet.*--netG resnet_9blocks"):
         CUT(CUTConfig(netG="unet_128"))
-    with pytest.raises(ValueError, match="--no-nce-idt"):
-        CUT(CUTConfig(**TINY_CUT, channels_x=1))
-    assert CUT(CUTConfig(**TINY_CUT, channels_x=1, nce_idt=False)).translate(torch.zeros(1, 1, 32, 32)).shape \
-        == (1, 3, 32, 32)
+    # G(x) goes through G's own encoder, so CUT needs the same channels in X and Y, identity term or not.
+    for mode in ("cut", "fastcut"):
+        with pytest.raises(ValueError, match="same number of channels.*--model cycle_gan"):
+            CUT(CUTConfig(mode=mode, **TINY_CUT, channels_x=1))
+    gray = Trainer(CUT(CUTConfig(mode="fastcut", **TINY_CUT, channels_x=1, channels_y=1)))
+    gray.train_step(torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32))
+    assert gray.translate(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32)
 
 
 def test_cut_translates_one_way_only():
     with pytest.raises(ValueError, match="x2y only"):
-        CUT(CUTConfig(**TINY_CUT)).translate(torch.zeros(1, 3, 32, 32), "y2x")
+        Trainer(CUT(CUTConfig(**TINY_CUT))).translate(torch.zeros(1, 3, 32, 32), "y2x")
+
+
+@pytest.mark.parametrize("model, no_crop_from", [("cut", 2), ("fastcut", 2), ("cycle_gan", None)])
+def test_cut_trains_without_resize_and_crop_in_its_decay_epochs_cycle_gan_with(dataset_root, tmp_path, model,
+                                                                                no_crop_from):
+    args = train_gan.parse_train_args(cli_args(dataset_root, tmp_path, "--model", model, "--epochs", "2"))
+    trainer, _, folders, _ = train_gan.prepare(args, torch.device("cpu"))
+    data, _, _ = train_gan.make_loader(args, trainer, folders)
+    assert data.no_crop_from_epoch == no_crop_from  # epochs counted from 0: the first decay epoch is 2
+
+
+@pytest.mark.parametrize("path", ["cycle_gan.py", "cut_model.py"])
+def test_model_files_import_only_torch_the_standard_library_and_the_network_files(path):
+    tree = ast.parse((Path(__file__).parent / path).read_text())
+    modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {m.split(".")[0] for m in modules} <= {"layers", "networks", "losses", "torch", *sys.stdlib_module_names}
+
+
+def test_every_logged_loss_name_stands_as_a_literal_string_in_its_model_file():
+    x, y = pair(32)
+    for model, path in ((CycleGAN(CycleGANConfig(**TINY)), "cycle_gan.py"), (CUT(CUTConfig(**TINY_CUT)), "cut_model.py")):
+        source = (Path(__file__).parent / path).read_text()
+        names = list(Trainer(model).train_step(x, y))
+        assert names and all(f'"{name}"' in source for name in names), (path, names)
 
 
 # ----------------------------------------------------------------------------- reliability
@@ -929,6 +977,8 @@ def assert_one_line_error(code, err, pattern):
     (["--model", "cut", "--netG", "unet_128", "--crop-size", "128", "--load-size", "128"], "encoder taps"),
     (["--model", "cut", "--nce-layers", "0,5"], "unknown encoder tap 5"),
     (["--input-nc", "1"], "--lambda-identity 0"),
+    (["--model", "fastcut", "--input-nc", "1"], "same number of channels"),
+    (["--model", "cut", "--output-nc", "1", "--no-nce-idt"], "same number of channels"),
     (["--epochs", "x"], "invalid int value: 'x'"),
     (["--precision", "fp16"], "fp16 is for CUDA GPUs"),
 ])
@@ -993,7 +1043,7 @@ def test_small_and_huge_images_become_crops(tmp_path):
         (tmp_path / split).mkdir()
         Image.new("RGB", size, (200, 30, 30)).save(tmp_path / split / "img.jpg", quality=50)
     data = du.UnpairedDataset(tmp_path / "trainA", tmp_path / "trainB", 72, 64)
-    x, y = data[(0, 0, 0)]
+    x, y = data[(0, 0, 0, 0)]
     assert x.shape == y.shape == (3, 64, 64)
     assert du.load_image(tmp_path / "trainB" / "img.jpg", 3, 72).size == (625, 375)  # decoded at 1/8 scale
 
@@ -1060,8 +1110,8 @@ def test_a_nan_loss_stops_the_run_naming_the_loss_and_step(dataset_root, tmp_pat
     out = tmp_path / "out"
     assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
     saved = (out / "run" / "latest.pt").read_bytes()
-    step = CycleGAN.train_step
-    monkeypatch.setattr(CycleGAN, "train_step",
+    step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step",
                         lambda self, x, y: StepLosses({**step(self, x, y).tensors, "cycle_X": torch.tensor(math.nan)}))
     code, err = run_cli(cli_args(dataset_root, out, "--epochs", "2", "--epochs-decay", "0", "--resume"), capsys)
     assert code == 1 and re.search("loss cycle_X became nan by step 3", err[-1])
@@ -1071,12 +1121,13 @@ def test_a_nan_loss_stops_the_run_naming_the_loss_and_step(dataset_root, tmp_pat
 def test_losses_are_read_once_per_logged_window_and_averaged(dataset_root, tmp_path, capsys, monkeypatch):
     """The loop reads the step's loss tensors only at logged steps: a csv row is the mean of its
     window, and a NaN is caught at the end of its window, not at its own step."""
-    step, nan_at = CycleGAN.train_step, [None]
+    step, nan_at = Trainer.train_step, [None]
 
     def numbered(self, x, y):  # cycle_X = the step's number, or NaN at step nan_at
         losses = step(self, x, y).tensors
-        return StepLosses({**losses, "cycle_X": torch.tensor(float("nan") if self.step == nan_at[0] else self.step)})
-    monkeypatch.setattr(CycleGAN, "train_step", numbered)
+        n = self.global_step
+        return StepLosses({**losses, "cycle_X": torch.tensor(float("nan") if n == nan_at[0] else n)})
+    monkeypatch.setattr(Trainer, "train_step", numbered)
     argv = ["--max-steps", "4", "--epochs", "1", "--epochs-decay", "0", "--log-every"]
     assert cli(cli_args(dataset_root, tmp_path / "a", *argv, "2")) == 0
     rows = list(csv.DictReader((tmp_path / "a" / "run" / "losses.csv").open()))

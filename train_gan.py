@@ -14,6 +14,8 @@ losses.png and latest.pt (everything needed to resume), plus epoch_NNN.pt every 
 import argparse
 import dataclasses
 import json
+from collections.abc import Mapping
+from contextlib import contextmanager, nullcontext
 import math
 import os
 import random
@@ -32,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cut_model import CUT, CUTConfig
-from cycle_gan import CycleGAN, CycleGANConfig, StepLosses, TranslationModel
+from cycle_gan import CycleGAN, CycleGANConfig
 from data_utility import (DataError, PairSampler, UnpairedDataset, append_losses, download, find_domains,
                           list_images, load_image, load_fixed_images, plot_losses, save_image_grid, to_image,
                           to_tensor)
@@ -51,6 +53,163 @@ PRESETS = {
 # blocks is the CycleGAN paper's own setting for 128x128 images.
 CPU_PRESET = dict(crop_size=128, load_size=143, max_steps=150, netG="resnet_6blocks")
 GPU_PRESET = dict(crop_size=256, load_size=286, max_steps=None)
+
+
+def lr_factor(epoch: int, epochs: int, epochs_decay: int) -> float:
+    """The official 'linear' policy: 1 for the first `epochs`, then down by 1/(epochs_decay+1) per epoch,
+    so the last epoch trains at lr / (epochs_decay + 1), not at 0."""
+    return 1.0 - max(0, epoch + 1 - epochs) / float(epochs_decay + 1)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def adam(params: list[torch.nn.Parameter], config) -> torch.optim.Adam:
+    """Adam with the official lr and betas (beta1, 0.999), as one fused kernel where this torch has
+    one for the device (CUDA; CPU since torch 2.4): the same update, 3x faster than the per-tensor
+    loop on a CPU, without the multi-tensor version's temporary copy of every parameter."""
+    try:
+        return torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, 0.999), fused=True)
+    except RuntimeError:  # no fused kernel for this device in this torch
+        return torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, 0.999))
+
+
+class StepLosses(Mapping):
+    """What a training step returns: loss name -> float.
+
+    The floats are read from the device on first access, all with one copy; on a GPU that waits
+    for the step to finish. `tensors` holds the same losses as 0-dim device tensors, which the
+    training loop sums and reads only every --log-every steps, so the GPU never waits between steps.
+    """
+
+    def __init__(self, losses: dict[str, torch.Tensor]):
+        self.tensors = {k: v.detach() for k, v in losses.items()}
+        self._floats: dict[str, float] | None = None
+
+    def __getitem__(self, name: str) -> float:
+        if self._floats is None:
+            values = torch.stack([v.float() for v in self.tensors.values()]).tolist()
+            self._floats = dict(zip(self.tensors, values))
+        return self._floats[name]
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+class Trainer:
+    """Everything of training that is not the paper: a model's networks on the device, one Adam per
+    group of networks (`model.groups`), the lr schedule, precision and loss scaling, DDP and
+    torch.compile wrappers, and the state for an exact resume.
+
+    The model's `train_step(x, y, trainer)` calls back `autocast()`, `backward(loss, group)` and
+    `step(group)`. `nets` holds the plain modules; the model's attributes may be wrapped (`wrap`).
+    """
+
+    def __init__(self, model, device: torch.device | str = "cpu", precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        self.model, self.device, self.precision = model, torch.device(device), precision
+        self.nets = {name: getattr(model, name).to(self.device)
+                     for members in model.groups.values() for name in members}
+        self.optimizers = {group: adam([p for n in members for p in self.nets[n].parameters()], model.config)
+                           for group, members in model.groups.items()}
+        # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 does not.
+        self.scalers = {group: torch.amp.GradScaler(self.device.type) for group in model.groups} \
+            if precision == "fp16" else {}
+        self.epoch = 0  # epochs finished
+        self.global_step = 0  # optimisation steps taken in all
+
+    def autocast(self):
+        """Mixed-precision context for forward passes and losses (fp32: none)."""
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(self.device.type, dtype) if dtype else nullcontext()
+
+    def backward(self, loss: torch.Tensor, group: str) -> None:
+        """Back-propagate `loss` into the gradients of `group`; several calls add up (fp16: scaled)."""
+        (self.scalers[group].scale(loss) if group in self.scalers else loss).backward()
+
+    def step(self, group: str) -> None:
+        """One Adam step of `group` on the gradients summed so far.
+
+        The gradients are freed right after the step, not before the next backward: kept, they
+        would sit in memory through the next step's forward passes (91 MB for CycleGAN's G and F).
+        """
+        optimizer = self.optimizers[group]
+        if group in self.scalers:
+            self.scalers[group].step(optimizer)
+            self.scalers[group].update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepLosses:
+        """One step of the model's objective on a batch x (B, C_x, H, W) and y (B, C_y, H, W)."""
+        losses = self.model.train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
+                                       self)
+        self.global_step += 1
+        return StepLosses(losses)
+
+    def wrap(self, fn) -> None:
+        """Replace the networks the step calls by fn(network), e.g. a DDP wrapper or torch.compile."""
+        for name in self.nets:
+            setattr(self.model, name, fn(getattr(self.model, name)))
+
+    @contextmanager
+    def evaluating(self):
+        """The model with its plain networks (not their DDP or compiled wrappers), in eval mode and
+        without gradients: for grids and translation, which run on one rank only."""
+        wrapped = {name: getattr(self.model, name) for name in self.nets}
+        for name, net in self.nets.items():
+            setattr(self.model, name, net.eval())
+        try:
+            with torch.no_grad():
+                yield self.model
+        finally:
+            for name, net in wrapped.items():
+                setattr(self.model, name, net.train())
+
+    def translate(self, images: torch.Tensor, direction: str = "x2y") -> torch.Tensor:
+        """Translate (B, C, H, W) images one way with the generator of that direction."""
+        names = self.model.directions
+        if direction not in names:
+            raise ValueError(f"a {self.model.name} model translates {' and '.join(names)} only, not {direction}")
+        with self.evaluating() as model:
+            return getattr(model, names[direction])(images.to(self.device))
+
+    def visuals(self, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
+        """The model's grid rows for fixed images x and y (B, C, H, W)."""
+        with self.evaluating() as model:
+            return model.visuals(x.to(self.device), y.to(self.device))
+
+    def end_epoch(self) -> None:
+        """Count a finished epoch and set the lr of the next one."""
+        self.epoch += 1
+        config = self.model.config
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = config.lr * lr_factor(self.epoch, config.epochs, config.epochs_decay)
+
+    def state_dict(self) -> dict:
+        """Everything a resume needs: model name and config, networks, optimisers, counters, model extras."""
+        extra = getattr(self.model, "extra_state", dict)()
+        return {"model": self.model.name, "config": dataclasses.asdict(self.model.config), "epoch": self.epoch,
+                "step": self.global_step, "nets": {k: v.state_dict() for k, v in self.nets.items()},
+                "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()}, "extra": extra}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, net in self.nets.items():
+            net.load_state_dict(state["nets"][k])
+        for k, opt in self.optimizers.items():
+            kernel = {key: opt.defaults[key] for key in ("fused", "foreach")}
+            opt.load_state_dict(state["optimizers"][k])
+            for group in opt.param_groups:  # a checkpoint carries its machine's Adam kernel: use this one's
+                group.update(kernel)
+        self.epoch, self.global_step = state["epoch"], state["step"]
+        if state["extra"]:
+            self.model.load_extra_state(state["extra"], self.device)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -252,16 +411,16 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def build_model(state: dict, device: torch.device, precision: str = "fp32"):
+def build_trainer(state: dict, device: torch.device, precision: str = "fp32") -> Trainer:
     """The model a checkpoint describes (its own config), with its weights and optimiser state."""
     model_cls, config_cls = MODELS[state["model"]]
-    model = model_cls(config_cls(**state["config"]), device, precision)
+    trainer = Trainer(model_cls(config_cls(**state["config"])), device, precision)
     try:
-        model.load_state_dict(state)
+        trainer.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as e:
         raise UsageError(f"checkpoint does not match a {state['model']} of its own config: "
                          f"{str(e).splitlines()[0]}") from None
-    return model
+    return trainer
 
 
 class StopFlag:
@@ -355,7 +514,7 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
 def prepare(args: argparse.Namespace, device: torch.device, fresh: bool = False):
     """Options checked and completed, the dataset folders, and the model (resumed or new).
 
-    Returns (model, epoch_step, folders, filled presets). `fresh` ignores output folders (benchmark).
+    Returns (trainer, epoch_step, folders, filled presets). `fresh` ignores output folders (benchmark).
     """
     args.name = args.name or f"{args.model}_{args.dataroot.name}"
     run_dir = args.output_dir / args.name
@@ -369,17 +528,17 @@ def prepare(args: argparse.Namespace, device: torch.device, fresh: bool = False)
     folders = find_domains(args.dataroot, args.direction)
     if state:
         state["config"].update(epochs=args.epochs, epochs_decay=args.epochs_decay)  # a schedule may grow
-        model = build_model(state, device, args.precision)
+        trainer = build_trainer(state, device, args.precision)
         set_rng_state(state["rng"], device)
-        return model, state["epoch_step"], folders, filled
+        return trainer, state["epoch_step"], folders, filled
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     try:
-        model = MODELS[args.model][0](model_config(args, MODELS[args.model][1]), device, args.precision)
+        model = MODELS[args.model][0](model_config(args, MODELS[args.model][1]))
     except ValueError as e:  # an option combination the model cannot build
         raise UsageError(str(e)) from None
-    return model, 0, folders, filled
+    return Trainer(model, device, args.precision), 0, folders, filled
 
 
 def quiet_worker(_: int) -> None:
@@ -389,36 +548,40 @@ def quiet_worker(_: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def make_loader(args, model, folders, rank: int = 0, world: int = 1):
+def make_loader(args, trainer: Trainer, folders, rank: int = 0, world: int = 1):
     """(dataset, sampler, loader) over the training folders; each rank gets its share of every epoch."""
-    cfg = model.config
+    model, cfg = trainer.model, trainer.model.config
     data = UnpairedDataset(folders["train_x"], folders["train_y"], args.load_size, args.crop_size,
-                           cfg.channels_x, cfg.channels_y)
+                           cfg.channels_x, cfg.channels_y,
+                           no_crop_from_epoch=None if model.resize_crop_in_decay else cfg.epochs)
     sampler = PairSampler(len(data.files[0]), len(data.files[1]), args.seed, rank, world)
     loader = torch.utils.data.DataLoader(
-        data, args.batch_size, sampler=sampler, num_workers=args.workers, pin_memory=model.device.type == "cuda",
+        data, args.batch_size, sampler=sampler, num_workers=args.workers, pin_memory=trainer.device.type == "cuda",
         persistent_workers=args.workers > 0, worker_init_fn=quiet_worker,
         generator=torch.Generator())  # own generator: global RNG untouched
     return data, sampler, loader
 
 
-def speed_up(args, model, rank: int, world: int) -> None:
+def speed_up(args, trainer: Trainer, rank: int, world: int) -> None:
     """DDP across ranks, then torch.compile, as asked."""
     if world > 1:
-        ids = [model.device.index] if model.device.type == "cuda" else None
-        model.wrap(lambda net: DistributedDataParallel(net, device_ids=ids))
-        torch.manual_seed(args.seed + 1_000 * rank + model.step)  # each rank its own pools, patches, flips
+        ids = [trainer.device.index] if trainer.device.type == "cuda" else None
+        # No buffer broadcast: the buffers are fixed blur filters (or batch-norm statistics, which
+        # only rank 0 saves), and a broadcast in a forward that one rank runs alone (FastCUT's
+        # mirrored key pass, drawn per rank) would unpair the ranks' collectives and hang them.
+        trainer.wrap(lambda net: DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False))
+        torch.manual_seed(args.seed + 1_000 * rank + trainer.global_step)  # each rank its own pools, patches, flips
     if args.compile:
-        model.wrap(torch.compile)
+        trainer.wrap(torch.compile)
 
 
 def benchmark(args: argparse.Namespace) -> dict:
     """Time --benchmark N training steps (after 3 warm-up ones) on the real data and step; rank 0
     prints one JSON line. Under torchrun every rank steps, and images/s counts all of them."""
     rank, world, device = init_distributed(pick_device(args.device))
-    model, _, folders, _ = prepare(args, device, fresh=True)
-    _, sampler, loader = make_loader(args, model, folders, rank, world)
-    speed_up(args, model, rank, world)
+    trainer, _, folders, _ = prepare(args, device, fresh=True)
+    _, sampler, loader = make_loader(args, trainer, folders, rank, world)
+    speed_up(args, trainer, rank, world)
     warmup, times, batches = 3, [], iter(())
     for i in range(warmup + args.benchmark):
         try:
@@ -428,7 +591,7 @@ def benchmark(args: argparse.Namespace) -> dict:
             batches = iter(loader)
             x, y = next(batches)
         start = time.perf_counter()
-        model.train_step(x, y)
+        trainer.train_step(x, y)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the step's kernels have run
         elif device.type == "mps":
@@ -440,7 +603,7 @@ def benchmark(args: argparse.Namespace) -> dict:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux reports KiB
     result = {"model": args.model, "device": str(device), "processes": world, "precision": args.precision,
               "compile": args.compile, "crop_size": args.crop_size, "batch_size": args.batch_size,
-              "netG": model.config.netG, "sec_per_iter": round(sec, 4),
+              "netG": trainer.model.config.netG, "sec_per_iter": round(sec, 4),
               "images_per_sec": round(args.batch_size * world / sec, 3), "peak_mem_mb": round(peak, 1),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     if rank == 0:
@@ -459,26 +622,26 @@ def mean_losses(window: dict[str, torch.Tensor], count: int, control, where: str
     return mean
 
 
-def train(args: argparse.Namespace, stop: StopFlag | None = None) -> TranslationModel:
-    """Train per the options (under torchrun: on every rank); returns the model."""
+def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Trainer:
+    """Train per the options (under torchrun: on every rank); returns the trainer."""
     rank, world, device = init_distributed(pick_device(args.device))
     lead = rank == 0  # only rank 0 prints and writes
-    model, epoch_step, folders, filled = prepare(args, device)
+    trainer, epoch_step, folders, filled = prepare(args, device)
     run_dir = args.output_dir / args.name
     ckpt = run_dir / "latest.pt"
-    data, sampler, loader = make_loader(args, model, folders, rank, world)
-    speed_up(args, model, rank, world)
-    cfg = model.config
+    data, sampler, loader = make_loader(args, trainer, folders, rank, world)
+    speed_up(args, trainer, rank, world)
+    cfg = trainer.model.config
     fixed = [load_fixed_images(folders[f"test_{d}"] or folders[f"train_{d}"], 4, args.crop_size, c)
              for d, c in (("x", cfg.channels_x), ("y", cfg.channels_y))]
     steps = min(math.ceil(sampler.epoch_size() / args.batch_size), args.max_steps or math.inf)
     total_epochs = cfg.epochs + cfg.epochs_decay
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
-        print(("resuming " if epoch_step or model.step else "") +
+        print(("resuming " if epoch_step or trainer.global_step else "") +
               f"{args.model} on {device} x {world} | data {args.dataroot} ({len(data.files[0])} X, "
               f"{len(data.files[1])} Y) | crop {args.crop_size} (load {args.load_size}) | batch {args.batch_size} | "
-              f"{steps} steps/epoch x {total_epochs} epochs | at epoch {model.epoch + 1} step {epoch_step} | "
+              f"{steps} steps/epoch x {total_epochs} epochs | at epoch {trainer.epoch + 1} step {epoch_step} | "
               f"out {run_dir}" + (f"\ndefaults for {device.type}: {', '.join(filled)}" if filled else ""))
     stop = stop or StopFlag(world, lead).install()
     control = dist.new_group(backend="gloo") if world > 1 else None  # for the ranks' stop votes
@@ -486,16 +649,16 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Translation
 
     def save(path: Path, step_in_epoch: int) -> None:
         if lead:
-            save_checkpoint(path, {**model.state_dict(), "epoch_step": step_in_epoch, "rng": rng_state(device),
+            save_checkpoint(path, {**trainer.state_dict(), "epoch_step": step_in_epoch, "rng": rng_state(device),
                                    "run": {**run, "seed": args.seed}})
 
-    for epoch in range(model.epoch, total_epochs):
+    for epoch in range(trainer.epoch, total_epochs):
         sampler.set_epoch(epoch, epoch_step * args.batch_size, steps * args.batch_size)
         start, first, window, count, mean, halt = time.time(), epoch_step, {}, 0, {}, False
         with tqdm(total=steps, initial=epoch_step, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
                   dynamic_ncols=True, disable=not lead) as bar:
             for x, y in loader:
-                losses = model.train_step(x, y).tensors  # still on the device: nothing waits here
+                losses = trainer.train_step(x, y).tensors  # still on the device: nothing waits here
                 epoch_step += 1
                 bar.update()
                 window = {k: window.get(k, 0.0) + v for k, v in losses.items()}
@@ -505,9 +668,10 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Translation
                 # The host reads the losses only at logged steps (a GPU runs on until then).
                 if not (epoch_step % args.log_every == 0 or epoch_step == steps or halt):
                     continue
-                mean = mean_losses(window, count, control, f"by step {model.step}; {ckpt} keeps the last good state")
+                mean = mean_losses(window, count, control,
+                                   f"by step {trainer.global_step}; {ckpt} keeps the last good state")
                 if lead:
-                    append_losses(run_dir / "losses.csv", model.step, epoch + 1, mean)
+                    append_losses(run_dir / "losses.csv", trainer.global_step, epoch + 1, mean)
                     bar.set_postfix({k: f"{v:.3f}" for k, v in mean.items()}, refresh=False)
                 window, count = {}, 0
                 if halt and epoch_step < steps:  # on an epoch's last step, finish the epoch first
@@ -515,25 +679,25 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Translation
                     if lead:
                         print(f"\nstopped at epoch {epoch + 1}, step {epoch_step}: saved {ckpt}; "
                               f"continue with --resume --name {args.name}")
-                    return model
+                    return trainer
         seconds = time.time() - start
         rate = (epoch_step - first) * args.batch_size * world / max(seconds, 1e-6)  # steps run now, all ranks
-        model.end_epoch()
+        trainer.end_epoch()
         epoch_step = 0
         if lead:
-            save_image_grid(model.visuals(*fixed), run_dir / f"epoch_{model.epoch:03d}.png")
+            save_image_grid(trainer.visuals(*fixed), run_dir / f"epoch_{trainer.epoch:03d}.png")
             plot_losses(run_dir / "losses.csv", run_dir / "losses.png")
             save(ckpt, 0)
-            if args.save_every and model.epoch % args.save_every == 0:
-                save(run_dir / f"epoch_{model.epoch:03d}.pt", 0)
+            if args.save_every and trainer.epoch % args.save_every == 0:
+                save(run_dir / f"epoch_{trainer.epoch:03d}.pt", 0)
             last = ", ".join(f"{k} {v:.3f}" for k, v in mean.items())
-            print(f"epoch {model.epoch}/{total_epochs}  {last}  {seconds:.0f} s  "
+            print(f"epoch {trainer.epoch}/{total_epochs}  {last}  {seconds:.0f} s  "
                   f"{rate:.2f} img/s")
             if halt:
-                print(f"stopped after epoch {model.epoch}: saved {ckpt}; continue with --resume --name {args.name}")
+                print(f"stopped after epoch {trainer.epoch}: saved {ckpt}; continue with --resume --name {args.name}")
         if halt:
-            return model
-    return model
+            return trainer
+    return trainer
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -553,18 +717,19 @@ def input_images(folder: Path) -> list[Path]:
     return files
 
 
-def load_translator(checkpoint: Path, device: torch.device, direction: str) -> tuple[TranslationModel, int]:
+def load_translator(checkpoint: Path, device: torch.device, direction: str) -> tuple[Trainer, int]:
     """The model of a checkpoint and the channel count of the images it translates that way."""
-    model = build_model(load_checkpoint(checkpoint), device)
-    if direction not in model.generators():
+    trainer = build_trainer(load_checkpoint(checkpoint), device)
+    model = trainer.model
+    if direction not in model.directions:
         raise UsageError(f"{checkpoint} is a {model.name} model, which translates x2y only: "
                          f"drop --direction {direction}")
-    return model, model.config.channels_x if direction == "x2y" else model.config.channels_y
+    return trainer, model.config.channels_x if direction == "x2y" else model.config.channels_y
 
 
-def translate_any_size(model: TranslationModel, x: torch.Tensor, direction: str) -> torch.Tensor:
+def translate_any_size(trainer: Trainer, x: torch.Tensor, direction: str) -> torch.Tensor:
     """(B, C, H, W) of any H, W: padded to the generator's size multiple, translated, cropped back."""
-    y = model.translate(pad_to_multiple(x, size_multiple(model.config.netG)), direction)
+    y = trainer.translate(pad_to_multiple(x, size_multiple(trainer.model.config.netG)), direction)
     return y[..., :x.shape[-2], :x.shape[-1]]
 
 
@@ -573,10 +738,10 @@ def translate(args: argparse.Namespace) -> int:
     if args.output.resolve() == args.input.resolve():
         raise UsageError("--output is the --input folder: choose another folder so no input is overwritten")
     files = input_images(args.input)
-    model, c_in = load_translator(args.checkpoint, pick_device(args.device), args.direction)
+    trainer, c_in = load_translator(args.checkpoint, pick_device(args.device), args.direction)
     args.output.mkdir(parents=True, exist_ok=True)
     for f in tqdm(files, desc="translate", leave=False):
-        y = translate_any_size(model, to_tensor(load_image(f, c_in))[None], args.direction)
+        y = translate_any_size(trainer, to_tensor(load_image(f, c_in))[None], args.direction)
         to_image(y[0]).save(args.output / f"{f.stem}.png")
     print(f"translated {len(files)} images into {args.output}")
     return len(files)
