@@ -976,6 +976,8 @@ def assert_one_line_error(code, err, pattern):
     (["--crop-size", "30"], "multiple of 4"),
     (["--model", "cut", "--netG", "unet_128", "--crop-size", "128", "--load-size", "128"], "encoder taps"),
     (["--model", "cut", "--nce-layers", "0,5"], "unknown encoder tap 5"),
+    # without blur-pool the official index 8 names no tap: the paper's down2 is layer 7 there
+    (["--model", "cut", "--no-antialias", "--nce-layers", "0,4,8,12,16"], r"unknown encoder tap 8: .* down2 \(7\)"),
     (["--input-nc", "1"], "--lambda-identity 0"),
     (["--model", "fastcut", "--input-nc", "1"], "same number of channels"),
     (["--model", "cut", "--output-nc", "1", "--no-nce-idt"], "same number of channels"),

@@ -274,8 +274,10 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
                                                                 "(cut on, fastcut off)")
     a("--flip-equivariance", action=argparse.BooleanOptionalAction,
       help="CUT: mirror G's input half the time (cut off, fastcut on)")
-    a("--nce-layers", type=parse_taps, help="CUT: encoder taps, names or official indices "
-                                            "(default input,down1,down2,res1,res5 = 0,4,8,12,16)")
+    a("--nce-layers", type=parse_taps, help="CUT: encoder taps, by name or official index (default: the "
+                                            "paper's layers input,down1,down2,res1,res5, official 0,4,8,12,16; "
+                                            "with --no-antialias the names keep those layers, while the "
+                                            "official indices would name others)")
     a("--num-patches", type=int, default=256, help="CUT: patches sampled per layer")
     a("--nce-temperature", type=float, default=0.07, help="CUT: temperature tau of Eq. 2")
     a("--antialias", action=argparse.BooleanOptionalAction,
