@@ -161,6 +161,28 @@ class CUT:
         return sum(self.nce_loss(qi, ki) for qi, ki in zip(q, k)) / len(q)
 
     @torch.no_grad()
+    def similarity_maps(self, source: torch.Tensor, target: torch.Tensor, points, layer: int = -1) -> torch.Tensor:
+        """The learned similarity PatchNCE trains (the CUT paper's visualisation of it): for each query
+        point of `source` (B, C, H, W), as (row, col) fractions of its height and width, the
+        probability that each patch of `target` (B, C, H, W) is its positive: the softmax over all of
+        target's patches of similarity / tau, at one tapped layer (default the deepest), through G's
+        encoder and H. Returns (B, Q, h, w), each map summing to 1.
+
+        With source = G(x) and target = x: where each output patch finds its input patch.
+        """
+        c = self.config
+        tap = c.nce_layers[layer]
+        feat_q, feat_k = (self.G(img, [tap], encode_only=True)[0] for img in (source, target))  # (B, C_l, h, w)
+        h, w = feat_k.shape[-2:]
+        ids = torch.tensor([min(int(r * h), h - 1) * w + min(int(col * w), w - 1) for r, col in points],
+                           device=source.device)
+        layer = layer % len(c.nce_layers)
+        q = self.H.project(layer, feat_q, ids)  # (B, Q, nc): the queries
+        k = self.H.project(layer, feat_k, torch.arange(h * w, device=target.device))  # (B, h*w, nc): every key
+        logits = q @ k.transpose(1, 2) / c.nce_temperature  # (B, Q, h*w), as in Eq. 2
+        return logits.softmax(-1).view(*q.shape[:2], h, w)
+
+    @torch.no_grad()
     def visuals(self, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
         """Grid rows: x | G(x), and | y | G(y) when the identity term is on."""
         rows = [list(r) for r in zip(x, self.G(x))]

@@ -197,12 +197,52 @@ def save_image_grid(rows: list[list[torch.Tensor]], path: Path, pad: int = 2) ->
 
     Written with Pillow (no torchvision); one-channel images are shown as gray.
     """
-    h, w = rows[0][0].shape[-2:]
+    save_grid([[to_image(img).convert("RGB") for img in row] for row in rows], path, pad)
+
+
+def save_grid(rows: list[list[Image.Image]], path: Path, pad: int = 2) -> None:
+    """Write rows of equally sized images as one picture, `pad` white pixels apart."""
+    w, h = rows[0][0].size
     grid = Image.new("RGB", (max(map(len, rows)) * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
-            grid.paste(to_image(img).convert("RGB"), (pad + c * (w + pad), pad + r * (h + pad)))
+            grid.paste(img, (pad + c * (w + pad), pad + r * (h + pad)))
     grid.save(path)
+
+
+MARKS = ("red", "lime", "cyan", "yellow", "magenta")
+
+
+def save_similarity_grid(x: torch.Tensor, fake: torch.Tensor, maps: torch.Tensor, points, path: Path) -> None:
+    """Write CUT's learned similarity as a picture: a row per image, x and G(x) with the query points
+    marked, then for each query point its map (B, Q, h, w) over x as a heat map (bright: likely).
+
+    x, fake: (B, C, H, W) in [-1, 1]; points: Q (row, col) fractions, drawn as squares in MARKS' colours.
+    """
+    import matplotlib
+    from PIL import ImageDraw
+
+    def marked(img: Image.Image, which) -> Image.Image:
+        draw, (w, h) = ImageDraw.Draw(img), img.size
+        for q in which:
+            r, c = points[q]
+            draw.rectangle((c * w - 3, r * h - 3, c * w + 3, r * h + 3), outline=MARKS[q % len(MARKS)], width=2)
+        return img
+
+    size = tuple(x.shape[-2:])
+    heat = torch.nn.functional.interpolate(maps.float().cpu(), size=size, mode="bilinear", align_corners=False)
+    heat = heat / heat.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)  # each map's peak is 1
+    colour = matplotlib.colormaps["inferno"]
+    rows = []
+    for b in range(len(x)):
+        gray = to_image(x[b]).convert("L").convert("RGB")
+        row = [marked(to_image(x[b]).convert("RGB"), range(len(points))),
+               marked(to_image(fake[b]).convert("RGB"), range(len(points)))]
+        for q in range(len(points)):
+            hot = Image.fromarray((colour(heat[b, q].numpy())[..., :3] * 255).astype(np.uint8))
+            row.append(marked(Image.blend(gray, hot, 0.7), [q]))
+        rows.append(row)
+    save_grid(rows, path)
 
 
 def append_losses(path: Path, step: int, epoch: int, losses: dict[str, float]) -> None:

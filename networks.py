@@ -196,16 +196,20 @@ class PatchSampleMLP(nn.Module):
         if len(feats) != len(self.mlps):
             raise ValueError(f"H has {len(self.mlps)} MLPs but got {len(feats)} feature maps")
         out, ids_out = [], []
-        for layer, (feat, mlp) in enumerate(zip(feats, self.mlps)):
-            flat = feat.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        for layer, feat in enumerate(feats):
             if patch_ids is None:
-                ids = torch.randperm(flat.shape[1], device=feat.device)[:num_patches]
+                ids = torch.randperm(feat.shape[-2] * feat.shape[-1], device=feat.device)[:num_patches]
             else:
                 ids = patch_ids[layer]
-            x = full_precision(mlp(flat[:, ids]))  # (B, P, nc), normalised in fp32 whatever the --precision
-            out.append(x / (x.norm(dim=-1, keepdim=True) + 1e-7))
+            out.append(self.project(layer, feat, ids))
             ids_out.append(ids)
         return out, ids_out
+
+    def project(self, layer: int, feat: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """feat (B, C, H, W) of tapped layer `layer`, at flat locations ids (P,) -> (B, P, nc), through
+        that layer's MLP and L2-normalised (in fp32 whatever the --precision)."""
+        x = full_precision(self.mlps[layer](feat.flatten(2).transpose(1, 2)[:, ids]))  # (B, P, nc)
+        return x / (x.norm(dim=-1, keepdim=True) + 1e-7)
 
 
 # Old official checkpoints (PyTorch 0.4) stored running stats of instance norms, which have none.

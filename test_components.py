@@ -673,6 +673,10 @@ def test_cli_run_writes_grid_csv_plot_and_checkpoint_then_resumes(dataset_root, 
     assert {p.name for p in run.iterdir()} >= {"epoch_001.png", "losses.csv", "losses.png", "latest.pt"}
     cols, rows = GRID[model]
     assert Image.open(run / "epoch_001.png").size == (cols * 34 + 2, rows * 34 + 2)
+    if model == "cycle_gan":
+        assert not list(run.glob("nce_epoch_*"))
+    else:  # 2 test images a row: x, G(x), then a map for each of the 3 query points
+        assert Image.open(run / "nce_epoch_001.png").size == (5 * 34 + 2, 2 * 34 + 2)
     assert len((run / "losses.csv").read_text().splitlines()) == 3  # header + one row per step
     state = torch.load(run / "latest.pt", weights_only=True)
     assert (state["model"], state["epoch"], state["step"], state["epoch_step"]) == (model, 1, 2, 0)
@@ -680,6 +684,7 @@ def test_cli_run_writes_grid_csv_plot_and_checkpoint_then_resumes(dataset_root, 
     assert cli(cli_args(dataset_root, out, "--model", model, "--epochs", "1", "--epochs-decay", "1", "--resume")) == 0
     assert "resuming" in capsys.readouterr().out
     assert (run / "epoch_002.png").exists()
+    assert (run / "nce_epoch_002.png").exists() == (model != "cycle_gan")  # the map also comes from a resumed run
     assert torch.load(run / "latest.pt", weights_only=True)["step"] == 4
 
 
@@ -916,6 +921,26 @@ def test_cut_rejects_a_unet_and_channel_mismatches_clearly():
     assert gray.translate(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32)
 
 
+def test_similarity_map_of_an_image_with_itself_peaks_at_each_query_point():
+    torch.manual_seed(0)
+    model = CUT(CUTConfig(**{**TINY_CUT, "ngf": 16, "netF_nc": 64}))  # wide enough for distinct patches
+    x = torch.rand(2, 3, 64, 64) * 2 - 1  # noise: every patch differs from the others
+    points = [(0.5, 0.5), (0.1, 0.8), (0.9, 0.05)]
+    maps = model.similarity_maps(x, x, points)  # deepest tap, res5: 16x16 at 64x64
+    assert maps.shape == (2, 3, 16, 16)
+    assert torch.allclose(maps.sum(dim=(-2, -1)), torch.ones(2, 3))
+    peaks = maps.flatten(2).argmax(-1)  # (B, Q) flat locations
+    assert peaks.tolist() == [[8 * 16 + 8, 1 * 16 + 12, 14 * 16 + 0]] * 2
+    shallow = model.similarity_maps(x, x, points, layer=1)  # down1: 64x64
+    assert shallow.shape == (2, 3, 64, 64) and shallow.flatten(2).argmax(-1)[0, 0] == 32 * 64 + 32
+
+
+def test_nce_map_option_turns_the_map_off(dataset_root, tmp_path):
+    assert cli(cli_args(dataset_root, tmp_path, "--model", "fastcut", "--epochs", "1", "--epochs-decay", "0",
+                        "--no-nce-map")) == 0
+    assert (tmp_path / "run" / "epoch_001.png").exists() and not list((tmp_path / "run").glob("nce_epoch_*"))
+
+
 def test_cut_translates_one_way_only():
     with pytest.raises(ValueError, match="x2y only"):
         Trainer(CUT(CUTConfig(**TINY_CUT))).translate(torch.zeros(1, 3, 32, 32), "y2x")
@@ -940,7 +965,8 @@ def test_model_files_import_only_torch_the_standard_library_and_the_network_file
 
 def test_every_logged_loss_name_stands_as_a_literal_string_in_its_model_file():
     x, y = pair(32)
-    for model, path in ((CycleGAN(CycleGANConfig(**TINY)), "cycle_gan.py"), (CUT(CUTConfig(**TINY_CUT)), "cut_model.py")):
+    for model, path in ((CycleGAN(CycleGANConfig(**TINY)), "cycle_gan.py"),
+                        (CUT(CUTConfig(**TINY_CUT)), "cut_model.py")):
         source = (Path(__file__).parent / path).read_text()
         names = list(Trainer(model).train_step(x, y))
         assert names and all(f'"{name}"' in source for name in names), (path, names)

@@ -8,8 +8,9 @@
         --input data/horse2zebra/testA --output h2z.jpg          # the same test images, one row each
     python train_gan.py download horse2zebra
 
-Each epoch writes to output/NAME/: epoch_NNN.png (a grid of fixed test images), losses.csv,
-losses.png and latest.pt (everything needed to resume), plus epoch_NNN.pt every --save-every epochs.
+Each epoch writes to output/NAME/: epoch_NNN.png (a grid of fixed test images), for CUT and FastCUT
+nce_epoch_NNN.png (where G(x)'s patches find their input patches), losses.csv, losses.png and
+latest.pt (everything needed to resume), plus epoch_NNN.pt every --save-every epochs.
 """
 import argparse
 import dataclasses
@@ -36,8 +37,8 @@ from tqdm import tqdm
 from cut_model import CUT, CUTConfig
 from cycle_gan import CycleGAN, CycleGANConfig
 from data_utility import (DataError, PairSampler, UnpairedDataset, append_losses, download, find_domains,
-                          list_images, load_image, load_fixed_images, plot_losses, save_image_grid, to_image,
-                          to_tensor)
+                          list_images, load_image, load_fixed_images, plot_losses, save_image_grid,
+                          save_similarity_grid, to_image, to_tensor)
 from networks import GENERATORS, size_multiple
 
 BUNDLED = Path(__file__).resolve().parent / "data" / "apple2orange_small"
@@ -280,6 +281,8 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
                                             "official indices would name others)")
     a("--num-patches", type=int, default=256, help="CUT: patches sampled per layer")
     a("--nce-temperature", type=float, default=0.07, help="CUT: temperature tau of Eq. 2")
+    a("--nce-map", action=argparse.BooleanOptionalAction, default=True,
+      help="CUT: write nce_epoch_NNN.png each epoch, where G(x)'s patches find their input patches")
     a("--antialias", action=argparse.BooleanOptionalAction,
       help="CUT: blur-pool down/up-sampling in G and D (default on, as officially)")
     a("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
@@ -613,6 +616,20 @@ def benchmark(args: argparse.Namespace) -> dict:
     return result
 
 
+# The query points of nce_epoch_NNN.png, as (row, col) fractions: the centre, upper right, lower left.
+NCE_POINTS = ((0.5, 0.5), (0.3, 0.7), (0.8, 0.2))
+
+
+def save_nce_maps(trainer: Trainer, x: torch.Tensor, path: Path) -> None:
+    """CUT's learned similarity on fixed test images x (B, C, H, W): for each of NCE_POINTS on G(x),
+    a heat map over x of the patches PatchNCE takes for its positive (CUT.similarity_maps)."""
+    with trainer.evaluating() as model:
+        x = x.to(trainer.device)
+        fake = model.G(x)
+        maps = model.similarity_maps(fake, x, NCE_POINTS)
+    save_similarity_grid(x, fake, maps, NCE_POINTS, path)
+
+
 def mean_losses(window: dict[str, torch.Tensor], count: int, control, where: str) -> dict[str, float]:
     """Each loss summed over a log window of `count` steps, averaged and read to the host in one copy.
     Raises Diverged, naming the loss and `where`, when one is not finite here or on another rank."""
@@ -688,6 +705,8 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Trainer:
         epoch_step = 0
         if lead:
             save_image_grid(trainer.visuals(*fixed), run_dir / f"epoch_{trainer.epoch:03d}.png")
+            if args.nce_map and isinstance(trainer.model, CUT):
+                save_nce_maps(trainer, fixed[0][:2], run_dir / f"nce_epoch_{trainer.epoch:03d}.png")
             plot_losses(run_dir / "losses.csv", run_dir / "losses.png")
             save(ckpt, 0)
             if args.save_every and trainer.epoch % args.save_every == 0:
