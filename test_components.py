@@ -1259,7 +1259,8 @@ def test_ddp_on_two_gloo_processes_keeps_ranks_identical_and_writes_once(dataset
     argv = cli_args(dataset_root, tmp_path / "out", "--model", model, "--epochs", "1", "--epochs-decay", "0")
     ranks = train_two_ranks(argv, tmp_path)
     run = tmp_path / "out" / "run"
-    assert sorted(p.name for p in run.iterdir()) == ["epoch_001.png", "latest.pt", "losses.csv", "losses.png"]
+    written = ["epoch_001.png", "latest.pt", "losses.csv", "losses.png"]
+    assert sorted(p.name for p in run.iterdir()) == sorted(written + (["nce_epoch_001.png"] if "cut" in model else []))
     assert len((run / "losses.csv").read_text().splitlines()) == 1 + 2  # rank 0's two steps only
     trained = torch.load(run / "latest.pt", weights_only=True)
     assert trained["step"] == 2 and all(torch.equal(t, ranks[0]["G"][k]) for k, t in trained["nets"]["G"].items())
@@ -1292,3 +1293,38 @@ def test_guide_names_real_functions_that_cite_their_equations():
                 assert equation.group(1) in inspect.getsource(obj), f"{name} does not cite {equation.group(1)}"
             checked += 1
     assert checked >= 20
+
+
+def shape_text(value) -> str:
+    """A tensor's shape as the guide writes it, '(1, 3, 256, 256)'; a list of tensors in brackets."""
+    if isinstance(value, torch.Tensor):
+        return str(tuple(value.shape))
+    return "[" + ", ".join(shape_text(v) for v in value) + "]"
+
+
+def test_guide_traces_show_the_shapes_the_code_produces():
+    """Run every traced row of docs/GUIDE.md on the official networks and compare each shape."""
+    guide = (Path(__file__).parent / "docs" / "GUIDE.md").read_text()
+    sections = {s.split("\n", 1)[0]: s for s in re.split(r"^### ", guide, flags=re.M)}
+    torch.manual_seed(0)
+    image = {"x": torch.rand(1, 3, 256, 256) * 2 - 1, "y": torch.rand(1, 3, 256, 256) * 2 - 1}
+    cg, cut = CycleGAN(), CUT()
+    namespaces = {
+        "One CycleGAN step, traced": dict(model=cg, G=cg.G, F=cg.F, D_X=cg.D_X, D_Y=cg.D_Y, gan=cg.gan_loss),
+        "One CUT step, traced": dict(model=cut, G=cut.G, D=cut.D, H=cut.H, gan=cut.gan_loss, nce=cut.nce_loss,
+                                     taps=cut.config.nce_layers)}
+    for title, names in namespaces.items():
+        rows = re.findall(r"^\| \d+ \| `([^`]+)` \| ([^|]+?) \|", sections[title], flags=re.M)
+        assert len(rows) >= 19, title
+        ns = {"torch": torch, "l1": nn.functional.l1_loss, **image, **names}
+        with torch.no_grad():
+            for code, written in rows:
+                statement = ast.parse(code).body[0]
+                if isinstance(statement, ast.Assign):
+                    exec(code, ns)
+                    target = statement.targets[0]
+                    assigned = target.elts if isinstance(target, ast.Tuple) else [target]
+                    shape = "; ".join(shape_text(ns[t.id]) for t in assigned)
+                else:
+                    shape = shape_text(eval(code, ns))
+                assert shape == written, f"{title}: {code} gives {shape}, the guide says {written}"
