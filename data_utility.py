@@ -1,5 +1,5 @@
 """Data for unpaired translation: find images, load them, jitter them, pair them at random;
-write image grids and loss plots; download the official CycleGAN datasets.
+write image grids and loss plots; download the official CycleGAN datasets and pretrained generators.
 
 Mirrors data/unaligned_dataset.py and data/base_dataset.py of the official code: domain X
 is walked in a shuffled order, each x gets a random y, and an epoch is as long as the larger
@@ -25,6 +25,12 @@ LAYOUTS = {"trainA/trainB/testA/testB": ("trainA", "trainB", "testA", "testB"),
 # chose may be large, so allow up to 1 GP (about 4 GB decoded) and skip anything bigger.
 Image.MAX_IMAGE_PIXELS = 1 << 30
 DATASET_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/datasets/{}.zip"
+# The official CycleGAN model zoo (junyanz's scripts/download_cyclegan_model.sh): ResNet generators, 9 blocks.
+PRETRAINED_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models/{}.pth"
+OFFICIAL_PRETRAINED = ("apple2orange", "orange2apple", "summer2winter_yosemite", "winter2summer_yosemite",
+                       "horse2zebra", "zebra2horse", "monet2photo", "style_monet", "style_cezanne", "style_ukiyoe",
+                       "style_vangogh", "sat2map", "map2sat", "cityscapes_photo2label", "cityscapes_label2photo",
+                       "facades_photo2label", "facades_label2photo", "iphone2dslr_flower")
 OFFICIAL_DATASETS = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "monet2photo", "cezanne2photo",
                      "ukiyoe2photo", "vangogh2photo", "maps", "cityscapes", "facades", "iphone2dslr_flower",
                      "ae_photos", "grumpifycat")
@@ -282,6 +288,26 @@ def plot_losses(csv_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
+def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
+    """Stream `url` into `dest` with a progress bar. On any failure `dest` is removed and a DataError
+    says what failed and, for an offline machine, `offline_hint`; the caller writes `dest` as a
+    temporary name, so no partial file is ever left."""
+    from tqdm import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as f, \
+                tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                     desc=dest.name.removesuffix(".part"), leave=False) as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as e:
+        dest.unlink(missing_ok=True)
+        raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}): if this machine is offline, "
+                        f"{offline_hint}") from None
+
+
 def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:
     """Download and unzip an official CycleGAN dataset into root/name; returns that folder."""
     if name not in OFFICIAL_DATASETS:
@@ -289,19 +315,26 @@ def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:
     target = Path(root) / name
     if target.is_dir():
         return target
-    url = DATASET_URL.format(name)
     part = Path(root) / f"{name}.zip.part"
-    part.parent.mkdir(parents=True, exist_ok=True)
+    fetch(DATASET_URL.format(name), part, f"fetch the zip elsewhere and unzip it into {target}", timeout)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
         with zipfile.ZipFile(part) as z:
             z.extractall(root)
-    except (urllib.error.URLError, OSError, zipfile.BadZipFile) as e:
-        reason = getattr(e, "reason", e)
-        raise DataError(f"could not download {url} ({reason}): if this machine is offline, fetch the zip "
-                        f"elsewhere and unzip it into {target}") from None
+    except (OSError, zipfile.BadZipFile) as e:
+        raise DataError(f"could not unzip {DATASET_URL.format(name)} ({e}): fetch the zip elsewhere and "
+                        f"unzip it into {target}") from None
     finally:
         part.unlink(missing_ok=True)
+    return target
+
+
+def download_pretrained(name: str, root: Path = Path("pretrained"), timeout: float = 30) -> Path:
+    """Download an official CycleGAN pretrained generator to root/NAME.pth (atomically); returns its path."""
+    if name not in OFFICIAL_PRETRAINED:
+        raise DataError(f"unknown pretrained model {name!r}: choose one of {', '.join(OFFICIAL_PRETRAINED)}")
+    target = Path(root) / f"{name}.pth"
+    if not target.is_file():
+        part = target.with_name(target.name + ".part")
+        fetch(PRETRAINED_URL.format(name), part, f"fetch it elsewhere and save it as {target}", timeout)
+        part.replace(target)
     return target

@@ -5,6 +5,7 @@
 - PatchDiscriminator: the 70x70 PatchGAN (CycleGAN's D_X and D_Y, CUT's D).
 - PatchSampleMLP: CUT's H, which samples patches of G's encoder features and projects them.
 - load_official_state_dict: loads `latest_net_G.pth` / `latest_net_D.pth` of the official code.
+- official_generator: builds the generator an official `.pth` file holds, from the file alone.
 - frozen, local_grads: what a training step does to networks it does not update (D while G steps).
 
 Mirrors models/networks.py of junyanz/pytorch-CycleGAN-and-pix2pix and of
@@ -32,6 +33,7 @@ class ResnetGenerator(nn.Module):
     (B, in_channels, H, W) -> (B, out_channels, H, W) for H, W multiples of 4.
     CycleGAN uses strided / transposed convs (antialias=False); CUT blur-pools (antialias=True).
     """
+    side_multiple = 4  # two stride-2 levels
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, ngf: int = 64, n_blocks: int = 9,
                  norm: str = "instance", antialias: bool = False, dropout: bool = False):
@@ -132,6 +134,7 @@ class UnetGenerator(nn.Module):
         if num_downs < 5:
             raise ValueError(f"UnetGenerator needs num_downs >= 5, got {num_downs}")
         self.num_downs = num_downs
+        self.side_multiple = 2 ** num_downs
         block = UnetBlock(ngf * 8, ngf * 8, norm=norm)
         for _ in range(num_downs - 5):
             block = UnetBlock(ngf * 8, ngf * 8, inner=block, norm=norm, dropout=dropout)
@@ -140,7 +143,7 @@ class UnetGenerator(nn.Module):
         self.model = UnetBlock(out_channels, ngf, in_ch=in_channels, inner=block, outermost=True, norm=norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        side = 2 ** self.num_downs
+        side = self.side_multiple
         if x.shape[-2] % side or x.shape[-1] % side:
             raise ValueError(f"a U-Net with {self.num_downs} downs needs sides that are multiples of {side}, "
                              f"got {tuple(x.shape[-2:])}: change the crop size or use a ResNet generator")
@@ -239,6 +242,44 @@ def load_official_state_dict(net: nn.Module, state_dict: Mapping[str, torch.Tens
         mapped[our_key] = their_t
     net.load_state_dict(mapped)
     return net
+
+
+def official_generator(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """The generator an official file (`latest_net_G.pth`, `horse2zebra.pth`, ...) holds, built from the
+    names and shapes of its tensors alone, with its weights loaded.
+
+    ResNet (`model.1.weight` is the first 7x7 conv): ngf and channels from the first and last convs,
+    the blocks counted, blur-pool when `filt` buffers are there (CUT), dropout when the blocks' second
+    conv sits at index 6. U-Net (`model.model.0.weight`): depth from the nesting of the names. The norm
+    from the first conv's bias (instance) or the first norm's weight (batch), else none. Raises
+    ValueError saying what the file holds when it is no generator of either kind.
+    """
+    tensors = {k.removeprefix("module."): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if not tensors or len(tensors) != len(state_dict):
+        raise ValueError(f"it holds {len(state_dict)} entries, not all of them tensors, so it is no network's "
+                         f"weights; expected a generator's state_dict")
+    first = tensors.get("model.1.weight")
+    if first is not None and first.dim() == 4 and first.shape[-2:] == (7, 7):  # ResNet: c7s1-ngf
+        ngf, c_in = first.shape[:2]
+        blocks = {k.split(".")[1] for k in tensors if ".conv_block." in k}
+        last = max((k for k in tensors if k.endswith(".weight") and tensors[k].dim() == 4),
+                   key=lambda k: int(k.split(".")[1]))
+        norm = "instance" if "model.1.bias" in tensors else "batch" if "model.2.weight" in tensors else "none"
+        net = ResnetGenerator(c_in, tensors[last].shape[0], ngf, len(blocks), norm,
+                              antialias=any(k.endswith(".filt") for k in tensors),
+                              dropout=any(".conv_block.6." in k for k in tensors))
+    elif "model.model.0.weight" in tensors and "model.model.3.weight" in tensors:  # U-Net: outermost level
+        ngf, c_in = tensors["model.model.0.weight"].shape[:2]
+        norm = ("instance" if "model.model.0.bias" in tensors else
+                "batch" if "model.model.1.model.2.weight" in tensors else "none")
+        depth = max(k.count("model.") for k in tensors) - 1
+        net = UnetGenerator(c_in, tensors["model.model.3.weight"].shape[1], depth, ngf, norm)
+    else:
+        key, t = next(iter(tensors.items()))
+        kind = " (a PatchGAN discriminator's first layer)" if key == "model.0.weight" and t.shape[-2:] == (4, 4) else ""
+        raise ValueError(f"it holds {len(tensors)} tensors, the first {key!r} {tuple(t.shape)}{kind}; expected a "
+                         f"ResNet generator (model.1.weight, a 7x7 conv) or a U-Net (model.model.0.weight)")
+    return load_official_state_dict(net, state_dict)
 
 
 GENERATORS = ("resnet_9blocks", "resnet_6blocks", "unet_256", "unet_128")

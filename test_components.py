@@ -25,7 +25,7 @@ from PIL import Image
 from layers import BlurDownsample, BlurUpsample, init_weights
 from losses import GANLoss, PatchNCELoss
 from networks import (DEFAULT_TAPS, PatchDiscriminator, PatchSampleMLP, ResnetGenerator, UnetGenerator,
-                      load_official_state_dict)
+                      load_official_state_dict, official_generator)
 
 
 def n_params(net: nn.Module) -> int:
@@ -625,8 +625,8 @@ def test_cycle_gan_translates_grayscale_to_color():
         CycleGAN(CycleGANConfig(**TINY, channels_x=1, channels_y=3))
     model = Trainer(CycleGAN(CycleGANConfig(**TINY, channels_x=1, channels_y=3, lambda_identity=0)))
     model.train_step(torch.zeros(2, 1, 32, 32), torch.zeros(2, 3, 32, 32))
-    assert model.translate(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)
-    assert model.translate(torch.zeros(1, 3, 32, 32), "y2x").shape == (1, 1, 32, 32)
+    assert model.translator()(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)
+    assert model.translator("y2x")(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
 
 
 def test_image_pool_fills_then_swaps_half_the_time():
@@ -918,7 +918,7 @@ def test_cut_rejects_a_unet_and_channel_mismatches_clearly():
             CUT(CUTConfig(mode=mode, **TINY_CUT, channels_x=1))
     gray = Trainer(CUT(CUTConfig(mode="fastcut", **TINY_CUT, channels_x=1, channels_y=1)))
     gray.train_step(torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32))
-    assert gray.translate(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+    assert gray.translator()(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32)
 
 
 def test_similarity_map_of_an_image_with_itself_peaks_at_each_query_point():
@@ -943,7 +943,7 @@ def test_nce_map_option_turns_the_map_off(dataset_root, tmp_path):
 
 def test_cut_translates_one_way_only():
     with pytest.raises(ValueError, match="x2y only"):
-        Trainer(CUT(CUTConfig(**TINY_CUT))).translate(torch.zeros(1, 3, 32, 32), "y2x")
+        Trainer(CUT(CUTConfig(**TINY_CUT))).translator("y2x")
 
 
 @pytest.mark.parametrize("model, no_crop_from", [("cut", 2), ("fastcut", 2), ("cycle_gan", None)])
@@ -1086,7 +1086,7 @@ def test_checkpoint_problems_are_named(dataset_root, tmp_path, capsys):
     assert_one_line_error(code, err, "is not a readable checkpoint")
     torch.save(ResnetGenerator(ngf=4, n_blocks=1).state_dict(), out / "run" / "latest.pt")
     code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
-    assert_one_line_error(code, err, "not a cyclecut checkpoint.*load_official_state_dict")
+    assert_one_line_error(code, err, "not a checkpoint of a train_gan.py run.*translate")
 
 
 def test_resume_refuses_another_model_or_network(dataset_root, tmp_path, capsys):
@@ -1328,3 +1328,97 @@ def test_guide_traces_show_the_shapes_the_code_produces():
                 else:
                     shape = shape_text(eval(code, ns))
                 assert shape == written, f"{title}: {code} gives {shape}, the guide says {written}"
+
+
+# ----------------------------------------------------------------------------- official pretrained generators
+
+def official_files(folder: Path) -> dict[str, tuple[nn.Module, int]]:
+    """Generator files as the official codes save them (bare state_dicts in their key layout), each with
+    the network that wrote it and the side its test images need: the CycleGAN zoo's ResNet (9 blocks),
+    a latest_net_G_A.pth of 6 blocks saved from DataParallel (module. keys), U-Nets 128 and 256, a CUT
+    latest_net_G.pth (blur-pool), and an old file whose instance norms carry running statistics."""
+    torch.manual_seed(0)
+    nets = {"horse2zebra.pth": (ResnetGenerator(ngf=4, n_blocks=9), 36),
+            "latest_net_G_A.pth": (ResnetGenerator(ngf=4, n_blocks=6), 36),
+            "unet128_net_G.pth": (UnetGenerator(num_downs=7, ngf=4), 128),
+            "unet256_net_G.pth": (UnetGenerator(num_downs=8, ngf=4), 256),
+            "cut_latest_net_G.pth": (ResnetGenerator(ngf=4, n_blocks=9, antialias=True), 36),
+            "old_style_monet.pth": (ResnetGenerator(ngf=4, n_blocks=9), 36)}
+    folder.mkdir(parents=True)
+    for name, (net, _) in nets.items():
+        state = net.state_dict()
+        if name == "latest_net_G_A.pth":
+            state = {f"module.{k}": v for k, v in state.items()}
+        if name.startswith("old_"):  # PyTorch 0.3 saved running stats for every instance norm
+            for i, layer in enumerate(net.model):
+                if isinstance(layer, nn.InstanceNorm2d):
+                    state[f"model.{i}.running_mean"] = torch.zeros(layer.num_features)
+                    state[f"model.{i}.running_var"] = torch.ones(layer.num_features)
+        torch.save(state, folder / name)
+    return nets
+
+
+def test_cli_translates_with_each_kind_of_official_generator_file_as_the_network_does(tmp_path):
+    nets = official_files(tmp_path / "official")
+    for name, (net, side) in nets.items():
+        inputs = tmp_path / f"in_{side}"
+        if not inputs.exists():
+            inputs.mkdir()
+            rng = np.random.default_rng(side)
+            Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(inputs / "photo.png")
+        out = tmp_path / f"out_{name}"
+        assert cli(["translate", "--checkpoint", str(tmp_path / "official" / name), "--input", str(inputs),
+                    "--output", str(out), "--device", "cpu"]) == 0, name
+        with torch.no_grad():
+            expected = du.to_image(net.eval()(du.to_tensor(Image.open(inputs / "photo.png"))[None])[0])
+        got = np.asarray(Image.open(out / "photo.png"), dtype=int)
+        assert np.abs(got - np.asarray(expected, dtype=int)).max() <= 1, name
+
+
+def test_official_generator_is_read_from_the_file_alone():
+    for net in (ResnetGenerator(1, 3, ngf=8, n_blocks=6, norm="batch", dropout=True),
+                ResnetGenerator(3, 1, ngf=4, n_blocks=2, norm="none", antialias=True),
+                UnetGenerator(1, 1, num_downs=6, ngf=4, norm="batch")):
+        built = official_generator(net.state_dict())
+        assert type(built) is type(net) and n_params(built) == n_params(net)
+        assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), net.state_dict().values()))
+
+
+def test_wrong_files_given_to_translate_get_one_line(dataset_root, tmp_path, capsys):
+    opt = torch.optim.Adam(ResnetGenerator(ngf=4, n_blocks=1).parameters())
+    files = {"optimizer.pth": (opt.state_dict(), "not all of them tensors"),
+             "latest_net_D.pth": (PatchDiscriminator(ndf=4).state_dict(), "a PatchGAN discriminator"),
+             "noise.pth": ({"w": torch.randn(3, 3)}, r"the first 'w' \(3, 3\)")}
+    for name, (state, pattern) in files.items():
+        torch.save(state, tmp_path / name)
+        code, err = run_cli(["translate", "--checkpoint", str(tmp_path / name), "--input", str(dataset_root / "testA"),
+                             "--output", str(tmp_path / "out"), "--device", "cpu"], capsys)
+        assert_one_line_error(code, err, "neither a checkpoint of train_gan.py nor an official generator.*" + pattern)
+    official_files(tmp_path / "official")
+    code, err = run_cli(["translate", "--checkpoint", str(tmp_path / "official" / "horse2zebra.pth"), "--input",
+                         str(dataset_root / "testB"), "--output", str(tmp_path / "out"), "--direction", "y2x"], capsys)
+    assert_one_line_error(code, err, "one generator, which translates its own way: drop --direction y2x")
+    assert not (tmp_path / "out").exists()
+
+
+def test_download_pretrained_writes_atomically_and_fails_offline_in_one_line(tmp_path, capsys, monkeypatch):
+    import urllib.error
+    source = tmp_path / "server" / "horse2zebra.pth"
+    source.parent.mkdir()
+    torch.save(ResnetGenerator(ngf=4, n_blocks=9).state_dict(), source)
+    monkeypatch.setattr(du, "PRETRAINED_URL", (tmp_path / "server").as_uri() + "/{}.pth")  # a file:// server
+    root = tmp_path / "pretrained"
+    assert cli(["download", "--pretrained", "horse2zebra", "--root", str(root)]) == 0
+    assert (root / "horse2zebra.pth").read_bytes() == source.read_bytes() and len(list(root.iterdir())) == 1
+    assert f"translate --checkpoint {root / 'horse2zebra.pth'}" in capsys.readouterr().out
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(du.urllib.request, "urlopen", offline)
+    code, err = run_cli(["download", "--pretrained", "zebra2horse", "--root", str(root)], capsys)
+    assert_one_line_error(code, err, "could not download .*zebra2horse.pth.*offline")
+    assert sorted(p.name for p in root.iterdir()) == ["horse2zebra.pth"]  # no partial file
+    code, err = run_cli(["download", "--pretrained", "pears2plums"], capsys)
+    assert_one_line_error(code, err, "unknown pretrained model 'pears2plums': choose one of apple2orange, .*"
+                                     "iphone2dslr_flower")
+    assert len(du.OFFICIAL_PRETRAINED) == 18

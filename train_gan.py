@@ -7,6 +7,7 @@
     python train_gan.py compare --checkpoints output/h2z/latest.pt output/h2z_cut/latest.pt \
         --input data/horse2zebra/testA --output h2z.jpg          # the same test images, one row each
     python train_gan.py download horse2zebra
+    python train_gan.py download --pretrained horse2zebra    # an official CycleGAN generator, then translate
 
 Each epoch writes to output/NAME/: epoch_NNN.png (a grid of fixed test images), for CUT and FastCUT
 nce_epoch_NNN.png (where G(x)'s patches find their input patches), losses.csv, losses.png and
@@ -36,10 +37,10 @@ from tqdm import tqdm
 
 from cut_model import CUT, CUTConfig
 from cycle_gan import CycleGAN, CycleGANConfig
-from data_utility import (DataError, PairSampler, UnpairedDataset, append_losses, download, find_domains,
-                          list_images, load_image, load_fixed_images, plot_losses, save_image_grid,
+from data_utility import (DataError, PairSampler, UnpairedDataset, append_losses, download, download_pretrained,
+                          find_domains, list_images, load_image, load_fixed_images, plot_losses, save_image_grid,
                           save_similarity_grid, to_image, to_tensor)
-from networks import GENERATORS, size_multiple
+from networks import GENERATORS, official_generator, size_multiple
 
 BUNDLED = Path(__file__).resolve().parent / "data" / "apple2orange_small"
 MODELS = {"cycle_gan": (CycleGAN, CycleGANConfig), "cut": (CUT, CUTConfig), "fastcut": (CUT, CUTConfig)}
@@ -172,13 +173,13 @@ class Trainer:
             for name, net in wrapped.items():
                 setattr(self.model, name, net.train())
 
-    def translate(self, images: torch.Tensor, direction: str = "x2y") -> torch.Tensor:
-        """Translate (B, C, H, W) images one way with the generator of that direction."""
-        names = self.model.directions
+    def translator(self, direction: str = "x2y") -> "Translator":
+        """The generator that translates `direction` ('x2y' or 'y2x'), ready for images of any size."""
+        names, c = self.model.directions, self.model.config
         if direction not in names:
             raise ValueError(f"a {self.model.name} model translates {' and '.join(names)} only, not {direction}")
-        with self.evaluating() as model:
-            return getattr(model, names[direction])(images.to(self.device))
+        return Translator(self.nets[names[direction]], c.channels_x if direction == "x2y" else c.channels_y,
+                          self.device)
 
     def visuals(self, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
         """The model's grid rows for fixed images x and y (B, C, H, W)."""
@@ -211,6 +212,22 @@ class Trainer:
         self.epoch, self.global_step = state["epoch"], state["step"]
         if state["extra"]:
             self.model.load_extra_state(state["extra"], self.device)
+
+
+class Translator:
+    """A generator that translates (B, C, H, W) images in [-1, 1] of any size, in eval mode and without
+    gradients: the sides are reflect-padded to the generator's multiple and the result cropped back."""
+
+    def __init__(self, net: torch.nn.Module, channels: int, device: torch.device):
+        self.net, self.channels, self.device = net.to(device), channels, device  # channels: of the input
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        training = self.net.training
+        self.net.eval()
+        y = self.net(pad_to_multiple(x.to(self.device), self.net.side_multiple))
+        self.net.train(training)
+        return y[..., :x.shape[-2], :x.shape[-1]].cpu()
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -402,17 +419,28 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict:
+def read_checkpoint(path: Path):
+    """What a checkpoint file holds (ours or an official one), read on the CPU with weights only."""
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist: check --name / --output-dir or --checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for foreign or broken files
         raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
                          f"pass a latest.pt or epoch_NNN.pt written by train_gan.py") from None
-    if not isinstance(state, dict) or state.get("model") not in MODELS or "nets" not in state:
-        raise UsageError(f"{path} is not a cyclecut checkpoint (an official latest_net_G.pth holds one network "
-                         f"only; load it with networks.load_official_state_dict): pass a latest.pt of train_gan.py")
+
+
+def is_run_checkpoint(state) -> bool:
+    """Whether `state` is a latest.pt / epoch_NNN.pt of train_gan.py (not an official network file)."""
+    return isinstance(state, dict) and state.get("model") in MODELS and "nets" in state
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A run's checkpoint, for a resume."""
+    state = read_checkpoint(path)
+    if not is_run_checkpoint(state):
+        raise UsageError(f"{path} is not a checkpoint of a train_gan.py run (an official generator .pth can be "
+                         f"used with 'translate', not resumed): pass a latest.pt of train_gan.py")
     return state
 
 
@@ -738,20 +766,26 @@ def input_images(folder: Path) -> list[Path]:
     return files
 
 
-def load_translator(checkpoint: Path, device: torch.device, direction: str) -> tuple[Trainer, int]:
-    """The model of a checkpoint and the channel count of the images it translates that way."""
-    trainer = build_trainer(load_checkpoint(checkpoint), device)
-    model = trainer.model
-    if direction not in model.directions:
-        raise UsageError(f"{checkpoint} is a {model.name} model, which translates x2y only: "
-                         f"drop --direction {direction}")
-    return trainer, model.config.channels_x if direction == "x2y" else model.config.channels_y
-
-
-def translate_any_size(trainer: Trainer, x: torch.Tensor, direction: str) -> torch.Tensor:
-    """(B, C, H, W) of any H, W: padded to the generator's size multiple, translated, cropped back."""
-    y = trainer.translate(pad_to_multiple(x, size_multiple(trainer.model.config.netG)), direction)
-    return y[..., :x.shape[-2], :x.shape[-1]]
+def load_translator(checkpoint: Path, device: torch.device, direction: str) -> Translator:
+    """The generator of a checkpoint that translates `direction`: from a run's latest.pt, or from an official
+    generator file (CycleGAN's zoo, a latest_net_G_A.pth, a CUT latest_net_G.pth), whose architecture
+    the file itself tells."""
+    state = read_checkpoint(checkpoint)
+    if is_run_checkpoint(state):
+        trainer = build_trainer(state, device)
+        if direction not in trainer.model.directions:
+            raise UsageError(f"{checkpoint} is a {trainer.model.name} model, which translates x2y only: "
+                             f"drop --direction {direction}")
+        return trainer.translator(direction)
+    try:
+        net = official_generator(state)
+    except ValueError as e:
+        raise UsageError(f"{checkpoint} is neither a checkpoint of train_gan.py nor an official generator: "
+                         f"{str(e).splitlines()[0]}") from None
+    if direction != "x2y":
+        raise UsageError(f"{checkpoint} holds one generator, which translates its own way: drop --direction "
+                         f"{direction}")
+    return Translator(net, next(net.parameters()).shape[1], device)
 
 
 def translate(args: argparse.Namespace) -> int:
@@ -759,10 +793,10 @@ def translate(args: argparse.Namespace) -> int:
     if args.output.resolve() == args.input.resolve():
         raise UsageError("--output is the --input folder: choose another folder so no input is overwritten")
     files = input_images(args.input)
-    trainer, c_in = load_translator(args.checkpoint, pick_device(args.device), args.direction)
+    translator = load_translator(args.checkpoint, pick_device(args.device), args.direction)
     args.output.mkdir(parents=True, exist_ok=True)
     for f in tqdm(files, desc="translate", leave=False):
-        y = translate_any_size(trainer, to_tensor(load_image(f, c_in))[None], args.direction)
+        y = translator(to_tensor(load_image(f, translator.channels))[None])
         to_image(y[0]).save(args.output / f"{f.stem}.png")
     print(f"translated {len(files)} images into {args.output}")
     return len(files)
@@ -776,16 +810,40 @@ def compare(args: argparse.Namespace) -> Path:
         raise UsageError(f"--count and --size must be >= 1, got {args.count} and {args.size}")
     input_images(args.input)
     device = pick_device(args.device)
-    models, channels = zip(*(load_translator(c, device, args.direction) for c in args.checkpoints))
+    translators = [load_translator(c, device, args.direction) for c in args.checkpoints]
+    channels = [t.channels for t in translators]
     if len(set(channels)) > 1:
         raise UsageError(f"the checkpoints take {' and '.join(map(str, sorted(set(channels))))}-channel inputs: "
                          f"compare checkpoints of the same domains")
     x = load_fixed_images(args.input, args.count, args.size, channels[0])
-    outputs = [translate_any_size(m, x, args.direction) for m in models]
+    outputs = [translate(x) for translate in translators]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     save_image_grid([[x[i], *(y[i] for y in outputs)] for i in range(len(x))], args.output)
-    print(f"wrote {args.output}: {len(x)} rows of the input and {len(models)} translation(s)")
+    print(f"wrote {args.output}: {len(x)} rows of the input and {len(translators)} translation(s)")
     return args.output
+
+
+def download_command(argv: list[str]) -> Path:
+    """`download NAME`: an official dataset into data/NAME; `download --pretrained NAME`: an official
+    CycleGAN generator into pretrained/NAME.pth, then the translate command to try it with."""
+    p = Parser(prog="train_gan.py download",
+               description="Download an official CycleGAN dataset, or with --pretrained an official generator.")
+    p.add_argument("name", nargs="?", help="a dataset, e.g. apple2orange, horse2zebra, monet2photo")
+    p.add_argument("--pretrained", metavar="NAME", help="an official CycleGAN generator, e.g. horse2zebra, "
+                                                        "style_monet (an unknown name lists them all)")
+    p.add_argument("--root", type=Path, help="where it goes (default: data/ for datasets, pretrained/ for models)")
+    args = p.parse_args(argv)
+    if (args.name is None) == (args.pretrained is None):
+        raise UsageError("name a dataset, or a model with --pretrained NAME, not both (see train_gan.py download "
+                         "--help)")
+    if args.name:
+        path = download(args.name, args.root or Path("data"))
+        print(path)
+        return path
+    path = download_pretrained(args.pretrained, args.root or Path("pretrained"))
+    print(f"{path} is ready; translate a folder of your photos with it:\n"
+          f"  python train_gan.py translate --checkpoint {path} --input photos/ --output translated/")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -797,10 +855,7 @@ def main(argv: list[str] | None = None) -> int:
         elif argv[:1] == ["compare"]:
             compare(translate_parser(compare=True).parse_args(argv[1:]))
         elif argv[:1] == ["download"]:
-            p = Parser(prog="train_gan.py download", description="Download an official dataset.")
-            p.add_argument("name", help="e.g. apple2orange, horse2zebra, summer2winter_yosemite, monet2photo")
-            p.add_argument("--root", type=Path, default=Path("data"), help="datasets go to ROOT/NAME")
-            print(download(**vars(p.parse_args(argv[1:]))))
+            download_command(argv[1:])
         else:
             args = parse_train_args(argv)
             benchmark(args) if args.benchmark else train(args)
