@@ -7,6 +7,8 @@ domain. Training augmentation is the papers' "random jitter": resize to load_siz
 to crop_size, random horizontal flip.
 """
 import csv
+import os
+import shutil
 import urllib.error
 import urllib.request
 import warnings
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 # Each layout: (train X, train Y, test X, test Y) folder names.
@@ -67,6 +69,7 @@ def find_domains(root: Path, direction: str = "AtoB") -> dict[str, Path | None]:
 def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Image.Image:
     """Open any image as 8-bit RGB (channels=3) or grayscale (channels=1).
 
+    The image is turned upright as its EXIF orientation says (a phone photo), as every viewer shows it.
     Palette, RGBA, CMYK and grayscale convert directly; 16-bit and float images are rescaled
     to 0..255 first, since Pillow's own conversion would clip them. With `min_side`, a large
     JPEG is decoded at the smallest power-of-2 reduction that keeps both sides >= min_side.
@@ -75,11 +78,20 @@ def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Im
     if min_side:
         img.draft(img.mode, (min_side, min_side))
     img.load()
+    img = ImageOps.exif_transpose(img)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         a = np.asarray(img, dtype=np.float64)
         a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255
         img = Image.fromarray(a.round().astype(np.uint8), "L")
     return img.convert("RGB" if channels == 3 else "L")
+
+
+def fit_within(img: Image.Image, max_side: int | None) -> Image.Image:
+    """`img` scaled down (bicubic, aspect ratio kept) so its longer side is at most max_side; None: as it is."""
+    if max_side is None or max(img.size) <= max_side:
+        return img
+    scale = max_side / max(img.size)
+    return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -213,7 +225,28 @@ def save_grid(rows: list[list[Image.Image]], path: Path, pad: int = 2) -> None:
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
             grid.paste(img, (pad + c * (w + pad), pad + r * (h + pad)))
-    grid.save(path)
+    save_image(grid, path)
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(tmp) into a temporary file beside `path`, then rename it over `path`: a full disk, a crash or
+    Ctrl-C leaves `path` as it was and no temporary file. An OSError names `path`, not the temporary."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
+
+
+def save_image(img: Image.Image, path: Path) -> None:
+    """Save a picture atomically, in the format its suffix names (.png, .jpg)."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    write_atomically(path, lambda tmp: img.save(tmp, format=fmt))
 
 
 MARKS = ("red", "lime", "cyan", "yellow", "magenta")
@@ -284,8 +317,10 @@ def plot_losses(csv_path: Path, png_path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=80)
-    plt.close(fig)
+    try:
+        write_atomically(png_path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
@@ -302,10 +337,12 @@ def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
                 bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as e:
+    except BaseException as e:  # Ctrl-C too: never leave a partial file
         dest.unlink(missing_ok=True)
-        raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}): if this machine is offline, "
-                        f"{offline_hint}") from None
+        if isinstance(e, (urllib.error.URLError, OSError)):
+            raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}): if this machine is offline, "
+                            f"{offline_hint}") from None
+        raise
 
 
 def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:
@@ -315,16 +352,18 @@ def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:
     target = Path(root) / name
     if target.is_dir():
         return target
-    part = Path(root) / f"{name}.zip.part"
+    part, unzipped = Path(root) / f"{name}.zip.part", Path(root) / f"{name}.unzip.part"
     fetch(DATASET_URL.format(name), part, f"fetch the zip elsewhere and unzip it into {target}", timeout)
-    try:
+    try:  # unzipped beside the target and renamed, so a half-unzipped dataset never stands as one
         with zipfile.ZipFile(part) as z:
-            z.extractall(root)
+            z.extractall(unzipped)
+        os.replace(unzipped / name, target)
     except (OSError, zipfile.BadZipFile) as e:
         raise DataError(f"could not unzip {DATASET_URL.format(name)} ({e}): fetch the zip elsewhere and "
                         f"unzip it into {target}") from None
     finally:
         part.unlink(missing_ok=True)
+        shutil.rmtree(unzipped, ignore_errors=True)
     return target
 
 

@@ -13,20 +13,26 @@ Each epoch writes to output/NAME/: epoch_NNN.png (a grid of fixed test images), 
 nce_epoch_NNN.png (where G(x)'s patches find their input patches), losses.csv, losses.png and
 latest.pt (everything needed to resume), plus epoch_NNN.pt every --save-every epochs.
 """
+import signal
+import sys
+
+if __name__ == "__main__":  # a Ctrl-C while torch loads ends quietly too, as one at any later moment
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
 import argparse
 import dataclasses
+import fcntl
 import json
-from collections.abc import Mapping
-from contextlib import contextmanager, nullcontext
 import math
 import os
 import random
 import resource
-import signal
+import shutil
 import statistics
-import sys
 import time
 import warnings
+from collections.abc import Mapping
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +44,8 @@ from tqdm import tqdm
 from cut_model import CUT, CUTConfig
 from cycle_gan import CycleGAN, CycleGANConfig
 from data_utility import (DataError, PairSampler, UnpairedDataset, append_losses, download, download_pretrained,
-                          find_domains, list_images, load_image, load_fixed_images, plot_losses, save_image_grid,
-                          save_similarity_grid, to_image, to_tensor)
+                          find_domains, fit_within, list_images, load_image, load_fixed_images, plot_losses, save_image,
+                          save_image_grid, save_similarity_grid, to_image, to_tensor, write_atomically)
 from networks import GENERATORS, official_generator, size_multiple
 
 BUNDLED = Path(__file__).resolve().parent / "data" / "apple2orange_small"
@@ -248,8 +254,8 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-class Diverged(Exception):
-    """A loss became NaN or infinite."""
+class RunError(Exception):
+    """The command cannot go on (a loss diverged, a write failed, memory ran out): one line, exit 1."""
 
 
 def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
@@ -343,6 +349,8 @@ def translate_parser(compare: bool = False) -> argparse.ArgumentParser:
                                "PNGs with the same names are written to --output.")
         p.add_argument("--checkpoint", type=Path, required=True, help="a latest.pt or epoch_NNN.pt of a run")
         p.add_argument("--output", type=Path, required=True, help="folder for the results (not the input folder)")
+        p.add_argument("--max-side", type=int, help="scale each image down so its longer side is at most this "
+                                                    "(aspect ratio kept) before translating; default: full size")
     p.add_argument("--input", type=Path, required=True, help="folder of images to translate")
     p.add_argument("--direction", choices=("x2y", "y2x"), default="x2y", help="y2x needs a CycleGAN checkpoint")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
@@ -413,10 +421,55 @@ def model_config(args: argparse.Namespace, config_cls):
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a crash mid-save leaves the previous file intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write atomically: a full disk, a crash or Ctrl-C mid-save leaves the previous file intact and no
+    temporary file. A failed write raises OSError naming `path`."""
+    def save(tmp: Path) -> None:
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch.save reports a short write (a full disk) as a RuntimeError
+            free = shutil.disk_usage(tmp.parent).free / 2 ** 20
+            raise OSError(0, f"the write stopped short, {free:.0f} MB free on that disk: {str(e).splitlines()[0]}",
+                          str(tmp)) from None
+    write_atomically(path, save)
+
+
+@contextmanager
+def written_or_stopped(what_to_do: str):
+    """An OSError of a write inside the block (full disk, read-only or missing folder) ends the command
+    with one line: the file, the cause, and `what_to_do`."""
+    try:
+        yield
+    except OSError as e:
+        raise RunError(f"could not write {e.filename or 'a file'} ({e.strerror or e}): {what_to_do}") from None
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is an allocation failure: CUDA's or MPS's out of memory, or the CPU allocator's."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def lock_run_folder(run_dir: Path):
+    """Make `run_dir` and hold an OS lock on it (its .lock file, which names this process) for this
+    process's life: a second run or resume into the same folder is refused. The lock dies with its
+    process (kill -9, power loss), so a lock left behind never blocks. Returns the held file."""
+    try:
+        handle = open(output_folder(run_dir, "--output-dir") / ".lock", "a+")
+    except OSError as e:
+        raise UsageError(f"cannot use {run_dir} as the run's folder ({e.strerror}): pass another --output-dir "
+                         f"or --name") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise UsageError(f"{run_dir} is in use by another run (process {holder}): wait for it to end, or pass "
+                         f"another --name") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def read_checkpoint(path: Path):
@@ -464,7 +517,7 @@ class StopFlag:
     """
 
     def __init__(self, world: int = 1, lead: bool = True):
-        self.requested, self.world, self.lead = False, world, lead
+        self.requested, self.world, self.lead, self.pid = False, world, lead, os.getpid()
 
     def install(self) -> "StopFlag":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -472,6 +525,8 @@ class StopFlag:
         return self
 
     def handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a data-loading worker, forked with this handler, before quiet_worker runs
+            return
         if self.requested and self.world == 1:  # asked twice: stop now, without the save
             raise KeyboardInterrupt
         if not self.requested and self.lead:
@@ -544,17 +599,22 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, device
 
 
+def run_folder(args: argparse.Namespace) -> Path:
+    """OUTPUT_DIR/NAME, the run's folder; NAME defaults to MODEL_DATASET."""
+    args.name = args.name or f"{args.model}_{args.dataroot.name}"
+    return args.output_dir / args.name
+
+
 def prepare(args: argparse.Namespace, device: torch.device, fresh: bool = False):
     """Options checked and completed, the dataset folders, and the model (resumed or new).
 
     Returns (trainer, epoch_step, folders, filled presets). `fresh` ignores output folders (benchmark).
     """
-    args.name = args.name or f"{args.model}_{args.dataroot.name}"
-    run_dir = args.output_dir / args.name
+    run_dir = run_folder(args)
     state = None if fresh or not args.resume else load_checkpoint(run_dir / "latest.pt")
     if state:
         restore_run_options(args, state)
-    elif not fresh and run_dir.exists() and any(run_dir.iterdir()):
+    elif not fresh and run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir()):
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or a new --name")
     filled = apply_presets(args, device)
     validate(args, device)
@@ -660,22 +720,32 @@ def save_nce_maps(trainer: Trainer, x: torch.Tensor, path: Path) -> None:
 
 def mean_losses(window: dict[str, torch.Tensor], count: int, control, where: str) -> dict[str, float]:
     """Each loss summed over a log window of `count` steps, averaged and read to the host in one copy.
-    Raises Diverged, naming the loss and `where`, when one is not finite here or on another rank."""
+    Raises RunError, naming the loss and `where`, when one is not finite here or on another rank."""
     mean = dict(StepLosses({k: v / count for k, v in window.items()}))
     bad = [k for k, v in mean.items() if not math.isfinite(v)]
     if any_rank(bool(bad), control):
         what = f"loss {bad[0]} became {mean[bad[0]]}" if bad else "a loss on another rank diverged"
-        raise Diverged(f"{what} {where}: resume with a lower --lr")
+        raise RunError(f"{what} {where}: resume with a lower --lr")
     return mean
 
 
 def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Trainer:
-    """Train per the options (under torchrun: on every rank); returns the trainer."""
+    """Train per the options (under torchrun: on every rank), rank 0 holding the run's folder for the
+    whole run; returns the trainer."""
     rank, world, device = init_distributed(pick_device(args.device))
+    with lock_run_folder(run_folder(args)) if rank == 0 else nullcontext():
+        return run_training(args, stop, rank, world, device)
+
+
+def run_training(args: argparse.Namespace, stop: StopFlag | None, rank: int, world: int,
+                 device: torch.device) -> Trainer:
+    """The training loop: steps, logged losses, and after each epoch the checkpoint, then the pictures."""
     lead = rank == 0  # only rank 0 prints and writes
     trainer, epoch_step, folders, filled = prepare(args, device)
-    run_dir = args.output_dir / args.name
+    run_dir = run_folder(args)
     ckpt = run_dir / "latest.pt"
+    advice = (f"free some disk space or fix {run_dir}, then continue with --resume --name {args.name} "
+              f"({ckpt} keeps the last saved state)")
     data, sampler, loader = make_loader(args, trainer, folders, rank, world)
     speed_up(args, trainer, rank, world)
     cfg = trainer.model.config
@@ -684,7 +754,6 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Trainer:
     steps = min(math.ceil(sampler.epoch_size() / args.batch_size), args.max_steps or math.inf)
     total_epochs = cfg.epochs + cfg.epochs_decay
     if lead:
-        run_dir.mkdir(parents=True, exist_ok=True)
         print(("resuming " if epoch_step or trainer.global_step else "") +
               f"{args.model} on {device} x {world} | data {args.dataroot} ({len(data.files[0])} X, "
               f"{len(data.files[1])} Y) | crop {args.crop_size} (load {args.load_size}) | batch {args.batch_size} | "
@@ -705,7 +774,10 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Trainer:
         with tqdm(total=steps, initial=epoch_step, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
                   dynamic_ncols=True, disable=not lead) as bar:
             for x, y in loader:
-                losses = trainer.train_step(x, y).tensors  # still on the device: nothing waits here
+                with memory_or_stopped(f"in a training step at crop {args.crop_size}x{args.crop_size}, batch "
+                                       f"{args.batch_size}", f"lower --crop-size or --batch-size, then continue "
+                                       f"with --resume --name {args.name} ({ckpt} keeps the last saved state)"):
+                    losses = trainer.train_step(x, y).tensors  # still on the device: nothing waits here
                 epoch_step += 1
                 bar.update()
                 window = {k: window.get(k, 0.0) + v for k, v in losses.items()}
@@ -718,11 +790,13 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Trainer:
                 mean = mean_losses(window, count, control,
                                    f"by step {trainer.global_step}; {ckpt} keeps the last good state")
                 if lead:
-                    append_losses(run_dir / "losses.csv", trainer.global_step, epoch + 1, mean)
+                    with written_or_stopped(advice):
+                        append_losses(run_dir / "losses.csv", trainer.global_step, epoch + 1, mean)
                     bar.set_postfix({k: f"{v:.3f}" for k, v in mean.items()}, refresh=False)
                 window, count = {}, 0
                 if halt and epoch_step < steps:  # on an epoch's last step, finish the epoch first
-                    save(ckpt, epoch_step)
+                    with written_or_stopped(advice):
+                        save(ckpt, epoch_step)
                     if lead:
                         print(f"\nstopped at epoch {epoch + 1}, step {epoch_step}: saved {ckpt}; "
                               f"continue with --resume --name {args.name}")
@@ -732,13 +806,11 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Trainer:
         trainer.end_epoch()
         epoch_step = 0
         if lead:
-            save_image_grid(trainer.visuals(*fixed), run_dir / f"epoch_{trainer.epoch:03d}.png")
-            if args.nce_map and isinstance(trainer.model, CUT):
-                save_nce_maps(trainer, fixed[0][:2], run_dir / f"nce_epoch_{trainer.epoch:03d}.png")
-            plot_losses(run_dir / "losses.csv", run_dir / "losses.png")
-            save(ckpt, 0)
-            if args.save_every and trainer.epoch % args.save_every == 0:
-                save(run_dir / f"epoch_{trainer.epoch:03d}.pt", 0)
+            with written_or_stopped(advice):
+                save(ckpt, 0)  # first: a picture that cannot be written loses no training
+                if args.save_every and trainer.epoch % args.save_every == 0:
+                    save(run_dir / f"epoch_{trainer.epoch:03d}.pt", 0)
+                save_epoch_pictures(args, trainer, fixed, run_dir)
             last = ", ".join(f"{k} {v:.3f}" for k, v in mean.items())
             print(f"epoch {trainer.epoch}/{total_epochs}  {last}  {seconds:.0f} s  "
                   f"{rate:.2f} img/s")
@@ -747,6 +819,25 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Trainer:
         if halt:
             return trainer
     return trainer
+
+
+def save_epoch_pictures(args: argparse.Namespace, trainer: Trainer, fixed: list[torch.Tensor], run_dir: Path) -> None:
+    """The epoch's grid of the fixed test images, CUT's similarity maps, and the loss plot."""
+    save_image_grid(trainer.visuals(*fixed), run_dir / f"epoch_{trainer.epoch:03d}.png")
+    if args.nce_map and isinstance(trainer.model, CUT):
+        save_nce_maps(trainer, fixed[0][:2], run_dir / f"nce_epoch_{trainer.epoch:03d}.png")
+    plot_losses(run_dir / "losses.csv", run_dir / "losses.png")
+
+
+@contextmanager
+def memory_or_stopped(what: str, advice: str):
+    """Running out of memory inside the block ends the command with one line: `what` ran out, and `advice`."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        raise RunError(f"out of memory {what}: {advice}") from None
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -792,14 +883,30 @@ def translate(args: argparse.Namespace) -> int:
     """Translate every image of --input with a checkpoint; returns how many were written."""
     if args.output.resolve() == args.input.resolve():
         raise UsageError("--output is the --input folder: choose another folder so no input is overwritten")
+    if args.max_side is not None and args.max_side < 1:
+        raise UsageError(f"--max-side must be >= 1, got {args.max_side}")
     files = input_images(args.input)
     translator = load_translator(args.checkpoint, pick_device(args.device), args.direction)
-    args.output.mkdir(parents=True, exist_ok=True)
+    output = output_folder(args.output, "--output")
     for f in tqdm(files, desc="translate", leave=False):
-        y = translator(to_tensor(load_image(f, translator.channels))[None])
-        to_image(y[0]).save(args.output / f"{f.stem}.png")
+        img = fit_within(load_image(f, translator.channels), args.max_side)
+        with memory_or_stopped(f"translating {f.name} ({img.width}x{img.height}, batch 1)",
+                               "pass --max-side N to scale images down first (e.g. --max-side 1024)"):
+            y = translator(to_tensor(img)[None])
+        with written_or_stopped("free some disk space or choose another --output; the images written before it "
+                                "are complete"):
+            save_image(to_image(y[0]), output / f"{f.stem}.png")
     print(f"translated {len(files)} images into {args.output}")
     return len(files)
+
+
+def output_folder(folder: Path, flag: str) -> Path:
+    """Make `folder`, given by option `flag`, or end with one line saying why it cannot be one."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {folder} cannot be made a folder ({e.strerror}): choose another {flag}") from None
+    return folder
 
 
 def compare(args: argparse.Namespace) -> Path:
@@ -816,9 +923,12 @@ def compare(args: argparse.Namespace) -> Path:
         raise UsageError(f"the checkpoints take {' and '.join(map(str, sorted(set(channels))))}-channel inputs: "
                          f"compare checkpoints of the same domains")
     x = load_fixed_images(args.input, args.count, args.size, channels[0])
-    outputs = [translate(x) for translate in translators]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    save_image_grid([[x[i], *(y[i] for y in outputs)] for i in range(len(x))], args.output)
+    with memory_or_stopped(f"translating {len(x)} images of {args.size}x{args.size} at once (batch {len(x)})",
+                           "lower --count or --size"):
+        outputs = [translate(x) for translate in translators]
+    output_folder(args.output.parent, "--output")
+    with written_or_stopped("free some disk space or choose another --output"):
+        save_image_grid([[x[i], *(y[i] for y in outputs)] for i in range(len(x))], args.output)
     print(f"wrote {args.output}: {len(x)} rows of the input and {len(translators)} translation(s)")
     return args.output
 
@@ -848,6 +958,7 @@ def download_command(argv: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C from here on: KeyboardInterrupt, below
     warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
     try:
         if argv[:1] == ["translate"]:
@@ -859,13 +970,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args = parse_train_args(argv)
             benchmark(args) if args.benchmark else train(args)
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
-        print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C; every write is atomic
+        print("\ninterrupted: nothing half-written was left", file=sys.stderr)
         return 130
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Diverged as e:
+    except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
