@@ -1374,6 +1374,11 @@ def test_cli_translates_with_each_kind_of_official_generator_file_as_the_network
             expected = du.to_image(net.eval()(du.to_tensor(Image.open(inputs / "photo.png"))[None])[0])
         got = np.asarray(Image.open(out / "photo.png"), dtype=int)
         assert np.abs(got - np.asarray(expected, dtype=int)).max() <= 1, name
+    grid = tmp_path / "zoo.png"  # compare takes official files too: input | CycleGAN zoo | CUT
+    assert cli(["compare", "--checkpoints", str(tmp_path / "official" / "horse2zebra.pth"),
+                str(tmp_path / "official" / "cut_latest_net_G.pth"), "--input", str(tmp_path / "in_36"),
+                "--output", str(grid), "--size", "36", "--device", "cpu"]) == 0
+    assert Image.open(grid).size == (3 * 38 + 2, 38 + 2)
 
 
 def test_official_generator_is_read_from_the_file_alone():
@@ -1423,3 +1428,214 @@ def test_download_pretrained_writes_atomically_and_fails_offline_in_one_line(tmp
     assert_one_line_error(code, err, "unknown pretrained model 'pears2plums': choose one of apple2orange, .*"
                                      "iphone2dslr_flower")
     assert len(du.OFFICIAL_PRETRAINED) == 18
+
+
+# ----------------------------------------------------------------------------- real faults
+
+def one_epoch(root, out, *extra):
+    """A run of one epoch of one step (next_epoch: its resume for a second)."""
+    return cli_args(root, out, "--epochs", "1", "--epochs-decay", "0", "--max-steps", "1", *extra)
+
+
+def next_epoch(root, out):
+    return one_epoch(root, out, "--epochs-decay", "1", "--resume")
+
+
+def assert_run_error(code, err, pattern):
+    """Exit 1 and one error line, the last, matching `pattern`; no traceback (the progress bar may stand before)."""
+    assert code == 1 and "Traceback" not in "".join(err), err
+    assert [line for line in err if line.startswith("error:")] == err[-1:] and re.search(pattern, err[-1]), err
+
+
+def assert_no_temporaries(folder: Path):
+    assert not [p for p in folder.rglob("*") if p.name.endswith((".tmp", ".part"))]
+
+
+def test_an_output_path_that_is_a_file_is_refused_in_one_line(dataset_root, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, err = run_cli(one_epoch(dataset_root, blocker), capsys)
+    assert_one_line_error(code, err, "cannot be made a folder.*choose another --output-dir")
+    assert one_epoch(dataset_root, tmp_path / "out") and cli(one_epoch(dataset_root, tmp_path / "out")) == 0
+    code, err = run_cli(["translate", "--checkpoint", str(tmp_path / "out" / "run" / "latest.pt"), "--input",
+                         str(dataset_root / "testA"), "--output", str(blocker / "sub")], capsys)
+    assert_one_line_error(code, err, "--output .* cannot be made a folder")
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("where", ["latest.pt", "epoch_002.png"])
+def test_a_full_disk_ends_the_run_in_one_line_and_keeps_what_was_saved(dataset_root, tmp_path, capsys, monkeypatch,
+                                                                       where):
+    """ENOSPC injected into the checkpoint write (torch.save) or into the epoch's grid."""
+    import errno
+    out = tmp_path / "out"
+    assert cli(one_epoch(dataset_root, out)) == 0
+    run = out / "run"
+    saved = (run / "latest.pt").read_bytes()
+    torch_save, save_grid = torch.save, du.save_grid
+
+    def full(obj, f):
+        Path(f).write_bytes(b"the first bytes of a check")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    if where == "latest.pt":
+        monkeypatch.setattr(torch, "save", full)
+    else:
+        def no_space(rows, path, pad=2):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        monkeypatch.setattr(du, "save_grid", no_space)
+    code, err = run_cli(next_epoch(dataset_root, out), capsys)
+    assert_run_error(code, err, rf"could not write {re.escape(str(run / where))} \(.*\): free some disk space.*"
+                                rf"--resume --name run")
+    assert_no_temporaries(out)
+    if where == "latest.pt":
+        assert (run / "latest.pt").read_bytes() == saved  # the previous checkpoint, intact
+    else:  # the epoch's checkpoint was written before its grid
+        assert torch.load(run / "latest.pt", weights_only=True)["epoch"] == 2
+    monkeypatch.setattr(torch, "save", torch_save)
+    monkeypatch.setattr(du, "save_grid", save_grid)
+    assert cli(next_epoch(dataset_root, out)) == 0  # the cause fixed, it goes on
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a small tmpfs needs root")
+def test_a_real_full_disk_keeps_the_previous_checkpoint_and_resumes_when_freed(dataset_root, tmp_path, capsys):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("this machine does not allow mounting a tmpfs")
+    try:
+        assert cli(one_epoch(dataset_root, disk)) == 0
+        run = disk / "run"
+        saved = (run / "latest.pt").read_bytes()
+        free = shutil.disk_usage(disk).free
+        (disk / "filler").write_bytes(b"\0" * (free - len(saved) // 2))  # room for half a checkpoint
+        code, err = run_cli(next_epoch(dataset_root, disk), capsys)
+        assert_run_error(code, err, rf"could not write {re.escape(str(run))}/(latest\.pt|losses\.csv)")
+        assert (run / "latest.pt").read_bytes() == saved and not list(run.glob("*.tmp"))
+        (disk / "filler").unlink()
+        assert cli(next_epoch(dataset_root, disk)) == 0
+        assert torch.load(run / "latest.pt", weights_only=True)["epoch"] == 2
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import train_gan
+lock = train_gan.lock_run_folder(Path(sys.argv[2]))
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_one_run_per_folder_and_a_killed_holder_never_blocks(dataset_root, tmp_path, capsys):
+    run = tmp_path / "out" / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(Path(__file__).parent), str(run)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for extra in ((), ("--resume",)):  # a second run, or a resume, into the held folder
+            code, err = run_cli(one_epoch(dataset_root, tmp_path / "out", *extra), capsys)
+            assert_one_line_error(code, err, rf"in use by another run \(process {holder.pid}\)")
+        holder.kill()  # kill -9: no chance to clean up
+        holder.wait()
+        assert cli(one_epoch(dataset_root, tmp_path / "out")) == 0  # the dead holder's lock is gone with it
+        assert (run / "latest.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def exif_rotated_jpeg(path: Path, size=(40, 24)) -> Image.Image:
+    """A JPEG stored sideways with EXIF orientation 6 (turn it 90 degrees clockwise to view it): stored red on
+    the left, blue on the right, it shows red on top. Returns the upright picture."""
+    stored = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    stored[:, :size[0] // 2, 0] = stored[:, size[0] // 2:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    upright = np.zeros((size[0], size[1], 3), dtype=np.uint8)
+    upright[:size[0] // 2, :, 0] = upright[size[0] // 2:, :, 2] = 255
+    return Image.fromarray(upright)
+
+
+def test_exif_orientation_is_applied_on_every_read(dataset_root, tmp_path):
+    photos = tmp_path / "phone"
+    photos.mkdir()
+    upright = exif_rotated_jpeg(photos / "IMG_0001.jpg")
+    loaded = du.load_image(photos / "IMG_0001.jpg")
+    assert loaded.size == (24, 40) == upright.size
+    assert np.abs(np.asarray(loaded, dtype=int) - np.asarray(upright, dtype=int)).mean() < 8  # JPEG rounding
+    assert du.load_fixed_images(photos, 1, 16).shape == (1, 3, 16, 16)
+    out = tmp_path / "out"
+    assert cli(one_epoch(dataset_root, out)) == 0
+    assert cli(["translate", "--checkpoint", str(out / "run" / "latest.pt"), "--input", str(photos),
+                "--output", str(tmp_path / "res"), "--device", "cpu"]) == 0
+    assert Image.open(tmp_path / "res" / "IMG_0001.png").size == (24, 40)  # upright, at its upright size
+
+
+def test_out_of_memory_is_one_line_naming_the_size_and_the_flag(dataset_root, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert cli(one_epoch(dataset_root, out)) == 0
+    saved = (out / "run" / "latest.pt").read_bytes()
+    oom = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9663676416 bytes.")
+
+    def step(self, x, y):
+        raise oom
+    monkeypatch.setattr(Trainer, "train_step", step)
+    code, err = run_cli(next_epoch(dataset_root, out), capsys)
+    assert_run_error(code, err, r"out of memory in a training step at crop 32x32, batch 1: lower --crop-size or "
+                                r"--batch-size")
+    assert (out / "run" / "latest.pt").read_bytes() == saved
+
+    def translate(self, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(train_gan.Translator, "__call__", translate)
+    code, err = run_cli(["translate", "--checkpoint", str(out / "run" / "latest.pt"), "--input",
+                         str(dataset_root / "testA"), "--output", str(tmp_path / "res")], capsys)
+    assert_run_error(code, err, r"out of memory translating img0.jpg \(40x30, batch 1\): pass --max-side")
+
+
+def test_translate_max_side_scales_down_keeping_the_aspect_ratio(dataset_root, tmp_path):
+    out = tmp_path / "out"
+    assert cli(one_epoch(dataset_root, out)) == 0
+    assert cli(["translate", "--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
+                "--output", str(tmp_path / "res"), "--max-side", "20", "--device", "cpu"]) == 0
+    assert Image.open(tmp_path / "res" / "img0.png").size == (20, 15)  # from 40x30
+    assert Image.open(tmp_path / "res" / "img1.png").size == (14, 20)  # from 33x47
+
+
+def test_ctrl_c_inside_a_save_leaves_the_previous_checkpoint_and_no_temporary(dataset_root, tmp_path, capsys,
+                                                                             monkeypatch):
+    out = tmp_path / "out"
+    assert cli(one_epoch(dataset_root, out)) == 0
+    saved = (out / "run" / "latest.pt").read_bytes()
+
+    def interrupted(obj, f):
+        Path(f).write_bytes(b"half a checkp")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", interrupted)
+    code, err = run_cli(next_epoch(dataset_root, out), capsys)
+    assert code == 130 and "Traceback" not in "".join(err)
+    assert (out / "run" / "latest.pt").read_bytes() == saved
+    assert_no_temporaries(out)
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.5, 3.0])
+def test_ctrl_c_at_start_up_ends_cleanly(dataset_root, tmp_path, delay):
+    """SIGINT while torch loads, while the folders are scanned or the workers start, or in the first steps."""
+    write_mixed_images(dataset_root / "trainA" / "more", 300)  # a slower scan
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "train_gan.py", *cli_args(dataset_root, out, "--workers", "2",
+                                                                        "--max-steps", "5")],
+                            cwd=Path(__file__).parent, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    time.sleep(delay)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 130), stderr
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr
+    if out.exists():
+        assert_no_temporaries(out)
