@@ -6,6 +6,7 @@ is walked in a shuffled order, each x gets a random y, and an epoch is as long a
 domain. Training augmentation is the papers' "random jitter": resize to load_size, random crop
 to crop_size, random horizontal flip.
 """
+import contextlib
 import csv
 import os
 import shutil
@@ -237,10 +238,16 @@ def write_atomically(path: Path, write) -> None:
         write(tmp)
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        remove(tmp)
         if isinstance(e, OSError):
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
+
+
+def remove(path: Path) -> None:
+    """Delete a temporary file if it is there; a path that cannot hold one (under a file) is no error."""
+    with contextlib.suppress(OSError):
+        Path(path).unlink(missing_ok=True)
 
 
 def save_image(img: Image.Image, path: Path) -> None:
@@ -329,8 +336,8 @@ def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
     temporary name, so no partial file is ever left."""
     from tqdm import tqdm
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as f, \
                 tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
                      desc=dest.name.removesuffix(".part"), leave=False) as bar:
@@ -338,7 +345,7 @@ def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
                 f.write(chunk)
                 bar.update(len(chunk))
     except BaseException as e:  # Ctrl-C too: never leave a partial file
-        dest.unlink(missing_ok=True)
+        remove(dest)
         if isinstance(e, (urllib.error.URLError, OSError)):
             raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}): if this machine is offline, "
                             f"{offline_hint}") from None
@@ -362,7 +369,7 @@ def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:
         raise DataError(f"could not unzip {DATASET_URL.format(name)} ({e}): fetch the zip elsewhere and "
                         f"unzip it into {target}") from None
     finally:
-        part.unlink(missing_ok=True)
+        remove(part)
         shutil.rmtree(unzipped, ignore_errors=True)
     return target
 
@@ -375,5 +382,9 @@ def download_pretrained(name: str, root: Path = Path("pretrained"), timeout: flo
     if not target.is_file():
         part = target.with_name(target.name + ".part")
         fetch(PRETRAINED_URL.format(name), part, f"fetch it elsewhere and save it as {target}", timeout)
-        part.replace(target)
+        try:
+            part.replace(target)
+        except OSError as e:
+            remove(part)
+            raise DataError(f"could not save {target} ({e.strerror}): choose another --root") from None
     return target

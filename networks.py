@@ -254,6 +254,8 @@ def official_generator(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     from the first conv's bias (instance) or the first norm's weight (batch), else none. Raises
     ValueError saying what the file holds when it is no generator of either kind.
     """
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"it holds a {type(state_dict).__name__}, not a state_dict of named tensors")
     tensors = {k.removeprefix("module."): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     if not tensors or len(tensors) != len(state_dict):
         raise ValueError(f"it holds {len(state_dict)} entries, not all of them tensors, so it is no network's "

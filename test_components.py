@@ -1394,7 +1394,8 @@ def test_wrong_files_given_to_translate_get_one_line(dataset_root, tmp_path, cap
     opt = torch.optim.Adam(ResnetGenerator(ngf=4, n_blocks=1).parameters())
     files = {"optimizer.pth": (opt.state_dict(), "not all of them tensors"),
              "latest_net_D.pth": (PatchDiscriminator(ndf=4).state_dict(), "a PatchGAN discriminator"),
-             "noise.pth": ({"w": torch.randn(3, 3)}, r"the first 'w' \(3, 3\)")}
+             "noise.pth": ({"w": torch.randn(3, 3)}, r"the first 'w' \(3, 3\)"),
+             "tensor.pth": (torch.randn(3), "it holds a Tensor, not a state_dict")}
     for name, (state, pattern) in files.items():
         torch.save(state, tmp_path / name)
         code, err = run_cli(["translate", "--checkpoint", str(tmp_path / name), "--input", str(dataset_root / "testA"),
@@ -1424,6 +1425,8 @@ def test_download_pretrained_writes_atomically_and_fails_offline_in_one_line(tmp
     code, err = run_cli(["download", "--pretrained", "zebra2horse", "--root", str(root)], capsys)
     assert_one_line_error(code, err, "could not download .*zebra2horse.pth.*offline")
     assert sorted(p.name for p in root.iterdir()) == ["horse2zebra.pth"]  # no partial file
+    code, err = run_cli(["download", "--pretrained", "zebra2horse", "--root", str(source)], capsys)  # a file
+    assert_one_line_error(code, err, "could not download")
     code, err = run_cli(["download", "--pretrained", "pears2plums"], capsys)
     assert_one_line_error(code, err, "unknown pretrained model 'pears2plums': choose one of apple2orange, .*"
                                      "iphone2dslr_flower")
@@ -1456,7 +1459,7 @@ def test_an_output_path_that_is_a_file_is_refused_in_one_line(dataset_root, tmp_
     blocker.write_text("not a folder")
     code, err = run_cli(one_epoch(dataset_root, blocker), capsys)
     assert_one_line_error(code, err, "cannot be made a folder.*choose another --output-dir")
-    assert one_epoch(dataset_root, tmp_path / "out") and cli(one_epoch(dataset_root, tmp_path / "out")) == 0
+    assert cli(one_epoch(dataset_root, tmp_path / "out")) == 0
     code, err = run_cli(["translate", "--checkpoint", str(tmp_path / "out" / "run" / "latest.pt"), "--input",
                          str(dataset_root / "testA"), "--output", str(blocker / "sub")], capsys)
     assert_one_line_error(code, err, "--output .* cannot be made a folder")
