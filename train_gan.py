@@ -168,7 +168,7 @@ class Trainer:
     @contextmanager
     def evaluating(self):
         """The model with its plain networks (not their DDP or compiled wrappers), in eval mode and
-        without gradients: for grids and translation, which run on one rank only."""
+        without gradients: for the grids and CUT's similarity maps, which rank 0 alone draws."""
         wrapped = {name: getattr(self.model, name) for name in self.nets}
         for name, net in self.nets.items():
             setattr(self.model, name, net.eval())
@@ -744,8 +744,10 @@ def run_training(args: argparse.Namespace, stop: StopFlag | None, rank: int, wor
     trainer, epoch_step, folders, filled = prepare(args, device)
     run_dir = run_folder(args)
     ckpt = run_dir / "latest.pt"
-    advice = (f"free some disk space or fix {run_dir}, then continue with --resume --name {args.name} "
-              f"({ckpt} keeps the last saved state)")
+    resume = f"continue with --resume --name {args.name} ({ckpt} keeps the last saved state)"
+    advice = f"free some disk space or fix {run_dir}, then {resume}"
+    step_memory = (f"in a training step at crop {args.crop_size}x{args.crop_size}, batch {args.batch_size}",
+                   f"lower --crop-size or --batch-size, then {resume}")
     data, sampler, loader = make_loader(args, trainer, folders, rank, world)
     speed_up(args, trainer, rank, world)
     cfg = trainer.model.config
@@ -774,9 +776,7 @@ def run_training(args: argparse.Namespace, stop: StopFlag | None, rank: int, wor
         with tqdm(total=steps, initial=epoch_step, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
                   dynamic_ncols=True, disable=not lead) as bar:
             for x, y in loader:
-                with memory_or_stopped(f"in a training step at crop {args.crop_size}x{args.crop_size}, batch "
-                                       f"{args.batch_size}", f"lower --crop-size or --batch-size, then continue "
-                                       f"with --resume --name {args.name} ({ckpt} keeps the last saved state)"):
+                with memory_or_stopped(*step_memory):
                     losses = trainer.train_step(x, y).tensors  # still on the device: nothing waits here
                 epoch_step += 1
                 bar.update()
