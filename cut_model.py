@@ -171,12 +171,12 @@ class CUT:
         With source = G(x) and target = x: where each output patch finds its input patch.
         """
         c = self.config
+        layer = layer % len(c.nce_layers)  # H's MLP for that tap
         tap = c.nce_layers[layer]
         feat_q, feat_k = (self.G(img, [tap], encode_only=True)[0] for img in (source, target))  # (B, C_l, h, w)
         h, w = feat_k.shape[-2:]
         ids = torch.tensor([min(int(r * h), h - 1) * w + min(int(col * w), w - 1) for r, col in points],
                            device=source.device)
-        layer = layer % len(c.nce_layers)
         q = self.H.project(layer, feat_q, ids)  # (B, Q, nc): the queries
         k = self.H.project(layer, feat_k, torch.arange(h * w, device=target.device))  # (B, h*w, nc): every key
         logits = q @ k.transpose(1, 2) / c.nce_temperature  # (B, Q, h*w), as in Eq. 2

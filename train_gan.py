@@ -449,12 +449,15 @@ def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+LOCK_FILE = ".lock"  # in a run's folder: the lock of the run that holds it, and its process id
+
+
 def lock_run_folder(run_dir: Path):
     """Make `run_dir` and hold an OS lock on it (its .lock file, which names this process) for this
     process's life: a second run or resume into the same folder is refused. The lock dies with its
     process (kill -9, power loss), so a lock left behind never blocks. Returns the held file."""
     try:
-        handle = open(output_folder(run_dir, "--output-dir") / ".lock", "a+")
+        handle = open(output_folder(run_dir, "--output-dir") / LOCK_FILE, "a+")
     except OSError as e:
         raise UsageError(f"cannot use {run_dir} as the run's folder ({e.strerror}): pass another --output-dir "
                          f"or --name") from None
@@ -479,8 +482,8 @@ def read_checkpoint(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for foreign or broken files
-        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
-                         f"pass a latest.pt or epoch_NNN.pt written by train_gan.py") from None
+        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}): pass a latest.pt or "
+                         f"epoch_NNN.pt written by train_gan.py, or an official generator .pth") from None
 
 
 def is_run_checkpoint(state) -> bool:
@@ -614,7 +617,7 @@ def prepare(args: argparse.Namespace, device: torch.device, fresh: bool = False)
     state = None if fresh or not args.resume else load_checkpoint(run_dir / "latest.pt")
     if state:
         restore_run_options(args, state)
-    elif not fresh and run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir()):
+    elif not fresh and run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or a new --name")
     filled = apply_presets(args, device)
     validate(args, device)
