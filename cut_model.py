@@ -30,13 +30,14 @@ from losses import GANLoss, PatchNCELoss
 from networks import (DEFAULT_TAPS, PatchDiscriminator, PatchSampleMLP, ResnetGenerator, define_G, frozen,
                       local_grads)
 
-MODES = {"cut": dict(lambda_nce=1.0, nce_idt=True, flip_equivariance=False),
-         "fastcut": dict(lambda_nce=10.0, nce_idt=False, flip_equivariance=True)}
+# The official presets of each mode (its modify_commandline_options), schedule included.
+MODES = {"cut": dict(lambda_nce=1.0, nce_idt=True, flip_equivariance=False, epochs=200, epochs_decay=200),
+         "fastcut": dict(lambda_nce=10.0, nce_idt=False, flip_equivariance=True, epochs=150, epochs_decay=50)}
 
 
 @dataclass
 class CUTConfig:
-    mode: str = "cut"  # 'cut' or 'fastcut': sets the three options below when they are None
+    mode: str = "cut"  # 'cut' or 'fastcut': sets the options left None (MODES)
     lambda_nce: float | None = None  # lambda_X of Eq. 5: CUT 1, FastCUT 10
     nce_idt: bool | None = None  # the lambda_Y identity term: CUT yes, FastCUT no
     flip_equivariance: bool | None = None  # CUT no, FastCUT yes
@@ -58,8 +59,8 @@ class CUTConfig:
     netF_nc: int = 256  # H's output width
     lr: float = 2e-4
     beta1: float = 0.5
-    epochs: int = 200  # official: CUT 200 + 200, FastCUT 150 + 50
-    epochs_decay: int = 200
+    epochs: int | None = None  # at the initial lr: CUT 200, FastCUT 150
+    epochs_decay: int | None = None  # then linearly down to lr / (epochs_decay + 1): CUT 200, FastCUT 50
     init_gain: float = 0.02
 
     def __post_init__(self):

@@ -1,19 +1,25 @@
-"""Data for unpaired translation: find images, load them, jitter them, pair them at random;
-write image grids and loss plots; download the official CycleGAN datasets and pretrained generators.
+"""Data and files for unpaired translation: find images, load them, jitter them, pair them at random;
+write every file atomically (checkpoints, image grids, loss plots); download the official CycleGAN
+datasets and pretrained generators. First, how both commands (train_gan.py, translate.py) fail: two
+errors, one per exit code, each one line for the user, never a traceback.
 
 Mirrors data/unaligned_dataset.py and data/base_dataset.py of the official code: domain X
 is walked in a shuffled order, each x gets a random y, and an epoch is as long as the larger
 domain. Training augmentation is the papers' "random jitter": resize to load_size, random crop
 to crop_size, random horizontal flip.
 """
+import argparse
 import contextlib
 import csv
 import os
 import shutil
+import signal
+import sys
 import urllib.error
 import urllib.request
 import warnings
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +45,67 @@ OFFICIAL_DATASETS = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "m
                      "ae_photos", "grumpifycat")
 
 
-class DataError(ValueError):
-    """A dataset problem the user can fix; its message says how."""
+# ----------------------------------------------------------------------------- how a command fails
 
+class UsageError(Exception):
+    """A bad option, file or dataset, found before any work: one line saying how to fix it, exit code 2."""
+
+
+class RunError(Exception):
+    """A started command cannot go on (a loss diverged, a write failed, memory ran out): one line, exit code 1."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line ('error: ... (see --help)'), not the whole usage."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is an allocation failure: CUDA's or MPS's out of memory, or the CPU allocator's."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+@contextmanager
+def memory_or_stopped(what: str, advice: str):
+    """Running out of memory inside the block ends the command with one line: `what` ran out, and `advice`."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        raise RunError(f"out of memory {what}: {advice}") from None
+
+
+def run_command(command) -> int:
+    """Run a command's body as a command: its exit code, and one line (never a traceback) for the errors
+    users meet: 2 for a UsageError, 1 for a RunError, 130 for Ctrl-C before a run could save."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C from here on: KeyboardInterrupt, below
+    warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
+    try:
+        command()
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C; every write is atomic
+        print("\ninterrupted: nothing half-written was left", file=sys.stderr)
+        return 130
+    except (UsageError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    return 0
+
+
+# ----------------------------------------------------------------------------- images and the dataset
 
 def list_images(folder: Path) -> list[Path]:
-    """Every image below `folder`, recursively, any letter case of the suffix, sorted."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """Every image below `folder`, recursively, any letter case of the suffix, sorted. A folder that is
+    missing or holds no image is a UsageError naming it."""
+    if folder is None or not Path(folder).is_dir():
+        raise UsageError(f"image folder {folder} does not exist")
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UsageError(f"no images ({' '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    return files
 
 
 def find_domains(root: Path, direction: str = "AtoB") -> dict[str, Path | None]:
@@ -55,7 +115,7 @@ def find_domains(root: Path, direction: str = "AtoB") -> dict[str, Path | None]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"dataroot {root} does not exist: pass --dataroot with a folder holding "
+        raise UsageError(f"dataroot {root} does not exist: pass --dataroot with a folder holding "
                         f"trainA/ and trainB/ (or x_train/ and y_train/)")
     for names in LAYOUTS.values():
         if (root / names[0]).is_dir() and (root / names[1]).is_dir():
@@ -64,7 +124,7 @@ def find_domains(root: Path, direction: str = "AtoB") -> dict[str, Path | None]:
                 folders = [folders[1], folders[0], folders[3], folders[2]]
             return dict(zip(("train_x", "train_y", "test_x", "test_y"), folders))
     found = ", ".join(sorted(p.name + "/" for p in root.iterdir() if p.is_dir())) or "no folders"
-    raise DataError(f"dataroot {root} has neither layout {' nor '.join(LAYOUTS)}; found {found}")
+    raise UsageError(f"dataroot {root} has neither layout {' nor '.join(LAYOUTS)}; found {found}")
 
 
 def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Image.Image:
@@ -128,8 +188,8 @@ class UnpairedDataset(torch.utils.data.Dataset):
     def __init__(self, folder_x: Path, folder_y: Path, load_size: int = 286, crop_size: int = 256,
                  channels_x: int = 3, channels_y: int = 3, no_crop_from_epoch: int | None = None):
         if crop_size > load_size:
-            raise DataError(f"crop size {crop_size} is larger than load size {load_size}: "
-                            f"lower --crop-size or raise --load-size")
+            raise UsageError(f"--crop-size {crop_size} is larger than --load-size {load_size}: lower one or raise "
+                             f"the other")
         self.files = [readable_images(folder_x, channels_x), readable_images(folder_y, channels_y)]
         self.channels = (channels_x, channels_y)
         self.load_size, self.crop_size, self.no_crop_from_epoch = load_size, crop_size, no_crop_from_epoch
@@ -148,8 +208,6 @@ class UnpairedDataset(torch.utils.data.Dataset):
 
 def readable_images(folder: Path, channels: int = 3) -> list[Path]:
     """The images of a folder that open; warns once about the rest; fails if none is left."""
-    if folder is None or not Path(folder).is_dir():
-        raise DataError(f"image folder {folder} does not exist")
     good, bad = [], []
     for path in list_images(folder):
         try:
@@ -163,7 +221,7 @@ def readable_images(folder: Path, channels: int = 3) -> list[Path]:
         names = ", ".join(p.name for p in bad[:3]) + (", ..." if len(bad) > 3 else "")
         warnings.warn(f"skipping {len(bad)} unreadable image(s) in {folder}: {names}", stacklevel=2)
     if not good:
-        raise DataError(f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
+        raise UsageError(f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
     return good
 
 
@@ -211,16 +269,11 @@ def load_fixed_images(folder: Path, n: int, size: int, channels: int = 3) -> tor
     return torch.stack([to_tensor(load_image(f, channels).resize((size, size), Image.BICUBIC)) for f in files])
 
 
-def save_image_grid(rows: list[list[torch.Tensor]], path: Path, pad: int = 2) -> None:
-    """Write a PNG of rows of (C, H, W) images in [-1, 1], e.g. x | G(x) | F(G(x)) per row.
-
-    Written with Pillow (no torchvision); one-channel images are shown as gray.
-    """
-    save_grid([[to_image(img).convert("RGB") for img in row] for row in rows], path, pad)
-
-
-def save_grid(rows: list[list[Image.Image]], path: Path, pad: int = 2) -> None:
-    """Write rows of equally sized images as one picture, `pad` white pixels apart."""
+def save_grid(rows: list[list[torch.Tensor | Image.Image]], path: Path, pad: int = 2) -> None:
+    """Write rows of equally sized images as one picture, `pad` white pixels apart, e.g. x | G(x) | F(G(x))
+    per row. A cell is a PIL image or a (C, H, W) tensor in [-1, 1]; one channel is shown as gray.
+    Written with Pillow: no torchvision."""
+    rows = [[(to_image(img) if isinstance(img, torch.Tensor) else img).convert("RGB") for img in row] for row in rows]
     w, h = rows[0][0].size
     grid = Image.new("RGB", (max(map(len, rows)) * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
     for r, row in enumerate(rows):
@@ -231,7 +284,11 @@ def save_grid(rows: list[list[Image.Image]], path: Path, pad: int = 2) -> None:
 
 def write_atomically(path: Path, write) -> None:
     """write(tmp) into a temporary file beside `path`, then rename it over `path`: a full disk, a crash or
-    Ctrl-C leaves `path` as it was and no temporary file. An OSError names `path`, not the temporary."""
+    Ctrl-C leaves `path` as it was and no temporary file. Every file the commands write goes through here.
+
+    A failed write raises OSError naming `path`, not the temporary; that includes a RuntimeError of the
+    writer, which is how torch.save reports a short write (a full disk).
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -241,7 +298,80 @@ def write_atomically(path: Path, write) -> None:
         remove(tmp)
         if isinstance(e, OSError):
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        if isinstance(e, RuntimeError):
+            free = shutil.disk_usage(path.parent).free / 2 ** 20 if path.parent.is_dir() else 0
+            raise OSError(0, f"the write stopped short, {free:.0f} MB free on that disk: {str(e).splitlines()[0]}",
+                          str(path)) from None
         raise
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save, atomically (write_atomically)."""
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path: Path):
+    """What a .pt / .pth file holds (a checkpoint of ours or an official network file), read on the CPU,
+    tensors and plain containers only (weights_only: a file cannot run code). UsageError when it is
+    missing or unreadable."""
+    if not Path(path).is_file():
+        raise UsageError(f"checkpoint {path} does not exist: check --name / --output-dir or --checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for foreign or broken files
+        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}): pass a latest.pt or "
+                         f"epoch_NNN.pt written by train_gan.py, or an official generator .pth") from None
+
+
+@contextmanager
+def written_or_stopped(where: Path, then: str):
+    """A write that fails inside the block (a full disk, a read-only or missing folder) ends the command
+    with one line: the file, the cause, and to free space or fix `where`, `then`."""
+    try:
+        yield
+    except OSError as e:
+        raise RunError(f"could not write {e.filename or 'a file'} ({e.strerror or e}): free some disk space or "
+                       f"fix {where}, then {then}") from None
+
+
+LOCK_FILE = ".lock"  # in a run's folder: the lock of the run that holds it, and its process id
+
+
+def lock_run_folder(run_dir: Path):
+    """Make `run_dir` and hold an OS lock on it (its .lock file, which names this process) for this
+    process's life: a second run or resume into the same folder is refused. The lock dies with its
+    process (kill -9, power loss), so a lock left behind never blocks. Returns the held file."""
+    handle = open(make_folder(run_dir, "--output-dir") / LOCK_FILE, "a+")
+    try:
+        if os.name == "nt":  # Windows: a lock on the file's first byte
+            import msvcrt
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+        except OSError:  # Windows does not let a locked byte be read
+            holder = "unknown"
+        handle.close()
+        raise UsageError(f"{run_dir} is in use by another run (process {holder}): wait for it to end, or pass "
+                         f"another --name") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def make_folder(folder: Path, flag: str) -> Path:
+    """Create `folder` (given by option `flag`), or end with one line saying why it cannot be one."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {folder} cannot be made a folder ({e.strerror}): choose another {flag}") from None
+    return folder
 
 
 def remove(path: Path) -> None:
@@ -331,7 +461,7 @@ def plot_losses(csv_path: Path, png_path: Path) -> None:
 
 
 def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
-    """Stream `url` into `dest` with a progress bar. On any failure `dest` is removed and a DataError
+    """Stream `url` into `dest` with a progress bar. On any failure `dest` is removed and a UsageError
     says what failed and, for an offline machine, `offline_hint`; the caller writes `dest` as a
     temporary name, so no partial file is ever left."""
     from tqdm import tqdm
@@ -347,7 +477,7 @@ def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
     except BaseException as e:  # Ctrl-C too: never leave a partial file
         remove(dest)
         if isinstance(e, (urllib.error.URLError, OSError)):
-            raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}): if this machine is offline, "
+            raise UsageError(f"could not download {url} ({getattr(e, 'reason', e)}): if this machine is offline, "
                             f"{offline_hint}") from None
         raise
 
@@ -355,7 +485,7 @@ def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
 def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:
     """Download and unzip an official CycleGAN dataset into root/name; returns that folder."""
     if name not in OFFICIAL_DATASETS:
-        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(OFFICIAL_DATASETS)}")
+        raise UsageError(f"unknown dataset {name!r}: choose one of {', '.join(OFFICIAL_DATASETS)}")
     target = Path(root) / name
     if target.is_dir():
         return target
@@ -366,7 +496,7 @@ def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:
             z.extractall(unzipped)
         os.replace(unzipped / name, target)
     except (OSError, zipfile.BadZipFile) as e:
-        raise DataError(f"could not unzip {DATASET_URL.format(name)} ({e}): fetch the zip elsewhere and "
+        raise UsageError(f"could not unzip {DATASET_URL.format(name)} ({e}): fetch the zip elsewhere and "
                         f"unzip it into {target}") from None
     finally:
         remove(part)
@@ -377,7 +507,7 @@ def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:
 def download_pretrained(name: str, root: Path = Path("pretrained"), timeout: float = 30) -> Path:
     """Download an official CycleGAN pretrained generator to root/NAME.pth (atomically); returns its path."""
     if name not in OFFICIAL_PRETRAINED:
-        raise DataError(f"unknown pretrained model {name!r}: choose one of {', '.join(OFFICIAL_PRETRAINED)}")
+        raise UsageError(f"unknown pretrained model {name!r}: choose one of {', '.join(OFFICIAL_PRETRAINED)}")
     target = Path(root) / f"{name}.pth"
     if not target.is_file():
         part = target.with_name(target.name + ".part")
@@ -386,5 +516,5 @@ def download_pretrained(name: str, root: Path = Path("pretrained"), timeout: flo
             part.replace(target)
         except OSError as e:
             remove(part)
-            raise DataError(f"could not save {target} ({e.strerror}): choose another --root") from None
+            raise UsageError(f"could not save {target} ({e.strerror}): choose another --root") from None
     return target

@@ -340,8 +340,10 @@ def test_mismatched_official_weights_name_the_first_mismatch():
 
 import data_utility as du  # noqa: E402
 from cycle_gan import CycleGAN, CycleGANConfig, ImagePool  # noqa: E402
-from train_gan import StepLosses, Trainer, adam, lr_factor  # noqa: E402
+import train_gan  # noqa: E402
+from train_gan import Trainer, adam, lr_factor  # noqa: E402
 from train_gan import main as cli  # noqa: E402
+from translate import main as translate_cli  # noqa: E402
 
 SHARED = Path(__file__).resolve().parent.parent / "shared" / "datasets" / "apple2orange"
 
@@ -387,9 +389,9 @@ def test_find_domains_reads_both_layouts_and_swaps_for_BtoA(tmp_path, layout):
 
 def test_find_domains_names_what_it_found_when_the_layout_is_unknown(tmp_path):
     (tmp_path / "apples").mkdir()
-    with pytest.raises(du.DataError, match="neither layout.*found apples/"):
+    with pytest.raises(du.UsageError, match="neither layout.*found apples/"):
         du.find_domains(tmp_path)
-    with pytest.raises(du.DataError, match="does not exist"):
+    with pytest.raises(du.UsageError, match="does not exist"):
         du.find_domains(tmp_path / "missing")
 
 
@@ -444,7 +446,7 @@ def test_image_tensor_round_trip():
 
 def test_save_image_grid_lays_out_rows_and_columns(tmp_path):
     rows = [[torch.zeros(3, 8, 8), torch.ones(1, 8, 8)]] * 3
-    du.save_image_grid(rows, tmp_path / "g.png", pad=2)
+    du.save_grid(rows, tmp_path / "g.png", pad=2)
     grid = Image.open(tmp_path / "g.png")
     assert grid.size == (2 * 10 + 2, 3 * 10 + 2)
     assert grid.getpixel((2 + 10 + 1, 3)) == (255, 255, 255)  # the one-channel column, shown as gray
@@ -470,10 +472,10 @@ def test_download_fails_offline_with_a_clear_message(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
     monkeypatch.setattr(du.urllib.request, "urlopen", offline)
-    with pytest.raises(du.DataError, match="could not download .*apple2orange.zip.*offline"):
+    with pytest.raises(du.UsageError, match="could not download .*apple2orange.zip.*offline"):
         du.download("apple2orange", tmp_path)
     assert list(tmp_path.iterdir()) == []  # no partial file left
-    with pytest.raises(du.DataError, match="unknown dataset"):
+    with pytest.raises(du.UsageError, match="unknown dataset"):
         du.download("pears2plums", tmp_path)
 
 
@@ -500,15 +502,14 @@ def update(trainer, loss, group):
     trainer.step(group)
 
 
-def test_step_losses_read_as_floats_lazily_with_one_copy(monkeypatch):
-    w = torch.tensor(3.0, requires_grad=True)
-    stacks = []
-    stack = torch.stack
+def test_a_step_returns_losses_out_of_the_graph_and_a_log_window_is_read_in_one_copy(monkeypatch):
+    torch.manual_seed(0)
+    losses = Trainer(CycleGAN(CycleGANConfig(**TINY))).train_step(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))
+    assert all(v.dim() == 0 and not v.requires_grad for v in losses.values())
+    stacks, stack = [], torch.stack
     monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(1) or stack(*a, **k))
-    losses = StepLosses({"a": w * 2, "b": torch.tensor(0.5, dtype=torch.bfloat16)})
-    assert list(losses) == ["a", "b"] and not stacks  # nothing read yet
-    assert not losses.tensors["a"].requires_grad  # out of the graph
-    assert dict(losses) == {"a": 6.0, "b": 0.5} and losses["a"] == 6.0
+    window = {"a": torch.tensor(3.0), "b": torch.tensor(0.5, dtype=torch.bfloat16)}
+    assert train_gan.mean_losses(window, 2, None, "") == {"a": 1.5, "b": 0.25}
     assert len(stacks) == 1  # every loss came over in one copy
 
 
@@ -527,17 +528,17 @@ def test_adam_is_fused_where_torch_has_the_kernel_and_plain_where_not(monkeypatc
     assert not opt.defaults["fused"] and opt.defaults["lr"] == 1e-3 and opt.defaults["betas"] == (0.3, 0.999)
 
 
-def test_resume_uses_this_machines_adam_kernel_and_continues_exactly():
+def test_resume_uses_this_machines_adam_kernel_and_continues_exactly(tmp_path):
     torch.manual_seed(0)
     model = Trainer(CycleGAN(CycleGANConfig(**TINY)))
     x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
     model.train_step(x, y)
-    state = copy.deepcopy(model.state_dict())
+    model.save(tmp_path / "latest.pt")
+    state = du.load_torch(tmp_path / "latest.pt")
     for opt in state["optimizers"].values():  # as saved by the multi-tensor Adam of an older version
         for group in opt["param_groups"]:
             group.update(fused=None, foreach=True)
-    resumed = Trainer(CycleGAN(CycleGANConfig(**TINY)))
-    resumed.load_state_dict(state)
+    resumed, _, _ = Trainer.load(state)
     assert all(g["fused"] == opt.defaults["fused"] and g["foreach"] == opt.defaults["foreach"]
                for opt in resumed.optimizers.values() for g in opt.param_groups)
     torch.manual_seed(1)
@@ -565,8 +566,8 @@ def test_cycle_gan_step_gives_the_weights_of_one_backward_through_the_whole_obje
     """The step back-propagates the x part and the y part of Eq. 3 separately; the official step
     builds the whole objective and back-propagates it once. Both must end with the same weights."""
     torch.manual_seed(0)
-    split, whole = Trainer(CycleGAN(CycleGANConfig(**TINY))), Trainer(CycleGAN(CycleGANConfig(**TINY)))
-    whole.load_state_dict(split.state_dict())
+    split = Trainer(CycleGAN(CycleGANConfig(**TINY)))
+    whole = copy.deepcopy(split)
     x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
     losses = split.train_step(x, y)
 
@@ -625,8 +626,8 @@ def test_cycle_gan_translates_grayscale_to_color():
         CycleGAN(CycleGANConfig(**TINY, channels_x=1, channels_y=3))
     model = Trainer(CycleGAN(CycleGANConfig(**TINY, channels_x=1, channels_y=3, lambda_identity=0)))
     model.train_step(torch.zeros(2, 1, 32, 32), torch.zeros(2, 3, 32, 32))
-    assert model.translator()(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)
-    assert model.translator("y2x")(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+    assert model.model.G(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)
+    assert model.model.F(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
 
 
 def test_image_pool_fills_then_swaps_half_the_time():
@@ -699,7 +700,7 @@ def test_compiled_run_trains_and_saves_a_checkpoint_plain_networks_load(dataset_
         torch._dynamo.reset()
     state = torch.load(out / "run" / "latest.pt", weights_only=True)
     assert state["step"] == 2 and not any("_orig_mod" in k for net in state["nets"].values() for k in net)
-    Trainer(CUT(CUTConfig(**state["config"]))).load_state_dict(state)  # uncompiled networks take the weights
+    Trainer.load(state)  # uncompiled networks take the weights
     rows = list(csv.DictReader((out / "run" / "losses.csv").open()))
     assert len(rows) == 2 and all(math.isfinite(float(r["NCE_X"])) for r in rows)
 
@@ -710,8 +711,8 @@ def test_grayscale_runs_end_to_end(dataset_root, tmp_path):
                         "--epochs", "1", "--epochs-decay", "0")) == 0
     config = torch.load(out / "run" / "latest.pt", weights_only=True)["config"]
     assert (config["channels_x"], config["channels_y"]) == (1, 1)
-    assert cli(["translate", "--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
-                "--output", str(tmp_path / "gray"), "--device", "cpu"]) == 0
+    assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
+                          "--output", str(tmp_path / "gray"), "--device", "cpu"]) == 0
     assert {Image.open(p).mode for p in (tmp_path / "gray").iterdir()} == {"L"}
 
 
@@ -719,35 +720,61 @@ def test_cli_translate_keeps_each_image_size_and_name(dataset_root, tmp_path):
     out = tmp_path / "out"
     assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
     inputs = write_mixed_images(tmp_path / "in", 4)
-    for direction in ("x2y", "y2x"):
+    for direction in ("AtoB", "BtoA"):
         target = tmp_path / direction
-        assert cli(["translate", "--checkpoint", str(out / "run" / "latest.pt"), "--input", str(tmp_path / "in"),
-                    "--output", str(target), "--direction", direction, "--device", "cpu"]) == 0
+        assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(tmp_path / "in"),
+                              "--output", str(target), "--direction", direction, "--device", "cpu"]) == 0
         for p in inputs:
             result = Image.open(target / f"{p.stem}.png")
             assert result.size == Image.open(p).size and result.mode == "RGB"
 
 
-def test_cli_compare_puts_each_checkpoint_in_a_column_and_names_problems(dataset_root, tmp_path, capsys):
+@pytest.mark.parametrize("trained", ["AtoB", "BtoA"])
+def test_translate_direction_names_the_dataset_folders_as_training_does(dataset_root, tmp_path, monkeypatch, trained):
+    """--direction speaks of the dataset's A and B in both commands: a run trained BtoA has G: B -> A, so
+    translating AtoB is its F."""
+    out = tmp_path / "out"
+    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0", "--direction", trained)) == 0
+    import translate
+    used, load = [], translate.Translator.of
+
+    def spy(path, device, direction):
+        t = load(path, device, direction)
+        used.append(next(name for name, net in t_nets(path).items() if net_equal(net, t.net)))
+        return t
+    t_nets = lambda path: Trainer.load(du.load_torch(path))[0].nets  # noqa: E731
+    net_equal = lambda a, b: all(torch.equal(p, q) for p, q in zip(a.state_dict().values(),  # noqa: E731
+                                                                    b.state_dict().values()))
+    monkeypatch.setattr(translate.Translator, "of", staticmethod(spy))
+    for direction in ("AtoB", "BtoA"):
+        assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
+                              "--output", str(tmp_path / direction), "--direction", direction]) == 0
+    assert used == (["G", "F"] if trained == "AtoB" else ["F", "G"])
+
+
+def test_cli_grid_puts_each_checkpoint_in_a_column_and_names_problems(dataset_root, tmp_path, capsys):
     ckpts = []
     for model in ("cycle_gan", "fastcut"):
         out = tmp_path / model
         assert cli(cli_args(dataset_root, out, "--model", model, "--epochs", "1", "--epochs-decay", "0")) == 0
         ckpts.append(str(out / "run" / "latest.pt"))
     grid = tmp_path / "grids" / "a2o.jpg"
-    assert cli(["compare", "--checkpoints", *ckpts, "--input", str(dataset_root / "testA"), "--output", str(grid),
-                "--count", "3", "--size", "30", "--device", "cpu"]) == 0
+    assert translate_cli(["--checkpoint", *ckpts, "--input", str(dataset_root / "testA"), "--grid", str(grid),
+                          "--count", "3", "--size", "30", "--device", "cpu"]) == 0
     # input | CycleGAN | FastCUT; testA holds 2 images, so 2 rows whatever --count asks; pad 2
     assert Image.open(grid).size == (3 * 32 + 2, 2 * 32 + 2)
     for argv, pattern in [
-        (["--direction", "y2x"], r"fastcut model, which translates x2y only"),
-        (["--output", str(tmp_path / "grid.gif")], r"must end in \.png or \.jpg"),
+        (["--direction", "BtoA"], r"fastcut model, which translates its own way only \(AtoB\)"),
+        (["--grid", str(tmp_path / "grid.gif")], r"must end in \.png or \.jpg"),
         (["--count", "0"], "must be >= 1"),
     ]:
-        code, err = run_cli(["compare", "--checkpoints", *ckpts, "--input", str(dataset_root / "testA"),
-                             "--output", str(tmp_path / "g.png"), "--device", "cpu", *argv], capsys)
+        code, err = run_cli(["--checkpoint", *ckpts, "--input", str(dataset_root / "testA"),
+                             "--grid", str(tmp_path / "g.png"), "--device", "cpu", *argv], capsys, translate_cli)
         assert_one_line_error(code, err, pattern)
-    assert not (tmp_path / "g.png").exists()
+    code, err = run_cli(["--checkpoint", *ckpts, "--input", str(dataset_root / "testA"), "--output",
+                         str(tmp_path / "res")], capsys, translate_cli)
+    assert_one_line_error(code, err, "takes one model and an --output folder; to compare models, pass --grid")
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "res").exists()
 
 
 # ----------------------------------------------------------------------------- CUT / FastCUT
@@ -776,8 +803,10 @@ def test_cut_step_changes_G_D_H_and_gives_finite_losses(mode, expected):
 
 def test_cut_and_fastcut_presets_are_the_official_ones():
     cut, fast = CUTConfig(mode="cut"), CUTConfig(mode="fastcut")
-    assert (cut.lambda_nce, cut.nce_idt, cut.flip_equivariance) == (1.0, True, False)
-    assert (fast.lambda_nce, fast.nce_idt, fast.flip_equivariance) == (10.0, False, True)
+    assert (cut.lambda_nce, cut.nce_idt, cut.flip_equivariance, cut.epochs, cut.epochs_decay) == \
+        (1.0, True, False, 200, 200)
+    assert (fast.lambda_nce, fast.nce_idt, fast.flip_equivariance, fast.epochs, fast.epochs_decay) == \
+        (10.0, False, True, 150, 50)
     assert CUTConfig(mode="fastcut", lambda_nce=3.0).lambda_nce == 3.0  # explicit values win
     assert (cut.num_patches, cut.nce_temperature, cut.antialias) == (256, 0.07, True)
 
@@ -884,9 +913,9 @@ def test_fp16_loss_scaling_over_several_backward_passes_gives_the_fp32_step(mode
     """The fp16 path (CUDA) scales each part's backward and unscales the sum once. Run here in fp32
     arithmetic (autocast off): with a power-of-two scale the weights must match the plain step's."""
     torch.manual_seed(0)
-    plain = Trainer(model_cls(config))
-    scaled = Trainer(model_cls(config), "cpu", "fp16")
-    scaled.load_state_dict(plain.state_dict())
+    plain = Trainer(model_cls(copy.deepcopy(config)))
+    torch.manual_seed(0)
+    scaled = Trainer(model_cls(copy.deepcopy(config)), "cpu", "fp16")  # the same weights
     monkeypatch.setattr(scaled, "autocast", contextlib.nullcontext)
     x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
     for model in (plain, scaled):
@@ -918,7 +947,7 @@ def test_cut_rejects_a_unet_and_channel_mismatches_clearly():
             CUT(CUTConfig(mode=mode, **TINY_CUT, channels_x=1))
     gray = Trainer(CUT(CUTConfig(mode="fastcut", **TINY_CUT, channels_x=1, channels_y=1)))
     gray.train_step(torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32))
-    assert gray.translator()(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+    assert gray.model.G(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32)
 
 
 def test_similarity_map_of_an_image_with_itself_peaks_at_each_query_point():
@@ -941,18 +970,22 @@ def test_nce_map_option_turns_the_map_off(dataset_root, tmp_path):
     assert (tmp_path / "run" / "epoch_001.png").exists() and not list((tmp_path / "run").glob("nce_epoch_*"))
 
 
-def test_cut_translates_one_way_only():
-    with pytest.raises(ValueError, match="x2y only"):
-        Trainer(CUT(CUTConfig(**TINY_CUT))).translator("y2x")
+def loader_of(argv):
+    """The options, the trainer and the training dataset a run of `argv` would start with."""
+    args = train_gan.parse_options(argv)
+    trainer, _, _ = train_gan.start_run(args, None, torch.device("cpu"))
+    data, _, _ = train_gan.make_loader(args, trainer, du.find_domains(args.dataroot))
+    return args, trainer, data
 
 
-@pytest.mark.parametrize("model, no_crop_from", [("cut", 2), ("fastcut", 2), ("cycle_gan", None)])
+@pytest.mark.parametrize("model, extra, no_crop_from", [("cut", ["--epochs", "2"], 2), ("fastcut", ["--epochs", "2"], 2),
+                                                        ("fastcut", [], 150), ("cycle_gan", ["--epochs", "2"], None)])
 def test_cut_trains_without_resize_and_crop_in_its_decay_epochs_cycle_gan_with(dataset_root, tmp_path, model,
-                                                                                no_crop_from):
-    args = train_gan.parse_train_args(cli_args(dataset_root, tmp_path, "--model", model, "--epochs", "2"))
-    trainer, _, folders, _ = train_gan.prepare(args, torch.device("cpu"))
-    data, _, _ = train_gan.make_loader(args, trainer, folders)
-    assert data.no_crop_from_epoch == no_crop_from  # epochs counted from 0: the first decay epoch is 2
+                                                                                extra, no_crop_from):
+    args, _, data = loader_of(cli_args(dataset_root, tmp_path, "--model", model, *extra))
+    assert data.no_crop_from_epoch == no_crop_from  # epochs counted from 0: the first decay epoch
+    if not extra:  # the model's own schedule fills the options left unset: FastCUT's 150 + 50
+        assert (args.epochs, args.epochs_decay) == (150, 50)
 
 
 @pytest.mark.parametrize("path", ["cycle_gan.py", "cut_model.py"])
@@ -975,13 +1008,12 @@ def test_every_logged_loss_name_stands_as_a_literal_string_in_its_model_file():
 # ----------------------------------------------------------------------------- reliability
 
 
-import train_gan  # noqa: E402
 
 
-def run_cli(argv, capsys):
-    """(exit code, stderr lines) of an in-process CLI call."""
+def run_cli(argv, capsys, command=cli):
+    """(exit code, stderr lines) of an in-process call of a command (train_gan.py's main, or translate.py's)."""
     capsys.readouterr()  # drop what earlier calls printed
-    code = cli([str(a) for a in argv])
+    code = command([str(a) for a in argv])
     return code, capsys.readouterr().err.strip().splitlines()
 
 
@@ -993,7 +1025,7 @@ def assert_one_line_error(code, err, pattern):
 
 @pytest.mark.parametrize("extra, pattern", [
     (["--crop-size", "64", "--load-size", "48"], "--crop-size 64 is larger than --load-size 48"),
-    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--model", "pix2pix"], "invalid choice: 'pix2pix'"),
     (["--netG", "resnet_2blocks"], "invalid choice: 'resnet_2blocks'"),
     (["--lambda-cycle", "-1"], "--lambda-cycle must be >= 0"),
@@ -1025,6 +1057,26 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_and_still_runs(dataset_root, tm
     warned = [line for line in err if "no native bf16" in line]
     assert len(warned) == (0 if native else 1) and all(w.startswith("warning: ") for w in warned), err
     assert (tmp_path / "out" / "run" / "latest.pt").exists()
+
+
+def test_help_names_every_command_and_the_old_commands_point_to_translate_py(capsys):
+    with pytest.raises(SystemExit):
+        cli(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "train_gan.py download NAME" in text and "use translate.py" in text
+    for argv in (["translate", "--checkpoint", "x.pt"], ["compare"], ["download", "--pretrained", "horse2zebra"]):
+        code, err = run_cli(argv, capsys)
+        assert_one_line_error(code, err, r"translate.py's now: python translate.py --help")
+
+
+def test_both_scripts_import_where_fcntl_and_resource_do_not_exist():
+    """Windows has neither module: both scripts must import without them (the lock and the memory figure
+    import them where they are used)."""
+    code = ("import sys; sys.modules['fcntl'] = sys.modules['resource'] = None\n"
+            "import train_gan, translate\n"
+            "import torch; print(train_gan.peak_memory_mb(torch.device('cpu')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
 
 
 def test_cli_rejects_bad_datasets_in_one_line(tmp_path, capsys):
@@ -1089,13 +1141,30 @@ def test_checkpoint_problems_are_named(dataset_root, tmp_path, capsys):
     assert_one_line_error(code, err, "not a checkpoint of a train_gan.py run.*translate")
 
 
-def test_resume_refuses_another_model_or_network(dataset_root, tmp_path, capsys):
+def test_resume_refuses_another_model_network_or_seed(dataset_root, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
-    code, err = run_cli(cli_args(dataset_root, out, "--resume", "--model", "cut"), capsys)
-    assert_one_line_error(code, err, "a cycle_gan run: resume it with --model cycle_gan")
-    code, err = run_cli(cli_args(dataset_root, out, "--resume", "--ngf", "8"), capsys)
-    assert_one_line_error(code, err, "trained with ngf=4; --ngf 8 asks for another network")
+    for flag, value, was in (("--model", "cut", "cycle_gan"), ("--ngf", "8", "4"), ("--seed", "3", "0"),
+                             ("--direction", "BtoA", "AtoB")):
+        code, err = run_cli(cli_args(dataset_root, out, "--resume", flag, value), capsys)
+        assert_one_line_error(code, err, f"this run was started with {flag} {was}; {flag} {value} would change it: "
+                                         f"drop {flag}, or start a new --name")
+
+
+def test_resume_takes_every_option_not_given_from_the_run(dataset_root, tmp_path, capsys):
+    """A stopped run's advice, run as printed, resumes it: the model (not the default FastCUT), the network
+    and the data options come from the run; a lower --lr, the NaN advice, is taken."""
+    out = tmp_path / "out"
+    argv = cli_args(dataset_root, out, "--model", "cut", "--epochs", "1", "--epochs-decay", "1", "--ngf", "8",
+                    "--crop-size", "24", "--load-size", "28", "--lr", "1e-3")
+    train_gan.train(train_gan.parse_options(argv), stop=StopAfter(1))
+    advice = re.search(r"continue with: (.*)", capsys.readouterr().out).group(1).split()
+    assert advice[:2] == ["python", "train_gan.py"] and "--model" not in advice
+    args = train_gan.parse_options(advice[2:] + ["--lr", "5e-4"])
+    resumed, epoch_step, _ = train_gan.resume_run(args, out / "run", torch.device("cpu"))
+    assert (args.model, args.ngf, args.crop_size, args.max_steps, epoch_step) == ("cut", 8, 24, 2, 1)
+    assert resumed.optimizers["G"].param_groups[0]["lr"] == 5e-4  # epoch 1 of 1 + 1: the full lr, the new one
+    assert train_gan.train(train_gan.parse_options(advice[2:])).global_step == 4
 
 
 def test_a_new_run_never_overwrites_an_old_one(dataset_root, tmp_path, capsys):
@@ -1115,23 +1184,27 @@ def test_translate_problems_are_named(dataset_root, tmp_path, capsys):
     for argv, pattern in [
         (["--input", tmp_path / "empty", "--output", tmp_path / "res"], "no images"),
         (["--input", dataset_root / "testA", "--output", dataset_root / "testA"], "--output is the --input folder"),
-        (["--input", dataset_root / "testB", "--output", tmp_path / "res", "--direction", "y2x"], "x2y only"),
+        (["--input", dataset_root / "testB", "--output", tmp_path / "res", "--direction", "BtoA"],
+         r"translates its own way only \(AtoB\)"),
+        (["--input", dataset_root / "testA"], "takes one model and an --output folder"),
     ]:
-        code, err = run_cli(["translate", "--checkpoint", ckpt, *argv], capsys)
+        code, err = run_cli(["--checkpoint", ckpt, *argv], capsys, translate_cli)
         assert_one_line_error(code, err, pattern)
+    code, err = run_cli(["--input", dataset_root / "testA", "--output", tmp_path / "res"], capsys, translate_cli)
+    assert_one_line_error(code, err, "name a model: --checkpoint FILE or --pretrained NAME")
 
 
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "latest.pt"
-    train_gan.save_checkpoint(path, {"step": 1})
+    du.save_torch({"step": 1}, path)
 
     def crash(obj, f):
         Path(f).write_bytes(b"half a checkp")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        train_gan.save_checkpoint(path, {"step": 2})
-    assert torch.load(path, weights_only=True) == {"step": 1}
+        du.save_torch({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1} and list(tmp_path.iterdir()) == [path]
 
 
 def test_a_nan_loss_stops_the_run_naming_the_loss_and_step(dataset_root, tmp_path, capsys, monkeypatch):
@@ -1140,10 +1213,15 @@ def test_a_nan_loss_stops_the_run_naming_the_loss_and_step(dataset_root, tmp_pat
     saved = (out / "run" / "latest.pt").read_bytes()
     step = Trainer.train_step
     monkeypatch.setattr(Trainer, "train_step",
-                        lambda self, x, y: StepLosses({**step(self, x, y).tensors, "cycle_X": torch.tensor(math.nan)}))
+                        lambda self, x, y: {**step(self, x, y), "cycle_X": torch.tensor(math.nan)})
     code, err = run_cli(cli_args(dataset_root, out, "--epochs", "2", "--epochs-decay", "0", "--resume"), capsys)
     assert code == 1 and re.search("loss cycle_X became nan by step 3", err[-1])
     assert (out / "run" / "latest.pt").read_bytes() == saved
+    advice = re.search(r"continue with: python train_gan.py (.*)", err[-1]).group(1).split()
+    assert advice[advice.index("--lr") + 1] == "0.0001" and advice[advice.index("--epochs") + 1] == "2"  # half the lr
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert cli(advice) == 0  # the advice, as printed, goes on
+    assert torch.load(out / "run" / "latest.pt", weights_only=True)["options"]["lr"] == 1e-4
 
 
 def test_losses_are_read_once_per_logged_window_and_averaged(dataset_root, tmp_path, capsys, monkeypatch):
@@ -1152,9 +1230,8 @@ def test_losses_are_read_once_per_logged_window_and_averaged(dataset_root, tmp_p
     step, nan_at = Trainer.train_step, [None]
 
     def numbered(self, x, y):  # cycle_X = the step's number, or NaN at step nan_at
-        losses = step(self, x, y).tensors
-        n = self.global_step
-        return StepLosses({**losses, "cycle_X": torch.tensor(float("nan") if n == nan_at[0] else n)})
+        n = self.global_step + 1
+        return {**step(self, x, y), "cycle_X": torch.tensor(float("nan") if n == nan_at[0] else n)}
     monkeypatch.setattr(Trainer, "train_step", numbered)
     argv = ["--max-steps", "4", "--epochs", "1", "--epochs-decay", "0", "--log-every"]
     assert cli(cli_args(dataset_root, tmp_path / "a", *argv, "2")) == 0
@@ -1183,13 +1260,13 @@ class StopAfter:
 ])
 def test_stop_and_resume_gives_the_same_weights_as_one_run(dataset_root, tmp_path, model, stop_after, saved_at):
     argv = ["--model", model, "--epochs", "1", "--epochs-decay", "1", "--max-steps", "3"]
-    train_gan.train(train_gan.parse_train_args(cli_args(dataset_root, tmp_path / "a", *argv)))
-    train_gan.train(train_gan.parse_train_args(cli_args(dataset_root, tmp_path / "b", *argv)),
+    train_gan.train(train_gan.parse_options(cli_args(dataset_root, tmp_path / "a", *argv)))
+    train_gan.train(train_gan.parse_options(cli_args(dataset_root, tmp_path / "b", *argv)),
                     stop=StopAfter(stop_after))
     stopped = torch.load(tmp_path / "b" / "run" / "latest.pt", weights_only=True)
     assert (stopped["epoch"], stopped["epoch_step"]) == saved_at
     assert (tmp_path / "b" / "run" / "epoch_001.png").exists()
-    train_gan.train(train_gan.parse_train_args(cli_args(dataset_root, tmp_path / "b", *argv, "--resume")))
+    train_gan.train(train_gan.parse_options(cli_args(dataset_root, tmp_path / "b", *argv, "--resume")))
     a, b = (torch.load(tmp_path / run / "run" / "latest.pt", weights_only=True) for run in "ab")
     assert a["step"] == b["step"] == 6
     for net in a["nets"]:
@@ -1228,7 +1305,7 @@ def ddp_worker(rank, world, port, argv, out, stop_after=None):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     stop = StopAfter(stop_after) if stop_after and rank == 1 else None
-    model = train_gan.train(train_gan.parse_train_args(argv), stop=stop)
+    model = train_gan.train(train_gan.parse_options(argv), stop=stop)
     torch.save({k: v.state_dict() for k, v in model.nets.items()}, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -1368,16 +1445,16 @@ def test_cli_translates_with_each_kind_of_official_generator_file_as_the_network
             rng = np.random.default_rng(side)
             Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(inputs / "photo.png")
         out = tmp_path / f"out_{name}"
-        assert cli(["translate", "--checkpoint", str(tmp_path / "official" / name), "--input", str(inputs),
-                    "--output", str(out), "--device", "cpu"]) == 0, name
+        assert translate_cli(["--checkpoint", str(tmp_path / "official" / name), "--input", str(inputs),
+                              "--output", str(out), "--device", "cpu"]) == 0, name
         with torch.no_grad():
             expected = du.to_image(net.eval()(du.to_tensor(Image.open(inputs / "photo.png"))[None])[0])
         got = np.asarray(Image.open(out / "photo.png"), dtype=int)
         assert np.abs(got - np.asarray(expected, dtype=int)).max() <= 1, name
     grid = tmp_path / "zoo.png"  # compare takes official files too: input | CycleGAN zoo | CUT
-    assert cli(["compare", "--checkpoints", str(tmp_path / "official" / "horse2zebra.pth"),
-                str(tmp_path / "official" / "cut_latest_net_G.pth"), "--input", str(tmp_path / "in_36"),
-                "--output", str(grid), "--size", "36", "--device", "cpu"]) == 0
+    assert translate_cli(["--checkpoint", str(tmp_path / "official" / "horse2zebra.pth"),
+                          str(tmp_path / "official" / "cut_latest_net_G.pth"), "--input", str(tmp_path / "in_36"),
+                          "--grid", str(grid), "--size", "36", "--device", "cpu"]) == 0
     assert Image.open(grid).size == (3 * 38 + 2, 38 + 2)
 
 
@@ -1398,39 +1475,57 @@ def test_wrong_files_given_to_translate_get_one_line(dataset_root, tmp_path, cap
              "tensor.pth": (torch.randn(3), "it holds a Tensor, not a state_dict")}
     for name, (state, pattern) in files.items():
         torch.save(state, tmp_path / name)
-        code, err = run_cli(["translate", "--checkpoint", str(tmp_path / name), "--input", str(dataset_root / "testA"),
-                             "--output", str(tmp_path / "out"), "--device", "cpu"], capsys)
+        code, err = run_cli(["--checkpoint", str(tmp_path / name), "--input", str(dataset_root / "testA"),
+                             "--output", str(tmp_path / "out"), "--device", "cpu"], capsys, translate_cli)
         assert_one_line_error(code, err, "neither a checkpoint of train_gan.py nor an official generator.*" + pattern)
     official_files(tmp_path / "official")
-    code, err = run_cli(["translate", "--checkpoint", str(tmp_path / "official" / "horse2zebra.pth"), "--input",
-                         str(dataset_root / "testB"), "--output", str(tmp_path / "out"), "--direction", "y2x"], capsys)
-    assert_one_line_error(code, err, "one generator, which translates its own way: drop --direction y2x")
+    code, err = run_cli(["--checkpoint", str(tmp_path / "official" / "horse2zebra.pth"), "--input",
+                         str(dataset_root / "testB"), "--output", str(tmp_path / "out"), "--direction", "BtoA"],
+                        capsys, translate_cli)
+    assert_one_line_error(code, err, "one generator, which translates its own way: drop --direction")
     assert not (tmp_path / "out").exists()
 
 
-def test_download_pretrained_writes_atomically_and_fails_offline_in_one_line(tmp_path, capsys, monkeypatch):
+def test_pretrained_is_one_command_downloading_once_atomically_and_failing_offline_in_one_line(
+        dataset_root, tmp_path, capsys, monkeypatch):
     import urllib.error
     source = tmp_path / "server" / "horse2zebra.pth"
     source.parent.mkdir()
-    torch.save(ResnetGenerator(ngf=4, n_blocks=9).state_dict(), source)
+    torch.manual_seed(0)
+    net = ResnetGenerator(ngf=4, n_blocks=9)
+    torch.save(net.state_dict(), source)
     monkeypatch.setattr(du, "PRETRAINED_URL", (tmp_path / "server").as_uri() + "/{}.pth")  # a file:// server
-    root = tmp_path / "pretrained"
-    assert cli(["download", "--pretrained", "horse2zebra", "--root", str(root)]) == 0
-    assert (root / "horse2zebra.pth").read_bytes() == source.read_bytes() and len(list(root.iterdir())) == 1
-    assert f"translate --checkpoint {root / 'horse2zebra.pth'}" in capsys.readouterr().out
+    cache, photos = tmp_path / "cache", tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(photos / "img0.png")
+    argv = ["--pretrained", "horse2zebra", "--input", photos, "--cache", cache, "--device", "cpu"]
+    code, err = run_cli(argv + ["--output", tmp_path / "zebras"], capsys, translate_cli)
+    assert code == 0 and "downloading the official horse2zebra generator" in err[0], err
+    assert (cache / "horse2zebra.pth").read_bytes() == source.read_bytes() and len(list(cache.iterdir())) == 1
+    with torch.no_grad():  # the downloaded network's own output
+        expected = du.to_image(net.eval()(du.to_tensor(du.load_image(photos / "img0.png"))[None])[0])
+    got = np.asarray(Image.open(tmp_path / "zebras" / "img0.png"), dtype=int)
+    assert np.abs(got - np.asarray(expected, dtype=int)).max() <= 1
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
     monkeypatch.setattr(du.urllib.request, "urlopen", offline)
-    code, err = run_cli(["download", "--pretrained", "zebra2horse", "--root", str(root)], capsys)
-    assert_one_line_error(code, err, "could not download .*zebra2horse.pth.*offline")
-    assert sorted(p.name for p in root.iterdir()) == ["horse2zebra.pth"]  # no partial file
-    code, err = run_cli(["download", "--pretrained", "zebra2horse", "--root", str(source)], capsys)  # a file
-    assert_one_line_error(code, err, "could not download")
-    code, err = run_cli(["download", "--pretrained", "pears2plums"], capsys)
+    code, err = run_cli(argv + ["--output", tmp_path / "again"], capsys, translate_cli)  # cached: no network
+    assert code == 0 and not any("downloading" in line for line in err), err
+    code, err = run_cli(["--pretrained", "zebra2horse", "--input", photos, "--output", tmp_path / "horses",
+                         "--cache", cache], capsys, translate_cli)
+    assert_one_line_error(code, err[-1:], "could not download .*zebra2horse.pth.*offline")
+    assert sorted(p.name for p in cache.iterdir()) == ["horse2zebra.pth"] and not (tmp_path / "horses").exists()
+    code, err = run_cli(["--pretrained", "zebra2horse", "--input", photos, "--output", tmp_path / "horses",
+                         "--cache", source], capsys, translate_cli)  # a cache under a file
+    assert_one_line_error(code, err[-1:], "could not download")
+    code, err = run_cli(["--pretrained", "pears2plums", "--input", photos, "--output", tmp_path / "p"], capsys,
+                        translate_cli)
     assert_one_line_error(code, err, "unknown pretrained model 'pears2plums': choose one of apple2orange, .*"
                                      "iphone2dslr_flower")
     assert len(du.OFFICIAL_PRETRAINED) == 18
+    code, err = run_cli(["download", "--pretrained", "horse2zebra"], capsys)  # where it used to be
+    assert_one_line_error(code, err, "translate.py's now: python translate.py --help")
 
 
 # ----------------------------------------------------------------------------- real faults
@@ -1460,8 +1555,8 @@ def test_an_output_path_that_is_a_file_is_refused_in_one_line(dataset_root, tmp_
     code, err = run_cli(one_epoch(dataset_root, blocker), capsys)
     assert_one_line_error(code, err, "cannot be made a folder.*choose another --output-dir")
     assert cli(one_epoch(dataset_root, tmp_path / "out")) == 0
-    code, err = run_cli(["translate", "--checkpoint", str(tmp_path / "out" / "run" / "latest.pt"), "--input",
-                         str(dataset_root / "testA"), "--output", str(blocker / "sub")], capsys)
+    code, err = run_cli(["--checkpoint", str(tmp_path / "out" / "run" / "latest.pt"), "--input",
+                         str(dataset_root / "testA"), "--output", str(blocker / "sub")], capsys, translate_cli)
     assert_one_line_error(code, err, "--output .* cannot be made a folder")
     assert blocker.read_text() == "not a folder"
 
@@ -1475,7 +1570,7 @@ def test_a_full_disk_ends_the_run_in_one_line_and_keeps_what_was_saved(dataset_r
     assert cli(one_epoch(dataset_root, out)) == 0
     run = out / "run"
     saved = (run / "latest.pt").read_bytes()
-    torch_save, save_grid = torch.save, du.save_grid
+    torch_save, save_image = torch.save, du.save_image
 
     def full(obj, f):
         Path(f).write_bytes(b"the first bytes of a check")
@@ -1483,9 +1578,9 @@ def test_a_full_disk_ends_the_run_in_one_line_and_keeps_what_was_saved(dataset_r
     if where == "latest.pt":
         monkeypatch.setattr(torch, "save", full)
     else:
-        def no_space(rows, path, pad=2):
+        def no_space(img, path):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        monkeypatch.setattr(du, "save_grid", no_space)
+        monkeypatch.setattr(du, "save_image", no_space)
     code, err = run_cli(next_epoch(dataset_root, out), capsys)
     assert_run_error(code, err, rf"could not write {re.escape(str(run / where))} \(.*\): free some disk space.*"
                                 rf"--resume --name run")
@@ -1495,7 +1590,7 @@ def test_a_full_disk_ends_the_run_in_one_line_and_keeps_what_was_saved(dataset_r
     else:  # the epoch's checkpoint was written before its grid
         assert torch.load(run / "latest.pt", weights_only=True)["epoch"] == 2
     monkeypatch.setattr(torch, "save", torch_save)
-    monkeypatch.setattr(du, "save_grid", save_grid)
+    monkeypatch.setattr(du, "save_image", save_image)
     assert cli(next_epoch(dataset_root, out)) == 0  # the cause fixed, it goes on
 
 
@@ -1525,8 +1620,8 @@ HOLD_LOCK = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-import train_gan
-lock = train_gan.lock_run_folder(Path(sys.argv[2]))
+import data_utility
+lock = data_utility.lock_run_folder(Path(sys.argv[2]))
 print("locked", flush=True)
 time.sleep(120)
 """
@@ -1573,8 +1668,8 @@ def test_exif_orientation_is_applied_on_every_read(dataset_root, tmp_path):
     assert du.load_fixed_images(photos, 1, 16).shape == (1, 3, 16, 16)
     out = tmp_path / "out"
     assert cli(one_epoch(dataset_root, out)) == 0
-    assert cli(["translate", "--checkpoint", str(out / "run" / "latest.pt"), "--input", str(photos),
-                "--output", str(tmp_path / "res"), "--device", "cpu"]) == 0
+    assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(photos),
+                          "--output", str(tmp_path / "res"), "--device", "cpu"]) == 0
     assert Image.open(tmp_path / "res" / "IMG_0001.png").size == (24, 40)  # upright, at its upright size
 
 
@@ -1594,19 +1689,26 @@ def test_out_of_memory_is_one_line_naming_the_size_and_the_flag(dataset_root, tm
 
     def translate(self, x):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    monkeypatch.setattr(train_gan.Translator, "__call__", translate)
-    code, err = run_cli(["translate", "--checkpoint", str(out / "run" / "latest.pt"), "--input",
-                         str(dataset_root / "testA"), "--output", str(tmp_path / "res")], capsys)
+    import translate as translate_py
+    monkeypatch.setattr(translate_py.Translator, "__call__", translate)
+    code, err = run_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input",
+                         str(dataset_root / "testA"), "--output", str(tmp_path / "res")], capsys, translate_cli)
     assert_run_error(code, err, r"out of memory translating img0.jpg \(40x30, batch 1\): pass --max-side")
 
 
-def test_translate_max_side_scales_down_keeping_the_aspect_ratio(dataset_root, tmp_path):
+def test_translate_max_side_scales_down_keeping_the_aspect_ratio_and_size_squares(dataset_root, tmp_path,
+                                                                                   capsys):
     out = tmp_path / "out"
     assert cli(one_epoch(dataset_root, out)) == 0
-    assert cli(["translate", "--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
-                "--output", str(tmp_path / "res"), "--max-side", "20", "--device", "cpu"]) == 0
+    assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
+                          "--output", str(tmp_path / "res"), "--max-side", "20", "--device", "cpu"]) == 0
     assert Image.open(tmp_path / "res" / "img0.png").size == (20, 15)  # from 40x30
     assert Image.open(tmp_path / "res" / "img1.png").size == (14, 20)  # from 33x47
+    argv = ["--checkpoint", out / "run" / "latest.pt", "--input", dataset_root / "testA", "--output", tmp_path / "sq"]
+    assert translate_cli([str(a) for a in argv] + ["--size", "24"]) == 0  # the official test.py's square resize
+    assert {Image.open(p).size for p in (tmp_path / "sq").iterdir()} == {(24, 24)}
+    code, err = run_cli(argv + ["--size", "24", "--max-side", "20"], capsys, translate_cli)
+    assert_one_line_error(code, err, "--size and --max-side both set the size: pass one")
 
 
 def test_ctrl_c_inside_a_save_leaves_the_previous_checkpoint_and_no_temporary(dataset_root, tmp_path, capsys,

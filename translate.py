@@ -1,0 +1,172 @@
+"""Use a model: translate a folder of images at full size, compare models side by side, or try an
+official pretrained CycleGAN in one command. Mirrors test.py of the official code (and nanoGPT's sample.py).
+
+    python translate.py --checkpoint output/h2z/latest.pt --input photos/ --output zebras/
+    python translate.py --pretrained horse2zebra --input photos/ --output zebras/     # fetched on first use
+    python translate.py --checkpoint output/h2z/latest.pt --direction BtoA --input zebras/ --output horses/
+    python translate.py --checkpoint output/h2z/latest.pt output/h2z_cut/latest.pt --pretrained horse2zebra \
+        --input data/horse2zebra/testA --grid h2z.jpg                             # a row per image, a column per model
+
+A model is a run's checkpoint (latest.pt, epoch_NNN.pt: it carries its config), an official generator
+file (a zoo .pth, an official run's latest_net_G_A.pth, a CUT latest_net_G.pth: the file itself tells the
+architecture), or an official CycleGAN zoo name, downloaded into --cache the first time.
+"""
+import signal
+import sys
+
+if __name__ == "__main__":  # a Ctrl-C while torch loads ends quietly too, as one at any later moment
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from data_utility import (OFFICIAL_PRETRAINED, Parser, UsageError, download_pretrained, fit_within, list_images,
+                          load_fixed_images, load_image, load_torch, make_folder, memory_or_stopped, run_command,
+                          save_grid, save_image, to_image, to_tensor, written_or_stopped)
+from networks import official_generator
+from train_gan import Trainer, pick_device
+
+CACHE = Path(__file__).resolve().parent / "pretrained"
+
+
+def parser() -> Parser:
+    p = Parser(prog="translate.py", description="Translate every image of --input with a model, at its own size, "
+                                                "into --output; or with --grid, compare models in one picture.")
+    p.add_argument("--checkpoint", type=Path, nargs="+", default=[], metavar="FILE",
+                   help="a run's latest.pt or epoch_NNN.pt, or an official generator .pth")
+    p.add_argument("--pretrained", nargs="+", default=[], metavar="NAME",
+                   help=f"an official CycleGAN generator, downloaded on first use: {', '.join(OFFICIAL_PRETRAINED)}")
+    p.add_argument("--input", type=Path, required=True, help="folder of images to translate")
+    p.add_argument("--output", type=Path, help="folder for the results, PNGs of the same names (not --input)")
+    p.add_argument("--direction", choices=("AtoB", "BtoA"),
+                   help="which way, named as in training: a run's own way by default; the other needs CycleGAN")
+    p.add_argument("--max-side", type=int, help="scale each image down so its longer side is at most this "
+                                                "(aspect ratio kept) before translating; default: full size")
+    p.add_argument("--size", type=int, help="resize each image to size x size first, as the official test.py "
+                                            "(256: the papers' FID protocol); with --grid, 256 by default")
+    p.add_argument("--grid", type=Path, metavar="FILE", help="instead: one .png/.jpg, a row per image (the first "
+                                                            "--count of --input, at --size), then each model's result")
+    p.add_argument("--count", type=int, default=6, help="--grid: images, the first ones of --input by name")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--cache", type=Path, default=CACHE, help="where --pretrained generators are kept")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: translate(parser().parse_args(sys.argv[1:] if argv is None else argv)))
+
+
+def translate(args) -> None:
+    """Check the options, load every model, then write the translations or the grid."""
+    models = [*args.checkpoint, *args.pretrained]
+    if not models:
+        raise UsageError("name a model: --checkpoint FILE or --pretrained NAME")
+    if args.grid is None and (len(models) > 1 or args.output is None):
+        raise UsageError("translating a folder takes one model and an --output folder; to compare models, pass "
+                         "--grid FILE")
+    if args.grid and args.grid.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise UsageError(f"--grid {args.grid} must end in .png or .jpg")
+    if args.output and args.output.resolve() == args.input.resolve():
+        raise UsageError("--output is the --input folder: choose another folder so no input is overwritten")
+    if args.size and args.max_side:
+        raise UsageError("--size and --max-side both set the size: pass one")
+    for flag in ("max_side", "count", "size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    files = list_images(args.input)
+    device = pick_device(args.device)
+    paths = [*args.checkpoint, *(fetch_pretrained(name, args.cache) for name in args.pretrained)]
+    translators = [Translator.of(path, device, args.direction) for path in paths]
+    if args.grid:
+        write_grid(translators, args)
+    else:
+        translate_folder(translators[0], files, args)
+
+
+def fetch_pretrained(name: str, cache: Path) -> Path:
+    """An official zoo generator's file in `cache`, downloaded the first time (atomically, with a progress bar)."""
+    if not (cache / f"{name}.pth").is_file() and name in OFFICIAL_PRETRAINED:
+        print(f"downloading the official {name} generator into {cache} (once)", file=sys.stderr)
+    return download_pretrained(name, cache)
+
+
+class Translator:
+    """A generator that translates (B, C, H, W) images in [-1, 1] of any size, in eval mode and without
+    gradients: the sides are reflect-padded to the generator's multiple and the result cropped back."""
+
+    def __init__(self, net: torch.nn.Module, channels: int, device: torch.device):
+        self.net, self.channels, self.device = net.to(device).eval(), channels, device  # channels: of the input
+
+    @classmethod
+    def of(cls, path: Path, device: torch.device, direction: str | None) -> "Translator":
+        """The generator of a file that translates `direction` (AtoB, BtoA; None: the model's own way):
+        from a run's checkpoint, or from an official generator file, whose architecture the file tells."""
+        state = load_torch(path)
+        if not Trainer.is_checkpoint(state):
+            try:
+                net = official_generator(state)
+            except ValueError as e:
+                raise UsageError(f"{path} is neither a checkpoint of train_gan.py nor an official generator: "
+                                 f"{str(e).splitlines()[0]}") from None
+            if direction:
+                raise UsageError(f"{path} holds one generator, which translates its own way: drop --direction")
+            return cls(net, next(net.parameters()).shape[1], device)
+        trainer, _, options = Trainer.load(state, device, source=path)
+        model, trained = trainer.model, options.get("direction", "AtoB")
+        way = "x2y" if direction in (None, trained) else "y2x"  # the run's X is the folder it trained from
+        if way not in model.directions:
+            raise UsageError(f"{path} is a {model.name} model, which translates its own way only ({trained}): drop "
+                             f"--direction {direction}")
+        channels = model.config.channels_x if way == "x2y" else model.config.channels_y
+        return cls(trainer.nets[model.directions[way]], channels, device)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(pad_to_multiple(x.to(self.device), self.net.side_multiple))
+        return y[..., :x.shape[-2], :x.shape[-1]].cpu()
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Reflect-pad (B, C, H, W) at the bottom/right so H and W are multiples of `multiple`."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    mode = "reflect" if ph < h and pw < w else "replicate"  # reflect needs pad < side
+    return torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def translate_folder(translator: Translator, files: list[Path], args) -> None:
+    """Each image at its own size (or scaled to --max-side, or resized to --size), written as OUTPUT/NAME.png."""
+    output = make_folder(args.output, "--output")
+    for f in tqdm(files, desc="translate", leave=False):
+        img = load_image(f, translator.channels)
+        img = img.resize((args.size, args.size), Image.BICUBIC) if args.size else fit_within(img, args.max_side)
+        with memory_or_stopped(f"translating {f.name} ({img.width}x{img.height}, batch 1)",
+                               "pass --max-side N to scale images down first (e.g. --max-side 1024)"):
+            y = translator(to_tensor(img)[None])
+        with written_or_stopped(output, "run the same command again; the images written before it are complete"):
+            save_image(to_image(y[0]), output / f"{f.stem}.png")
+    print(f"translated {len(files)} images into {output}")
+
+
+def write_grid(translators: list[Translator], args) -> None:
+    """One picture: a row per input image, the input then every model's translation of it."""
+    channels = {t.channels for t in translators}
+    if len(channels) > 1:
+        raise UsageError(f"the models take {' and '.join(map(str, sorted(channels)))}-channel inputs: compare "
+                         f"models of the same domains")
+    size = args.size or 256
+    x = load_fixed_images(args.input, args.count, size, channels.pop())
+    with memory_or_stopped(f"translating {len(x)} images of {size}x{size} at once (batch {len(x)})",
+                           "lower --count or --size"):
+        outputs = [translator(x) for translator in translators]
+    make_folder(args.grid.parent, "--grid")
+    with written_or_stopped(args.grid.parent, "run the same command again"):
+        save_grid([[x[i], *(y[i] for y in outputs)] for i in range(len(x))], args.grid)
+    print(f"wrote {args.grid}: {len(x)} rows of the input and {len(translators)} translation(s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
