@@ -6,16 +6,16 @@ One generator G: X->Y, one discriminator D, and H, an MLP on patches of G's enco
 Objective (Eq. 5): L_GAN(G, D, X, Y) + lambda_X * L_PatchNCE(G, H, X) + lambda_Y * L_PatchNCE(G, H, Y)
     L_GAN (Eq. 1): least squares, weight lambda_GAN = 1, as the official code.
     L_PatchNCE (Eq. 3): at each tapped layer l, each sampled output patch of G(x) must pick out
-        the input patch of x at the same place among the other patches of x (Eq. 2); averaged
-        over layers (the official code averages where the paper sums).
+        the input patch of x at the same place among the other patches of x (Eq. 2). The paper
+        sums over places and layers; the official code averages over both (losses.PatchNCELoss).
     CUT: lambda_X = lambda_Y = 1; the Y term is the identity loss (G(y) against y) and the
         official code averages the two terms. FastCUT: lambda_X = 10, no Y term, and
         flip-equivariance: half the time G sees the input mirrored and its features are
         mirrored back before they are compared with the input's.
-Official details kept: anti-aliased G and D, xavier init with gain 0.02, Adam lr 2e-4 with
-betas (0.5, 0.999) for G, D and H, 256 patches per layer, temperature 0.07; each step updates
-D first, then G and H together; in the lr-decay epochs the training images are no longer
-resized and cropped (flips stay).
+Official details kept: anti-aliased G and D (blur-pool down, blur up: two switches, as officially),
+xavier init with gain 0.02, Adam lr 2e-4 with betas (0.5, 0.999) for G, D and H, 256 patches per
+layer, temperature 0.07; each step updates D first, then G and H together; in the lr-decay epochs
+the training images are no longer resized and cropped (flips stay).
 
 This file is the paper only. The optimisation (Adam, the lr schedule, precision, DDP, checkpoints)
 is train_gan.py's `Trainer`, handed to `train_step`.
@@ -47,7 +47,8 @@ class CUTConfig:
     n_layers_D: int = 3
     norm: str = "instance"
     dropout: bool = False
-    antialias: bool = True  # blur-pool sampling in G and D, the official CUT default
+    antialias: bool = True  # blur-pool down-sampling in G and D (official --no_antialias turns it off)
+    antialias_up: bool = True  # blur up-sampling in G (official --no_antialias_up turns it off)
     channels_x: int = 3
     channels_y: int = 3
     gan_mode: str = "lsgan"
@@ -56,6 +57,7 @@ class CUTConfig:
     nce_layers: tuple = DEFAULT_TAPS  # the paper's layers; official indices 0, 4, 8, 12 and 16 when antialiased
     num_patches: int = 256
     nce_temperature: float = 0.07
+    nce_negatives: str = "image"  # internal negatives (the paper's choice); 'batch', 'others': its ablation
     netF_nc: int = 256  # H's output width
     lr: float = 2e-4
     beta1: float = 0.5
@@ -87,7 +89,8 @@ class CUT:
             raise ValueError(f"CUT encodes G(x) with G's own encoder, so X and Y need the same number of channels "
                              f"(got {c.channels_x} and {c.channels_y}): give both domains the same --input-nc and "
                              f"--output-nc, or use --model cycle_gan --lambda-identity 0")
-        self.G = define_G(c.netG, c.channels_x, c.channels_y, c.ngf, c.norm, c.dropout, c.antialias)
+        self.G = define_G(c.netG, c.channels_x, c.channels_y, c.ngf, c.norm, c.dropout, c.antialias,
+                          c.antialias_up)
         if not isinstance(self.G, ResnetGenerator):
             raise ValueError(f"CUT samples patches from the encoder taps of a ResNet generator; --netG {c.netG} "
                              f"has none: use --netG resnet_9blocks or resnet_6blocks")
@@ -96,7 +99,7 @@ class CUT:
         for net in (self.G, self.D, self.H):
             init_weights(net, "xavier", c.init_gain)
         self.gan_loss = GANLoss(c.gan_mode, c.real_label)
-        self.nce_loss = PatchNCELoss(c.nce_temperature)
+        self.nce_loss = PatchNCELoss(c.nce_temperature, c.nce_negatives)
 
     def flip_this_step(self) -> bool:
         return self.config.flip_equivariance and bool(torch.rand(()) < 0.5)
@@ -149,7 +152,8 @@ class CUT:
 
     def patch_nce(self, keys: list[torch.Tensor], output: torch.Tensor, flipped: bool) -> torch.Tensor:
         """Eq. 3: multilayer PatchNCE between the input's features `keys` and G's encoding of
-        `output` (B, C, H, W), at the same sampled locations, averaged over the tapped layers.
+        `output` (B, C, H, W), at the same sampled locations; averaged over the tapped layers, as
+        officially, where Eq. 3 sums.
 
         Keys are detached inside the loss, so their projection needs no graph.
         """

@@ -112,8 +112,8 @@ class CycleGAN:
         with frozen(self.D_X, self.D_Y):
             # Under DDP the x half's gradients stay on this rank; the y half's backward all-reduces the sum.
             with local_grads(self.G, self.F):
-                terms_x, fake_y = self.generator_half(x, self.G, self.F, self.D_Y, trainer)
-            terms_y, fake_x = self.generator_half(y, self.F, self.G, self.D_X, trainer)
+                terms_x, fake_y = self.generator_half(x, forward=self.G, back=self.F, judge=self.D_Y, trainer=trainer)
+            terms_y, fake_x = self.generator_half(y, forward=self.F, back=self.G, judge=self.D_X, trainer=trainer)
             trainer.step("G")
         loss = {**dict(zip(("G_gan", "cycle_X", "idt_X"), terms_x)),
                 **dict(zip(("F_gan", "cycle_Y", "idt_Y"), terms_y))}
@@ -127,17 +127,19 @@ class CycleGAN:
         trainer.step("D")
         return loss
 
-    def generator_half(self, real: torch.Tensor, G, F, D, trainer) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The terms of Eq. 3 that start from `real`, back-propagated into G and F at once. For x:
-        G: X->Y, F: Y->X, D = D_Y; for y the roles swap (F, G, D_X). Returns the terms
-        [GAN, cycle, identity (when weighted)] and G(real) (B, C, H, W), detached, for D's step."""
+    def generator_half(self, real: torch.Tensor, forward, back, judge, trainer) -> tuple[list[torch.Tensor],
+                                                                                          torch.Tensor]:
+        """The terms of Eq. 3 that start from `real`, back-propagated into G and F at once. The networks
+        come by role: from x, `forward` is G, `back` is F and `judge` is D_Y; from y, F, G and D_X.
+        Returns the terms [GAN, cycle, identity (when weighted)] and forward(real) (B, C, H, W),
+        detached, for the discriminators' step."""
         c = self.config
         with trainer.autocast():
-            fake = G(real)
-            terms = [self.gan_loss(D(fake), True),  # Eq. 1: G fools D
-                     c.lambda_cycle * l1_loss(F(fake), real)]  # Eq. 2: F(G(x)) ~ x
-            if c.lambda_identity > 0:  # Sec. 5.2: F leaves images of its own target domain alone, F(x) ~ x
-                terms.append(c.lambda_cycle * c.lambda_identity * l1_loss(F(real), real))
+            fake = forward(real)
+            terms = [self.gan_loss(judge(fake), True),  # Eq. 1: G(x) fools D_Y; from y, F(y) fools D_X
+                     c.lambda_cycle * l1_loss(back(fake), real)]  # Eq. 2: F(G(x)) ~ x; from y, G(F(y)) ~ y
+            if c.lambda_identity > 0:  # Sec. 5.2: a generator leaves its own output domain alone: F(x) ~ x, G(y) ~ y
+                terms.append(c.lambda_cycle * c.lambda_identity * l1_loss(back(real), real))
         trainer.backward(sum(terms), "G")
         return terms, fake.detach()
 

@@ -56,10 +56,19 @@ class RunError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line ('error: ... (see --help)'), not the whole usage."""
+    """argparse, but a bad option is one line ('error: ... (see --help)'), not the whole usage; the help
+    shows '(default: X)' where an option has a fixed default (presets and configs fill the others)."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=HelpFormatter, **kw)
 
     def error(self, message):
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def out_of_memory(e: BaseException) -> bool:

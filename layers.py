@@ -32,8 +32,9 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
 
 
 def conv_bias(norm: str) -> bool:
-    """The official code gives a conv a bias only when instance norm follows it: batch norm
-    has its own shift, and (a quirk we keep for checkpoint compatibility) so does 'none'."""
+    """The official code gives a conv a bias only when instance norm follows it: batch norm has its own
+    shift. With norm 'none' nothing follows that could shift, yet the conv has no bias either: an
+    official quirk, kept so that official checkpoints load."""
     return norm == "instance"
 
 

@@ -1,9 +1,11 @@
 """Losses: the adversarial loss of both papers and CUT's PatchNCE loss.
 
 - GANLoss: CycleGAN Eq. 1 (arXiv 1703.10593) and CUT Eq. 1 (arXiv 2007.15651). Both official
-  codes replace the log-likelihood objective with least squares (LSGAN, Mao et al. 2017),
-  which trains more stably; `vanilla` keeps the paper's log-likelihood form.
-- PatchNCELoss: CUT Eq. 2 (the InfoNCE term l(v, v+, v-)) averaged over patches (Eq. 3).
+  codes replace the log-likelihood objective with least squares (LSGAN, Mao et al. 2017), which
+  trains more stably. `vanilla` is the log-likelihood for D, as Eq. 1 is written; G, told "real"
+  for its fakes, minimises -log D(G(x)), the non-saturating form, not Eq. 1's log(1 - D(G(x))).
+- PatchNCELoss: CUT Eq. 2 (the InfoNCE term l(v, v+, v-)), averaged over the sampled patches where
+  Eq. 3 sums them (see its forward).
 
 Mirrors models/networks.py (GANLoss) and models/patchnce.py of taesungp/contrastive-unpaired-translation.
 """
@@ -21,8 +23,9 @@ class GANLoss(nn.Module):
 
     The adversarial loss of Eq. 1 in both papers, in the form the official codes train with.
 
-    lsgan: mean (D - label)^2. vanilla: binary cross-entropy on logits. nonsaturating:
-    softplus(-D) for real targets, softplus(D) for fake ones (the same as vanilla at labels 1/0).
+    lsgan: mean (D - label)^2. vanilla: binary cross-entropy on logits, which is Eq. 1's log-likelihood
+    for D and the non-saturating -log D(G(x)) for G. nonsaturating: softplus(-D) for real targets,
+    softplus(D) for fake ones, the same as vanilla at labels 1/0 (the official CUT code's name for it).
     `real_label` < 1 is one-sided label smoothing (Salimans et al. 2016).
     """
 
@@ -43,32 +46,51 @@ class GANLoss(nn.Module):
         return F.binary_cross_entropy_with_logits(prediction, target)
 
 
+# Where PatchNCE draws a query's negatives from (CUT Sec. 3.2 and its ablation of internal and external ones).
+NEGATIVES = ("image", "batch", "others")
+
+
 class PatchNCELoss(nn.Module):
     """loss(feat_q, feat_k) -> scalar; feat_q, feat_k: (B, P, C), L2-normalised.
 
-    Query q_i (a patch of the output) should match key k_i (the same place in the input)
-    rather than the P-1 other keys k_j of the same image (the CUT default: negatives from
-    the image itself, not the batch). Keys are detached, as officially.
+    Query q_i (a patch of the output) should match key k_i (the same place in the input) rather than
+    the negatives. `negatives`: 'image', the other P-1 patches of the same image (internal negatives,
+    the CUT default); 'batch', every other patch of the batch, its own image's and the other images'
+    (the official --nce_includes_all_negatives_from_minibatch); 'others', the patches of the other
+    images only (the paper's external negatives, drawn here from the batch: needs B >= 2; the official
+    code has no switch for it). Keys are detached, as officially.
     """
 
-    def __init__(self, temperature: float = 0.07):
+    def __init__(self, temperature: float = 0.07, negatives: str = "image"):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"NCE temperature must be > 0, got {temperature}")
-        self.temperature = temperature
+        if negatives not in NEGATIVES:
+            raise ValueError(f"unknown negatives {negatives!r}: use one of {', '.join(NEGATIVES)}")
+        self.temperature, self.negatives = temperature, negatives
 
     def forward(self, feat_q: torch.Tensor, feat_k: torch.Tensor) -> torch.Tensor:
         # In fp32 under any autocast: fp16 similarities / 0.07 overflow the scaled gradients.
         with torch.autocast(feat_q.device.type, enabled=False):
-            feat_q, feat_k = full_precision(feat_q), full_precision(feat_k.detach())
-            B, P, _ = feat_q.shape
-            l_pos = (feat_q * feat_k).sum(-1, keepdim=True)  # (B, P, 1): v . v+
-            l_neg = feat_q @ feat_k.transpose(1, 2)  # (B, P, P): v . v-, row i against every key
+            q, k = full_precision(feat_q), full_precision(feat_k.detach())
+            B, P, _ = q.shape
+            if self.negatives == "others" and B < 2:
+                raise ValueError("negatives from the other images need a batch of 2 or more: raise --batch-size")
+            l_pos = (q * k).sum(-1).reshape(B * P, 1)  # (B*P, 1): v . v+
+            if self.negatives != "image":  # one pool of keys: the B*P patches of the batch, image by image
+                q, k = q.reshape(1, B * P, -1), k.reshape(1, B * P, -1)
+            l_neg = q @ k.transpose(1, 2)  # (B, P, P), or (1, B*P, B*P): query i against every key
             # The diagonal is the positive again: the official code fills it with -10 (exp(-10/0.07)
-            # is 0 in float32) rather than dropping it; we do the same so the numbers agree.
-            eye = torch.eye(P, dtype=torch.bool, device=feat_q.device)
-            l_neg = l_neg.masked_fill(eye, -10.0)
-            logits = torch.cat([l_pos, l_neg], dim=-1) / self.temperature  # (B, P, 1 + P)
-            # Eq. 2: l(v, v+, v-) = -log softmax(logits)[positive]; Eq. 3: mean over the B*P patches.
-            target = torch.zeros(B * P, dtype=torch.long, device=feat_q.device)
-            return F.cross_entropy(logits.flatten(0, 1), target)
+            # is 0 in float32) rather than dropping it; we do the same so the numbers agree. 'others'
+            # fills the query's whole image so.
+            n = l_neg.shape[-1]
+            same = torch.eye(n if self.negatives != "others" else B, dtype=torch.bool, device=q.device)
+            if self.negatives == "others":
+                same = same.repeat_interleave(P, 0).repeat_interleave(P, 1)  # (B*P, B*P) blocks of one image
+            logits = torch.cat([l_pos, l_neg.masked_fill(same, -10.0).reshape(B * P, n)], -1) / self.temperature
+            # Eq. 2: l(v, v+, v-) = -log softmax(logits)[positive], the positive at index 0. Eq. 3 sums it
+            # over the sampled places and the layers; the official code averages (here over the B*P
+            # queries, in CUT.patch_nce over the layers), which scales Eq. 3 down by the number of
+            # places times layers (256 x 5): that is why lambda_NCE is 1 (CUT) or 10 (FastCUT), not ~1e-3.
+            target = torch.zeros(B * P, dtype=torch.long, device=q.device)
+            return F.cross_entropy(logits, target)

@@ -31,12 +31,15 @@ class ResnetGenerator(nn.Module):
     """c7s1-ngf, d(2ngf), d(4ngf), n_blocks x R(4ngf), u(2ngf), u(ngf), c7s1-out, tanh.
 
     (B, in_channels, H, W) -> (B, out_channels, H, W) for H, W multiples of 4.
-    CycleGAN uses strided / transposed convs (antialias=False); CUT blur-pools (antialias=True).
+    CycleGAN uses strided / transposed convs; CUT blur-pools on the way down (antialias, the official
+    --no_antialias turns it off) and blur-upsamples on the way up (antialias_up, official
+    --no_antialias_up; None: as antialias).
     """
     side_multiple = 4  # two stride-2 levels
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, ngf: int = 64, n_blocks: int = 9,
-                 norm: str = "instance", antialias: bool = False, dropout: bool = False):
+                 norm: str = "instance", antialias: bool = False, dropout: bool = False,
+                 antialias_up: bool | None = None):
         super().__init__()
         # Named encoder taps: name -> (index into self.model, channels of that layer's output).
         self.taps: dict[str, tuple[int, int]] = {"input": (0, in_channels)}
@@ -50,7 +53,7 @@ class ResnetGenerator(nn.Module):
             self.taps[f"res{i}"] = (len(layers), ch)
             layers.append(ResnetBlock(ch, norm, dropout))
         for _ in range(2):
-            layers += upsample(ch, ch // 2, norm, antialias)
+            layers += upsample(ch, ch // 2, norm, antialias if antialias_up is None else antialias_up)
             ch //= 2
         layers += [padding("reflect", 3), nn.Conv2d(ngf, out_channels, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
@@ -249,8 +252,9 @@ def official_generator(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     names and shapes of its tensors alone, with its weights loaded.
 
     ResNet (`model.1.weight` is the first 7x7 conv): ngf and channels from the first and last convs,
-    the blocks counted, blur-pool when `filt` buffers are there (CUT), dropout when the blocks' second
-    conv sits at index 6. U-Net (`model.model.0.weight`): depth from the nesting of the names. The norm
+    the blocks counted, blur-pool down-sampling where 3x3 `filt` buffers are there and blur up-sampling
+    where 4x4 ones are (CUT, each switched off by its own official flag), dropout when the blocks'
+    second conv sits at index 6. U-Net (`model.model.0.weight`): depth from the nesting of the names. The norm
     from the first conv's bias (instance) or the first norm's weight (batch), else none. Raises
     ValueError saying what the file holds when it is no generator of either kind.
     """
@@ -267,9 +271,9 @@ def official_generator(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
         last = max((k for k in tensors if k.endswith(".weight") and tensors[k].dim() == 4),
                    key=lambda k: int(k.split(".")[1]))
         norm = "instance" if "model.1.bias" in tensors else "batch" if "model.2.weight" in tensors else "none"
-        net = ResnetGenerator(c_in, tensors[last].shape[0], ngf, len(blocks), norm,
-                              antialias=any(k.endswith(".filt") for k in tensors),
-                              dropout=any(".conv_block.6." in k for k in tensors))
+        blur = {tuple(t.shape[-2:]) for k, t in tensors.items() if k.endswith(".filt")}
+        net = ResnetGenerator(c_in, tensors[last].shape[0], ngf, len(blocks), norm, antialias=(3, 3) in blur,
+                              dropout=any(".conv_block.6." in k for k in tensors), antialias_up=(4, 4) in blur)
     elif "model.model.0.weight" in tensors and "model.model.3.weight" in tensors:  # U-Net: outermost level
         ngf, c_in = tensors["model.model.0.weight"].shape[:2]
         norm = ("instance" if "model.model.0.bias" in tensors else
@@ -293,10 +297,11 @@ def size_multiple(netG: str) -> int:
 
 
 def define_G(netG: str, in_channels: int = 3, out_channels: int = 3, ngf: int = 64, norm: str = "instance",
-             dropout: bool = False, antialias: bool = False) -> nn.Module:
+             dropout: bool = False, antialias: bool = False, antialias_up: bool | None = None) -> nn.Module:
     """A generator by its official name: resnet_9blocks, resnet_6blocks, unet_256 or unet_128."""
     if netG.startswith("resnet_") and netG.endswith("blocks") and netG[7:-6].isdigit():
-        return ResnetGenerator(in_channels, out_channels, ngf, int(netG[7:-6]), norm, antialias, dropout)
+        return ResnetGenerator(in_channels, out_channels, ngf, int(netG[7:-6]), norm, antialias, dropout,
+                               antialias_up)
     if netG in ("unet_256", "unet_128"):
         return UnetGenerator(in_channels, out_channels, 8 if netG == "unet_256" else 7, ngf, norm, dropout)
     raise ValueError(f"unknown generator {netG!r}: use one of {', '.join(GENERATORS)}")

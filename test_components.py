@@ -251,6 +251,44 @@ def test_patchnce_uses_negatives_from_the_same_image_only():
     assert loss(q, k).item() == pytest.approx(loss(q[1:], k[1:]).item() / 2, rel=1e-4)
 
 
+def official_patchnce(feat_q, feat_k, batch_size, all_negatives_from_minibatch, temperature=0.07):
+    """PatchNCE as the official models/patchnce.py computes it, from its features flattened to (B*P, C):
+    one (1 + N)-way cross-entropy per query, averaged as cut_model.calculate_NCE_loss does."""
+    dim = feat_q.shape[-1]
+    q, k = feat_q.reshape(-1, dim), feat_k.reshape(-1, dim).detach()
+    l_pos = torch.bmm(q[:, None, :], k[:, :, None]).view(-1, 1)
+    rows = 1 if all_negatives_from_minibatch else batch_size
+    q, k = q.view(rows, -1, dim), k.view(rows, -1, dim)
+    l_neg = torch.bmm(q, k.transpose(2, 1))
+    l_neg = l_neg.masked_fill(torch.eye(l_neg.shape[1], dtype=torch.bool)[None], -10.0).view(-1, l_neg.shape[1])
+    logits = torch.cat((l_pos, l_neg), dim=1) / temperature
+    return nn.functional.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long), reduction="none").mean()
+
+
+@pytest.mark.parametrize("negatives, from_minibatch", [("image", False), ("batch", True)])
+def test_patchnce_equals_the_official_loss_with_and_without_the_whole_batchs_negatives(negatives, from_minibatch):
+    torch.manual_seed(0)
+    q, k = (nn.functional.normalize(torch.randn(3, 16, 8), dim=-1) for _ in range(2))
+    ours = PatchNCELoss(0.07, negatives)(q, k)
+    assert ours.item() == pytest.approx(official_patchnce(q, k, 3, from_minibatch).item(), rel=1e-6)
+    other = "batch" if negatives == "image" else "image"
+    assert ours.item() != pytest.approx(PatchNCELoss(0.07, other)(q, k).item(), rel=1e-3)  # the flag matters
+
+
+def test_patchnce_external_negatives_are_the_other_images_patches_only():
+    torch.manual_seed(0)
+    q, k = (nn.functional.normalize(torch.randn(2, 8, 4), dim=-1) for _ in range(2))
+    expected = []
+    for b in range(2):  # by hand: each query against its positive and the 8 patches of the other image
+        for i in range(8):
+            logits = torch.cat([(q[b, i] @ k[b, i])[None], k[1 - b] @ q[b, i]]) / 0.07
+            expected.append(-logits.log_softmax(0)[0])
+    others = PatchNCELoss(0.07, "others")
+    assert others(q, k).item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="batch of 2 or more"):
+        others(q[:1], k[:1])
+
+
 def test_patchnce_detaches_the_keys():
     q = torch.randn(1, 4, 8, requires_grad=True)
     k = torch.randn(1, 4, 8, requires_grad=True)
@@ -614,6 +652,13 @@ def test_cycle_gan_step_holds_the_graph_of_one_domain_part_at_a_time():
     peak, total = saved_bytes_of(lambda: model.train_step(torch.rand(1, 3, 64, 64) * 2 - 1,
                                                           torch.rand(1, 3, 64, 64) * 2 - 1))
     assert 0.3 * total < peak < 0.6 * total
+
+
+def test_no_name_in_the_cycle_gan_step_stands_for_another_network_than_its_paper_symbol():
+    """generator_half runs for x (G, F, D_Y) and for y (F, G, D_X): it names its networks by role."""
+    import inspect
+    params = set(inspect.signature(CycleGAN.generator_half).parameters)
+    assert not params & {"G", "F", "D", "D_X", "D_Y"} and {"forward", "back", "judge"} <= params
 
 
 def test_cycle_gan_has_no_identity_loss_when_its_weight_is_zero():
@@ -1041,6 +1086,7 @@ def assert_one_line_error(code, err, pattern):
     (["--model", "cut", "--output-nc", "1", "--no-nce-idt"], "same number of channels"),
     (["--epochs", "x"], "invalid int value: 'x'"),
     (["--precision", "fp16"], "fp16 is for CUDA GPUs"),
+    (["--model", "cut", "--nce-negatives", "others"], "other images of a batch: pass --batch-size 2 or more"),
 ])
 def test_cli_rejects_bad_options_in_one_line(dataset_root, tmp_path, capsys, extra, pattern):
     code, err = run_cli(cli_args(dataset_root, tmp_path / "out", *extra), capsys)
@@ -1386,17 +1432,20 @@ def test_guide_traces_show_the_shapes_the_code_produces():
     sections = {s.split("\n", 1)[0]: s for s in re.split(r"^### ", guide, flags=re.M)}
     torch.manual_seed(0)
     image = {"x": torch.rand(1, 3, 256, 256) * 2 - 1, "y": torch.rand(1, 3, 256, 256) * 2 - 1}
-    cg, cut = CycleGAN(), CUT()
+    cg, cut, fast = CycleGAN(), CUT(), CUT(CUTConfig(mode="fastcut"))
     namespaces = {
-        "One CycleGAN step, traced": dict(model=cg, G=cg.G, F=cg.F, D_X=cg.D_X, D_Y=cg.D_Y, gan=cg.gan_loss),
-        "One CUT step, traced": dict(model=cut, G=cut.G, D=cut.D, H=cut.H, gan=cut.gan_loss, nce=cut.nce_loss,
-                                     taps=cut.config.nce_layers)}
-    for title, names in namespaces.items():
+        "One CycleGAN step, traced": (19, dict(model=cg, G=cg.G, F=cg.F, D_X=cg.D_X, D_Y=cg.D_Y, gan=cg.gan_loss)),
+        "One CUT step, traced": (24, dict(model=cut, G=cut.G, D=cut.D, H=cut.H, gan=cut.gan_loss, nce=cut.nce_loss,
+                                          taps=cut.config.nce_layers)),
+        "FastCUT's flip, traced": (8, dict(model=fast, G=fast.G, D=fast.D, H=fast.H, nce=fast.nce_loss,
+                                           taps=fast.config.nce_layers))}
+    for title, (count, names) in namespaces.items():
         rows = re.findall(r"^\| \d+ \| `([^`]+)` \| ([^|]+?) \|", sections[title], flags=re.M)
-        assert len(rows) >= 19, title
+        assert len(rows) == count, title
         ns = {"torch": torch, "l1": nn.functional.l1_loss, **image, **names}
         with torch.no_grad():
             for code, written in rows:
+                torch.manual_seed(0)  # each row's random draws (H's places) as the check below draws them
                 statement = ast.parse(code).body[0]
                 if isinstance(statement, ast.Assign):
                     exec(code, ns)
@@ -1406,6 +1455,33 @@ def test_guide_traces_show_the_shapes_the_code_produces():
                 else:
                     shape = shape_text(eval(code, ns))
                 assert shape == written, f"{title}: {code} gives {shape}, the guide says {written}"
+    with torch.no_grad():  # and FastCUT's traced flip computes what the step computes
+        fake_y, keys = fast.translate_with_keys(image["x"], flipped=True)
+        torch.manual_seed(0)
+        nce_x = 10 * fast.patch_nce(keys, fake_y, flipped=True)
+    assert torch.equal(fake_y, ns["fake_y"]) and all(torch.equal(a, b) for a, b in zip(keys, ns["keys"]))
+    assert nce_x.item() == pytest.approx(ns["NCE_X"].item(), rel=1e-6)
+
+
+def test_every_ablation_command_of_the_guide_builds_its_model(dataset_root):
+    """Each row of the guide's ablation table, run on tiny networks: its options parse, the model builds
+    with the row's setting, and one step trains."""
+    guide = (Path(__file__).parent / "docs" / "GUIDE.md").read_text()
+    section = guide.split("## The paper's ablations, one flag each")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| ([^|]+) \| (yes|no) \|.*`python train_gan.py ([^`]+)` \|$", section, flags=re.M)
+    assert len(rows) == 7
+    for what, identity, command in rows:
+        argv = command.replace("data/horse2zebra", str(dataset_root)).split()
+        args = train_gan.parse_options(argv + ["--ngf", "4", "--ndf", "4", "--crop-size", "32", "--load-size", "36"])
+        trainer, _, _ = train_gan.start_run(args, None, torch.device("cpu"))
+        c = trainer.model.config
+        assert c.nce_idt == (identity == "yes"), what
+        assert (c.nce_layers, c.num_patches) == ((("res5",) if "last" in what else DEFAULT_TAPS),
+                                                 16 if "fewer" in what else 256), what
+        assert c.nce_negatives == ("batch" if "internal and" in what else "others" if "only" in what
+                                   and "external" in what else "image"), what
+        x, y = pair(32)
+        trainer.train_step(x.repeat(args.batch_size, 1, 1, 1), y.repeat(args.batch_size, 1, 1, 1))
 
 
 # ----------------------------------------------------------------------------- official pretrained generators
@@ -1421,6 +1497,9 @@ def official_files(folder: Path) -> dict[str, tuple[nn.Module, int]]:
             "unet128_net_G.pth": (UnetGenerator(num_downs=7, ngf=4), 128),
             "unet256_net_G.pth": (UnetGenerator(num_downs=8, ngf=4), 256),
             "cut_latest_net_G.pth": (ResnetGenerator(ngf=4, n_blocks=9, antialias=True), 36),
+            "cut_no_antialias_net_G.pth": (ResnetGenerator(ngf=4, n_blocks=9, antialias=False, antialias_up=True), 36),
+            "cut_no_antialias_up_net_G.pth": (ResnetGenerator(ngf=4, n_blocks=9, antialias=True, antialias_up=False),
+                                              36),
             "old_style_monet.pth": (ResnetGenerator(ngf=4, n_blocks=9), 36)}
     folder.mkdir(parents=True)
     for name, (net, _) in nets.items():
@@ -1456,6 +1535,32 @@ def test_cli_translates_with_each_kind_of_official_generator_file_as_the_network
                           str(tmp_path / "official" / "cut_latest_net_G.pth"), "--input", str(tmp_path / "in_36"),
                           "--grid", str(grid), "--size", "36", "--device", "cpu"]) == 0
     assert Image.open(grid).size == (3 * 38 + 2, 38 + 2)
+
+
+# Where the official CUT code (taesungp/contrastive-unpaired-translation, models/networks.py) puts the blur
+# filters of a ResnetGenerator(ngf=4, n_blocks=2) under each of its two flags, and the index of its last
+# conv: {filt index: kernel side} (3: blur-pool down, 4: blur up), as read off the official code.
+OFFICIAL_BLUR_LAYOUTS = {  # (--no_antialias, --no_antialias_up)
+    (False, False): ({7: 3, 11: 3, 14: 4, 18: 4}, 23), (True, False): ({12: 4, 16: 4}, 21),
+    (False, True): ({7: 3, 11: 3}, 21), (True, True): ({}, 19)}
+
+
+@pytest.mark.parametrize("flags", list(OFFICIAL_BLUR_LAYOUTS))
+def test_each_official_antialias_flag_has_its_official_layout_and_is_read_back_from_a_file(flags):
+    no_antialias, no_antialias_up = flags
+    torch.manual_seed(0)
+    net = ResnetGenerator(ngf=4, n_blocks=2, antialias=not no_antialias, antialias_up=not no_antialias_up).eval()
+    state = net.state_dict()
+    filters = {int(k.split(".")[1]): t.shape[-1] for k, t in state.items() if k.endswith(".filt")}
+    assert (filters, int(next(reversed(state)).split(".")[1])) == OFFICIAL_BLUR_LAYOUTS[flags]
+    built = official_generator(state).eval()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(built(x), net(x))
+    cut = CUT(CUTConfig(**TINY_CUT, antialias=not no_antialias, antialias_up=not no_antialias_up))
+    assert [type(m).__name__ for m in cut.G.modules() if "Blur" in type(m).__name__] == \
+        ["BlurDownsample"] * 2 * (not no_antialias) + ["BlurUpsample"] * 2 * (not no_antialias_up)
+    assert any(isinstance(m, BlurDownsample) for m in cut.D.modules()) == (not no_antialias)  # D: the first flag
 
 
 def test_official_generator_is_read_from_the_file_alone():

@@ -72,13 +72,6 @@ RESUME_MAY_CHANGE = {"epochs", "epochs_decay", "lr", "device", "workers", "preci
 NOT_OF_THE_RUN = {"resume", "name", "output_dir", "benchmark", "given"}  # how this command is called
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show '(default: X)' only where there is a fixed default (presets and configs fill the others)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def parse_taps(text: str) -> tuple:
     """'0,4,8,12,16' or 'input,down1,res1' -> a tuple of indices / names."""
     return tuple(int(t) if t.strip().isdigit() else t.strip() for t in text.split(",") if t.strip())
@@ -86,23 +79,22 @@ def parse_taps(text: str) -> tuple:
 
 def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """The options; with defaults=False, parsing yields only the options given."""
-    p = Parser(prog="train_gan.py", formatter_class=HelpFormatter,
-               description="Train CycleGAN, CUT or FastCUT on unpaired images. The other command here is "
-                           "'train_gan.py download NAME' (an official dataset). To translate images with a "
-                           "trained or an official model, or to compare runs, use translate.py.")
+    p = Parser(prog="train_gan.py", description="Train CycleGAN, CUT or FastCUT on unpaired images. The other "
+               "command here is 'train_gan.py download NAME' (an official dataset). To translate images with a "
+               "trained or an official model, or to compare runs, use translate.py.")
 
     def a(*names, **kw):
         p.add_argument(*names, **kw if defaults else {**kw, "default": argparse.SUPPRESS})
-    a("--model", choices=tuple(MODELS), help="what to train (default fastcut, which shows apples turning orange "
-                                             "soonest on a CPU; with --resume, the run's)")
-    a("--dataroot", type=Path, default=BUNDLED,
-      help="dataset folder with trainA/ trainB/ [testA/ testB/] or x_train/ y_train/ [x_test/ y_test/]")
+    a("--model", choices=tuple(MODELS), help="what to train (default fastcut: on a CPU the soonest to turn apples "
+                                             "orange; with --resume, the run's)")
+    a("--dataroot", type=Path, default=BUNDLED, help="dataset folder: trainA/ trainB/ [testA/ testB/], or x_train/ ...")
     a("--name", help="run name: outputs go to OUTPUT_DIR/NAME (default: MODEL_DATASET)")
     a("--output-dir", type=Path, default=Path("output"), help="where runs are written")
     a("--resume", action="store_true", help="continue the run OUTPUT_DIR/NAME from its latest.pt, with its options")
     a("--direction", choices=("AtoB", "BtoA"), default="AtoB", help="BtoA learns B -> A: X is the B folder")
     a("--epochs", type=int, help="epochs at the initial lr (official: 100 cycle_gan, 200 cut, 150 fastcut)")
-    a("--epochs-decay", type=int, help="epochs of linear lr decay to 0 (official: 100, 200, 50)")
+    a("--epochs-decay", type=int, help="then epochs of linear lr decay, down to lr / (decay + 1) in the last "
+                                       "(official: 100, 200, 50)")
     a("--max-steps", type=int, help="cap on steps per epoch (CPU default 150; GPU default: whole epoch)")
     a("--batch-size", type=int, default=1, help="images per domain per step (the papers use 1)")
     a("--lr", type=float, default=2e-4, help="Adam learning rate")
@@ -115,7 +107,8 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
     a("--ndf", type=int, default=64, help="filters of the discriminator's first layer")
     a("--norm", choices=("instance", "batch", "none"), default="instance", help="normalisation layers")
     a("--gan-mode", choices=("lsgan", "vanilla", "nonsaturating"), default="lsgan",
-      help="adversarial loss: least squares (official), log-likelihood (the papers' Eq. 1), or softplus")
+      help="adversarial loss: least squares (official); vanilla: Eq. 1's log-likelihood for D, the "
+           "non-saturating -log D(G(x)) for G; nonsaturating: the same written with softplus")
     a("--lambda-cycle", type=float, default=10.0, help="CycleGAN: weight of the cycle loss, each way")
     a("--lambda-identity", type=float, default=0.5, help="CycleGAN: identity loss weight, x lambda-cycle")
     a("--pool-size", type=int, default=50, help="CycleGAN: history of fakes shown to D (0 = none)")
@@ -129,12 +122,17 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
                                             "paper's layers input,down1,down2,res1,res5, official 0,4,8,12,16; "
                                             "with --no-antialias the names keep those layers, while the "
                                             "official indices would name others)")
-    a("--num-patches", type=int, default=256, help="CUT: patches sampled per layer")
+    a("--num-patches", type=int, default=256, help="CUT: patches sampled per layer (P - 1 negatives per query)")
+    a("--nce-negatives", choices=("image", "batch", "others"), default="image",
+      help="CUT: a query's negatives: the other patches of its image (the paper's), of the whole batch "
+           "(official --nce_includes_all_negatives_from_minibatch), or of the other images only (needs batch > 1)")
     a("--nce-temperature", type=float, default=0.07, help="CUT: temperature tau of Eq. 2")
     a("--nce-map", action=argparse.BooleanOptionalAction, default=True,
       help="CUT: write nce_epoch_NNN.png each epoch, where G(x)'s patches find their input patches")
     a("--antialias", action=argparse.BooleanOptionalAction,
-      help="CUT: blur-pool down/up-sampling in G and D (default on, as officially)")
+      help="CUT: blur-pool down-sampling in G and D (default on; --no-antialias is the official --no_antialias)")
+    a("--antialias-up", action=argparse.BooleanOptionalAction,
+      help="CUT: blur up-sampling in G (default on; --no-antialias-up is the official --no_antialias_up)")
     a("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
     a("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda, then mps, then cpu")
     a("--workers", type=int, default=2, help="data-loading processes (0 = load in the main process)")
@@ -171,7 +169,10 @@ def pick_device(name: str) -> torch.device:
 
 def lr_factor(epoch: int, epochs: int, epochs_decay: int) -> float:
     """The official 'linear' policy: 1 for the first `epochs`, then down by 1/(epochs_decay+1) per epoch,
-    so the last epoch trains at lr / (epochs_decay + 1), not at 0."""
+    so the last epoch trains at lr / (epochs_decay + 1), not at 0. `epoch` counts from 0 and the lr is
+    set after each epoch, as the CUT repository steps its scheduler (at an epoch's end); the current
+    CycleGAN repository steps it at an epoch's start, one epoch ahead: its decay starts an epoch
+    earlier and its last epoch trains at 0."""
     return 1.0 - max(0, epoch + 1 - epochs) / float(epochs_decay + 1)
 
 
@@ -345,7 +346,7 @@ def train(args: argparse.Namespace, stop: "StopFlag | None" = None) -> Trainer:
     rank, world, device = init_distributed(pick_device(args.device))
     run_dir, lead = args.output_dir / args.name, rank == 0
     with lock_run_folder(run_dir) if lead else nullcontext():
-        trainer, epoch_step, filled = resume_run(args, run_dir, device) if args.resume else start_run(args, run_dir, device)
+        trainer, epoch_step, filled = (resume_run if args.resume else start_run)(args, run_dir, device)
         folders = find_domains(args.dataroot, args.direction)
         data, sampler, loader = make_loader(args, trainer, folders, rank, world)
         speed_up(args, trainer, rank, world)
@@ -420,8 +421,8 @@ def resume_command(args: argparse.Namespace, **changes) -> str:
         (["--output-dir", str(args.output_dir)] if args.output_dir != Path("output") else [])
     for key in sorted((args.given & RESUME_MAY_CHANGE) | set(changes)):
         value, flag = changes.get(key, getattr(args, key)), "--" + key.replace("_", "-")
-        words += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, f"{value:g}"
-                                                                                          if key == "lr" else str(value)]
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        words += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, text]
     return shlex.join(words)
 
 
@@ -503,6 +504,8 @@ def validate(args: argparse.Namespace, device: torch.device) -> None:
         value = getattr(args, flag)
         need(value is None or value >= low, f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
     need(args.lr > 0 and args.nce_temperature > 0, "--lr and --nce-temperature must be > 0")
+    need(args.nce_negatives != "others" or args.batch_size > 1,
+         "--nce-negatives others draws negatives from the other images of a batch: pass --batch-size 2 or more")
     need(args.precision != "fp16" or device.type == "cuda",
          f"--precision fp16 is for CUDA GPUs (on {device.type} G's gradients come out NaN, so G never learns): "
          f"use fp32, or bf16")
