@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 # Each layout: (train X, train Y, test X, test Y) folder names.
@@ -47,11 +49,20 @@ OFFICIAL_DATASETS = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "m
 
 # ----------------------------------------------------------------------------- how a command fails
 
-class UsageError(Exception):
+class CommandError(Exception):
+    """What a command ends with: its message, one line for the user."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        # Raised in a data-loading worker, it comes back wrapped in the worker's traceback: its own last line.
+        return text.strip().splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in text else text
+
+
+class UsageError(CommandError):
     """A bad option, file or dataset, found before any work: one line saying how to fix it, exit code 2."""
 
 
-class RunError(Exception):
+class RunError(CommandError):
     """A started command cannot go on (a loss diverged, a write failed, memory ran out): one line, exit code 1."""
 
 
@@ -92,7 +103,8 @@ def run_command(command) -> int:
     """Run a command's body as a command: its exit code, and one line (never a traceback) for the errors
     users meet: 2 for a UsageError, 1 for a RunError, 130 for Ctrl-C before a run could save."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C from here on: KeyboardInterrupt, below
-    warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
+    # A warning gets a line of its own, above a progress bar if one is drawn.
+    warnings.showwarning = lambda message, *rest, **kw: tqdm.write(f"warning: {message}", file=sys.stderr)
     try:
         command()
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C; every write is atomic
@@ -144,11 +156,11 @@ def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Im
     to 0..255 first, since Pillow's own conversion would clip them. With `min_side`, a large
     JPEG is decoded at the smallest power-of-2 reduction that keeps both sides >= min_side.
     """
-    img = Image.open(path)
-    if min_side:
-        img.draft(img.mode, (min_side, min_side))
-    img.load()
-    img = ImageOps.exif_transpose(img)
+    with Image.open(path) as opened:  # closed even when the file turns out broken
+        if min_side:
+            opened.draft(opened.mode, (min_side, min_side))
+        opened.load()
+        img = ImageOps.exif_transpose(opened)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         a = np.asarray(img, dtype=np.float64)
         a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255
@@ -188,10 +200,15 @@ def jitter(img: Image.Image, load_size: int, crop_size: int, rng: np.random.Gene
 class UnpairedDataset(torch.utils.data.Dataset):
     """Images of domains X and Y, indexed by (i_x, i_y, aug_seed, epoch) from `PairSampler`.
 
-    Returns (x, y): (C_x, crop, crop) and (C_y, crop, crop) tensors in [-1, 1]. Each item's
-    randomness comes from its key, so a run is the same with any number of workers. From epoch
-    `no_crop_from_epoch` on (counted from 0), images are resized to the crop size and only flipped,
-    as the official CUT dataset does in the lr-decay epochs.
+    Returns (x, y, skipped): (C_x, crop, crop) and (C_y, crop, crop) tensors in [-1, 1], and the
+    paths of images that could not be read (one per line, '' when none). Each item's randomness comes
+    from its key, so a run is the same with any number of workers. From epoch `no_crop_from_epoch` on
+    (counted from 0), images are resized to the crop size and only flipped, as the official CUT dataset
+    does in the lr-decay epochs.
+
+    Start-up lists the files and opens none but the first readable one of each domain, as the official
+    code does, so it costs what listing costs. An image that cannot be read when an item needs it (broken,
+    or deleted or replaced while the run goes on) gives way to the next readable one of its domain.
     """
 
     def __init__(self, folder_x: Path, folder_y: Path, load_size: int = 286, crop_size: int = 256,
@@ -199,39 +216,61 @@ class UnpairedDataset(torch.utils.data.Dataset):
         if crop_size > load_size:
             raise UsageError(f"--crop-size {crop_size} is larger than --load-size {load_size}: lower one or raise "
                              f"the other")
-        self.files = [readable_images(folder_x, channels_x), readable_images(folder_y, channels_y)]
-        self.channels = (channels_x, channels_y)
+        self.folders, self.channels = (folder_x, folder_y), (channels_x, channels_y)
+        self.files = [list_images(folder) for folder in self.folders]
+        for folder, files, channels in zip(self.folders, self.files, self.channels):
+            if not any(readable(path, channels) for path in files):  # stops at the first readable one
+                raise UsageError(f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
         self.load_size, self.crop_size, self.no_crop_from_epoch = load_size, crop_size, no_crop_from_epoch
 
     def __len__(self) -> int:
         return max(len(f) for f in self.files)
 
-    def __getitem__(self, key: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor, str]:
         i_x, i_y, seed, epoch = key
         rng = np.random.default_rng(seed)
         no_crop = self.no_crop_from_epoch is not None and epoch >= self.no_crop_from_epoch
         load = self.crop_size if no_crop else self.load_size
-        return tuple(to_tensor(jitter(load_image(files[i], c, load), load, self.crop_size, rng))
-                     for files, i, c in zip(self.files, (i_x, i_y), self.channels))
+        images, skipped = [], []
+        for folder, files, i, channels in zip(self.folders, self.files, (i_x, i_y), self.channels):
+            for path in files[i:] + files[:i]:  # files[i], or the next one that can be read
+                try:
+                    img = load_image(path, channels, load)
+                    break
+                except Exception:  # Pillow raises many types for broken files; a vanished file, OSError
+                    skipped.append(str(path))
+            else:
+                raise RunError(f"none of the {len(files)} images listed in {folder} can be read any more: put them "
+                               f"back, then resume")
+            images.append(to_tensor(jitter(img, load, self.crop_size, rng)))
+        return images[0], images[1], "\n".join(skipped)
 
 
-def readable_images(folder: Path, channels: int = 3) -> list[Path]:
-    """The images of a folder that open; warns once about the rest; fails if none is left."""
-    good, bad = [], []
-    for path in list_images(folder):
+def readable(path: Path, channels: int = 3) -> bool:
+    """Whether an image file can be read whole (a JPEG decoded at reduced scale, which is fast)."""
+    try:
+        load_image(path, channels, 64)
+        return True
+    except Exception:  # Pillow raises many types for broken files; any of them means "no"
+        return False
+
+
+def batches(loader: torch.utils.data.DataLoader, clock: dict, warned: set | None = None):
+    """The (x, y) batches of an UnpairedDataset's loader; clock["wait"] adds up the seconds spent waiting
+    for them. Each image the loader could not read is named in one warning, the first time: `warned`
+    holds the ones named so far (None: warn of none, as ranks other than 0 do)."""
+    for_batch = iter(loader)
+    while True:
+        start = time.perf_counter()
         try:
-            with Image.open(path) as img:
-                img.draft(img.mode, (64, 64))  # a JPEG decodes fast at reduced scale
-                img.load()  # reads the whole file: truncated or corrupt images fail here
-            good.append(path)
-        except Exception:  # Pillow raises many types for broken files; any of them means "skip"
-            bad.append(path)
-    if bad:
-        names = ", ".join(p.name for p in bad[:3]) + (", ..." if len(bad) > 3 else "")
-        warnings.warn(f"skipping {len(bad)} unreadable image(s) in {folder}: {names}", stacklevel=2)
-    if not good:
-        raise UsageError(f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
-    return good
+            x, y, skipped = next(for_batch)
+        except StopIteration:
+            return
+        clock["wait"] = clock.get("wait", 0.0) + time.perf_counter() - start
+        for path in sorted({p for item in skipped for p in item.splitlines()} - warned) if warned is not None else ():
+            warned.add(path)
+            warnings.warn(f"skipping unreadable image {path}: another image of its domain takes its place")
+        yield x, y
 
 
 class PairSampler(torch.utils.data.Sampler):
@@ -273,9 +312,22 @@ class PairSampler(torch.utils.data.Sampler):
 
 
 def load_fixed_images(folder: Path, n: int, size: int, channels: int = 3) -> torch.Tensor:
-    """The first n images of a folder resized to size x size: the fixed grid inputs (n, C, size, size)."""
-    files = readable_images(folder, channels)[:n]
-    return torch.stack([to_tensor(load_image(f, channels).resize((size, size), Image.BICUBIC)) for f in files])
+    """The first n readable images of a folder resized to size x size, the fixed grid inputs (n, C, size,
+    size); one warning names the unreadable ones passed over."""
+    images, skipped = [], []
+    for path in list_images(folder):
+        if len(images) == n:
+            break
+        try:
+            images.append(to_tensor(load_image(path, channels).resize((size, size), Image.BICUBIC)))
+        except Exception:  # Pillow raises many types for broken files
+            skipped.append(path.name)
+    if skipped:
+        warnings.warn(f"skipping {len(skipped)} unreadable image(s) in {folder}: {', '.join(skipped[:3])}"
+                      + (", ..." if len(skipped) > 3 else ""))
+    if not images:
+        raise UsageError(f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
+    return torch.stack(images)
 
 
 def save_grid(rows: list[list[torch.Tensor | Image.Image]], path: Path, pad: int = 2) -> None:
@@ -473,8 +525,6 @@ def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
     """Stream `url` into `dest` with a progress bar. On any failure `dest` is removed and a UsageError
     says what failed and, for an offline machine, `offline_hint`; the caller writes `dest` as a
     temporary name, so no partial file is ever left."""
-    from tqdm import tqdm
-
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as f, \

@@ -203,8 +203,8 @@ class PatchSampleMLP(nn.Module):
             raise ValueError(f"H has {len(self.mlps)} MLPs but got {len(feats)} feature maps")
         out, ids_out = [], []
         for layer, feat in enumerate(feats):
-            if patch_ids is None:
-                ids = torch.randperm(feat.shape[-2] * feat.shape[-1], device=feat.device)[:num_patches]
+            if patch_ids is None:  # drawn by the CPU generator, as officially (numpy): the same on every device
+                ids = torch.randperm(feat.shape[-2] * feat.shape[-1])[:num_patches].to(feat.device)
             else:
                 ids = patch_ids[layer]
             out.append(self.project(layer, feat, ids))

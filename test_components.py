@@ -439,8 +439,8 @@ def test_unpaired_dataset_gives_cropped_tensors_in_range(dataset_root, channels)
     assert len(data) == 4  # the larger domain
     sampler = du.PairSampler(4, 3, seed=1)
     for key in sampler:
-        x, y = data[key]
-        assert x.shape == (channels, 32, 32) and y.shape == (3, 32, 32)
+        x, y, skipped = data[key]
+        assert skipped == "" and x.shape == (channels, 32, 32) and y.shape == (3, 32, 32)
         assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.1
 
 
@@ -521,7 +521,7 @@ def test_download_fails_offline_with_a_clear_message(tmp_path, monkeypatch):
 def test_real_apple2orange_loads():
     data = du.UnpairedDataset(SHARED / "trainA", SHARED / "trainB", 286, 256)
     assert len(data) == 1019
-    x, y = data[next(iter(du.PairSampler(995, 1019)))]
+    x, y, _ = data[next(iter(du.PairSampler(995, 1019)))]
     assert x.shape == y.shape == (3, 256, 256)
 
 
@@ -554,7 +554,7 @@ def test_a_step_returns_losses_out_of_the_graph_and_a_log_window_is_read_in_one_
 def test_adam_is_fused_where_torch_has_the_kernel_and_plain_where_not(monkeypatch):
     params = [nn.Parameter(torch.zeros(3))]
     has_cpu_kernel = tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 4)
-    assert adam(params, CycleGANConfig()).defaults["fused"] == has_cpu_kernel
+    assert bool(adam(params, CycleGANConfig()).defaults["fused"]) == has_cpu_kernel
     adam_cls = torch.optim.Adam
 
     def old_torch(params, fused=None, **kw):  # torch < 2.4 on a CPU
@@ -1136,18 +1136,53 @@ def test_cli_rejects_bad_datasets_in_one_line(tmp_path, capsys):
     write_mixed_images(tmp_path / "empty" / "trainA", 2)
     (tmp_path / "empty" / "trainB" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     code, err = run_cli(cli_args(tmp_path / "empty", tmp_path / "out"), capsys)
-    assert_one_line_error(code, err[-1:], "no readable images in .*trainB")
-    assert "skipping 1 unreadable image(s)" in err[0]
+    assert_one_line_error(code, err, "no readable images in .*trainB")
 
 
-def test_corrupt_and_truncated_images_are_skipped_with_one_warning(tmp_path):
-    good = write_mixed_images(tmp_path, 3)
-    jpg = good[0].read_bytes()
-    (tmp_path / "truncated.jpg").write_bytes(jpg[:len(jpg) // 2])
-    (tmp_path / "text.png").write_text("hello")
-    with pytest.warns(UserWarning, match="skipping 2 unreadable image\\(s\\).*text.png, truncated.jpg"):
-        assert du.readable_images(tmp_path) == sorted(good)
+def test_broken_images_give_way_when_loaded_and_each_is_named_in_one_warning(tmp_path):
+    for split in ("trainA", "trainB"):
+        write_mixed_images(tmp_path / split, 3)
+    jpg = (tmp_path / "trainA" / "img0.jpg").read_bytes()
+    broken = [tmp_path / "trainA" / "text.png", tmp_path / "trainA" / "truncated.jpg"]
+    broken[0].write_text("hello")
+    broken[1].write_bytes(jpg[:len(jpg) // 2])
+    data = du.UnpairedDataset(tmp_path / "trainA", tmp_path / "trainB", 36, 32)  # lists; opens the first only
+    i = data.files[0].index(broken[0])  # text.png, then truncated.jpg, are the last two: the first takes over
+    x, _, skipped = data[(i, 0, 0, 0)]
+    assert skipped.splitlines() == [str(p) for p in broken] and torch.equal(x, data[(0, 0, 0, 0)][0])
+    loader = torch.utils.data.DataLoader(data, 1, sampler=[(i, 0, 0, 0), (i + 1, 1, 1, 0), (i, 2, 2, 0)])
+    clock = {"wait": 0.0}
+    with pytest.warns(UserWarning) as record:
+        assert len(list(du.batches(loader, clock, set()))) == 3
+    assert sorted(str(w.message) for w in record) == [f"skipping unreadable image {p}: another image of its domain "
+                                                      f"takes its place" for p in broken]  # once each
+    assert clock["wait"] > 0
 
+
+def test_images_deleted_while_a_run_goes_on_give_way_and_a_domain_left_empty_stops_in_one_line(
+        dataset_root, tmp_path, capsys, monkeypatch):
+    """A dataset on a shared disk, cleaned up under a running run: the loader's workers still hold the
+    old list of files."""
+    argv = cli_args(dataset_root, tmp_path / "out", "--workers", "2", "--max-steps", "4", "--epochs", "1",
+                    "--epochs-decay", "1")  # 4 steps: every X image, each epoch
+    gone = sorted(p for p in (dataset_root / "trainA").rglob("*") if p.is_file())[:2]
+    end_of_epoch = train_gan.end_of_epoch
+
+    def then_delete(*args, **kw):
+        end_of_epoch(*args, **kw)
+        for p in gone:
+            p.unlink(missing_ok=True)
+    monkeypatch.setattr(train_gan, "end_of_epoch", then_delete)
+    code, err = run_cli(argv, capsys)
+    assert code == 0 and "Traceback" not in "".join(err), err
+    warned = re.findall(r"^warning: skipping unreadable image (.*): another image of its domain takes its place$",
+                        "\n".join(err), flags=re.M)  # each on a line of its own, above the progress bar
+    assert sorted(warned) == [str(p) for p in gone]
+    gone = [p for p in (dataset_root / "trainB").rglob("*") if p.is_file()]  # now all of Y
+    code, err = run_cli(cli_args(dataset_root, tmp_path / "out2", "--workers", "2", "--max-steps", "4", "--epochs",
+                                 "2", "--epochs-decay", "0"), capsys)
+    assert_run_error(code, err, r"none of the 3 images listed in .*trainB can be read any more: put them back, then "
+                                r"resume")
 
 @pytest.mark.parametrize("mode, array", [
     ("I;16", np.arange(600, dtype=np.uint16).reshape(20, 30) * 100),
@@ -1169,7 +1204,7 @@ def test_small_and_huge_images_become_crops(tmp_path):
         (tmp_path / split).mkdir()
         Image.new("RGB", size, (200, 30, 30)).save(tmp_path / split / "img.jpg", quality=50)
     data = du.UnpairedDataset(tmp_path / "trainA", tmp_path / "trainB", 72, 64)
-    x, y = data[(0, 0, 0, 0)]
+    x, y, _ = data[(0, 0, 0, 0)]
     assert x.shape == y.shape == (3, 64, 64)
     assert du.load_image(tmp_path / "trainB" / "img.jpg", 3, 72).size == (625, 375)  # decoded at 1/8 scale
 

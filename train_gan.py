@@ -47,7 +47,7 @@ from tqdm import tqdm
 from cut_model import CUT, CUTConfig
 from cycle_gan import CycleGAN, CycleGANConfig
 from data_utility import (LOCK_FILE, PairSampler, Parser, RunError, UnpairedDataset, UsageError, append_losses,
-                          download, find_domains, load_fixed_images, load_torch, lock_run_folder, memory_or_stopped,
+                          batches, download, find_domains, load_fixed_images, load_torch, lock_run_folder, memory_or_stopped,
                           plot_losses, run_command, save_grid, save_similarity_grid, save_torch, written_or_stopped)
 from networks import GENERATORS, size_multiple
 
@@ -69,6 +69,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # is refused, since the weights, the objective and the data order belong to the run.
 RESUME_MAY_CHANGE = {"epochs", "epochs_decay", "lr", "device", "workers", "precision", "compile", "log_every",
                      "save_every", "nce_map", "dataroot"}
+MACHINE_OPTIONS = {"device", "workers", "compile"}  # this machine's: a resume never takes them from the run
 NOT_OF_THE_RUN = {"resume", "name", "output_dir", "benchmark", "given"}  # how this command is called
 
 
@@ -135,7 +136,8 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
       help="CUT: blur up-sampling in G (default on; --no-antialias-up is the official --no_antialias_up)")
     a("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
     a("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda, then mps, then cpu")
-    a("--workers", type=int, default=2, help="data-loading processes (0 = load in the main process)")
+    a("--workers", type=int, help="data-loading processes, 0 = in the main process (default: half this process's "
+                                  "CPU cores, 1 to 8; the official default is 4)")
     a("--precision", choices=tuple(PRECISIONS), default="fp32",
       help="autocast precision of the forward passes (fp16 adds loss scaling); fp32 is the official math")
     a("--compile", action="store_true", help="torch.compile the networks (slow first steps, faster later)")
@@ -153,6 +155,9 @@ def parse_options(argv: list[str]) -> argparse.Namespace:
     if not args.resume:
         args.model = args.model or "fastcut"
     args.name = args.name or f"{args.model or 'fastcut'}_{args.dataroot.name}"
+    if args.workers is None:  # half of this process's share of the cores: the other half runs the step
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        args.workers = max(1, min(8, cores // (2 * int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
     return args
 
 
@@ -368,14 +373,15 @@ def train(args: argparse.Namespace, stop: "StopFlag | None" = None) -> Trainer:
                   f"or --epochs-decay")
         stop = stop or StopFlag(world, lead).install()
         control = dist.new_group(backend="gloo") if world > 1 else None  # for the ranks' stop and NaN votes
-        options = saved_options(args)
+        options, warned = saved_options(args), set() if lead else None  # warned: unreadable images named so far
 
         for epoch in range(trainer.epoch, total_epochs):
             sampler.set_epoch(epoch, epoch_step * args.batch_size, steps * args.batch_size)
-            start, first, window, count, mean, halt = time.time(), epoch_step, {}, 0, {}, False
+            clock, first, window, count, mean, halt = {"wait": 0.0}, epoch_step, {}, 0, {}, False
+            start = time.time()
             with tqdm(total=steps, initial=epoch_step, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
                       dynamic_ncols=True, disable=not lead) as bar:
-                for x, y in loader:
+                for x, y in batches(loader, clock, warned):
                     with memory_or_stopped(f"in a training step at crop {args.crop_size}x{args.crop_size}, batch "
                                            f"{args.batch_size}", f"lower --crop-size or --batch-size, then {again}"):
                         losses = trainer.train_step(x, y)  # still on the device: nothing waits here
@@ -399,14 +405,15 @@ def train(args: argparse.Namespace, stop: "StopFlag | None" = None) -> Trainer:
                                 trainer.save(ckpt, epoch_step, options)
                             print(f"\nstopped at epoch {epoch + 1}, step {epoch_step}: saved {ckpt}; {again}")
                         return trainer
-            rate = (epoch_step - first) * args.batch_size * world / max(time.time() - start, 1e-6)  # all ranks
+            seconds = max(time.time() - start, 1e-6)
+            rate = (epoch_step - first) * args.batch_size * world / seconds  # images of all ranks
             trainer.end_epoch()
             epoch_step = 0
             if lead:
                 with written_or_stopped(run_dir, again):
                     end_of_epoch(args, trainer, fixed, run_dir, options)
                 print(f"epoch {trainer.epoch}/{total_epochs}  " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items())
-                      + f"  {time.time() - start:.0f} s  {rate:.2f} img/s")
+                      + f"  {seconds:.0f} s  {rate:.2f} img/s  {clock['wait'] / seconds:.0%} waiting for data")
                 if halt:
                     print(f"stopped after epoch {trainer.epoch}: saved {ckpt}; {again}")
             if halt:
@@ -454,7 +461,7 @@ def take_run_options(args: argparse.Namespace, saved: dict) -> None:
     """On resume: every option not given becomes the run's; a given one that would change what the run
     is (RESUME_MAY_CHANGE) is refused in one line."""
     for key, value in saved.items():
-        if key not in args.given:
+        if key not in args.given and key not in MACHINE_OPTIONS:
             setattr(args, key, Path(value) if key == "dataroot" else tuple(value) if isinstance(value, list) else value)
         elif key not in RESUME_MAY_CHANGE and jsonable(getattr(args, key)) != value:
             flag = "--" + key.replace("_", "-")
@@ -647,31 +654,35 @@ def end_of_epoch(args: argparse.Namespace, trainer: Trainer, fixed: list[torch.T
 
 def benchmark(args: argparse.Namespace) -> dict:
     """Time --benchmark N training steps (after 3 warm-up ones) on the real data and step; rank 0
-    prints one JSON line. Under torchrun every rank steps, and images/s counts all of them."""
+    prints one JSON line: the median step (sec_per_iter) and, beside it, the median wait for its batch
+    (data_wait_sec), and the peak memory (CUDA's allocator on a GPU, resident memory on a CPU). Under
+    torchrun every rank steps, and images/s counts all of them."""
     rank, world, device = init_distributed(pick_device(args.device))
     trainer, _, _ = start_run(args, None, device)
     _, sampler, loader = make_loader(args, trainer, find_domains(args.dataroot, args.direction), rank, world)
     speed_up(args, trainer, rank, world)
-    warmup, times, batches = 3, [], iter(())
+    warmup, times, waits, clock, stream = 3, [], [], {"wait": 0.0}, iter(())
     for i in range(warmup + args.benchmark):
-        try:
-            x, y = next(batches)
-        except StopIteration:  # a new epoch of the same loader
+        waited = clock["wait"]
+        batch = next(stream, None)
+        if batch is None:  # a new epoch of the same loader
             sampler.set_epoch(i)
-            batches = iter(loader)
-            x, y = next(batches)
+            stream = batches(loader, clock, set())
+            batch = next(stream)
         start = time.perf_counter()
-        trainer.train_step(x, y)
+        trainer.train_step(*batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the step's kernels have run
         elif device.type == "mps":
             torch.mps.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
+            waits.append(clock["wait"] - waited)
     sec = statistics.median(times)
     result = {"model": args.model, "device": str(device), "processes": world, "precision": args.precision,
               "compile": args.compile, "crop_size": args.crop_size, "batch_size": args.batch_size,
-              "netG": trainer.model.config.netG, "sec_per_iter": round(sec, 4),
+              "netG": trainer.model.config.netG, "workers": args.workers, "sec_per_iter": round(sec, 4),
+              "data_wait_sec": round(statistics.median(waits), 4),
               "images_per_sec": round(args.batch_size * world / sec, 3), "peak_mem_mb": peak_memory_mb(device),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     if rank == 0:
