@@ -61,14 +61,15 @@ MODELS = {"cycle_gan": (CycleGAN, CycleGANConfig, {}), "cut": (CUT, CUTConfig, {
 # Without a GPU the official 256x256 setting takes weeks; this shows results within minutes (a FastCUT
 # epoch of 150 steps takes about 4 minutes on 2 cores). Crop 128 with 6 residual blocks is the CycleGAN
 # paper's own setting for 128x128 images.
-CPU_PRESET = dict(crop_size=128, load_size=143, max_steps=150, netG="resnet_6blocks")
+CPU_PRESET = dict(crop_size=128, load_size=143, max_steps=150, netG="resnet_6blocks", workers=0)
 GPU_PRESET = dict(crop_size=256, load_size=286)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# What a --resume may change: the schedule (more epochs; a lower lr after a divergence), the machine, what
-# is written, and where the dataset now lies. Every other option is the run's own: one given that differs
-# is refused, since the weights, the objective and the data order belong to the run.
-RESUME_MAY_CHANGE = {"epochs", "epochs_decay", "lr", "device", "workers", "precision", "compile", "log_every",
-                     "save_every", "nce_map", "dataroot"}
+# What a --resume may change: the schedule (more epochs; a lower lr after a divergence), the machine, the
+# size of a step (after running out of memory), what is written, and where the dataset now lies. Every other
+# option is the run's own: one given that differs is refused, since the networks, the objective, the seed
+# and the domains belong to the run.
+RESUME_MAY_CHANGE = {"epochs", "epochs_decay", "lr", "device", "workers", "precision", "compile", "crop_size",
+                     "load_size", "batch_size", "max_steps", "log_every", "save_every", "nce_map", "dataroot"}
 MACHINE_OPTIONS = {"device", "workers", "compile"}  # this machine's: a resume never takes them from the run
 NOT_OF_THE_RUN = {"resume", "name", "output_dir", "benchmark", "given"}  # how this command is called
 
@@ -136,8 +137,8 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
       help="CUT: blur up-sampling in G (default on; --no-antialias-up is the official --no_antialias_up)")
     a("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
     a("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda, then mps, then cpu")
-    a("--workers", type=int, help="data-loading processes, 0 = in the main process (default: half this process's "
-                                  "CPU cores, 1 to 8; the official default is 4)")
+    a("--workers", type=int, help="data-loading processes, 0 = in the main process (default: on a GPU half this "
+                                  "process's CPU cores, 1 to 8, the official default being 4; on a CPU 0)")
     a("--precision", choices=tuple(PRECISIONS), default="fp32",
       help="autocast precision of the forward passes (fp16 adds loss scaling); fp32 is the official math")
     a("--compile", action="store_true", help="torch.compile the networks (slow first steps, faster later)")
@@ -155,9 +156,6 @@ def parse_options(argv: list[str]) -> argparse.Namespace:
     if not args.resume:
         args.model = args.model or "fastcut"
     args.name = args.name or f"{args.model or 'fastcut'}_{args.dataroot.name}"
-    if args.workers is None:  # half of this process's share of the cores: the other half runs the step
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        args.workers = max(1, min(8, cores // (2 * int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
     return args
 
 
@@ -452,6 +450,7 @@ def resume_run(args: argparse.Namespace, run_dir: Path, device: torch.device) ->
     trainer, epoch_step, saved = Trainer.load(load_torch(ckpt), device,
                                               args.precision if "precision" in args.given else None, ckpt)
     take_run_options(args, saved)
+    args.workers = presets(device)["workers"] if args.workers is None else args.workers  # this machine's
     trainer.set_schedule(epochs=args.epochs, epochs_decay=args.epochs_decay, lr=args.lr)
     validate(args, device)
     return trainer, epoch_step, []
@@ -481,12 +480,22 @@ def start_run(args: argparse.Namespace, run_dir: Path | None, device: torch.devi
     if run_dir and run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or a new --name")
     filled = []
-    for key, value in (CPU_PRESET if device.type == "cpu" else GPU_PRESET).items():
+    for key, value in presets(device).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
             filled.append(f"{key}={value}")
     validate(args, device)
     return Trainer(seeded_model(args), device, args.precision), 0, filled
+
+
+def presets(device: torch.device) -> dict:
+    """The defaults for the device: CPU_PRESET, or GPU_PRESET with data-loading workers, half this process's
+    share of the cores (1 to 8; the official default is 4). On a CPU the step keeps every core busy, so
+    images load in the main process: a worker would only compete with it (docs/SPEED.md)."""
+    if device.type == "cpu":
+        return CPU_PRESET
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {**GPU_PRESET, "workers": max(1, min(8, cores // (2 * int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))}
 
 
 def saved_options(args: argparse.Namespace) -> dict:
