@@ -194,3 +194,7 @@ class CUT:
         if self.config.nce_idt:
             rows = [r + [yi, gy] for r, yi, gy in zip(rows, y, self.G(y))]
         return rows
+
+    def visuals_caption(self) -> str:
+        return "each row: a test image x, G(x)" + (", then a test image y and G(y), the identity path"
+                                                   if self.config.nce_idt else "")

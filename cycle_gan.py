@@ -149,6 +149,9 @@ class CycleGAN:
         fake_y, fake_x = self.G(x), self.F(y)
         return [list(r) for r in zip(x, fake_y, self.F(fake_y))] + [list(r) for r in zip(y, fake_x, self.G(fake_x))]
 
+    def visuals_caption(self) -> str:
+        return "rows of a test image x: x, G(x), F(G(x)); then rows of a test image y: y, F(y), G(F(y))"
+
     def extra_state(self) -> dict:
         """The image pools, for an exact resume."""
         return {"pool_X": [t.cpu() for t in self.pool_X.images], "pool_Y": [t.cpu() for t in self.pool_Y.images]}

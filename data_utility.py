@@ -11,6 +11,8 @@ to crop_size, random horizontal flip.
 import argparse
 import contextlib
 import csv
+import html
+import json
 import os
 import shutil
 import signal
@@ -482,35 +484,69 @@ def save_similarity_grid(x: torch.Tensor, fake: torch.Tensor, maps: torch.Tensor
     save_grid(rows, path)
 
 
-def append_losses(path: Path, step: int, epoch: int, losses: dict[str, float]) -> None:
-    """Append one row to losses.csv (header written with the first row). The columns follow the
-    file's header, so a resumed run whose step lists its losses in another order still lines up."""
+# ----------------------------------------------------------------------------- the run's folder: logs and page
+
+def append_row(path: Path, row: dict[str, float]) -> None:
+    """Append one row to a CSV log (losses.csv, epochs.csv), its header written with the first row. The
+    columns follow the file's own header, which a user may have edited in a spreadsheet: a resumed run
+    whose step lists its losses in another order still lines up, a value whose column the file lacks is
+    left out (one warning), and a column the row lacks stays empty."""
     new = not path.exists() or path.stat().st_size == 0
     if new:
-        names = list(losses)
+        names = list(row)
     else:
         with open(path, newline="") as f:
-            names = next(csv.reader(f))[2:]
+            names = next(csv.reader(f), [])
+    if set(row) - set(names):
+        warnings.warn(f"{path} has no column for some of the values logged (its header was edited?): they are "
+                      f"left out of it")
     with open(path, "a", newline="") as f:
         writer = csv.writer(f)
         if new:
-            writer.writerow(["step", "epoch", *names])
-        writer.writerow([step, epoch, *(f"{losses[k]:.5g}" for k in names)])
+            writer.writerow(names)
+        writer.writerow([(str(row[k]) if isinstance(row[k], int) else f"{row[k]:.5g}") if k in row else ""
+                         for k in names])
+
+
+def read_table(path: Path) -> list[dict[str, float]]:
+    """The rows of a CSV log as {column: number}. A cell that is not a number is left out (one warning
+    for the file), so a log edited by hand never stops a run, its plot or its page."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
+    except (OSError, csv.Error, UnicodeDecodeError):
+        rows = [{"": "unreadable"}]
+    table, bad = [], False
+    for row in rows:
+        table.append({})
+        for name, value in row.items():
+            try:
+                if name is not None and value not in (None, ""):
+                    table[-1][name] = float(value)
+            except (TypeError, ValueError):
+                bad = True
+        bad |= None in row  # a line with more cells than the header
+    if bad:
+        warnings.warn(f"{path} holds cells that are not numbers: what parses is plotted and shown, the rest is "
+                      f"left out")
+    return table
 
 
 def plot_losses(csv_path: Path, png_path: Path) -> None:
-    """Plot every loss column of losses.csv against the step, one panel per loss."""
+    """Plot every loss column of losses.csv against the step, one panel per loss (what parses of it)."""
     import matplotlib
     matplotlib.use("Agg")  # no display server needed
     import matplotlib.pyplot as plt
 
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    names = [k for k in rows[0] if k not in ("step", "epoch")]
-    steps = [int(r["step"]) for r in rows]
+    table = [row for row in read_table(csv_path) if "step" in row]
+    names = list(dict.fromkeys(k for row in table for k in row if k not in ("step", "epoch")))
+    if not names:
+        return
     fig, axes = plt.subplots(len(names), 1, figsize=(7, 1.6 * len(names)), sharex=True, squeeze=False)
     for ax, name in zip(axes[:, 0], names):
-        ax.plot(steps, [float(r[name]) for r in rows], lw=0.8)
+        ax.plot(*zip(*[(row["step"], row[name]) for row in table if name in row]), lw=0.8)
         ax.set_ylabel(name, rotation=0, ha="right")
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
@@ -519,6 +555,80 @@ def plot_losses(csv_path: Path, png_path: Path) -> None:
         write_atomically(png_path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     finally:
         plt.close(fig)
+
+
+def record_options(run_dir: Path, options: dict, given: set, command: list[str], epoch: int, step: int) -> None:
+    """Write OUTPUT/NAME/options.json (readable without torch): every option of the run as it now stands,
+    the names of those ever given on the command line, and each start and resume of the run with its
+    command and the epoch and step it started from, the earlier ones kept."""
+    path = run_dir / "options.json"
+    try:
+        before = json.loads(path.read_text())
+        runs, ever_given = list(before["runs"]), set(before["given"])
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or edited out of shape
+        runs, ever_given = [], set()
+    record = {"options": options, "given": sorted(ever_given | given),
+              "runs": runs + [{"started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command, "epoch": epoch,
+                               "step": step}]}
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+
+
+NCE_MAP_CAPTION = ("where PatchNCE looks: each row a test image x and G(x) with three query points, then for "
+                   "each point the similarity of its patch of G(x) to every patch of x (bright: taken for its input "
+                   "patch)")
+PAGE_STYLE = """body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em;
+       color: #222; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.15em; margin: 1.6em 0 0.3em; }
+.status { color: #555; } .caption { color: #555; font-size: 0.9em; }
+table { border-collapse: collapse; font-size: 0.9em; } td { padding: 1px 12px 1px 0; }
+img { max-width: 100%; display: block; margin: 0.4em 0; image-rendering: pixelated; }
+section { border-top: 1px solid #ddd; }"""
+
+
+def write_run_page(run_dir: Path, heading: str, caption: str, status: str, running: bool) -> None:
+    """OUTPUT/NAME/index.html, the page to follow a run by (the official codes' web/index.html): the
+    options given, the loss plot, then every finished epoch, newest first, with its grid (and CUT's
+    PatchNCE map), its time and its mean losses; `caption` says what the grid's columns are. It is made
+    from the run's folder alone (options.json, epochs.csv, losses.csv, the pictures), so a resumed run
+    keeps its history, and it reloads itself every minute while `running`. Plain HTML and CSS, images by
+    relative path: the folder can be copied, or served as it is (python -m http.server)."""
+    try:
+        record = json.loads((run_dir / "options.json").read_text())
+        given = {k: record["options"].get(k) for k in record["given"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        given = {}
+    timing = {int(row["epoch"]): row for row in read_table(run_dir / "epochs.csv") if "epoch" in row}
+    means: dict[int, dict[str, list[float]]] = {}
+    for row in read_table(run_dir / "losses.csv"):
+        for name, value in row.items():
+            if "epoch" in row and name not in ("step", "epoch"):
+                means.setdefault(int(row["epoch"]), {}).setdefault(name, []).append(value)
+
+    def picture(name: str) -> str:  # the file's time in the address, so a browser shows a rewritten one
+        path = run_dir / name
+        return f'<img src="{name}?t={path.stat().st_mtime_ns}" alt="{name}">' if path.exists() else ""
+    sections = []
+    for epoch in sorted((int(p.stem[6:]) for p in run_dir.glob("epoch_*.png") if p.stem[6:].isdigit()), reverse=True):
+        t = timing.get(epoch, {})
+        facts = ", ".join(text.format(t[key]) for key, text in (("seconds", "{:.0f} s"), ("images_per_sec",
+                          "{:.2f} img/s"), ("data_wait", "{:.0%} of it waiting for data")) if key in t)
+        losses = ", ".join(f"{html.escape(name)} {sum(v) / len(v):.3f}" for name, v in means.get(epoch, {}).items())
+        nce_map = picture(f"nce_epoch_{epoch:03d}.png")
+        sections.append(f'<section id="epoch-{epoch}"><h2>epoch {epoch}</h2><p>{facts}'
+                        f'{"; mean " if facts and losses else ""}{losses}</p><p class="caption">{html.escape(caption)}'
+                        f'</p>{picture(f"epoch_{epoch:03d}.png")}'
+                        + (f'<p class="caption">{NCE_MAP_CAPTION}</p>{nce_map}' if nce_map else "") + "</section>")
+    rows = "".join(f"<tr><td>--{html.escape(k.replace('_', '-'))}</td><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in given.items())
+    page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(heading)}</title>'
+            + ('<meta http-equiv="refresh" content="60">' if running else "") + f"<style>{PAGE_STYLE}</style></head>"
+            f'<body><h1>{html.escape(heading)}</h1><p class="status">{html.escape(status)}</p>'
+            f'<h2>options given</h2><table id="options">{rows or "<tr><td>none: the defaults</td></tr>"}</table>'
+            '<p class="caption">every option of the run, and each start and resume: '
+            '<a href="options.json">options.json</a></p>'
+            f'<h2>losses</h2>{picture("losses.png") or "<p>none logged yet</p>"}'
+            + ("".join(sections) or "<p>no epoch finished yet</p>") + "</body></html>\n")
+    write_atomically(run_dir / "index.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
 
 
 def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:

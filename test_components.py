@@ -9,6 +9,7 @@ import ast
 import contextlib
 import copy
 import csv
+import json
 import math
 import os
 import re
@@ -510,16 +511,31 @@ def test_save_image_grid_lays_out_rows_and_columns(tmp_path):
 
 def test_plot_losses_writes_a_png(tmp_path):
     for step in range(1, 4):
-        du.append_losses(tmp_path / "l.csv", step, 1, {"G": 1.0 / step, "D": 0.5})
+        du.append_row(tmp_path / "l.csv", {"step": step, "epoch": 1, "G": 1.0 / step, "D": 0.5})
     du.plot_losses(tmp_path / "l.csv", tmp_path / "l.png")
     assert Image.open(tmp_path / "l.png").size[0] > 100
 
 
-def test_append_losses_follows_the_column_order_of_an_existing_file(tmp_path):
-    du.append_losses(tmp_path / "l.csv", 1, 1, {"D": 0.5, "G": 1.0})
-    du.append_losses(tmp_path / "l.csv", 2, 1, {"G": 2.0, "D": 0.25})  # a step listing them in another order
+def test_append_row_follows_the_column_order_of_an_existing_file(tmp_path):
+    du.append_row(tmp_path / "l.csv", {"step": 1, "epoch": 1, "D": 0.5, "G": 1.0})
+    du.append_row(tmp_path / "l.csv", {"step": 123456, "epoch": 1, "G": 2.0, "D": 0.25})  # another order
     with open(tmp_path / "l.csv", newline="") as f:
-        assert list(csv.reader(f)) == [["step", "epoch", "D", "G"], ["1", "1", "0.5", "1"], ["2", "1", "0.25", "2"]]
+        assert list(csv.reader(f)) == [["step", "epoch", "D", "G"], ["1", "1", "0.5", "1"],
+                                       ["123456", "1", "0.25", "2"]]
+
+
+def test_a_log_edited_by_hand_is_read_for_what_parses_and_appended_to_as_it_stands(tmp_path):
+    path = tmp_path / "losses.csv"
+    path.write_text("step,epoch,D\n1,1,0.5\nmy note, see above\n2,1,oops\n3,1,0.25,extra\n")
+    with pytest.warns(UserWarning, match="holds cells that are not numbers"):
+        table = du.read_table(path)
+    assert table == [{"step": 1, "epoch": 1, "D": 0.5}, {}, {"step": 2, "epoch": 1}, {"step": 3, "epoch": 1, "D": 0.25}]
+    with pytest.warns(UserWarning, match="no column for some of the values"):
+        du.append_row(path, {"step": 4, "epoch": 1, "D": 0.125, "G_gan": 1.0})  # G_gan has no column
+    assert path.read_text().splitlines()[-1] == "4,1,0.125"
+    with pytest.warns(UserWarning):
+        du.plot_losses(path, tmp_path / "losses.png")
+    assert Image.open(tmp_path / "losses.png").size[0] > 100
 
 
 def test_download_fails_offline_with_a_clear_message(tmp_path, monkeypatch):
@@ -846,6 +862,141 @@ def test_cli_grid_puts_each_checkpoint_in_a_column_and_names_problems(dataset_ro
     assert not (tmp_path / "g.png").exists() and not (tmp_path / "res").exists()
 
 
+def parse_page(path: Path) -> dict:
+    """What a person sees on a run's index.html: the images it shows (their src), the epoch sections in
+    page order, the option rows, whether it reloads itself, and its text."""
+    from html.parser import HTMLParser
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.seen = {"images": [], "epochs": [], "options": [], "refresh": False, "text": []}
+            self.cells = None
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "img":
+                self.seen["images"].append(a["src"].split("?")[0])
+            elif tag == "section":
+                self.seen["epochs"].append(int(a["id"].removeprefix("epoch-")))
+            elif tag == "meta" and a.get("http-equiv") == "refresh":
+                self.seen["refresh"] = True
+            elif tag == "tr":
+                self.cells = []
+
+        def handle_endtag(self, tag):
+            if tag == "tr":
+                self.seen["options"].append(tuple(self.cells))
+
+        def handle_data(self, data):
+            self.seen["text"].append(data)
+            if self.cells is not None and data.strip():
+                self.cells.append(data.strip())
+    page = Page()
+    page.feed(path.read_text())
+    return {**page.seen, "text": " ".join(page.seen["text"])}
+
+
+@pytest.mark.parametrize("model", ["cut", "cycle_gan"])
+def test_a_run_leaves_a_page_of_every_epoch_newest_first_that_reloads_only_while_it_runs(
+        dataset_root, tmp_path, monkeypatch, model):
+    out, pages = tmp_path / "out", []
+    end_of_epoch = train_gan.end_of_epoch
+
+    def keep_page(args, trainer, fixed, run_dir, *rest):  # the page as it stands after each epoch
+        end_of_epoch(args, trainer, fixed, run_dir, *rest)
+        pages.append(parse_page(run_dir / "index.html"))
+    monkeypatch.setattr(train_gan, "end_of_epoch", keep_page)
+    assert cli(cli_args(dataset_root, out, "--model", model, "--epochs", "1", "--epochs-decay", "0")) == 0
+    argv = cli_args(dataset_root, out, "--model", model, "--epochs", "1", "--epochs-decay", "1", "--resume")
+    assert cli(argv) == 0
+    run = out / "run"
+    page = parse_page(run / "index.html")
+    assert page["epochs"] == [2, 1]  # newest first; the resumed run kept epoch 1
+    assert pages[-1]["refresh"] and not page["refresh"] and "finished: all 2 epochs" in page["text"]
+    assert page["images"][0] == "losses.png" and all((run / src).is_file() for src in page["images"])
+    maps = ["nce_epoch_002.png", "nce_epoch_001.png"] if model == "cut" else []
+    assert [i for i in page["images"] if i.startswith(("epoch", "nce"))] == \
+        ["epoch_002.png", *maps[:1], "epoch_001.png", *maps[1:]]
+    assert ("--epochs-decay", "1") in page["options"] and ("--model", model) in page["options"]
+    assert ("rows of a test image x" if model == "cycle_gan" else "each row: a test image x, G(x)") in page["text"]
+    assert re.search(r"epoch 1 \d+ s, [\d.]+ img/s, \d+% of it waiting for data; mean \w+ [\d.]+", page["text"])
+    record = json.loads((run / "options.json").read_text())  # every option, readable without torch
+    assert record["options"]["model"] == model and record["options"]["crop_size"] == 32
+    assert [(r["epoch"], r["step"], r["command"][2:] == argv) for r in record["runs"]] == [(0, 0, False), (1, 0, True)]
+
+
+CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(name)), None)
+# As this machine runs Chromium headless: no sandbox as root, and none of the background connections that
+# a closed network refuses.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PROBE = """<iframe id="page" src="run/index.html" width="1100" height="900"></iframe><pre id="seen"></pre><script>
+page.onload = () => {
+  const images = [...page.contentDocument.images];
+  Promise.all(images.map(i => i.complete ? 0 : new Promise(done => { i.onload = i.onerror = done; }))).then(() => {
+    seen.textContent = JSON.stringify(images.map(i => [i.getAttribute("src").split("?")[0], i.naturalWidth]));
+  });
+};
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian: apt-get install chromium)")
+def test_the_page_shows_every_image_in_a_real_browser(dataset_root, tmp_path):
+    """The page of a tiny CUT run, served as the README says (python -m http.server), opened in headless
+    Chromium: every image it names loads (natural width > 0); and a screenshot of it, to look at."""
+    import functools
+    import http.server
+    import threading
+    out = tmp_path / "site"
+    assert cli(cli_args(dataset_root, out, "--model", "cut", "--epochs", "1", "--epochs-decay", "1")) == 0
+    (out / "probe.html").write_text(PROBE)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    site = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        run = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+        dom = subprocess.run([*run, "--virtual-time-budget=20000", "--dump-dom", f"{site}/probe.html"],
+                             capture_output=True, text=True, timeout=120).stdout
+        shot = tmp_path / "page.png"
+        subprocess.run([*run, f"--screenshot={shot}", "--window-size=1100,1400", "--hide-scrollbars",
+                        f"{site}/run/index.html"], capture_output=True, timeout=120)
+    finally:
+        server.shutdown()
+    seen = json.loads(re.search(r'<pre id="seen">(.*?)</pre>', dom, flags=re.S).group(1))
+    assert [src for src, _ in seen] == ["losses.png", "epoch_002.png", "nce_epoch_002.png", "epoch_001.png",
+                                        "nce_epoch_001.png"]
+    assert all(width > 0 for _, width in seen), seen
+    picture = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert picture.shape == (1400, 1100) and picture.std() > 10  # a page drawn, not a blank one
+
+
+def test_a_stopped_runs_page_stops_reloading_and_says_how_to_go_on(dataset_root, tmp_path):
+    argv = cli_args(dataset_root, tmp_path / "out", "--epochs", "2", "--epochs-decay", "0")
+    train_gan.train(train_gan.parse_options(argv), stop=StopAfter(3))
+    page = parse_page(tmp_path / "out" / "run" / "index.html")
+    assert not page["refresh"] and page["epochs"] == [1]
+    assert "stopped with 1 of 2 epochs done; continue with: python train_gan.py --resume --name run" in page["text"]
+
+
+def test_a_hand_edited_losses_csv_never_stops_a_resumed_run_or_its_page(dataset_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
+    losses = out / "run" / "losses.csv"
+    rows = list(csv.reader(losses.open()))
+    with losses.open("w", newline="") as f:  # opened in a spreadsheet: a column removed, a note typed
+        csv.writer(f).writerows([r[:3] + r[4:] for r in rows] + [["checked: looks fine"]])
+    code, err = run_cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "1", "--resume"), capsys)
+    assert code == 0 and "Traceback" not in "".join(err), err
+    warnings_seen = [line for line in err if line.startswith("warning:")]
+    assert len(warnings_seen) == 2, err  # once each: the cells that are no numbers, the column that is gone
+    assert len(list(csv.reader(losses.open()))) == len(rows) + 1 + 2  # the run went on appending
+    assert parse_page(out / "run" / "index.html")["epochs"] == [2, 1] and (out / "run" / "losses.png").exists()
+
+
 # ----------------------------------------------------------------------------- CUT / FastCUT
 
 from cut_model import CUT, CUTConfig  # noqa: E402
@@ -1047,8 +1198,9 @@ def loader_of(argv):
     return args, trainer, data
 
 
-@pytest.mark.parametrize("model, extra, no_crop_from", [("cut", ["--epochs", "2"], 2), ("fastcut", ["--epochs", "2"], 2),
-                                                        ("fastcut", [], 150), ("cycle_gan", ["--epochs", "2"], None)])
+@pytest.mark.parametrize("model, extra, no_crop_from", [
+    ("cut", ["--epochs", "2"], 2), ("fastcut", ["--epochs", "2"], 2), ("fastcut", [], 150),
+    ("cycle_gan", ["--epochs", "2"], None)])
 def test_cut_trains_without_resize_and_crop_in_its_decay_epochs_cycle_gan_with(dataset_root, tmp_path, model,
                                                                                 extra, no_crop_from):
     args, _, data = loader_of(cli_args(dataset_root, tmp_path, "--model", model, *extra))
@@ -1445,7 +1597,7 @@ def test_ddp_on_two_processes_keeps_ranks_identical_and_writes_once(dataset_root
                     "--device", device)
     ranks = train_two_ranks(argv, tmp_path)
     run = tmp_path / "out" / "run"
-    written = ["epoch_001.png", "latest.pt", "losses.csv", "losses.png"]
+    written = ["epoch_001.png", "latest.pt", "losses.csv", "losses.png", "epochs.csv", "options.json", "index.html"]
     written += ["nce_epoch_001.png"] if "cut" in model else []
     assert sorted(p.name for p in run.iterdir()) == sorted(written + [".lock"])  # rank 0 alone locked the folder
     assert len((run / "losses.csv").read_text().splitlines()) == 1 + 2  # rank 0's two steps only
@@ -1544,7 +1696,6 @@ def test_a_run_on_the_device_with_loader_workers_resumes_and_translates_as_the_c
 @pytest.mark.gpu
 @pytest.mark.parametrize("device", DEVICES)
 def test_benchmark_reports_the_step_the_data_wait_and_the_devices_peak_memory(dataset_root, tmp_path, capsys, device):
-    import json
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     assert cli(cli_args(dataset_root, tmp_path / "out", "--device", device, "--benchmark", "2", "--workers", "1")) == 0

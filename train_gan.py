@@ -35,7 +35,7 @@ import shlex
 import statistics
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +46,10 @@ from tqdm import tqdm
 
 from cut_model import CUT, CUTConfig
 from cycle_gan import CycleGAN, CycleGANConfig
-from data_utility import (LOCK_FILE, PairSampler, Parser, RunError, UnpairedDataset, UsageError, append_losses,
-                          batches, download, find_domains, load_fixed_images, load_torch, lock_run_folder, memory_or_stopped,
-                          plot_losses, run_command, save_grid, save_similarity_grid, save_torch, written_or_stopped)
+from data_utility import (LOCK_FILE, PairSampler, Parser, RunError, UnpairedDataset, UsageError, append_row, batches,
+                          download, find_domains, load_fixed_images, load_torch, lock_run_folder, memory_or_stopped,
+                          plot_losses, record_options, run_command, save_grid, save_similarity_grid, save_torch,
+                          write_run_page, written_or_stopped)
 from networks import GENERATORS, size_multiple
 
 # ----------------------------------------------------------------------------- options
@@ -71,7 +72,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESUME_MAY_CHANGE = {"epochs", "epochs_decay", "lr", "device", "workers", "precision", "compile", "crop_size",
                      "load_size", "batch_size", "max_steps", "log_every", "save_every", "nce_map", "dataroot"}
 MACHINE_OPTIONS = {"device", "workers", "compile"}  # this machine's: a resume never takes them from the run
-NOT_OF_THE_RUN = {"resume", "name", "output_dir", "benchmark", "given"}  # how this command is called
+NOT_OF_THE_RUN = {"resume", "name", "output_dir", "benchmark", "given", "command"}  # how this command is called
 
 
 def parse_taps(text: str) -> tuple:
@@ -153,6 +154,7 @@ def parse_options(argv: list[str]) -> argparse.Namespace:
     """The options, with `given` (the names set on the command line) and the run's name settled."""
     args = train_parser().parse_args(argv)
     args.given = set(vars(train_parser(defaults=False).parse_args(argv)))
+    args.command = ["python", "train_gan.py", *argv]
     if not args.resume:
         args.model = args.model or "fastcut"
     args.name = args.name or f"{args.model or 'fastcut'}_{args.dataroot.name}"
@@ -348,7 +350,9 @@ def train(args: argparse.Namespace, stop: "StopFlag | None" = None) -> Trainer:
     the run's folder for the whole run. Returns the trainer."""
     rank, world, device = init_distributed(pick_device(args.device))
     run_dir, lead = args.output_dir / args.name, rank == 0
-    with lock_run_folder(run_dir) if lead else nullcontext():
+    with ExitStack() as held:
+        if lead:
+            held.enter_context(lock_run_folder(run_dir))  # for the whole run
         trainer, epoch_step, filled = (resume_run if args.resume else start_run)(args, run_dir, device)
         folders = find_domains(args.dataroot, args.direction)
         data, sampler, loader = make_loader(args, trainer, folders, rank, world)
@@ -372,6 +376,10 @@ def train(args: argparse.Namespace, stop: "StopFlag | None" = None) -> Trainer:
         stop = stop or StopFlag(world, lead).install()
         control = dist.new_group(backend="gloo") if world > 1 else None  # for the ranks' stop and NaN votes
         options, warned = saved_options(args), set() if lead else None  # warned: unreadable images named so far
+        if lead:
+            with written_or_stopped(run_dir, again):
+                record_options(run_dir, options, args.given - NOT_OF_THE_RUN, args.command, trainer.epoch, epoch_step)
+                held.enter_context(run_page(args, trainer, run_dir, again))  # index.html from now to the end
 
         for epoch in range(trainer.epoch, total_epochs):
             sampler.set_epoch(epoch, epoch_step * args.batch_size, steps * args.batch_size)
@@ -395,7 +403,8 @@ def train(args: argparse.Namespace, stop: "StopFlag | None" = None) -> Trainer:
                     window, count = {}, 0
                     if lead:
                         with written_or_stopped(run_dir, again):
-                            append_losses(run_dir / "losses.csv", trainer.global_step, epoch + 1, mean)
+                            append_row(run_dir / "losses.csv", {"step": trainer.global_step, "epoch": epoch + 1,
+                                                                **mean})
                         bar.set_postfix({k: f"{v:.3f}" for k, v in mean.items()}, refresh=False)
                     if halt and epoch_step < steps:  # on an epoch's last step, the epoch is finished first
                         if lead:
@@ -408,10 +417,11 @@ def train(args: argparse.Namespace, stop: "StopFlag | None" = None) -> Trainer:
             trainer.end_epoch()
             epoch_step = 0
             if lead:
+                timing = {"seconds": round(seconds, 1), "images_per_sec": rate, "data_wait": clock["wait"] / seconds}
                 with written_or_stopped(run_dir, again):
-                    end_of_epoch(args, trainer, fixed, run_dir, options)
+                    end_of_epoch(args, trainer, fixed, run_dir, options, timing)
                 print(f"epoch {trainer.epoch}/{total_epochs}  " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items())
-                      + f"  {seconds:.0f} s  {rate:.2f} img/s  {clock['wait'] / seconds:.0%} waiting for data")
+                      + f"  {seconds:.0f} s  {rate:.2f} img/s  {timing['data_wait']:.0%} waiting for data")
                 if halt:
                     print(f"stopped after epoch {trainer.epoch}: saved {ckpt}; {again}")
             if halt:
@@ -643,9 +653,10 @@ NCE_POINTS = ((0.5, 0.5), (0.3, 0.7), (0.8, 0.2))
 
 
 def end_of_epoch(args: argparse.Namespace, trainer: Trainer, fixed: list[torch.Tensor], run_dir: Path,
-                 options: dict) -> None:
+                 options: dict, timing: dict) -> None:
     """The epoch's files: first the checkpoint (a picture that cannot be written loses no training), then
-    the grid of the fixed test images, CUT's similarity maps, and the loss plot."""
+    the grid of the fixed test images, CUT's similarity maps, the epoch's time in epochs.csv, the loss
+    plot and the run's page."""
     trainer.save(run_dir / "latest.pt", 0, options)
     if args.save_every and trainer.epoch % args.save_every == 0:
         trainer.save(run_dir / f"epoch_{trainer.epoch:03d}.pt", 0, options)
@@ -656,7 +667,32 @@ def end_of_epoch(args: argparse.Namespace, trainer: Trainer, fixed: list[torch.T
             fake = model.G(x[:2])
             save_similarity_grid(x[:2], fake, model.similarity_maps(fake, x[:2], NCE_POINTS), NCE_POINTS,
                                  run_dir / f"nce_epoch_{trainer.epoch:03d}.png")
+    append_row(run_dir / "epochs.csv", {"epoch": trainer.epoch, **timing})
     plot_losses(run_dir / "losses.csv", run_dir / "losses.png")
+    write_page(args, trainer, run_dir, running=True)
+
+
+@contextmanager
+def run_page(args: argparse.Namespace, trainer: Trainer, run_dir: Path, again: str):
+    """The run's index.html while the block runs (reloading itself), and as it ends: finished, or stopped
+    with `again`, the command that continues it. A page that cannot be written at the end costs nothing
+    else."""
+    write_page(args, trainer, run_dir, running=True)
+    try:
+        yield
+    finally:
+        with suppress(OSError):
+            write_page(args, trainer, run_dir, running=False, again=again)
+
+
+def write_page(args: argparse.Namespace, trainer: Trainer, run_dir: Path, running: bool, again: str = "") -> None:
+    """index.html of the run as it stands (data_utility.write_run_page)."""
+    total = trainer.model.config.epochs + trainer.model.config.epochs_decay
+    status = (f"training: {trainer.epoch} of {total} epochs done; this page reloads every minute" if running else
+              f"finished: all {total} epochs" if trainer.epoch >= total else
+              f"stopped with {trainer.epoch} of {total} epochs done; {again}")
+    write_run_page(run_dir, f"{args.name}: {args.model} on {args.dataroot.name}", trainer.model.visuals_caption(),
+                   status, running)
 
 
 # ----------------------------------------------------------------------------- benchmark, main
