@@ -49,7 +49,7 @@ OFFICIAL_DATASETS = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "m
                      "ae_photos", "grumpifycat")
 
 
-# ----------------------------------------------------------------------------- how a command fails
+# ----------------------------------------------------------------------------- how a command ends: errors, Ctrl-C
 
 class CommandError(Exception):
     """What a command ends with: its message, one line for the user."""
@@ -116,6 +116,32 @@ def run_command(command) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     return 0
+
+
+class StopFlag:
+    """Set by SIGINT / SIGTERM; the loop saves and stops after the current step.
+
+    A second signal quits at once, without the save, except under torchrun: its launcher passes a
+    Ctrl-C on to ranks that the terminal has already signalled (and kills them if they linger).
+    """
+
+    def __init__(self, world: int = 1, lead: bool = True):
+        self.requested, self.world, self.lead, self.pid = False, world, lead, os.getpid()
+
+    def install(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a data-loading worker, forked with this handler, before quiet_worker runs
+            return
+        if self.requested and self.world == 1:  # asked twice: stop now, without the save
+            raise KeyboardInterrupt
+        if not self.requested and self.lead:
+            print("\nstopping after this step" + (" (again to quit without saving)" if self.world == 1 else ""),
+                  file=sys.stderr)
+        self.requested = True
 
 
 # ----------------------------------------------------------------------------- images and the dataset
@@ -246,6 +272,22 @@ class UnpairedDataset(torch.utils.data.Dataset):
                                f"back, then resume")
             images.append(to_tensor(jitter(img, load, self.crop_size, rng)))
         return images[0], images[1], "\n".join(skipped)
+
+
+def data_loader(data: UnpairedDataset, sampler: torch.utils.data.Sampler, batch_size: int, workers: int,
+                pin_memory: bool) -> torch.utils.data.DataLoader:
+    """The loader of a dataset and its sampler: `workers` processes, persistent between epochs (none: the
+    main process loads), pinned memory to feed a GPU; its own generator, so the global RNG is untouched."""
+    return torch.utils.data.DataLoader(data, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                                       persistent_workers=workers > 0, worker_init_fn=quiet_worker,
+                                       generator=torch.Generator())
+
+
+def quiet_worker(_: int) -> None:
+    """A data-loading worker leaves Ctrl-C to the main process, which saves and then stops the workers
+    (a terminal sends SIGINT to every process of the group), and dies on SIGTERM as usual."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def readable(path: Path, channels: int = 3) -> bool:

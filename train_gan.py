@@ -7,17 +7,11 @@
     torchrun --nproc_per_node=4 train_gan.py --name h2z   # one process per GPU; rank 0 writes
     python train_gan.py download horse2zebra              # an official dataset into data/
 
-The file, top to bottom:
-  options   the flags and the per-device presets; each model's config holds its paper's defaults
-  Trainer   what training adds to a model's train_step: one Adam per group of networks, the lr
-            schedule, precision, DDP and compile wrappers; and the checkpoint, which Trainer.save
-            writes and Trainer.load reads, nowhere else
-  train     the run: set-up, then the epoch loop on one screen; below it what it calls, in that order
-  benchmark, then main
-
-A run writes to output/NAME/: epoch_NNN.png each epoch (fixed test images through the model),
-for CUT and FastCUT nce_epoch_NNN.png (where PatchNCE finds each output patch's input patch),
-losses.csv and losses.png, latest.pt (everything a resume needs) and epoch_NNN.pt every --save-every epochs.
+Top to bottom: the options (each model's config holds its paper's defaults, presets fill in what the
+device needs); the Trainer, what training adds to a model's step (Adam per group of networks, the lr
+schedule, precision, DDP and compile wrappers) and the checkpoint, which Trainer.save writes and
+Trainer.load reads, nowhere else; train(), the run, set-up then the epoch loop, with below it what it
+calls in that order; the benchmark; main. A run writes to output/NAME/ (index.html shows it all).
 """
 import signal
 import sys
@@ -46,38 +40,32 @@ from tqdm import tqdm
 
 from cut_model import CUT, CUTConfig
 from cycle_gan import CycleGAN, CycleGANConfig
-from data_utility import (LOCK_FILE, PairSampler, Parser, RunError, UnpairedDataset, UsageError, append_row, batches,
-                          download, find_domains, load_fixed_images, load_torch, lock_run_folder, memory_or_stopped,
-                          plot_losses, record_options, run_command, save_grid, save_similarity_grid, save_torch,
-                          write_run_page, written_or_stopped)
+from data_utility import (LOCK_FILE, PairSampler, Parser, RunError, StopFlag, UnpairedDataset, UsageError, append_row,
+                          batches, download, find_domains, load_fixed_images, load_torch, data_loader, lock_run_folder,
+                          memory_or_stopped, plot_losses, record_options, run_command, save_grid, save_similarity_grid,
+                          save_torch, write_run_page, written_or_stopped)
 from networks import GENERATORS, size_multiple
 
 # ----------------------------------------------------------------------------- options
 
 BUNDLED = Path(__file__).resolve().parent / "data" / "apple2orange_small"
-# Model name -> (model, its config, config values the name fixes). A config's defaults are its paper's
-# official settings (FastCUT's 150 + 50 epochs included), so Python and this command agree.
+# Model name -> (model, its config, config values the name fixes).
 MODELS = {"cycle_gan": (CycleGAN, CycleGANConfig, {}), "cut": (CUT, CUTConfig, {"mode": "cut"}),
           "fastcut": (CUT, CUTConfig, {"mode": "fastcut"})}
 # Without a GPU the official 256x256 setting takes weeks; this shows results within minutes (a FastCUT
-# epoch of 150 steps takes about 4 minutes on 2 cores). Crop 128 with 6 residual blocks is the CycleGAN
-# paper's own setting for 128x128 images.
+# epoch of 150 steps: about 4 minutes on 2 cores). Crop 128 with 6 residual blocks is the CycleGAN
+# paper's own setting for 128x128 images. On a CPU the step keeps every core busy, so images load in the
+# main process (workers 0): a worker would only compete with it (docs/SPEED.md).
 CPU_PRESET = dict(crop_size=128, load_size=143, max_steps=150, netG="resnet_6blocks", workers=0)
 GPU_PRESET = dict(crop_size=256, load_size=286)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What a --resume may change: the schedule (more epochs; a lower lr after a divergence), the machine, the
-# size of a step (after running out of memory), what is written, and where the dataset now lies. Every other
-# option is the run's own: one given that differs is refused, since the networks, the objective, the seed
-# and the domains belong to the run.
+# size of a step (after running out of memory), what is written, where the dataset now lies. Any other option
+# given that differs from the run's is refused: the networks, objective, seed and domains are the run's.
 RESUME_MAY_CHANGE = {"epochs", "epochs_decay", "lr", "device", "workers", "precision", "compile", "crop_size",
                      "load_size", "batch_size", "max_steps", "log_every", "save_every", "nce_map", "dataroot"}
 MACHINE_OPTIONS = {"device", "workers", "compile"}  # this machine's: a resume never takes them from the run
 NOT_OF_THE_RUN = {"resume", "name", "output_dir", "benchmark", "given", "command"}  # how this command is called
-
-
-def parse_taps(text: str) -> tuple:
-    """'0,4,8,12,16' or 'input,down1,res1' -> a tuple of indices / names."""
-    return tuple(int(t) if t.strip().isdigit() else t.strip() for t in text.split(",") if t.strip())
 
 
 def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
@@ -88,16 +76,15 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
 
     def a(*names, **kw):
         p.add_argument(*names, **kw if defaults else {**kw, "default": argparse.SUPPRESS})
-    a("--model", choices=tuple(MODELS), help="what to train (default fastcut: on a CPU the soonest to turn apples "
-                                             "orange; with --resume, the run's)")
+    on_off = dict(action=argparse.BooleanOptionalAction)
+    a("--model", choices=tuple(MODELS), help="what to train (default fastcut; with --resume, the run's)")
     a("--dataroot", type=Path, default=BUNDLED, help="dataset folder: trainA/ trainB/ [testA/ testB/], or x_train/ ...")
     a("--name", help="run name: outputs go to OUTPUT_DIR/NAME (default: MODEL_DATASET)")
     a("--output-dir", type=Path, default=Path("output"), help="where runs are written")
     a("--resume", action="store_true", help="continue the run OUTPUT_DIR/NAME from its latest.pt, with its options")
     a("--direction", choices=("AtoB", "BtoA"), default="AtoB", help="BtoA learns B -> A: X is the B folder")
     a("--epochs", type=int, help="epochs at the initial lr (official: 100 cycle_gan, 200 cut, 150 fastcut)")
-    a("--epochs-decay", type=int, help="then epochs of linear lr decay, down to lr / (decay + 1) in the last "
-                                       "(official: 100, 200, 50)")
+    a("--epochs-decay", type=int, help="then epochs of linear decay, to lr / (decay + 1) (official: 100, 200, 50)")
     a("--max-steps", type=int, help="cap on steps per epoch (CPU default 150; GPU default: whole epoch)")
     a("--batch-size", type=int, default=1, help="images per domain per step (the papers use 1)")
     a("--lr", type=float, default=2e-4, help="Adam learning rate")
@@ -110,53 +97,45 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
     a("--ndf", type=int, default=64, help="filters of the discriminator's first layer")
     a("--norm", choices=("instance", "batch", "none"), default="instance", help="normalisation layers")
     a("--gan-mode", choices=("lsgan", "vanilla", "nonsaturating"), default="lsgan",
-      help="adversarial loss: least squares (official); vanilla: Eq. 1's log-likelihood for D, the "
-           "non-saturating -log D(G(x)) for G; nonsaturating: the same written with softplus")
+      help="least squares (official); vanilla: Eq. 1's log-likelihood for D, the non-saturating -log D(G(x)) "
+           "for G; nonsaturating: the same written with softplus")
     a("--lambda-cycle", type=float, default=10.0, help="CycleGAN: weight of the cycle loss, each way")
     a("--lambda-identity", type=float, default=0.5, help="CycleGAN: identity loss weight, x lambda-cycle")
     a("--pool-size", type=int, default=50, help="CycleGAN: history of fakes shown to D (0 = none)")
     a("--lambda-gan", type=float, default=1.0, help="CUT: weight of the adversarial loss")
     a("--lambda-nce", type=float, help="CUT: weight of PatchNCE (cut 1, fastcut 10)")
-    a("--nce-idt", action=argparse.BooleanOptionalAction, help="CUT: add the identity PatchNCE term on Y "
-                                                                "(cut on, fastcut off)")
-    a("--flip-equivariance", action=argparse.BooleanOptionalAction,
-      help="CUT: mirror G's input half the time (cut off, fastcut on)")
-    a("--nce-layers", type=parse_taps, help="CUT: encoder taps, by name or official index (default: the "
-                                            "paper's layers input,down1,down2,res1,res5, official 0,4,8,12,16; "
-                                            "with --no-antialias the names keep those layers, while the "
-                                            "official indices would name others)")
+    a("--nce-idt", **on_off, help="CUT: add the identity PatchNCE term on Y (cut on, fastcut off)")
+    a("--flip-equivariance", **on_off, help="CUT: mirror G's input half the time (cut off, fastcut on)")
+    a("--nce-layers", type=lambda text: tuple(int(t) if t.isdigit() else t for t in text.replace(" ", "").split(",")),
+      help="CUT: encoder taps by name or official index (default: the paper's input,down1,down2,res1,res5, "
+           "official 0,4,8,12,16; with --no-antialias the names keep those layers, the indices would not)")
     a("--num-patches", type=int, default=256, help="CUT: patches sampled per layer (P - 1 negatives per query)")
     a("--nce-negatives", choices=("image", "batch", "others"), default="image",
       help="CUT: a query's negatives: the other patches of its image (the paper's), of the whole batch "
            "(official --nce_includes_all_negatives_from_minibatch), or of the other images only (needs batch > 1)")
     a("--nce-temperature", type=float, default=0.07, help="CUT: temperature tau of Eq. 2")
-    a("--nce-map", action=argparse.BooleanOptionalAction, default=True,
-      help="CUT: write nce_epoch_NNN.png each epoch, where G(x)'s patches find their input patches")
-    a("--antialias", action=argparse.BooleanOptionalAction,
-      help="CUT: blur-pool down-sampling in G and D (default on; --no-antialias is the official --no_antialias)")
-    a("--antialias-up", action=argparse.BooleanOptionalAction,
-      help="CUT: blur up-sampling in G (default on; --no-antialias-up is the official --no_antialias_up)")
+    a("--nce-map", **on_off, default=True, help="CUT: write nce_epoch_NNN.png, where PatchNCE finds the patches")
+    a("--antialias", **on_off, help="CUT: blur-pool down-sampling in G and D (on; the official --no_antialias)")
+    a("--antialias-up", **on_off, help="CUT: blur up-sampling in G (on; the official --no_antialias_up)")
     a("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
     a("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda, then mps, then cpu")
-    a("--workers", type=int, help="data-loading processes, 0 = in the main process (default: on a GPU half this "
+    a("--workers", type=int, help="data-loading processes (0 = in the main process; default: on a GPU half the "
                                   "process's CPU cores, 1 to 8, the official default being 4; on a CPU 0)")
     a("--precision", choices=tuple(PRECISIONS), default="fp32",
       help="autocast precision of the forward passes (fp16 adds loss scaling); fp32 is the official math")
     a("--compile", action="store_true", help="torch.compile the networks (slow first steps, faster later)")
-    a("--benchmark", type=int, metavar="N", help="time N training steps after 3 warm-up ones, print one "
-                                                "JSON line and write nothing")
+    a("--benchmark", type=int, metavar="N", help="time N steps after 3 warm-up ones, print JSON, write nothing")
     a("--log-every", type=int, default=10, help="steps averaged into each row of losses.csv")
     a("--save-every", type=int, default=10, help="also keep epoch_NNN.pt every this many epochs (0 = never)")
     return p
 
 
 def parse_options(argv: list[str]) -> argparse.Namespace:
-    """The options, with `given` (the names set on the command line) and the run's name settled."""
+    """The options, with `given` (the names set on the command line), the command, and the run's name."""
     args = train_parser().parse_args(argv)
     args.given = set(vars(train_parser(defaults=False).parse_args(argv)))
     args.command = ["python", "train_gan.py", *argv]
-    if not args.resume:
-        args.model = args.model or "fastcut"
+    args.model = args.model or (None if args.resume else "fastcut")  # a resume's is the run's
     args.name = args.name or f"{args.model or 'fastcut'}_{args.dataroot.name}"
     return args
 
@@ -224,11 +203,8 @@ class Trainer:
         (self.scalers[group].scale(loss) if group in self.scalers else loss).backward()
 
     def step(self, group: str) -> None:
-        """One Adam step of `group` on the gradients summed so far, which are then freed.
-
-        Freed right after the step, not before the next backward: kept, they would sit in memory
-        through the next step's forward passes (91 MB for CycleGAN's G and F).
-        """
+        """One Adam step of `group` on the gradients summed so far, which are then freed: kept until the
+        next backward, they would sit in memory through the next forward passes (91 MB for G and F)."""
         optimizer = self.optimizers[group]
         if group in self.scalers:
             self.scalers[group].step(optimizer)
@@ -281,13 +257,9 @@ class Trainer:
                 group["lr"] = c.lr * lr_factor(self.epoch, c.epochs, c.epochs_decay)
 
     def save(self, path: Path, epoch_step: int = 0, options: dict | None = None) -> None:
-        """Write the checkpoint, atomically: everything a resume needs and translate.py reads. This and
-        `load` are the only places that know its keys.
-
-        model and config (what builds the networks), the run's options, the position (epochs finished,
-        steps taken, steps into the current epoch), the networks' weights, the optimisers, the model's
-        own state (CycleGAN's image pools), and every random generator's state.
-        """
+        """Write the checkpoint atomically: the model's name and config (what builds the networks), the
+        run's options, the position (epochs finished, steps taken, steps into this epoch), the weights,
+        the optimisers, the model's own state (CycleGAN's image pools), every random generator's state."""
         state = {"model": self.model.name, "config": dataclasses.asdict(self.model.config),
                  "options": options or {}, "epoch": self.epoch, "step": self.global_step, "epoch_step": epoch_step,
                  "nets": {k: v.state_dict() for k, v in self.nets.items()},
@@ -305,10 +277,9 @@ class Trainer:
 
     @classmethod
     def load(cls, state, device: torch.device | str = "cpu", precision: str | None = None, source: Path = None):
-        """Read back what `save` wrote (as `load_torch` returns it): the trainer of the checkpoint's own
-        model and config with its weights, optimisers, position and model state, and the random
-        generators as they were. Returns (trainer, steps into the current epoch, the run's options);
-        precision defaults to the run's. A file of another kind is a UsageError naming `source`."""
+        """Read back what `save` wrote (as `load_torch` returns it): the trainer of the checkpoint's own model
+        and config, with everything restored. Returns (trainer, steps into the current epoch, the run's
+        options); precision defaults to the run's. A file of another kind is a UsageError naming `source`."""
         if not cls.is_checkpoint(state):
             raise UsageError(f"{source} is not a checkpoint of a train_gan.py run (an official generator .pth can "
                              f"be used with translate.py, not resumed): pass a latest.pt of train_gan.py")
@@ -317,9 +288,8 @@ class Trainer:
             raise UsageError(f"{source} lacks {', '.join(sorted(missing))}: it was written by an older "
                              f"train_gan.py; train it again with this one")
         model_cls, config_cls, _ = MODELS[state["model"]]
-        options = state["options"]
         trainer = cls(model_cls(config_cls(**state["config"])), device,
-                      precision or options.get("precision", "fp32"))
+                      precision or state["options"].get("precision", "fp32"))
         try:
             for k, net in trainer.nets.items():
                 net.load_state_dict(state["nets"][k])
@@ -331,60 +301,56 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as e:
             raise UsageError(f"{source} does not match a {state['model']} of its own config: "
                              f"{str(e).splitlines()[0]}") from None
-        trainer.epoch, trainer.global_step = state["epoch"], state["step"]
+        trainer.epoch, trainer.global_step, rng = state["epoch"], state["step"], state["rng"]
         if state["extra"]:
             trainer.model.load_extra_state(state["extra"], trainer.device)
-        rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(("MT19937", rng["numpy"].numpy(), rng["numpy_pos"], 0, 0.0))
         torch.set_rng_state(rng["torch"])
         if trainer.device.type == "cuda" and rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"])
-        return trainer, state["epoch_step"], options
+        return trainer, state["epoch_step"], state["options"]
 
 
 # ----------------------------------------------------------------------------- the run
 
-def train(args: argparse.Namespace, stop: "StopFlag | None" = None) -> Trainer:
+def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Trainer:
     """Train as the options say. Under torchrun every rank trains; rank 0 alone prints, writes, and holds
     the run's folder for the whole run. Returns the trainer."""
     rank, world, device = init_distributed(pick_device(args.device))
     run_dir, lead = args.output_dir / args.name, rank == 0
     with ExitStack() as held:
         if lead:
-            held.enter_context(lock_run_folder(run_dir))  # for the whole run
+            held.enter_context(lock_run_folder(run_dir))
         trainer, epoch_step, filled = (resume_run if args.resume else start_run)(args, run_dir, device)
         folders = find_domains(args.dataroot, args.direction)
         data, sampler, loader = make_loader(args, trainer, folders, rank, world)
         speed_up(args, trainer, rank, world)
-        cfg, ckpt = trainer.model.config, run_dir / "latest.pt"
+        cfg, ckpt, options = trainer.model.config, run_dir / "latest.pt", saved_options(args)
         steps = min(math.ceil(sampler.epoch_size() / args.batch_size), args.max_steps or math.inf)  # per epoch
         total_epochs = cfg.epochs + cfg.epochs_decay
         fixed = [load_fixed_images(folders[f"test_{d}"] or folders[f"train_{d}"], 4, args.crop_size, channels)
                  for d, channels in (("x", cfg.channels_x), ("y", cfg.channels_y))]
         again = f"continue with: {resume_command(args)}"  # for every way a run can stop; it works as printed
-        if lead:
-            print(("resuming " if epoch_step or trainer.global_step else "") +
-                  f"{args.model} on {device} x {world} | data {args.dataroot} ({len(data.files[0])} X, "
-                  f"{len(data.files[1])} Y) | crop {args.crop_size} (load {args.load_size}) | batch "
-                  f"{args.batch_size} | {steps} steps/epoch x {total_epochs} epochs | at epoch {trainer.epoch + 1} "
-                  f"step {epoch_step} | out {run_dir}" + (f"\ndefaults for {device.type}: {', '.join(filled)}"
-                                                        if filled else ""))
-        if lead and trainer.epoch >= total_epochs:
-            print(f"this run has trained all its {total_epochs} epochs: to train on, resume with a larger --epochs "
-                  f"or --epochs-decay")
         stop = stop or StopFlag(world, lead).install()
         control = dist.new_group(backend="gloo") if world > 1 else None  # for the ranks' stop and NaN votes
-        options, warned = saved_options(args), set() if lead else None  # warned: unreadable images named so far
+        warned = set() if lead else None  # the unreadable images named so far
         if lead:
+            print(("resuming " if epoch_step or trainer.global_step else "") + f"{args.model} on {device} x {world} | "
+                  f"data {args.dataroot} ({len(data.files[0])} X, {len(data.files[1])} Y) | crop {args.crop_size} "
+                  f"(load {args.load_size}) | batch {args.batch_size} | {steps} steps/epoch x {total_epochs} epochs | "
+                  f"at epoch {trainer.epoch + 1} step {epoch_step} | out {run_dir}")
+            if filled:
+                print(f"defaults for {device.type}: {', '.join(filled)}")
+            if trainer.epoch >= total_epochs:
+                print("this run has trained all its epochs: to train on, resume with more --epochs or --epochs-decay")
             with written_or_stopped(run_dir, again):
                 record_options(run_dir, options, args.given - NOT_OF_THE_RUN, args.command, trainer.epoch, epoch_step)
-                held.enter_context(run_page(args, trainer, run_dir, again))  # index.html from now to the end
+                page = held.enter_context(run_page(args, trainer, run_dir, again))  # index.html until the end
 
         for epoch in range(trainer.epoch, total_epochs):
             sampler.set_epoch(epoch, epoch_step * args.batch_size, steps * args.batch_size)
-            clock, first, window, count, mean, halt = {"wait": 0.0}, epoch_step, {}, 0, {}, False
-            start = time.time()
+            clock, first, window, count, mean, halt, start = {"wait": 0.0}, epoch_step, {}, 0, {}, False, time.time()
             with tqdm(total=steps, initial=epoch_step, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
                       dynamic_ncols=True, disable=not lead) as bar:
                 for x, y in batches(loader, clock, warned):
@@ -398,8 +364,7 @@ def train(args: argparse.Namespace, stop: "StopFlag | None" = None) -> Trainer:
                     if not (epoch_step % args.log_every == 0 or epoch_step == steps or halt):
                         continue  # the host reads the losses only at logged steps: a GPU runs on until then
                     mean = mean_losses(window, count, control, f"by step {trainer.global_step}: {ckpt} keeps the "
-                                                               f"last good state; continue with: "
-                                                               f"{resume_command(args, lr=args.lr / 2)}")
+                                       f"last good state; continue with: {resume_command(args, lr=args.lr / 2)}")
                     window, count = {}, 0
                     if lead:
                         with written_or_stopped(run_dir, again):
@@ -413,32 +378,19 @@ def train(args: argparse.Namespace, stop: "StopFlag | None" = None) -> Trainer:
                             print(f"\nstopped at epoch {epoch + 1}, step {epoch_step}: saved {ckpt}; {again}")
                         return trainer
             seconds = max(time.time() - start, 1e-6)
-            rate = (epoch_step - first) * args.batch_size * world / seconds  # images of all ranks
+            timing = {"seconds": round(seconds, 1), "images_per_sec": (epoch_step - first) * args.batch_size * world
+                      / seconds, "data_wait": clock["wait"] / seconds}  # images of all ranks
             trainer.end_epoch()
             epoch_step = 0
             if lead:
-                timing = {"seconds": round(seconds, 1), "images_per_sec": rate, "data_wait": clock["wait"] / seconds}
                 with written_or_stopped(run_dir, again):
-                    end_of_epoch(args, trainer, fixed, run_dir, options, timing)
+                    end_of_epoch(args, trainer, fixed, run_dir, options, timing, page)
                 print(f"epoch {trainer.epoch}/{total_epochs}  " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items())
-                      + f"  {seconds:.0f} s  {rate:.2f} img/s  {timing['data_wait']:.0%} waiting for data")
-                if halt:
-                    print(f"stopped after epoch {trainer.epoch}: saved {ckpt}; {again}")
+                      + f"  {seconds:.0f} s  {timing['images_per_sec']:.2f} img/s  {timing['data_wait']:.0%} waiting"
+                      f" for data" + (f"\nstopped after epoch {trainer.epoch}: saved {ckpt}; {again}" if halt else ""))
             if halt:
                 break
     return trainer
-
-
-def resume_command(args: argparse.Namespace, **changes) -> str:
-    """The command that continues this run: --resume, its name and folder, and the options this command
-    was given that a resume may change (the checkpoint keeps the rest), with `changes`."""
-    words = ["python", "train_gan.py", "--resume", "--name", args.name] + \
-        (["--output-dir", str(args.output_dir)] if args.output_dir != Path("output") else [])
-    for key in sorted((args.given & RESUME_MAY_CHANGE) | set(changes)):
-        value, flag = changes.get(key, getattr(args, key)), "--" + key.replace("_", "-")
-        text = f"{value:g}" if isinstance(value, float) else str(value)
-        words += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, text]
-    return shlex.join(words)
 
 
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
@@ -454,68 +406,39 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
 
 
 def resume_run(args: argparse.Namespace, run_dir: Path, device: torch.device) -> tuple[Trainer, int, list]:
-    """The run in `run_dir` as its latest.pt left it, and its options in `args` (RESUME_MAY_CHANGE).
-    Returns (trainer, steps into the current epoch, no filled presets)."""
+    """The run in `run_dir` as its latest.pt left it, `args` filled in with its options: each one not
+    given is the run's (but this machine's own), and one given that would change the run is refused.
+    Returns (trainer, steps into the current epoch, no presets filled in)."""
     ckpt = run_dir / "latest.pt"
     trainer, epoch_step, saved = Trainer.load(load_torch(ckpt), device,
                                               args.precision if "precision" in args.given else None, ckpt)
-    take_run_options(args, saved)
-    args.workers = presets(device)["workers"] if args.workers is None else args.workers  # this machine's
+    given = saved_options(args)
+    for key, value in saved.items():
+        if key not in args.given and key not in MACHINE_OPTIONS:
+            setattr(args, key, Path(value) if key == "dataroot" else tuple(value) if isinstance(value, list) else value)
+        elif key in args.given and key not in RESUME_MAY_CHANGE and given[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"this run was started with {flag} {value}; {flag} {given[key]} would change it: drop "
+                             f"{flag}, or start a new --name")
+    args.workers = presets(device)["workers"] if args.workers is None else args.workers
     trainer.set_schedule(epochs=args.epochs, epochs_decay=args.epochs_decay, lr=args.lr)
     validate(args, device)
     return trainer, epoch_step, []
 
 
-def take_run_options(args: argparse.Namespace, saved: dict) -> None:
-    """On resume: every option not given becomes the run's; a given one that would change what the run
-    is (RESUME_MAY_CHANGE) is refused in one line."""
-    for key, value in saved.items():
-        if key not in args.given and key not in MACHINE_OPTIONS:
-            setattr(args, key, Path(value) if key == "dataroot" else tuple(value) if isinstance(value, list) else value)
-        elif key not in RESUME_MAY_CHANGE and jsonable(getattr(args, key)) != value:
-            flag = "--" + key.replace("_", "-")
-            raise UsageError(f"this run was started with {flag} {value}; {flag} {getattr(args, key)} would change "
-                             f"it: drop {flag}, or start a new --name")
-
-
-def jsonable(value):
-    """An option's value as options.json and the checkpoint keep it (paths as text, tuples as lists)."""
-    return str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
-
-
-def start_run(args: argparse.Namespace, run_dir: Path | None, device: torch.device) -> tuple[Trainer, int, list]:
-    """A new run into `run_dir` (None: a benchmark, which writes nothing): presets for the device filled
-    in, options checked, the model seeded with --seed. Returns (trainer, 0 steps into the first epoch,
-    the presets filled in, as 'option=value')."""
-    if run_dir and run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-        raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or a new --name")
-    filled = []
-    for key, value in presets(device).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-            filled.append(f"{key}={value}")
-    validate(args, device)
-    return Trainer(seeded_model(args), device, args.precision), 0, filled
+def saved_options(args: argparse.Namespace) -> dict:
+    """Every option of the run, as the checkpoint and options.json keep them (paths as text, tuples as lists)."""
+    return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+            for k, v in vars(args).items() if k not in NOT_OF_THE_RUN}
 
 
 def presets(device: torch.device) -> dict:
-    """The defaults for the device: CPU_PRESET, or GPU_PRESET with data-loading workers, half this process's
-    share of the cores (1 to 8; the official default is 4). On a CPU the step keeps every core busy, so
-    images load in the main process: a worker would only compete with it (docs/SPEED.md)."""
+    """The defaults for the device: CPU_PRESET, or GPU_PRESET with data-loading workers, half of this
+    process's share of the CPU cores (1 to 8; the official default is 4)."""
     if device.type == "cpu":
         return CPU_PRESET
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return {**GPU_PRESET, "workers": max(1, min(8, cores // (2 * int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))}
-
-
-def saved_options(args: argparse.Namespace) -> dict:
-    """Every option of the run, as the checkpoint keeps it."""
-    return {k: jsonable(v) for k, v in vars(args).items() if k not in NOT_OF_THE_RUN}
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX), where bf16 is the fast option."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def validate(args: argparse.Namespace, device: torch.device) -> None:
@@ -544,9 +467,21 @@ def validate(args: argparse.Namespace, device: torch.device) -> None:
          f"{args.crop_size}: use --crop-size {max(side, 16)}" + (" or a resnet generator" if side > 4 else ""))
 
 
-def seeded_model(args: argparse.Namespace):
-    """A new model of the options' config, its weights drawn after seeding every generator with --seed.
-    Options left unset (None) take the config's defaults, which are then written back into `args`."""
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX), where bf16 is the fast option."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def start_run(args: argparse.Namespace, run_dir: Path | None, device: torch.device) -> tuple[Trainer, int, list]:
+    """A new run into `run_dir` (None: a benchmark, which writes nothing): the device's presets filled in,
+    the options checked, the model's weights drawn after seeding every generator with --seed; options
+    left unset (None) take the model config's defaults, written back into `args`. Returns (trainer,
+    0 steps into the first epoch, the presets filled in as 'option=value')."""
+    if run_dir and run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+        raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or a new --name")
+    filled = {key: value for key, value in presets(device).items() if getattr(args, key) is None}
+    vars(args).update(filled)
+    validate(args, device)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -561,7 +496,7 @@ def seeded_model(args: argparse.Namespace):
     for field, value in dataclasses.asdict(model.config).items():
         if getattr(args, option.get(field, field), 0) is None:
             setattr(args, option.get(field, field), value)
-    return model
+    return Trainer(model, device, args.precision), 0, [f"{k}={v}" for k, v in filled.items()]
 
 
 def make_loader(args: argparse.Namespace, trainer: Trainer, folders: dict, rank: int = 0, world: int = 1):
@@ -571,18 +506,7 @@ def make_loader(args: argparse.Namespace, trainer: Trainer, folders: dict, rank:
                            cfg.channels_x, cfg.channels_y,
                            no_crop_from_epoch=None if model.resize_crop_in_decay else cfg.epochs)
     sampler = PairSampler(len(data.files[0]), len(data.files[1]), args.seed, rank, world)
-    loader = torch.utils.data.DataLoader(
-        data, args.batch_size, sampler=sampler, num_workers=args.workers, pin_memory=trainer.device.type == "cuda",
-        persistent_workers=args.workers > 0, worker_init_fn=quiet_worker,
-        generator=torch.Generator())  # own generator: global RNG untouched
-    return data, sampler, loader
-
-
-def quiet_worker(_: int) -> None:
-    """A data-loading worker leaves Ctrl-C to the main process, which saves and then stops the workers
-    (a terminal sends SIGINT to every process of the group), and dies on SIGTERM as usual."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return data, sampler, data_loader(data, sampler, args.batch_size, args.workers, trainer.device.type == "cuda")
 
 
 def speed_up(args: argparse.Namespace, trainer: Trainer, rank: int, world: int) -> None:
@@ -600,30 +524,36 @@ def speed_up(args: argparse.Namespace, trainer: Trainer, rank: int, world: int) 
         trainer.wrap(torch.compile)
 
 
-class StopFlag:
-    """Set by SIGINT / SIGTERM; the loop saves and stops after the current step.
+def resume_command(args: argparse.Namespace, **changes) -> str:
+    """The command that continues this run: --resume, its name and folder, and the options this command
+    was given that a resume may change (the checkpoint keeps the rest), with `changes`."""
+    words = ["python", "train_gan.py", "--resume", "--name", args.name] + \
+        (["--output-dir", str(args.output_dir)] if args.output_dir != Path("output") else [])
+    for key in sorted((args.given & RESUME_MAY_CHANGE) | set(changes)):
+        value, flag = changes.get(key, getattr(args, key)), "--" + key.replace("_", "-")
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        words += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, text]
+    return shlex.join(words)
 
-    A second signal quits at once, without the save, except under torchrun: its launcher passes a
-    Ctrl-C on to ranks that the terminal has already signalled (and kills them if they linger).
-    """
 
-    def __init__(self, world: int = 1, lead: bool = True):
-        self.requested, self.world, self.lead, self.pid = False, world, lead, os.getpid()
-
-    def install(self) -> "StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if os.getpid() != self.pid:  # a data-loading worker, forked with this handler, before quiet_worker runs
-            return
-        if self.requested and self.world == 1:  # asked twice: stop now, without the save
-            raise KeyboardInterrupt
-        if not self.requested and self.lead:
-            print("\nstopping after this step" + (" (again to quit without saving)" if self.world == 1 else ""),
-                  file=sys.stderr)
-        self.requested = True
+@contextmanager
+def run_page(args: argparse.Namespace, trainer: Trainer, run_dir: Path, again: str):
+    """Yields page(): it writes the run's index.html as it stands, reloading itself while the run goes.
+    Written now, and as the block ends: finished, or stopped with `again`, the command that continues it
+    (one that cannot be written then costs nothing else)."""
+    def page(running: bool = True) -> None:
+        total = trainer.model.config.epochs + trainer.model.config.epochs_decay
+        status = (f"training: {trainer.epoch} of {total} epochs done; this page reloads every minute" if running
+                  else f"finished: all {total} epochs" if trainer.epoch >= total
+                  else f"stopped with {trainer.epoch} of {total} epochs done; {again}")
+        write_run_page(run_dir, f"{args.name}: {args.model} on {args.dataroot.name}", trainer.model.visuals_caption(),
+                       status, running)
+    page()
+    try:
+        yield page
+    finally:
+        with suppress(OSError):
+            page(running=False)
 
 
 def any_rank(flag: bool, group) -> bool:
@@ -653,10 +583,10 @@ NCE_POINTS = ((0.5, 0.5), (0.3, 0.7), (0.8, 0.2))
 
 
 def end_of_epoch(args: argparse.Namespace, trainer: Trainer, fixed: list[torch.Tensor], run_dir: Path,
-                 options: dict, timing: dict) -> None:
+                 options: dict, timing: dict, page) -> None:
     """The epoch's files: first the checkpoint (a picture that cannot be written loses no training), then
     the grid of the fixed test images, CUT's similarity maps, the epoch's time in epochs.csv, the loss
-    plot and the run's page."""
+    plot, and the run's page."""
     trainer.save(run_dir / "latest.pt", 0, options)
     if args.save_every and trainer.epoch % args.save_every == 0:
         trainer.save(run_dir / f"epoch_{trainer.epoch:03d}.pt", 0, options)
@@ -669,57 +599,30 @@ def end_of_epoch(args: argparse.Namespace, trainer: Trainer, fixed: list[torch.T
                                  run_dir / f"nce_epoch_{trainer.epoch:03d}.png")
     append_row(run_dir / "epochs.csv", {"epoch": trainer.epoch, **timing})
     plot_losses(run_dir / "losses.csv", run_dir / "losses.png")
-    write_page(args, trainer, run_dir, running=True)
-
-
-@contextmanager
-def run_page(args: argparse.Namespace, trainer: Trainer, run_dir: Path, again: str):
-    """The run's index.html while the block runs (reloading itself), and as it ends: finished, or stopped
-    with `again`, the command that continues it. A page that cannot be written at the end costs nothing
-    else."""
-    write_page(args, trainer, run_dir, running=True)
-    try:
-        yield
-    finally:
-        with suppress(OSError):
-            write_page(args, trainer, run_dir, running=False, again=again)
-
-
-def write_page(args: argparse.Namespace, trainer: Trainer, run_dir: Path, running: bool, again: str = "") -> None:
-    """index.html of the run as it stands (data_utility.write_run_page)."""
-    total = trainer.model.config.epochs + trainer.model.config.epochs_decay
-    status = (f"training: {trainer.epoch} of {total} epochs done; this page reloads every minute" if running else
-              f"finished: all {total} epochs" if trainer.epoch >= total else
-              f"stopped with {trainer.epoch} of {total} epochs done; {again}")
-    write_run_page(run_dir, f"{args.name}: {args.model} on {args.dataroot.name}", trainer.model.visuals_caption(),
-                   status, running)
+    page()
 
 
 # ----------------------------------------------------------------------------- benchmark, main
 
 def benchmark(args: argparse.Namespace) -> dict:
-    """Time --benchmark N training steps (after 3 warm-up ones) on the real data and step; rank 0
-    prints one JSON line: the median step (sec_per_iter) and, beside it, the median wait for its batch
-    (data_wait_sec), and the peak memory (CUDA's allocator on a GPU, resident memory on a CPU). Under
-    torchrun every rank steps, and images/s counts all of them."""
+    """Time --benchmark N training steps (after 3 warm-up ones) on the real data and step; rank 0 prints one
+    JSON line: the median step (sec_per_iter), beside it the median wait for its batch (data_wait_sec),
+    and the peak memory. Under torchrun every rank steps, and images/s counts all of them."""
     rank, world, device = init_distributed(pick_device(args.device))
     trainer, _, _ = start_run(args, None, device)
     _, sampler, loader = make_loader(args, trainer, find_domains(args.dataroot, args.direction), rank, world)
     speed_up(args, trainer, rank, world)
     warmup, times, waits, clock, stream = 3, [], [], {"wait": 0.0}, iter(())
     for i in range(warmup + args.benchmark):
-        waited = clock["wait"]
-        batch = next(stream, None)
+        waited, batch = clock["wait"], next(stream, None)
         if batch is None:  # a new epoch of the same loader
             sampler.set_epoch(i)
             stream = batches(loader, clock, set())
             batch = next(stream)
         start = time.perf_counter()
         trainer.train_step(*batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the step's kernels have run
-        elif device.type == "mps":
-            torch.mps.synchronize()
+        if device.type in ("cuda", "mps"):
+            getattr(torch, device.type).synchronize()  # the step's kernels have run
         if i >= warmup:
             times.append(time.perf_counter() - start)
             waits.append(clock["wait"] - waited)
@@ -736,8 +639,8 @@ def benchmark(args: argparse.Namespace) -> dict:
 
 
 def peak_memory_mb(device: torch.device) -> float | None:
-    """The peak of the device's memory (CUDA), or of this process's resident memory (None where the OS
-    does not say: Windows)."""
+    """The peak of CUDA's allocated memory on a GPU, else of this process's resident memory (None where
+    the OS does not say: Windows)."""
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
     try:
@@ -757,19 +660,18 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("translating, comparing runs and official pretrained models are translate.py's "
                              "now: python translate.py --help")
         if argv[:1] == ["download"]:
-            p = Parser(prog="train_gan.py download", description="Download an official CycleGAN dataset into "
-                                                                 "--root/NAME.")
+            p = Parser(prog="train_gan.py download", description="Download an official CycleGAN dataset.")
             p.add_argument("name", help="e.g. apple2orange, horse2zebra, monet2photo (an unknown name lists them)")
-            p.add_argument("--root", type=Path, default=Path("data"), help="where it goes")
-            a = p.parse_args(argv[1:])
-            print(download(a.name, a.root))
-        else:
-            args = parse_options(argv)
-            try:
-                benchmark(args) if args.benchmark else train(args)
-            finally:
-                if dist.is_initialized():
-                    dist.destroy_process_group()
+            p.add_argument("--root", type=Path, default=Path("data"), help="it goes to ROOT/NAME")
+            options = p.parse_args(argv[1:])
+            print(download(options.name, options.root))
+            return
+        args = parse_options(argv)
+        try:
+            benchmark(args) if args.benchmark else train(args)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
     return run_command(command)
 
 
