@@ -52,10 +52,9 @@ BUNDLED = Path(__file__).resolve().parent / "data" / "apple2orange_small"
 # Model name -> (model, its config, config values the name fixes).
 MODELS = {"cycle_gan": (CycleGAN, CycleGANConfig, {}), "cut": (CUT, CUTConfig, {"mode": "cut"}),
           "fastcut": (CUT, CUTConfig, {"mode": "fastcut"})}
-# Without a GPU the official 256x256 setting takes weeks; this shows results within minutes (a FastCUT
-# epoch of 150 steps: about 4 minutes on 2 cores). Crop 128 with 6 residual blocks is the CycleGAN
-# paper's own setting for 128x128 images. On a CPU the step keeps every core busy, so images load in the
-# main process (workers 0): a worker would only compete with it (docs/SPEED.md).
+# Without a GPU the official 256x256 setting takes weeks; this shows results in minutes (a 150-step FastCUT
+# epoch: about 4 on 2 cores). Crop 128 with 6 residual blocks is the CycleGAN paper's own setting for 128x128.
+# The step keeps every core busy, so images load in the main process: a worker would compete (docs/SPEED.md).
 CPU_PRESET = dict(crop_size=128, load_size=143, max_steps=150, netG="resnet_6blocks", workers=0)
 GPU_PRESET = dict(crop_size=256, load_size=286)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -152,18 +151,15 @@ def pick_device(name: str) -> torch.device:
 # ----------------------------------------------------------------------------- the Trainer
 
 def lr_factor(epoch: int, epochs: int, epochs_decay: int) -> float:
-    """The official 'linear' policy: 1 for the first `epochs`, then down by 1/(epochs_decay+1) per epoch,
-    so the last epoch trains at lr / (epochs_decay + 1), not at 0. `epoch` counts from 0 and the lr is
-    set after each epoch, as the CUT repository steps its scheduler (at an epoch's end); the current
-    CycleGAN repository steps it at an epoch's start, one epoch ahead: its decay starts an epoch
-    earlier and its last epoch trains at 0."""
+    """The official 'linear' policy: 1 for `epochs` epochs (counted from 0), then down by 1/(epochs_decay+1)
+    each, the last at 1/(epochs_decay+1). Set after each epoch, as the CUT repository steps its scheduler;
+    the current CycleGAN repository steps it at an epoch's start, one epoch ahead, and ends at 0."""
     return 1.0 - max(0, epoch + 1 - epochs) / float(epochs_decay + 1)
 
 
 def adam(params: list[torch.nn.Parameter], config) -> torch.optim.Adam:
-    """Adam with the official lr and betas (beta1, 0.999), as one fused kernel where this torch has
-    one for the device (CUDA; CPU since torch 2.4): the same update, 3x faster than the per-tensor
-    loop on a CPU, without the multi-tensor version's temporary copy of every parameter."""
+    """Adam with the official lr and betas (beta1, 0.999), as one fused kernel where this torch has one for
+    the device (CUDA; CPU since torch 2.4): the same update, 3x faster than the per-tensor loop on a CPU."""
     try:
         return torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, 0.999), fused=True)
     except RuntimeError:  # no fused kernel for this device in this torch
@@ -171,13 +167,10 @@ def adam(params: list[torch.nn.Parameter], config) -> torch.optim.Adam:
 
 
 class Trainer:
-    """Everything of training that is not the paper: a model's networks on the device, one Adam per
-    group of networks (`model.groups`: CycleGAN's G and F, then D_X and D_Y; CUT's D, then G and H), the
-    lr schedule, precision and loss scaling, DDP and torch.compile wrappers, and the checkpoint.
-
-    The model's `train_step(x, y, trainer)` calls back `autocast()`, `backward(loss, group)` and
-    `step(group)`. `nets` holds the plain modules; the model's attributes may be wrapped (`wrap`).
-    """
+    """Everything of training that is not the paper: a model's networks on the device, one Adam per group of
+    networks (`model.groups`: CycleGAN's G and F, then D_X and D_Y; CUT's D, then G and H), the lr schedule,
+    precision and loss scaling, DDP and compile wrappers (`wrap`; `nets` holds the plain modules), the
+    checkpoint. The model's `train_step(x, y, trainer)` calls `autocast()`, `backward()` and `step()`."""
 
     def __init__(self, model, device: torch.device | str = "cpu", precision: str = "fp32"):
         if precision not in PRECISIONS:
@@ -214,9 +207,8 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One step of the model's objective on a batch x (B, C_x, H, W) and y (B, C_y, H, W). Returns each
-        loss as a 0-dim tensor on the device, out of the graph: reading one as a number waits for the
-        step to finish, so the training loop reads them only every --log-every steps (`mean_losses`)."""
+        """One step of the model's objective on x (B, C_x, H, W) and y (B, C_y, H, W): each loss as a 0-dim
+        device tensor, out of the graph (reading it waits for the step: `mean_losses` does, once a window)."""
         losses = self.model.train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
                                        self)
         self.global_step += 1
@@ -473,10 +465,9 @@ def cpu_has_native_bf16() -> bool:
 
 
 def start_run(args: argparse.Namespace, run_dir: Path | None, device: torch.device) -> tuple[Trainer, int, list]:
-    """A new run into `run_dir` (None: a benchmark, which writes nothing): the device's presets filled in,
-    the options checked, the model's weights drawn after seeding every generator with --seed; options
-    left unset (None) take the model config's defaults, written back into `args`. Returns (trainer,
-    0 steps into the first epoch, the presets filled in as 'option=value')."""
+    """A new run into `run_dir` (None: a benchmark, which writes nothing): presets filled in, options checked,
+    the weights drawn after seeding with --seed; options left None take, and get, the config's defaults.
+    Returns (trainer, 0 steps into the first epoch, the presets filled in as 'option=value')."""
     if run_dir and run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or a new --name")
     filled = {key: value for key, value in presets(device).items() if getattr(args, key) is None}
@@ -510,12 +501,10 @@ def make_loader(args: argparse.Namespace, trainer: Trainer, folders: dict, rank:
 
 
 def speed_up(args: argparse.Namespace, trainer: Trainer, rank: int, world: int) -> None:
-    """Under torchrun, wrap each network in DistributedDataParallel (one gradient all-reduce per group
-    and step) and seed each rank apart; then torch.compile the networks if --compile.
-
-    No buffer broadcast: the buffers are fixed blur filters (or batch-norm statistics, which only rank 0
-    saves), and a broadcast in a forward that one rank runs alone (FastCUT's mirrored key pass, drawn per
-    rank) would unpair the ranks' collectives and hang them."""
+    """Under torchrun, each network in DistributedDataParallel (a gradient all-reduce per group and step)
+    and each rank seeded apart; then torch.compile, if asked. No buffer broadcast: the buffers are fixed
+    blur filters (or batch-norm statistics, which rank 0 saves), and one in a forward that a rank runs alone
+    (FastCUT's mirrored key pass, drawn per rank) would unpair the ranks' collectives and hang them."""
     if world > 1:
         ids = [trainer.device.index] if trainer.device.type == "cuda" else None
         trainer.wrap(lambda net: DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False))
@@ -538,9 +527,8 @@ def resume_command(args: argparse.Namespace, **changes) -> str:
 
 @contextmanager
 def run_page(args: argparse.Namespace, trainer: Trainer, run_dir: Path, again: str):
-    """Yields page(): it writes the run's index.html as it stands, reloading itself while the run goes.
-    Written now, and as the block ends: finished, or stopped with `again`, the command that continues it
-    (one that cannot be written then costs nothing else)."""
+    """Yields page(), which writes the run's index.html as it stands (reloading itself while the run goes):
+    now, and as the block ends, finished or stopped with `again` (a write failing then costs nothing else)."""
     def page(running: bool = True) -> None:
         total = trainer.model.config.epochs + trainer.model.config.epochs_decay
         status = (f"training: {trainer.epoch} of {total} epochs done; this page reloads every minute" if running
@@ -557,8 +545,8 @@ def run_page(args: argparse.Namespace, trainer: Trainer, run_dir: Path, again: s
 
 
 def any_rank(flag: bool, group) -> bool:
-    """Whether `flag` is set on any rank, by an all-reduce over a CPU (gloo) group: it never waits for a GPU.
-    Without a group (one process), `flag` itself."""
+    """Whether `flag` is set on any rank (without a group, one process: `flag`), by an all-reduce over a CPU
+    (gloo) group, which never waits for a GPU."""
     if group is None:
         return flag
     votes = torch.tensor([int(flag)])
@@ -567,9 +555,8 @@ def any_rank(flag: bool, group) -> bool:
 
 
 def mean_losses(window: dict[str, torch.Tensor], count: int, control, where: str) -> dict[str, float]:
-    """Each loss summed over a log window of `count` steps, averaged and read to the host in one copy
-    (which waits for the device). Raises RunError, naming the loss and `where`, when one is not finite
-    here or on another rank."""
+    """Each loss summed over a log window of `count` steps, averaged, read to the host in one copy (which waits
+    for the device); a RunError names a loss that is not finite, here or on another rank, and `where`."""
     mean = dict(zip(window, (torch.stack([v.float() for v in window.values()]) / count).tolist()))
     bad = [k for k, v in mean.items() if not math.isfinite(v)]
     if any_rank(bool(bad), control):
@@ -584,9 +571,8 @@ NCE_POINTS = ((0.5, 0.5), (0.3, 0.7), (0.8, 0.2))
 
 def end_of_epoch(args: argparse.Namespace, trainer: Trainer, fixed: list[torch.Tensor], run_dir: Path,
                  options: dict, timing: dict, page) -> None:
-    """The epoch's files: first the checkpoint (a picture that cannot be written loses no training), then
-    the grid of the fixed test images, CUT's similarity maps, the epoch's time in epochs.csv, the loss
-    plot, and the run's page."""
+    """The epoch's files: the checkpoint first (a picture that cannot be written loses no training), then the
+    grid of the fixed test images, CUT's similarity maps, epochs.csv, the loss plot, the run's page."""
     trainer.save(run_dir / "latest.pt", 0, options)
     if args.save_every and trainer.epoch % args.save_every == 0:
         trainer.save(run_dir / f"epoch_{trainer.epoch:03d}.pt", 0, options)
@@ -639,8 +625,7 @@ def benchmark(args: argparse.Namespace) -> dict:
 
 
 def peak_memory_mb(device: torch.device) -> float | None:
-    """The peak of CUDA's allocated memory on a GPU, else of this process's resident memory (None where
-    the OS does not say: Windows)."""
+    """The peak of CUDA's allocated memory, or of this process's resident memory (None on Windows)."""
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
     try:
@@ -651,8 +636,7 @@ def peak_memory_mb(device: torch.device) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python train_gan.py [options]` trains (or benchmarks); `python train_gan.py download NAME` fetches
-    an official dataset."""
+    """`train_gan.py [options]` trains (or benchmarks); `train_gan.py download NAME` fetches a dataset."""
     argv = sys.argv[1:] if argv is None else argv
 
     def command():
