@@ -247,7 +247,7 @@ class UnpairedDataset(torch.utils.data.Dataset):
         self.folders, self.channels = (folder_x, folder_y), (channels_x, channels_y)
         self.files = [list_images(folder) for folder in self.folders]
         for folder, files, channels in zip(self.folders, self.files, self.channels):
-            if not any(readable(path, channels) for path in files):  # stops at the first readable one
+            if first_readable(files, channels, 64)[0] is None:  # a JPEG decodes fast at reduced scale
                 raise UsageError(f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
         self.load_size, self.crop_size, self.no_crop_from_epoch = load_size, crop_size, no_crop_from_epoch
 
@@ -261,17 +261,13 @@ class UnpairedDataset(torch.utils.data.Dataset):
         load = self.crop_size if no_crop else self.load_size
         images, skipped = [], []
         for folder, files, i, channels in zip(self.folders, self.files, (i_x, i_y), self.channels):
-            for path in files[i:] + files[:i]:  # files[i], or the next one that can be read
-                try:
-                    img = load_image(path, channels, load)
-                    break
-                except Exception:  # Pillow raises many types for broken files; a vanished file, OSError
-                    skipped.append(str(path))
-            else:
+            img, bad = first_readable((files[(i + j) % len(files)] for j in range(len(files))), channels, load)
+            if img is None:
                 raise RunError(f"none of the {len(files)} images listed in {folder} can be read any more: put them "
                                f"back, then resume")
             images.append(to_tensor(jitter(img, load, self.crop_size, rng)))
-        return images[0], images[1], "\n".join(skipped)
+            skipped += bad
+        return images[0], images[1], "\n".join(map(str, skipped))
 
 
 def data_loader(data: UnpairedDataset, sampler: torch.utils.data.Sampler, batch_size: int, workers: int,
@@ -290,13 +286,16 @@ def quiet_worker(_: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def readable(path: Path, channels: int = 3) -> bool:
-    """Whether an image file can be read whole (a JPEG decoded at reduced scale, which is fast)."""
-    try:
-        load_image(path, channels, 64)
-        return True
-    except Exception:  # Pillow raises many types for broken files; any of them means "no"
-        return False
+def first_readable(paths, channels: int = 3, min_side: int | None = None) -> tuple[Image.Image | None, list[Path]]:
+    """The first of `paths` that loads as an image (load_image; None when none does), and the paths before
+    it that did not: broken, truncated, vanished or replaced files."""
+    skipped = []
+    for path in paths:
+        try:
+            return load_image(path, channels, min_side), skipped
+        except Exception:  # Pillow raises many types for broken files; a vanished one, OSError
+            skipped.append(path)
+    return None, skipped
 
 
 def batches(loader: torch.utils.data.DataLoader, clock: dict, warned: set | None = None):
@@ -358,14 +357,13 @@ class PairSampler(torch.utils.data.Sampler):
 def load_fixed_images(folder: Path, n: int, size: int, channels: int = 3) -> torch.Tensor:
     """The first n readable images of a folder resized to size x size, the fixed grid inputs (n, C, size,
     size); one warning names the unreadable ones passed over."""
-    images, skipped = [], []
-    for path in list_images(folder):
-        if len(images) == n:
+    images, skipped, paths = [], [], iter(list_images(folder))
+    while len(images) < n:
+        img, bad = first_readable(paths, channels)
+        skipped += [p.name for p in bad]
+        if img is None:
             break
-        try:
-            images.append(to_tensor(load_image(path, channels).resize((size, size), Image.BICUBIC)))
-        except Exception:  # Pillow raises many types for broken files
-            skipped.append(path.name)
+        images.append(to_tensor(img.resize((size, size), Image.BICUBIC)))
     if skipped:
         warnings.warn(f"skipping {len(skipped)} unreadable image(s) in {folder}: {', '.join(skipped[:3])}"
                       + (", ..." if len(skipped) > 3 else ""))

@@ -852,6 +852,7 @@ def test_cli_grid_puts_each_checkpoint_in_a_column_and_names_problems(dataset_ro
         (["--direction", "BtoA"], r"fastcut model, which translates its own way only \(AtoB\)"),
         (["--grid", str(tmp_path / "grid.gif")], r"must end in \.png or \.jpg"),
         (["--count", "0"], "must be >= 1"),
+        (["--output", str(tmp_path / "res")], "--grid writes one picture and --output a folder of them: pass one"),
     ]:
         code, err = run_cli(["--checkpoint", *ckpts, "--input", str(dataset_root / "testA"),
                              "--grid", str(tmp_path / "g.png"), "--device", "cpu", *argv], capsys, translate_cli)
@@ -1634,12 +1635,14 @@ def step_with_gradients(trainer, x, y, monkeypatch) -> tuple[dict, dict]:
 @pytest.mark.gpu
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model", list(MODELS))
-def test_a_step_on_the_device_computes_the_step_the_cpu_computes(device, model, monkeypatch):
+def test_a_step_on_the_device_computes_the_step_the_cpu_computes(device, model, monkeypatch, request):
     """fp32 with TF32 off (cuDNN's default turns it on for convolutions on Ampere and later GPUs): the
     losses and every group's gradients of one step agree with the CPU's up to float rounding. The pool,
     the flips and H's patch places come from the CPU generator, so both draw the same."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    matmul = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32 in matrix multiplies either
+    request.addfinalizer(lambda: torch.set_float32_matmul_precision(matmul))
     model_cls, config = MODELS[model]
     torch.manual_seed(0)
     net = model_cls(copy.deepcopy(config))
@@ -2135,6 +2138,11 @@ def test_translate_max_side_scales_down_keeping_the_aspect_ratio_and_size_square
     assert {Image.open(p).size for p in (tmp_path / "sq").iterdir()} == {(24, 24)}
     code, err = run_cli(argv + ["--size", "24", "--max-side", "20"], capsys, translate_cli)
     assert_one_line_error(code, err, "--size and --max-side both set the size: pass one")
+    (dataset_root / "testA" / "broken.png").write_text("not an image")  # skipped, named once; the rest written
+    code, err = run_cli(argv[:-1] + [tmp_path / "with_broken"], capsys, translate_cli)
+    assert code == 0 and [line for line in err if "warning" in line] == \
+        [f"warning: skipping unreadable image {dataset_root / 'testA' / 'broken.png'}"], err
+    assert sorted(p.name for p in (tmp_path / "with_broken").iterdir()) == ["img0.png", "img1.png"]
 
 
 def test_ctrl_c_inside_a_save_leaves_the_previous_checkpoint_and_no_temporary(dataset_root, tmp_path, capsys,

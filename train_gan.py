@@ -41,7 +41,7 @@ from tqdm import tqdm
 from cut_model import CUT, CUTConfig
 from cycle_gan import CycleGAN, CycleGANConfig
 from data_utility import (LOCK_FILE, PairSampler, Parser, RunError, StopFlag, UnpairedDataset, UsageError, append_row,
-                          batches, download, find_domains, load_fixed_images, load_torch, data_loader, lock_run_folder,
+                          batches, data_loader, download, find_domains, load_fixed_images, load_torch, lock_run_folder,
                           memory_or_stopped, plot_losses, record_options, run_command, save_grid, save_similarity_grid,
                           save_torch, write_run_page, written_or_stopped)
 from networks import GENERATORS, size_multiple
@@ -257,8 +257,9 @@ class Trainer:
                  "nets": {k: v.state_dict() for k, v in self.nets.items()},
                  "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
                  "extra": getattr(self.model, "extra_state", dict)(),
-                 "rng": {"python": random.getstate(), "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
-                         "numpy_pos": int(np.random.get_state()[2]), "torch": torch.get_rng_state(),
+                 "rng": {"python": random.getstate(), "numpy_pos": int(np.random.get_state()[2]),
+                         "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),  # not uint32: torch 2.3
+                         "torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}}
         save_torch(state, path)
 
@@ -297,7 +298,7 @@ class Trainer:
         if state["extra"]:
             trainer.model.load_extra_state(state["extra"], trainer.device)
         random.setstate(rng["python"])
-        np.random.set_state(("MT19937", rng["numpy"].numpy(), rng["numpy_pos"], 0, 0.0))
+        np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
         torch.set_rng_state(rng["torch"])
         if trainer.device.type == "cuda" and rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"])

@@ -17,14 +17,15 @@ import sys
 if __name__ == "__main__":  # a Ctrl-C while torch loads ends quietly too, as one at any later moment
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
+import warnings
 from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data_utility import (OFFICIAL_PRETRAINED, Parser, UsageError, download_pretrained, fit_within, list_images,
-                          load_fixed_images, load_image, load_torch, make_folder, memory_or_stopped, run_command,
+from data_utility import (OFFICIAL_PRETRAINED, Parser, UsageError, download_pretrained, first_readable, fit_within,
+                          list_images, load_fixed_images, load_torch, make_folder, memory_or_stopped, run_command,
                           save_grid, save_image, to_image, to_tensor, written_or_stopped)
 from networks import official_generator
 from train_gan import Trainer, pick_device
@@ -67,6 +68,8 @@ def translate(args) -> None:
     if args.grid is None and (len(models) > 1 or args.output is None):
         raise UsageError("translating a folder takes one model and an --output folder; to compare models, pass "
                          "--grid FILE")
+    if args.grid and args.output:
+        raise UsageError("--grid writes one picture and --output a folder of them: pass one")
     if args.grid and args.grid.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise UsageError(f"--grid {args.grid} must end in .png or .jpg")
     if args.output and args.output.resolve() == args.input.resolve():
@@ -139,16 +142,20 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 def translate_folder(translator: Translator, files: list[Path], args) -> None:
     """Each image at its own size (or scaled to --max-side, or resized to --size), written as OUTPUT/NAME.png."""
-    output = make_folder(args.output, "--output")
+    output, written = make_folder(args.output, "--output"), 0
     for f in tqdm(files, desc="translate", leave=False):
-        img = load_image(f, translator.channels)
+        img = first_readable([f], translator.channels)[0]
+        if img is None:
+            warnings.warn(f"skipping unreadable image {f}")
+            continue
         img = img.resize((args.size, args.size), Image.BICUBIC) if args.size else fit_within(img, args.max_side)
         with memory_or_stopped(f"translating {f.name} ({img.width}x{img.height}, batch 1)",
                                "pass --max-side N to scale images down first (e.g. --max-side 1024)"):
             y = translator(to_tensor(img)[None])
         with written_or_stopped(output, "run the same command again; the images written before it are complete"):
             save_image(to_image(y[0]), output / f"{f.stem}.png")
-    print(f"translated {len(files)} images into {output}")
+        written += 1
+    print(f"translated {written} images into {output}")
 
 
 def write_grid(translators: list[Translator], args) -> None:
