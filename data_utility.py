@@ -658,6 +658,7 @@ def write_run_page(run_dir: Path, heading: str, caption: str, status: str, runni
                         f'{"; mean " if facts and losses else ""}{losses}</p><p class="caption">{html.escape(caption)}'
                         f'</p>{picture(f"epoch_{epoch:03d}.png")}'
                         + (f'<p class="caption">{NCE_MAP_CAPTION}</p>{nce_map}' if nce_map else "") + "</section>")
+    plot = picture("losses.png") or '<p>plotted as each epoch ends; until then, <a href="losses.csv">losses.csv</a></p>'
     rows = "".join(f"<tr><td>--{html.escape(k.replace('_', '-'))}</td><td>{html.escape(str(v))}</td></tr>"
                    for k, v in given.items())
     page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(heading)}</title>'
@@ -666,7 +667,7 @@ def write_run_page(run_dir: Path, heading: str, caption: str, status: str, runni
             f'<h2>options given</h2><table id="options">{rows or "<tr><td>none: the defaults</td></tr>"}</table>'
             '<p class="caption">every option of the run, and each start and resume: '
             '<a href="options.json">options.json</a></p>'
-            f'<h2>losses</h2>{picture("losses.png") or "<p>none logged yet</p>"}'
+            f'<h2>losses</h2>{plot}'
             + ("".join(sections) or "<p>no epoch finished yet</p>") + "</body></html>\n")
     write_atomically(run_dir / "index.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
 
