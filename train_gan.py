@@ -44,6 +44,8 @@ from data_utility import (LOCK_FILE, PairSampler, Parser, RunError, StopFlag, Un
                           batches, data_loader, download, find_domains, load_fixed_images, load_torch, lock_run_folder,
                           memory_or_stopped, plot_losses, record_options, run_command, save_grid, save_similarity_grid,
                           save_torch, write_run_page, written_or_stopped)
+from layers import NORMS
+from losses import GAN_MODES, NEGATIVES
 from networks import GENERATORS, size_multiple
 
 # ----------------------------------------------------------------------------- options
@@ -94,8 +96,8 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
     a("--netG", choices=GENERATORS, help="generator (GPU default resnet_9blocks, CPU resnet_6blocks)")
     a("--ngf", type=int, default=64, help="filters of the generator's first layer")
     a("--ndf", type=int, default=64, help="filters of the discriminator's first layer")
-    a("--norm", choices=("instance", "batch", "none"), default="instance", help="normalisation layers")
-    a("--gan-mode", choices=("lsgan", "vanilla", "nonsaturating"), default="lsgan",
+    a("--norm", choices=NORMS, default="instance", help="normalisation layers")
+    a("--gan-mode", choices=GAN_MODES, default="lsgan",
       help="least squares (official); vanilla: Eq. 1's log-likelihood for D, the non-saturating -log D(G(x)) "
            "for G; nonsaturating: the same written with softplus")
     a("--lambda-cycle", type=float, default=10.0, help="CycleGAN: weight of the cycle loss, each way")
@@ -109,7 +111,7 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
       help="CUT: encoder taps by name or official index (default: the paper's input,down1,down2,res1,res5, "
            "official 0,4,8,12,16; with --no-antialias the names keep those layers, the indices would not)")
     a("--num-patches", type=int, default=256, help="CUT: patches sampled per layer (P - 1 negatives per query)")
-    a("--nce-negatives", choices=("image", "batch", "others"), default="image",
+    a("--nce-negatives", choices=NEGATIVES, default="image",
       help="CUT: a query's negatives: the other patches of its image (the paper's), of the whole batch "
            "(official --nce_includes_all_negatives_from_minibatch), or of the other images only (needs batch > 1)")
     a("--nce-temperature", type=float, default=0.07, help="CUT: temperature tau of Eq. 2")
