@@ -586,7 +586,8 @@ def plot_losses(csv_path: Path, png_path: Path) -> None:
         return
     fig, axes = plt.subplots(len(names), 1, figsize=(7, 1.6 * len(names)), sharex=True, squeeze=False)
     for ax, name in zip(axes[:, 0], names):
-        ax.plot(*zip(*[(row["step"], row[name]) for row in table if name in row]), lw=0.8)
+        points = [(row["step"], row[name]) for row in table if name in row]
+        ax.plot(*zip(*points), lw=0.8, marker="." if len(points) < 30 else None)  # a few rows show as dots
         ax.set_ylabel(name, rotation=0, ha="right")
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")

@@ -914,7 +914,7 @@ def test_a_run_leaves_a_page_of_every_epoch_newest_first_that_reloads_only_while
     run = out / "run"
     page = parse_page(run / "index.html")
     assert page["epochs"] == [2, 1]  # newest first; the resumed run kept epoch 1
-    assert pages[-1]["refresh"] and not page["refresh"] and "finished: all 2 epochs" in page["text"]
+    assert pages[-1]["refresh"] and not page["refresh"] and "finished: 2 of 2 epochs done" in page["text"]
     assert page["images"][0] == "losses.png" and all((run / src).is_file() for src in page["images"])
     maps = ["nce_epoch_002.png", "nce_epoch_001.png"] if model == "cut" else []
     assert [i for i in page["images"] if i.startswith(("epoch", "nce"))] == \
@@ -1286,7 +1286,7 @@ def test_help_names_every_command_and_the_old_commands_point_to_translate_py(cap
     with pytest.raises(SystemExit):
         cli(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "train_gan.py download NAME" in text and "use translate.py" in text
+    assert "train_gan.py download NAME" in text and "comparing models: translate.py" in text
     for argv in (["translate", "--checkpoint", "x.pt"], ["compare"], ["download", "--pretrained", "horse2zebra"]):
         code, err = run_cli(argv, capsys)
         assert_one_line_error(code, err, r"translate.py's now: python translate.py --help")

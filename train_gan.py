@@ -7,11 +7,10 @@
     torchrun --nproc_per_node=4 train_gan.py --name h2z   # one process per GPU; rank 0 writes
     python train_gan.py download horse2zebra              # an official dataset into data/
 
-Top to bottom: the options (each model's config holds its paper's defaults, presets fill in what the
-device needs); the Trainer, what training adds to a model's step (Adam per group of networks, the lr
-schedule, precision, DDP and compile wrappers) and the checkpoint, which Trainer.save writes and
-Trainer.load reads, nowhere else; train(), the run, set-up then the epoch loop, with below it what it
-calls in that order; the benchmark; main. A run writes to output/NAME/ (index.html shows it all).
+Top to bottom: the options (a model's config holds its paper's defaults; presets, the device's); the
+Trainer, what training adds to a model's step (Adam per group, lr schedule, precision, DDP, compile), and
+the checkpoint, written by Trainer.save and read by Trainer.load alone; train(), set-up then the epoch
+loop, and below it what it calls, in order; the benchmark; main. Runs go to output/NAME/ (see index.html).
 """
 import signal
 import sys
@@ -71,9 +70,8 @@ NOT_OF_THE_RUN = {"resume", "name", "output_dir", "benchmark", "given", "command
 
 def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """The options; with defaults=False, parsing yields only the options given."""
-    p = Parser(prog="train_gan.py", description="Train CycleGAN, CUT or FastCUT on unpaired images. The other "
-               "command here is 'train_gan.py download NAME' (an official dataset). To translate images with a "
-               "trained or an official model, or to compare runs, use translate.py.")
+    p = Parser(prog="train_gan.py", description="Train CycleGAN, CUT or FastCUT on unpaired images. Also: "
+               "'train_gan.py download NAME' (an official dataset); translating and comparing models: translate.py.")
 
     def a(*names, **kw):
         p.add_argument(*names, **kw if defaults else {**kw, "default": argparse.SUPPRESS})
@@ -97,9 +95,8 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
     a("--ngf", type=int, default=64, help="filters of the generator's first layer")
     a("--ndf", type=int, default=64, help="filters of the discriminator's first layer")
     a("--norm", choices=NORMS, default="instance", help="normalisation layers")
-    a("--gan-mode", choices=GAN_MODES, default="lsgan",
-      help="least squares (official); vanilla: Eq. 1's log-likelihood for D, the non-saturating -log D(G(x)) "
-           "for G; nonsaturating: the same written with softplus")
+    a("--gan-mode", choices=GAN_MODES, default="lsgan", help="least squares (official); vanilla: Eq. 1's "
+      "log-likelihood for D, non-saturating -log D(G(x)) for G; nonsaturating: the same, written with softplus")
     a("--lambda-cycle", type=float, default=10.0, help="CycleGAN: weight of the cycle loss, each way")
     a("--lambda-identity", type=float, default=0.5, help="CycleGAN: identity loss weight, x lambda-cycle")
     a("--pool-size", type=int, default=50, help="CycleGAN: history of fakes shown to D (0 = none)")
@@ -111,9 +108,8 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
       help="CUT: encoder taps by name or official index (default: the paper's input,down1,down2,res1,res5, "
            "official 0,4,8,12,16; with --no-antialias the names keep those layers, the indices would not)")
     a("--num-patches", type=int, default=256, help="CUT: patches sampled per layer (P - 1 negatives per query)")
-    a("--nce-negatives", choices=NEGATIVES, default="image",
-      help="CUT: a query's negatives: the other patches of its image (the paper's), of the whole batch "
-           "(official --nce_includes_all_negatives_from_minibatch), or of the other images only (needs batch > 1)")
+    a("--nce-negatives", choices=NEGATIVES, default="image", help="CUT: negatives from a query's image (the "
+      "paper's), the batch (official --nce_includes_all_negatives_from_minibatch), or the other images (batch > 1)")
     a("--nce-temperature", type=float, default=0.07, help="CUT: temperature tau of Eq. 2")
     a("--nce-map", **on_off, default=True, help="CUT: write nce_epoch_NNN.png, where PatchNCE finds the patches")
     a("--antialias", **on_off, help="CUT: blur-pool down-sampling in G and D (on; the official --no_antialias)")
@@ -122,8 +118,8 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
     a("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda, then mps, then cpu")
     a("--workers", type=int, help="data-loading processes (0 = in the main process; default: on a GPU half the "
                                   "process's CPU cores, 1 to 8, the official default being 4; on a CPU 0)")
-    a("--precision", choices=tuple(PRECISIONS), default="fp32",
-      help="autocast precision of the forward passes (fp16 adds loss scaling); fp32 is the official math")
+    a("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast of the forward passes (fp16 "
+      "adds loss scaling); fp32 is the official math")
     a("--compile", action="store_true", help="torch.compile the networks (slow first steps, faster later)")
     a("--benchmark", type=int, metavar="N", help="time N steps after 3 warm-up ones, print JSON, write nothing")
     a("--log-every", type=int, default=10, help="steps averaged into each row of losses.csv")
@@ -169,10 +165,9 @@ def adam(params: list[torch.nn.Parameter], config) -> torch.optim.Adam:
 
 
 class Trainer:
-    """Everything of training that is not the paper: a model's networks on the device, one Adam per group of
-    networks (`model.groups`: CycleGAN's G and F, then D_X and D_Y; CUT's D, then G and H), the lr schedule,
-    precision and loss scaling, DDP and compile wrappers (`wrap`; `nets` holds the plain modules), the
-    checkpoint. The model's `train_step(x, y, trainer)` calls `autocast()`, `backward()` and `step()`."""
+    """All of training that is not the paper: a model's networks on the device (`nets`, unwrapped), one Adam per
+    group (`model.groups`: CycleGAN's G and F, D_X and D_Y; CUT's D, G and H), the lr schedule, precision, DDP and
+    compile (`wrap`), the checkpoint. `model.train_step(x, y, trainer)` calls autocast, backward and step."""
 
     def __init__(self, model, device: torch.device | str = "cpu", precision: str = "fp32"):
         if precision not in PRECISIONS:
@@ -535,7 +530,7 @@ def run_page(args: argparse.Namespace, trainer: Trainer, run_dir: Path, again: s
     def page(running: bool = True) -> None:
         total = trainer.model.config.epochs + trainer.model.config.epochs_decay
         status = (f"training: {trainer.epoch} of {total} epochs done; this page reloads every minute" if running
-                  else f"finished: all {total} epochs" if trainer.epoch >= total
+                  else f"finished: {total} of {total} epochs done" if trainer.epoch >= total
                   else f"stopped with {trainer.epoch} of {total} epochs done; {again}")
         write_run_page(run_dir, f"{args.name}: {args.model} on {args.dataroot.name}", trainer.model.visuals_caption(),
                        status, running)
