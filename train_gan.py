@@ -402,13 +402,13 @@ def resume_run(args: argparse.Namespace, run_dir: Path, device: torch.device) ->
     ckpt = run_dir / "latest.pt"
     trainer, epoch_step, saved = Trainer.load(load_torch(ckpt), device,
                                               args.precision if "precision" in args.given else None, ckpt)
-    given = saved_options(args)
+    asked = saved_options(args)  # this command's options, as the run's are kept
     for key, value in saved.items():
         if key not in args.given and key not in MACHINE_OPTIONS:
             setattr(args, key, Path(value) if key == "dataroot" else tuple(value) if isinstance(value, list) else value)
-        elif key in args.given and key not in RESUME_MAY_CHANGE and given[key] != value:
+        elif key in args.given and key not in RESUME_MAY_CHANGE and asked[key] != value:
             flag = "--" + key.replace("_", "-")
-            raise UsageError(f"this run was started with {flag} {value}; {flag} {given[key]} would change it: drop "
+            raise UsageError(f"this run was started with {flag} {value}; {flag} {asked[key]} would change it: drop "
                              f"{flag}, or start a new --name")
     args.workers = presets(device)["workers"] if args.workers is None else args.workers
     trainer.set_schedule(epochs=args.epochs, epochs_decay=args.epochs_decay, lr=args.lr)
