@@ -315,7 +315,9 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Trainer:
         trainer, epoch_step, filled = (resume_run if args.resume else start_run)(args, run_dir, device)
         folders = find_domains(args.dataroot, args.direction)
         data, sampler, loader = make_loader(args, trainer, folders, rank, world)
-        speed_up(args, trainer, rank, world)
+        wrap_networks(args, trainer, world)
+        if world > 1:
+            torch.manual_seed(args.seed + 1_000 * rank + trainer.global_step)  # each rank its own pools, patches, flips
         cfg, ckpt, options = trainer.model.config, run_dir / "latest.pt", saved_options(args)
         steps = min(math.ceil(sampler.epoch_size() / args.batch_size), args.max_steps or math.inf)  # per epoch
         total_epochs = cfg.epochs + cfg.epochs_decay
@@ -498,15 +500,14 @@ def make_loader(args: argparse.Namespace, trainer: Trainer, folders: dict, rank:
     return data, sampler, data_loader(data, sampler, args.batch_size, args.workers, trainer.device.type == "cuda")
 
 
-def speed_up(args: argparse.Namespace, trainer: Trainer, rank: int, world: int) -> None:
-    """Under torchrun, each network in DistributedDataParallel (a gradient all-reduce per group and step)
-    and each rank seeded apart; then torch.compile, if asked. No buffer broadcast: the buffers are fixed
-    blur filters (or batch-norm statistics, which rank 0 saves), and one in a forward that a rank runs alone
-    (FastCUT's mirrored key pass, drawn per rank) would unpair the ranks' collectives and hang them."""
+def wrap_networks(args: argparse.Namespace, trainer: Trainer, world: int) -> None:
+    """Under torchrun, each network in DistributedDataParallel (a gradient all-reduce per group and step);
+    then torch.compile, if asked. No buffer broadcast: the buffers are fixed blur filters (or batch-norm
+    statistics, which rank 0 saves), and one in a forward that a rank runs alone (FastCUT's mirrored key
+    pass, drawn per rank) would unpair the ranks' collectives and hang them."""
     if world > 1:
         ids = [trainer.device.index] if trainer.device.type == "cuda" else None
         trainer.wrap(lambda net: DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False))
-        torch.manual_seed(args.seed + 1_000 * rank + trainer.global_step)  # each rank its own pools, patches, flips
     if args.compile:
         trainer.wrap(torch.compile)
 
@@ -595,7 +596,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     rank, world, device = init_distributed(pick_device(args.device))
     trainer, _, _ = start_run(args, None, device)
     _, sampler, loader = make_loader(args, trainer, find_domains(args.dataroot, args.direction), rank, world)
-    speed_up(args, trainer, rank, world)
+    wrap_networks(args, trainer, world)
     warmup, times, waits, clock, stream = 3, [], [], {"wait": 0.0}, iter(())
     for i in range(warmup + args.benchmark):
         waited, batch = clock["wait"], next(stream, None)
