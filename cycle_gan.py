@@ -127,8 +127,8 @@ class CycleGAN:
         trainer.step("D")
         return loss
 
-    def generator_half(self, real: torch.Tensor, forward, back, judge, trainer) -> tuple[list[torch.Tensor],
-                                                                                          torch.Tensor]:
+    def generator_half(self, real: torch.Tensor, forward, back, judge,
+                       trainer) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The terms of Eq. 3 that start from `real`, back-propagated into G and F at once. The networks
         come by role: from x, `forward` is G, `back` is F and `judge` is D_Y; from y, F, G and D_X.
         Returns the terms [GAN, cycle, identity (when weighted)] and forward(real) (B, C, H, W),

@@ -112,7 +112,7 @@ def run_command(command) -> int:
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C; every write is atomic
         print("\ninterrupted: nothing half-written was left", file=sys.stderr)
         return 130
-    except (UsageError, RunError) as e:
+    except CommandError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     return 0
@@ -165,7 +165,7 @@ def find_domains(root: Path, direction: str = "AtoB") -> dict[str, Path | None]:
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"dataroot {root} does not exist: pass --dataroot with a folder holding "
-                        f"trainA/ and trainB/ (or x_train/ and y_train/)")
+                         f"trainA/ and trainB/ (or x_train/ and y_train/)")
     for names in LAYOUTS.values():
         if (root / names[0]).is_dir() and (root / names[1]).is_dir():
             folders = [root / n if (root / n).is_dir() else None for n in names]
@@ -689,7 +689,7 @@ def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
         remove(dest)
         if isinstance(e, (urllib.error.URLError, OSError)):
             raise UsageError(f"could not download {url} ({getattr(e, 'reason', e)}): if this machine is offline, "
-                            f"{offline_hint}") from None
+                             f"{offline_hint}") from None
         raise
 
 
@@ -708,7 +708,7 @@ def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:
         os.replace(unzipped / name, target)
     except (OSError, zipfile.BadZipFile) as e:
         raise UsageError(f"could not unzip {DATASET_URL.format(name)} ({e}): fetch the zip elsewhere and "
-                        f"unzip it into {target}") from None
+                         f"unzip it into {target}") from None
     finally:
         remove(part)
         shutil.rmtree(unzipped, ignore_errors=True)
@@ -727,5 +727,5 @@ def download_pretrained(name: str, root: Path = Path("pretrained"), timeout: flo
             part.replace(target)
         except OSError as e:
             remove(part)
-            raise UsageError(f"could not save {target} ({e.strerror}): choose another --root") from None
+            raise UsageError(f"could not save {target} ({e.strerror}): choose another folder for it") from None
     return target

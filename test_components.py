@@ -1202,8 +1202,8 @@ def loader_of(argv):
 @pytest.mark.parametrize("model, extra, no_crop_from", [
     ("cut", ["--epochs", "2"], 2), ("fastcut", ["--epochs", "2"], 2), ("fastcut", [], 150),
     ("cycle_gan", ["--epochs", "2"], None)])
-def test_cut_trains_without_resize_and_crop_in_its_decay_epochs_cycle_gan_with(dataset_root, tmp_path, model,
-                                                                                extra, no_crop_from):
+def test_cut_trains_without_resize_and_crop_in_its_decay_epochs_cycle_gan_with(
+        dataset_root, tmp_path, model, extra, no_crop_from):
     args, _, data = loader_of(cli_args(dataset_root, tmp_path, "--model", model, *extra))
     assert data.no_crop_from_epoch == no_crop_from  # epochs counted from 0: the first decay epoch
     if not extra:  # the model's own schedule fills the options left unset: FastCUT's 150 + 50
@@ -1228,9 +1228,6 @@ def test_every_logged_loss_name_stands_as_a_literal_string_in_its_model_file():
 
 
 # ----------------------------------------------------------------------------- reliability
-
-
-
 
 def run_cli(argv, capsys, command=cli):
     """(exit code, stderr lines) of an in-process call of a command (train_gan.py's main, or translate.py's)."""
@@ -1360,6 +1357,7 @@ def test_images_deleted_while_a_run_goes_on_give_way_and_a_domain_left_empty_sto
                                  "2", "--epochs-decay", "0"), capsys)
     assert_run_error(code, err, r"none of the 3 images listed in .*trainB can be read any more: put them back, then "
                                 r"resume")
+
 
 @pytest.mark.parametrize("mode, array", [
     ("I;16", np.arange(600, dtype=np.uint16).reshape(20, 30) * 100),
@@ -1674,8 +1672,8 @@ def test_mixed_precision_trains_twenty_finite_steps_and_the_content_loss_falls(d
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_run_on_the_device_with_loader_workers_resumes_and_translates_as_the_cpu_does(dataset_root, tmp_path,
-                                                                                       monkeypatch, device):
+def test_a_run_on_the_device_with_loader_workers_resumes_and_translates_as_the_cpu_does(
+        dataset_root, tmp_path, monkeypatch, device):
     pinned, loader_cls = [], torch.utils.data.DataLoader
 
     class Loader(loader_cls):
@@ -2125,8 +2123,7 @@ def test_out_of_memory_is_one_line_naming_the_size_and_the_flag(dataset_root, tm
     assert_run_error(code, err, r"out of memory translating img0.jpg \(40x30, batch 1\): pass --max-side")
 
 
-def test_translate_max_side_scales_down_keeping_the_aspect_ratio_and_size_squares(dataset_root, tmp_path,
-                                                                                   capsys):
+def test_translate_max_side_scales_down_keeping_the_aspect_ratio_and_size_squares(dataset_root, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli(one_epoch(dataset_root, out)) == 0
     assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),

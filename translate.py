@@ -48,8 +48,8 @@ def parser() -> Parser:
                                                 "(aspect ratio kept) before translating; default: full size")
     p.add_argument("--size", type=int, help="resize each image to size x size first, as the official test.py "
                                             "(256: the papers' FID protocol); with --grid, 256 by default")
-    p.add_argument("--grid", type=Path, metavar="FILE", help="instead: one .png/.jpg, a row per image (the first "
-                                                            "--count of --input, at --size), then each model's result")
+    p.add_argument("--grid", type=Path, metavar="FILE", help="instead: one .png/.jpg, a row per image (the "
+                   "first --count of --input, at --size), then each model's result")
     p.add_argument("--count", type=int, default=6, help="--grid: images, the first ones of --input by name")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     p.add_argument("--cache", type=Path, default=CACHE, help="where --pretrained generators are kept")
