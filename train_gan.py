@@ -650,8 +650,10 @@ def main(argv: list[str] | None = None) -> int:
             print(download(options.name, options.root))
             return
         args = parse_options(argv)
-        try:
-            benchmark(args) if args.benchmark else train(args)
+        try:  # out of memory outside a step (start-up, a grid): one line too
+            with memory_or_stopped(f"at crop {args.crop_size}x{args.crop_size}, batch {args.batch_size}",
+                                   "lower --crop-size or --batch-size, or free the device's memory"):
+                benchmark(args) if args.benchmark else train(args)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
