@@ -1,7 +1,7 @@
 """Data and files for unpaired translation: find images, load them, jitter them, pair them at random;
 write every file atomically (checkpoints, image grids, loss plots); download the official CycleGAN
-datasets and pretrained generators. First, how both commands (train_gan.py, translate.py) fail: two
-errors, one per exit code, each one line for the user, never a traceback.
+datasets and pretrained generators. First, what both commands (train_gan.py, translate.py) share: two
+errors, one per exit code, each one line for the user, never a traceback; the option parser; the device.
 
 Mirrors data/unaligned_dataset.py and data/base_dataset.py of the official code: domain X
 is walked in a shuffled order, each x gets a random y, and an epoch is as long as the larger
@@ -82,6 +82,26 @@ class Parser(argparse.ArgumentParser):
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+def at_least(low: float, kind: type = int):
+    """An option's type: a `kind` that is >= low, else the parser's one-line error."""
+    def parse(text: str):
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's message for a bad number: 'invalid int value'
+    return parse
+
+
+def pick_device(name: str) -> torch.device:
+    """--device: 'auto' is CUDA, then Apple's MPS, then the CPU; one that is not there is a UsageError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name} is not available on this machine: use --device auto or cpu")
+    return torch.device(name)
 
 
 def out_of_memory(e: BaseException) -> bool:
@@ -626,6 +646,24 @@ img { max-width: 100%; display: block; margin: 0.4em 0; image-rendering: pixelat
 section { border-top: 1px solid #ddd; }"""
 
 
+@contextmanager
+def run_page(run_dir: Path, heading: str, caption: str, epochs_done, total: int, again: str):
+    """Yields page(), which writes the run's index.html as it stands, with `epochs_done()` of `total` epochs
+    done: now, and as the block ends, finished or stopped with `again` (a write failing then costs nothing)."""
+    def page(running: bool = True) -> None:
+        done = epochs_done()
+        status = (f"training: {done} of {total} epochs done; this page reloads every minute" if running
+                  else f"finished: {total} of {total} epochs done" if done >= total
+                  else f"stopped with {done} of {total} epochs done; {again}")
+        write_run_page(run_dir, heading, caption, status, running)
+    page()
+    try:
+        yield page
+    finally:
+        with contextlib.suppress(OSError):
+            page(running=False)
+
+
 def write_run_page(run_dir: Path, heading: str, caption: str, status: str, running: bool) -> None:
     """OUTPUT/NAME/index.html, the page to follow a run by (the official codes' web/index.html): the
     options given, the loss plot, then every finished epoch, newest first, with its grid (and CUT's
@@ -691,6 +729,15 @@ def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
             raise UsageError(f"could not download {url} ({getattr(e, 'reason', e)}): if this machine is offline, "
                              f"{offline_hint}") from None
         raise
+
+
+def download_command(argv: list[str]) -> None:
+    """`train_gan.py download NAME [--root DIR]`: download an official dataset, and print where it went."""
+    p = Parser(prog="train_gan.py download", description="Download an official CycleGAN dataset.")
+    p.add_argument("name", help="e.g. apple2orange, horse2zebra, monet2photo (an unknown name lists them)")
+    p.add_argument("--root", type=Path, default=Path("data"), help="it goes to ROOT/NAME")
+    options = p.parse_args(argv)
+    print(download(options.name, options.root))
 
 
 def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:

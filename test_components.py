@@ -1244,11 +1244,11 @@ def assert_one_line_error(code, err, pattern):
 
 @pytest.mark.parametrize("extra, pattern", [
     (["--crop-size", "64", "--load-size", "48"], "--crop-size 64 is larger than --load-size 48"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--batch-size", "0"], "--batch-size: must be >= 1"),
     (["--model", "pix2pix"], "invalid choice: 'pix2pix'"),
     (["--netG", "resnet_2blocks"], "invalid choice: 'resnet_2blocks'"),
-    (["--lambda-cycle", "-1"], "--lambda-cycle must be >= 0"),
-    (["--lambda-nce", "-1", "--model", "cut"], "--lambda-nce must be >= 0"),
+    (["--lambda-cycle", "-1"], "--lambda-cycle: must be >= 0"),
+    (["--lambda-nce", "-1", "--model", "cut"], "--lambda-nce: must be >= 0"),
     (["--netG", "unet_128", "--crop-size", "32"], "multiple of 128"),
     (["--crop-size", "30"], "multiple of 4"),
     (["--model", "cut", "--netG", "unet_128", "--crop-size", "128", "--load-size", "128"], "encoder taps"),
@@ -2128,8 +2128,8 @@ def test_out_of_memory_is_one_line_naming_the_size_and_the_flag(dataset_root, tm
     assert_run_error(code, err, r"out of memory translating img0.jpg \(40x30, batch 1\): pass --max-side")
 
 
-def test_out_of_memory_outside_a_step_is_one_line_and_the_epochs_checkpoint_is_kept(dataset_root, tmp_path, capsys,
-                                                                                     monkeypatch):
+def test_out_of_memory_outside_a_step_is_one_line_and_the_epochs_checkpoint_is_kept(
+        dataset_root, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     assert cli(one_epoch(dataset_root, out)) == 0
     oom = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")

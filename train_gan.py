@@ -28,7 +28,7 @@ import shlex
 import statistics
 import time
 import warnings
-from contextlib import ExitStack, contextmanager, nullcontext, suppress
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +40,9 @@ from tqdm import tqdm
 from cut_model import CUT, CUTConfig
 from cycle_gan import CycleGAN, CycleGANConfig
 from data_utility import (LOCK_FILE, PairSampler, Parser, RunError, StopFlag, UnpairedDataset, UsageError, append_row,
-                          batches, data_loader, download, find_domains, load_fixed_images, load_torch, lock_run_folder,
-                          memory_or_stopped, plot_losses, record_options, run_command, save_grid, save_similarity_grid,
-                          save_torch, write_run_page, written_or_stopped)
+                          at_least, batches, data_loader, download_command, find_domains, load_fixed_images,
+                          load_torch, lock_run_folder, memory_or_stopped, pick_device, plot_losses, record_options,
+                          run_command, run_page, save_grid, save_similarity_grid, save_torch, written_or_stopped)
 from layers import NORMS
 from losses import GAN_MODES, NEGATIVES
 from networks import GENERATORS, size_multiple
@@ -82,32 +82,33 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
     a("--output-dir", type=Path, default=Path("output"), help="where runs are written")
     a("--resume", action="store_true", help="continue the run OUTPUT_DIR/NAME from its latest.pt, with its options")
     a("--direction", choices=("AtoB", "BtoA"), default="AtoB", help="BtoA learns B -> A: X is the B folder")
-    a("--epochs", type=int, help="epochs at the initial lr (official: 100 cycle_gan, 200 cut, 150 fastcut)")
-    a("--epochs-decay", type=int, help="then epochs of linear decay, to lr / (decay + 1) (official: 100, 200, 50)")
-    a("--max-steps", type=int, help="cap on steps per epoch (CPU default 150; GPU default: whole epoch)")
-    a("--batch-size", type=int, default=1, help="images per domain per step (the papers use 1)")
+    a("--epochs", type=at_least(0), help="epochs at the initial lr (official: 100 cycle_gan, 200 cut, 150 fastcut)")
+    a("--epochs-decay", type=at_least(0), help="then epochs of linear decay, to lr / (decay + 1) (official: 100, 200, "
+      "50)")
+    a("--max-steps", type=at_least(1), help="cap on steps per epoch (CPU default 150; GPU default: whole epoch)")
+    a("--batch-size", type=at_least(1), default=1, help="images per domain per step (the papers use 1)")
     a("--lr", type=float, default=2e-4, help="Adam learning rate")
     a("--load-size", type=int, help="images are resized to this square size ... (GPU 286, CPU 143)")
     a("--crop-size", type=int, help="... then randomly cropped to this size (GPU 256, CPU 128)")
     a("--input-nc", type=int, choices=(1, 3), default=3, help="channels of domain X images (1 = grayscale)")
     a("--output-nc", type=int, choices=(1, 3), default=3, help="channels of domain Y images")
     a("--netG", choices=GENERATORS, help="generator (GPU default resnet_9blocks, CPU resnet_6blocks)")
-    a("--ngf", type=int, default=64, help="filters of the generator's first layer")
-    a("--ndf", type=int, default=64, help="filters of the discriminator's first layer")
+    a("--ngf", type=at_least(1), default=64, help="filters of the generator's first layer")
+    a("--ndf", type=at_least(1), default=64, help="filters of the discriminator's first layer")
     a("--norm", choices=NORMS, default="instance", help="normalisation layers")
     a("--gan-mode", choices=GAN_MODES, default="lsgan", help="least squares (official); vanilla: Eq. 1's "
       "log-likelihood for D, non-saturating -log D(G(x)) for G; nonsaturating: the same, written with softplus")
-    a("--lambda-cycle", type=float, default=10.0, help="CycleGAN: weight of the cycle loss, each way")
-    a("--lambda-identity", type=float, default=0.5, help="CycleGAN: identity loss weight, x lambda-cycle")
-    a("--pool-size", type=int, default=50, help="CycleGAN: history of fakes shown to D (0 = none)")
-    a("--lambda-gan", type=float, default=1.0, help="CUT: weight of the adversarial loss")
-    a("--lambda-nce", type=float, help="CUT: weight of PatchNCE (cut 1, fastcut 10)")
+    a("--lambda-cycle", type=at_least(0, float), default=10.0, help="CycleGAN: weight of the cycle loss, each way")
+    a("--lambda-identity", type=at_least(0, float), default=0.5, help="CycleGAN: identity loss weight, x lambda-cycle")
+    a("--pool-size", type=at_least(0), default=50, help="CycleGAN: history of fakes shown to D (0 = none)")
+    a("--lambda-gan", type=at_least(0, float), default=1.0, help="CUT: weight of the adversarial loss")
+    a("--lambda-nce", type=at_least(0, float), help="CUT: weight of PatchNCE (cut 1, fastcut 10)")
     a("--nce-idt", **on_off, help="CUT: add the identity PatchNCE term on Y (cut on, fastcut off)")
     a("--flip-equivariance", **on_off, help="CUT: mirror G's input half the time (cut off, fastcut on)")
     a("--nce-layers", type=lambda text: tuple(int(t) if t.isdigit() else t for t in text.replace(" ", "").split(",")),
       help="CUT: encoder taps by name or official index (default: the paper's input,down1,down2,res1,res5, "
            "official 0,4,8,12,16; with --no-antialias the names keep those layers, the indices would not)")
-    a("--num-patches", type=int, default=256, help="CUT: patches sampled per layer (P - 1 negatives per query)")
+    a("--num-patches", type=at_least(1), default=256, help="CUT: patches sampled per layer (P - 1 negatives per query)")
     a("--nce-negatives", choices=NEGATIVES, default="image", help="CUT: negatives from a query's image (the "
       "paper's), the batch (official --nce_includes_all_negatives_from_minibatch), or the other images (batch > 1)")
     a("--nce-temperature", type=float, default=0.07, help="CUT: temperature tau of Eq. 2")
@@ -116,14 +117,14 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
     a("--antialias-up", **on_off, help="CUT: blur up-sampling in G (on; the official --no_antialias_up)")
     a("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
     a("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda, then mps, then cpu")
-    a("--workers", type=int, help="data-loading processes (0 = in the main process; default: on a GPU half the "
-                                  "process's CPU cores, 1 to 8, the official default being 4; on a CPU 0)")
+    a("--workers", type=at_least(0), help="data-loading processes (0 = in the main process; default: on a GPU half "
+      "the process's CPU cores, 1 to 8, the official default being 4; on a CPU 0)")
     a("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast of the forward passes (fp16 "
       "adds loss scaling); fp32 is the official math")
     a("--compile", action="store_true", help="torch.compile the networks (slow first steps, faster later)")
-    a("--benchmark", type=int, metavar="N", help="time N steps after 3 warm-up ones, print JSON, write nothing")
-    a("--log-every", type=int, default=10, help="steps averaged into each row of losses.csv")
-    a("--save-every", type=int, default=10, help="also keep epoch_NNN.pt every this many epochs (0 = never)")
+    a("--benchmark", type=at_least(1), metavar="N", help="time N steps after 3 warm-up ones, print JSON, write nothing")
+    a("--log-every", type=at_least(1), default=10, help="steps averaged into each row of losses.csv")
+    a("--save-every", type=at_least(0), default=10, help="also keep epoch_NNN.pt every this many epochs (0 = never)")
     return p
 
 
@@ -135,15 +136,6 @@ def parse_options(argv: list[str]) -> argparse.Namespace:
     args.model = args.model or (None if args.resume else "fastcut")  # a resume's is the run's
     args.name = args.name or f"{args.model or 'fastcut'}_{args.dataroot.name}"
     return args
-
-
-def pick_device(name: str) -> torch.device:
-    """--device: 'auto' is CUDA, then Apple's MPS, then the CPU; one that is not there is a UsageError."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name} is not available on this machine: use --device auto or cpu")
-    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------- the Trainer
@@ -338,7 +330,9 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Trainer:
                 print("this run has trained all its epochs: to train on, resume with more --epochs or --epochs-decay")
             with written_or_stopped(run_dir, again):
                 record_options(run_dir, options, args.given - NOT_OF_THE_RUN, args.command, trainer.epoch, epoch_step)
-                page = held.enter_context(run_page(args, trainer, run_dir, again))  # index.html until the end
+                page = held.enter_context(run_page(run_dir, f"{args.name}: {args.model} on {args.dataroot.name}",
+                                                   trainer.model.visuals_caption(), lambda: trainer.epoch,
+                                                   total_epochs, again))  # index.html, until the end
 
         for epoch in range(trainer.epoch, total_epochs):
             sampler.set_epoch(epoch, epoch_step * args.batch_size, steps * args.batch_size)
@@ -438,12 +432,6 @@ def validate(args: argparse.Namespace, device: torch.device) -> None:
     def need(ok: bool, message: str):
         if not ok:
             raise UsageError(message)
-    for flag, low in (("batch_size", 1), ("ngf", 1), ("ndf", 1), ("log_every", 1), ("epochs", 0),
-                      ("epochs_decay", 0), ("benchmark", 1), ("max_steps", 1), ("workers", 0), ("pool_size", 0),
-                      ("save_every", 0), ("num_patches", 1), ("lambda_cycle", 0), ("lambda_identity", 0),
-                      ("lambda_gan", 0), ("lambda_nce", 0)):
-        value = getattr(args, flag)
-        need(value is None or value >= low, f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
     need(args.lr > 0 and args.nce_temperature > 0, "--lr and --nce-temperature must be > 0")
     need(args.nce_negatives != "others" or args.batch_size > 1,
          "--nce-negatives others draws negatives from the other images of a batch: pass --batch-size 2 or more")
@@ -522,25 +510,6 @@ def resume_command(args: argparse.Namespace, **changes) -> str:
         text = f"{value:g}" if isinstance(value, float) else str(value)
         words += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, text]
     return shlex.join(words)
-
-
-@contextmanager
-def run_page(args: argparse.Namespace, trainer: Trainer, run_dir: Path, again: str):
-    """Yields page(), which writes the run's index.html as it stands (reloading itself while the run goes):
-    now, and as the block ends, finished or stopped with `again` (a write failing then costs nothing else)."""
-    def page(running: bool = True) -> None:
-        total = trainer.model.config.epochs + trainer.model.config.epochs_decay
-        status = (f"training: {trainer.epoch} of {total} epochs done; this page reloads every minute" if running
-                  else f"finished: {total} of {total} epochs done" if trainer.epoch >= total
-                  else f"stopped with {trainer.epoch} of {total} epochs done; {again}")
-        write_run_page(run_dir, f"{args.name}: {args.model} on {args.dataroot.name}", trainer.model.visuals_caption(),
-                       status, running)
-    page()
-    try:
-        yield page
-    finally:
-        with suppress(OSError):
-            page(running=False)
 
 
 def any_rank(flag: bool, group) -> bool:
@@ -643,12 +612,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("translating, comparing runs and official pretrained models are translate.py's "
                              "now: python translate.py --help")
         if argv[:1] == ["download"]:
-            p = Parser(prog="train_gan.py download", description="Download an official CycleGAN dataset.")
-            p.add_argument("name", help="e.g. apple2orange, horse2zebra, monet2photo (an unknown name lists them)")
-            p.add_argument("--root", type=Path, default=Path("data"), help="it goes to ROOT/NAME")
-            options = p.parse_args(argv[1:])
-            print(download(options.name, options.root))
-            return
+            return download_command(argv[1:])
         args = parse_options(argv)
         try:  # out of memory outside a step (start-up, a grid): one line too
             with memory_or_stopped(f"at crop {args.crop_size}x{args.crop_size}, batch {args.batch_size}",

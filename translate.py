@@ -24,11 +24,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data_utility import (OFFICIAL_PRETRAINED, Parser, UsageError, download_pretrained, first_readable, fit_within,
-                          list_images, load_fixed_images, load_torch, make_folder, memory_or_stopped, run_command,
-                          save_grid, save_image, to_image, to_tensor, written_or_stopped)
+from data_utility import (OFFICIAL_PRETRAINED, Parser, UsageError, at_least, download_pretrained, first_readable,
+                          fit_within, list_images, load_fixed_images, load_torch, make_folder, memory_or_stopped,
+                          pick_device, run_command, save_grid, save_image, to_image, to_tensor, written_or_stopped)
 from networks import official_generator
-from train_gan import Trainer, pick_device
+from train_gan import Trainer
 
 CACHE = Path(__file__).resolve().parent / "pretrained"
 
@@ -44,13 +44,13 @@ def parser() -> Parser:
     p.add_argument("--output", type=Path, help="folder for the results, PNGs of the same names (not --input)")
     p.add_argument("--direction", choices=("AtoB", "BtoA"),
                    help="which way, named as in training: a run's own way by default; the other needs CycleGAN")
-    p.add_argument("--max-side", type=int, help="scale each image down so its longer side is at most this "
-                                                "(aspect ratio kept) before translating; default: full size")
-    p.add_argument("--size", type=int, help="resize each image to size x size first, as the official test.py "
-                                            "(256: the papers' FID protocol); with --grid, 256 by default")
+    p.add_argument("--max-side", type=at_least(1), help="scale each image down so its longer side is at most "
+                   "this (aspect ratio kept) before translating; default: full size")
+    p.add_argument("--size", type=at_least(1), help="resize each image to size x size first, as the official "
+                   "test.py (256: the papers' FID protocol); with --grid, 256 by default")
     p.add_argument("--grid", type=Path, metavar="FILE", help="instead: one .png/.jpg, a row per image (the "
                    "first --count of --input, at --size), then each model's result")
-    p.add_argument("--count", type=int, default=6, help="--grid: images, the first ones of --input by name")
+    p.add_argument("--count", type=at_least(1), default=6, help="--grid: images, the first ones of --input by name")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     p.add_argument("--cache", type=Path, default=CACHE, help="where --pretrained generators are kept")
     return p
@@ -76,9 +76,6 @@ def translate(args) -> None:
         raise UsageError("--output is the --input folder: choose another folder so no input is overwritten")
     if args.size and args.max_side:
         raise UsageError("--size and --max-side both set the size: pass one")
-    for flag in ("max_side", "count", "size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     files = list_images(args.input)
     device = pick_device(args.device)
     paths = [*args.checkpoint, *(fetch_pretrained(name, args.cache) for name in args.pretrained)]
