@@ -104,6 +104,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX), where bf16 is the fast option."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def out_of_memory(e: BaseException) -> bool:
     """Whether `e` is an allocation failure: CUDA's or MPS's out of memory, or the CPU allocator's."""
     text = str(e)

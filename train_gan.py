@@ -40,9 +40,10 @@ from tqdm import tqdm
 from cut_model import CUT, CUTConfig
 from cycle_gan import CycleGAN, CycleGANConfig
 from data_utility import (LOCK_FILE, PairSampler, Parser, RunError, StopFlag, UnpairedDataset, UsageError, append_row,
-                          at_least, batches, data_loader, download_command, find_domains, load_fixed_images,
-                          load_torch, lock_run_folder, memory_or_stopped, pick_device, plot_losses, record_options,
-                          run_command, run_page, save_grid, save_similarity_grid, save_torch, written_or_stopped)
+                          at_least, batches, cpu_has_native_bf16, data_loader, download_command, find_domains,
+                          load_fixed_images, load_torch, lock_run_folder, memory_or_stopped, pick_device, plot_losses,
+                          record_options, run_command, run_page, save_grid, save_similarity_grid, save_torch,
+                          written_or_stopped)
 from layers import NORMS
 from losses import GAN_MODES, NEGATIVES
 from networks import GENERATORS, size_multiple
@@ -445,11 +446,6 @@ def validate(args: argparse.Namespace, device: torch.device) -> None:
     need(args.crop_size >= 16 and args.crop_size % side == 0,
          f"--netG {args.netG} needs a crop size that is a multiple of {side} (and at least 16), got "
          f"{args.crop_size}: use --crop-size {max(side, 16)}" + (" or a resnet generator" if side > 4 else ""))
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX), where bf16 is the fast option."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def start_run(args: argparse.Namespace, run_dir: Path | None, device: torch.device) -> tuple[Trainer, int, list]:
