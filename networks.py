@@ -214,8 +214,8 @@ class PatchSampleMLP(nn.Module):
     def project(self, layer: int, feat: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """feat (B, C, H, W) of tapped layer `layer`, at flat locations ids (P,) -> (B, P, nc), through
         that layer's MLP and L2-normalised, in fp32 whatever the --precision: the MLP's outputs start tiny
-        (init gain 0.02, twice), so the normalisation's gradient is large. In fp16 it overflowed at every
-        loss scale down to 1 (up to 1e10 at 65536, measured), and G never stepped."""
+        (init gain 0.02, twice), so the normalisation's gradient is large: in fp16 it overflowed (the tests'
+        small CUT: up to 1e10 at the loss scale 65536, and at every scale down to 1), so G never stepped."""
         with torch.autocast(feat.device.type, enabled=False):
             x = self.mlps[layer](full_precision(feat.flatten(2).transpose(1, 2)[:, ids]))  # (B, P, nc)
         return x / (x.norm(dim=-1, keepdim=True) + 1e-7)
