@@ -2137,6 +2137,9 @@ def test_out_of_memory_outside_a_step_is_one_line_and_the_epochs_checkpoint_is_k
     code, err = run_cli(next_epoch(dataset_root, out), capsys)
     assert_run_error(code, err, r"out of memory at crop 32x32, batch 1: lower --crop-size or --batch-size, or free")
     assert torch.load(out / "run" / "latest.pt", weights_only=True)["epoch"] == 2  # saved before the grid
+    monkeypatch.setattr(Trainer, "load", classmethod(lambda cls, *args, **kw: (_ for _ in ()).throw(oom)))
+    code, err = run_cli(["--resume", "--name", "run", "--output-dir", out, "--device", "cpu"], capsys)
+    assert_run_error(code, err, r"out of memory loading the run: lower")  # no crop known before the run's options
 
 
 def test_translate_max_side_scales_down_keeping_the_aspect_ratio_and_size_squares(dataset_root, tmp_path, capsys):

@@ -610,10 +610,13 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["download"]:
             return download_command(argv[1:])
         args = parse_options(argv)
-        try:  # out of memory outside a step (start-up, a grid): one line too
-            with memory_or_stopped(f"at crop {args.crop_size}x{args.crop_size}, batch {args.batch_size}",
-                                   "lower --crop-size or --batch-size, or free the device's memory"):
-                benchmark(args) if args.benchmark else train(args)
+        try:
+            benchmark(args) if args.benchmark else train(args)
+        except RuntimeError:  # out of memory outside train()'s steps (start-up, a grid, a benchmark): one line too
+            where = f"at crop {args.crop_size}x{args.crop_size}, batch {args.batch_size}" if args.crop_size \
+                else "loading the run"  # the options are filled in once its checkpoint is loaded
+            with memory_or_stopped(where, "lower --crop-size or --batch-size, or free the device's memory"):
+                raise
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
