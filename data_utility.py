@@ -49,7 +49,7 @@ OFFICIAL_DATASETS = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "m
                      "ae_photos", "grumpifycat")
 
 
-# ----------------------------------------------------------------------------- how a command ends: errors, Ctrl-C
+# ------------------------------------------------------------------- both commands: errors, options, device, Ctrl-C
 
 class CommandError(Exception):
     """What a command ends with: its message, one line for the user."""
@@ -107,6 +107,17 @@ def pick_device(name: str) -> torch.device:
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX), where bf16 is the fast option."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """The peak of CUDA's allocated memory, or of this process's resident memory (None on Windows)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    try:
+        import resource
+    except ImportError:
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
 def out_of_memory(e: BaseException) -> bool:

@@ -1294,7 +1294,7 @@ def test_both_scripts_import_where_fcntl_and_resource_do_not_exist():
     import them where they are used)."""
     code = ("import sys; sys.modules['fcntl'] = sys.modules['resource'] = None\n"
             "import train_gan, translate\n"
-            "import torch; print(train_gan.peak_memory_mb(torch.device('cpu')))")
+            "import torch, data_utility; print(data_utility.peak_memory_mb(torch.device('cpu')))")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
 

@@ -41,9 +41,9 @@ from cut_model import CUT, CUTConfig
 from cycle_gan import CycleGAN, CycleGANConfig
 from data_utility import (LOCK_FILE, PairSampler, Parser, RunError, StopFlag, UnpairedDataset, UsageError, append_row,
                           at_least, batches, cpu_has_native_bf16, data_loader, download_command, find_domains,
-                          load_fixed_images, load_torch, lock_run_folder, memory_or_stopped, pick_device, plot_losses,
-                          record_options, run_command, run_page, save_grid, save_similarity_grid, save_torch,
-                          written_or_stopped)
+                          load_fixed_images, load_torch, lock_run_folder, memory_or_stopped, peak_memory_mb,
+                          pick_device, plot_losses, record_options, run_command, run_page, save_grid,
+                          save_similarity_grid, save_torch, written_or_stopped)
 from layers import NORMS
 from losses import GAN_MODES, NEGATIVES
 from networks import GENERATORS, size_multiple
@@ -586,17 +586,6 @@ def benchmark(args: argparse.Namespace) -> dict:
     if rank == 0:
         print(json.dumps(result))
     return result
-
-
-def peak_memory_mb(device: torch.device) -> float | None:
-    """The peak of CUDA's allocated memory, or of this process's resident memory (None on Windows)."""
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
-    try:
-        import resource
-    except ImportError:
-        return None
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
 def main(argv: list[str] | None = None) -> int:
