@@ -84,12 +84,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def at_least(low: float, kind: type = int):
-    """An option's type: a `kind` that is >= low, else the parser's one-line error."""
+def at_least(low: float, kind: type = int, strict: bool = False):
+    """An option's type: a `kind` that is >= low (strict: > low), else the parser's one-line error."""
     def parse(text: str):
         value = kind(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        if value < low or strict and value == low:
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse's message for a bad number: 'invalid int value'
     return parse

@@ -1249,6 +1249,8 @@ def assert_one_line_error(code, err, pattern):
     (["--netG", "resnet_2blocks"], "invalid choice: 'resnet_2blocks'"),
     (["--lambda-cycle", "-1"], "--lambda-cycle: must be >= 0"),
     (["--lambda-nce", "-1", "--model", "cut"], "--lambda-nce: must be >= 0"),
+    (["--lr", "0"], "--lr: must be > 0, got 0"),
+    (["--model", "cut", "--nce-temperature", "-0.1"], "--nce-temperature: must be > 0, got -0.1"),
     (["--netG", "unet_128", "--crop-size", "32"], "multiple of 128"),
     (["--crop-size", "30"], "multiple of 4"),
     (["--model", "cut", "--netG", "unet_128", "--crop-size", "128", "--load-size", "128"], "encoder taps"),

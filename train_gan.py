@@ -88,7 +88,7 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
       "50)")
     a("--max-steps", type=at_least(1), help="cap on steps per epoch (CPU default 150; GPU default: whole epoch)")
     a("--batch-size", type=at_least(1), default=1, help="images per domain per step (the papers use 1)")
-    a("--lr", type=float, default=2e-4, help="Adam learning rate")
+    a("--lr", type=at_least(0, float, strict=True), default=2e-4, help="Adam learning rate")
     a("--load-size", type=int, help="images are resized to this square size ... (GPU 286, CPU 143)")
     a("--crop-size", type=int, help="... then randomly cropped to this size (GPU 256, CPU 128)")
     a("--input-nc", type=int, choices=(1, 3), default=3, help="channels of domain X images (1 = grayscale)")
@@ -112,7 +112,7 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
     a("--num-patches", type=at_least(1), default=256, help="CUT: patches sampled per layer (P - 1 negatives per query)")
     a("--nce-negatives", choices=NEGATIVES, default="image", help="CUT: negatives from a query's image (the "
       "paper's), the batch (official --nce_includes_all_negatives_from_minibatch), or the other images (batch > 1)")
-    a("--nce-temperature", type=float, default=0.07, help="CUT: temperature tau of Eq. 2")
+    a("--nce-temperature", type=at_least(0, float, strict=True), default=0.07, help="CUT: temperature tau of Eq. 2")
     a("--nce-map", **on_off, default=True, help="CUT: write nce_epoch_NNN.png, where PatchNCE finds the patches")
     a("--antialias", **on_off, help="CUT: blur-pool down-sampling in G and D (on; the official --no_antialias)")
     a("--antialias-up", **on_off, help="CUT: blur up-sampling in G (on; the official --no_antialias_up)")
@@ -433,7 +433,6 @@ def validate(args: argparse.Namespace, device: torch.device) -> None:
     def need(ok: bool, message: str):
         if not ok:
             raise UsageError(message)
-    need(args.lr > 0 and args.nce_temperature > 0, "--lr and --nce-temperature must be > 0")
     need(args.nce_negatives != "others" or args.batch_size > 1,
          "--nce-negatives others draws negatives from the other images of a batch: pass --batch-size 2 or more")
     need(args.precision != "fp16" or device.type == "cuda",
