@@ -2142,6 +2142,11 @@ def test_out_of_memory_outside_a_step_is_one_line_and_the_epochs_checkpoint_is_k
     monkeypatch.setattr(Trainer, "load", classmethod(lambda cls, *args, **kw: (_ for _ in ()).throw(oom)))
     code, err = run_cli(["--resume", "--name", "run", "--output-dir", out, "--device", "cpu"], capsys)
     assert_run_error(code, err, r"out of memory loading the run: lower")  # no crop known before the run's options
+    import translate as translate_py
+    monkeypatch.setattr(translate_py.Translator, "of", classmethod(lambda cls, *a: (_ for _ in ()).throw(oom)))
+    code, err = run_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
+                         "--output", str(tmp_path / "res"), "--device", "cpu"], capsys, translate_cli)
+    assert_run_error(code, err, r"out of memory loading the model\(s\) onto cpu: free its memory, or pass --device cpu")
 
 
 def test_translate_max_side_scales_down_keeping_the_aspect_ratio_and_size_squares(dataset_root, tmp_path, capsys):

@@ -79,7 +79,8 @@ def translate(args) -> None:
     files = list_images(args.input)
     device = pick_device(args.device)
     paths = [*args.checkpoint, *(fetch_pretrained(name, args.cache) for name in args.pretrained)]
-    translators = [Translator.of(path, device, args.direction) for path in paths]
+    with memory_or_stopped(f"loading the model(s) onto {device}", "free its memory, or pass --device cpu"):
+        translators = [Translator.of(path, device, args.direction) for path in paths]
     if args.grid:
         write_grid(translators, args)
     else:
