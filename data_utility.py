@@ -1,12 +1,11 @@
-"""Data and files for unpaired translation: find images, load them, jitter them, pair them at random;
-write every file atomically (checkpoints, image grids, loss plots); download the official CycleGAN
-datasets and pretrained generators. First, what both commands (train_gan.py, translate.py) share: two
-errors, one per exit code, each one line for the user, never a traceback; the option parser; the device.
+"""Data and files for unpaired translation, in three parts, each for its own reader:
 
-Mirrors data/unaligned_dataset.py and data/base_dataset.py of the official code: domain X
-is walked in a shuffled order, each x gets a random y, and an epoch is as long as the larger
-domain. Training augmentation is the papers' "random jitter": resize to load_size, random crop
-to crop_size, random horizontal flip.
+1. The data, what a learner of the papers needs and can stop after: the images of the two domains, loaded,
+   jittered as the papers do and paired at random (the official data/unaligned_dataset.py: X walked in a
+   shuffled order, a random y for each x, an epoch as long as the larger domain), as tensors and back.
+2. The run folder: `RunFolder` names and writes every file of output/NAME/ (the official Visualizer and HTML).
+3. What both commands (train_gan.py, translate.py) share: one-line errors, never a traceback; the option
+   parser; the device and its memory; Ctrl-C; atomic writes; downloads of the official data and models.
 """
 import argparse
 import contextlib
@@ -30,6 +29,8 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+# ============================================================================= 1. the data
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 # Each layout: (train X, train Y, test X, test Y) folder names.
 LAYOUTS = {"trainA/trainB/testA/testB": ("trainA", "trainB", "testA", "testB"),
@@ -37,159 +38,14 @@ LAYOUTS = {"trainA/trainB/testA/testB": ("trainA", "trainB", "testA", "testB"),
 # Pillow refuses images over ~179 MP as possible decompression bombs; photos of a dataset the user
 # chose may be large, so allow up to 1 GP (about 4 GB decoded) and skip anything bigger.
 Image.MAX_IMAGE_PIXELS = 1 << 30
-DATASET_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/datasets/{}.zip"
-# The official CycleGAN model zoo (junyanz's scripts/download_cyclegan_model.sh): ResNet generators, 9 blocks.
-PRETRAINED_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models/{}.pth"
-OFFICIAL_PRETRAINED = ("apple2orange", "orange2apple", "summer2winter_yosemite", "winter2summer_yosemite",
-                       "horse2zebra", "zebra2horse", "monet2photo", "style_monet", "style_cezanne", "style_ukiyoe",
-                       "style_vangogh", "sat2map", "map2sat", "cityscapes_photo2label", "cityscapes_label2photo",
-                       "facades_photo2label", "facades_label2photo", "iphone2dslr_flower")
-OFFICIAL_DATASETS = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "monet2photo", "cezanne2photo",
-                     "ukiyoe2photo", "vangogh2photo", "maps", "cityscapes", "facades", "iphone2dslr_flower",
-                     "ae_photos", "grumpifycat")
 
-
-# ------------------------------------------------------------------- both commands: errors, options, device, Ctrl-C
-
-class CommandError(Exception):
-    """What a command ends with: its message, one line for the user."""
-
-    def __str__(self) -> str:
-        text = super().__str__()
-        # Raised in a data-loading worker, it comes back wrapped in the worker's traceback: its own last line.
-        return text.strip().splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in text else text
-
-
-class UsageError(CommandError):
-    """A bad option, file or dataset, found before any work: one line saying how to fix it, exit code 2."""
-
-
-class RunError(CommandError):
-    """A started command cannot go on (a loss diverged, a write failed, memory ran out): one line, exit code 1."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line ('error: ... (see --help)'), not the whole usage; the help
-    shows '(default: X)' where an option has a fixed default (presets and configs fill the others)."""
-
-    def __init__(self, **kw):
-        super().__init__(formatter_class=HelpFormatter, **kw)
-
-    def error(self, message):
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def at_least(low: float, kind: type = int, strict: bool = False):
-    """An option's type: a `kind` that is >= low (strict: > low), else the parser's one-line error."""
-    def parse(text: str):
-        value = kind(text)
-        if value < low or strict and value == low:
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse's message for a bad number: 'invalid int value'
-    return parse
-
-
-def pick_device(name: str) -> torch.device:
-    """--device: 'auto' is CUDA, then Apple's MPS, then the CPU; one that is not there is a UsageError."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name} is not available on this machine: use --device auto or cpu")
-    return torch.device(name)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX), where bf16 is the fast option."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def peak_memory_mb(device: torch.device) -> float | None:
-    """The peak of CUDA's allocated memory, or of this process's resident memory (None on Windows)."""
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
-    try:
-        import resource
-    except ImportError:
-        return None
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
-
-
-def out_of_memory(e: BaseException) -> bool:
-    """Whether `e` is an allocation failure: CUDA's or MPS's out of memory, or the CPU allocator's."""
-    text = str(e)
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-@contextmanager
-def memory_or_stopped(what: str, advice: str):
-    """Running out of memory inside the block ends the command with one line: `what` ran out, and `advice`."""
-    try:
-        yield
-    except RuntimeError as e:
-        if not out_of_memory(e):
-            raise
-        raise RunError(f"out of memory {what}: {advice}") from None
-
-
-def run_command(command) -> int:
-    """Run a command's body as a command: its exit code, and one line (never a traceback) for the errors
-    users meet: 2 for a UsageError, 1 for a RunError, 130 for Ctrl-C before a run could save."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C from here on: KeyboardInterrupt, below
-    # A warning gets a line of its own, above a progress bar if one is drawn.
-    warnings.showwarning = lambda message, *rest, **kw: tqdm.write(f"warning: {message}", file=sys.stderr)
-    try:
-        command()
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C; every write is atomic
-        print("\ninterrupted: nothing half-written was left", file=sys.stderr)
-        return 130
-    except CommandError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
-    return 0
-
-
-class StopFlag:
-    """Set by SIGINT / SIGTERM; the loop saves and stops after the current step.
-
-    A second signal quits at once, without the save, except under torchrun: its launcher passes a
-    Ctrl-C on to ranks that the terminal has already signalled (and kills them if they linger).
-    """
-
-    def __init__(self, world: int = 1, lead: bool = True):
-        self.requested, self.world, self.lead, self.pid = False, world, lead, os.getpid()
-
-    def install(self) -> "StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if os.getpid() != self.pid:  # a data-loading worker, forked with this handler, before quiet_worker runs
-            return
-        if self.requested and self.world == 1:  # asked twice: stop now, without the save
-            raise KeyboardInterrupt
-        if not self.requested and self.lead:
-            print("\nstopping after this step" + (" (again to quit without saving)" if self.world == 1 else ""),
-                  file=sys.stderr)
-        self.requested = True
-
-
-# ----------------------------------------------------------------------------- images and the dataset
 
 def list_images(folder: Path) -> list[Path]:
     """Every image below `folder`, recursively, any letter case of the suffix, sorted. A folder that is
     missing or holds no image is a UsageError naming it."""
-    if folder is None or not Path(folder).is_dir():
-        raise UsageError(f"image folder {folder} does not exist")
+    need(folder is not None and Path(folder).is_dir(), f"image folder {folder} does not exist")
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise UsageError(f"no images ({' '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    need(files, f"no images ({' '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     return files
 
 
@@ -199,9 +55,8 @@ def find_domains(root: Path, direction: str = "AtoB") -> dict[str, Path | None]:
     Test folders may be missing (None); the training folders must exist.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise UsageError(f"dataroot {root} does not exist: pass --dataroot with a folder holding "
-                         f"trainA/ and trainB/ (or x_train/ and y_train/)")
+    need(root.is_dir(), f"dataroot {root} does not exist: pass --dataroot with a folder holding trainA/ and trainB/ "
+         f"(or x_train/ and y_train/)")
     for names in LAYOUTS.values():
         if (root / names[0]).is_dir() and (root / names[1]).is_dir():
             folders = [root / n if (root / n).is_dir() else None for n in names]
@@ -230,6 +85,18 @@ def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Im
         a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255
         img = Image.fromarray(a.round().astype(np.uint8), "L")
     return img.convert("RGB" if channels == 3 else "L")
+
+
+def first_readable(paths, channels: int = 3, min_side: int | None = None) -> tuple[Image.Image | None, list[Path]]:
+    """The first of `paths` that loads as an image (load_image; None when none does), and the paths before
+    it that did not: broken, truncated, vanished or replaced files."""
+    skipped = []
+    for path in paths:
+        try:
+            return load_image(path, channels, min_side), skipped
+        except Exception:  # Pillow raises many types for broken files; a vanished one, OSError
+            skipped.append(path)
+    return None, skipped
 
 
 def fit_within(img: Image.Image, max_side: int | None) -> Image.Image:
@@ -277,14 +144,13 @@ class UnpairedDataset(torch.utils.data.Dataset):
 
     def __init__(self, folder_x: Path, folder_y: Path, load_size: int = 286, crop_size: int = 256,
                  channels_x: int = 3, channels_y: int = 3, no_crop_from_epoch: int | None = None):
-        if crop_size > load_size:
-            raise UsageError(f"--crop-size {crop_size} is larger than --load-size {load_size}: lower one or raise "
-                             f"the other")
+        need(crop_size <= load_size, f"--crop-size {crop_size} is larger than --load-size {load_size}: lower one "
+             f"or raise the other")
         self.folders, self.channels = (folder_x, folder_y), (channels_x, channels_y)
         self.files = [list_images(folder) for folder in self.folders]
         for folder, files, channels in zip(self.folders, self.files, self.channels):
-            if first_readable(files, channels, 64)[0] is None:  # a JPEG decodes fast at reduced scale
-                raise UsageError(f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
+            need(first_readable(files, channels, 64)[0] is not None,  # a JPEG decodes fast at reduced scale
+                 f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
         self.load_size, self.crop_size, self.no_crop_from_epoch = load_size, crop_size, no_crop_from_epoch
 
     def __len__(self) -> int:
@@ -304,52 +170,6 @@ class UnpairedDataset(torch.utils.data.Dataset):
             images.append(to_tensor(jitter(img, load, self.crop_size, rng)))
             skipped += bad
         return images[0], images[1], "\n".join(map(str, skipped))
-
-
-def data_loader(data: UnpairedDataset, sampler: torch.utils.data.Sampler, batch_size: int, workers: int,
-                pin_memory: bool) -> torch.utils.data.DataLoader:
-    """The loader of a dataset and its sampler: `workers` processes, persistent between epochs (none: the
-    main process loads), pinned memory to feed a GPU; its own generator, so the global RNG is untouched."""
-    return torch.utils.data.DataLoader(data, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                                       persistent_workers=workers > 0, worker_init_fn=quiet_worker,
-                                       generator=torch.Generator())
-
-
-def quiet_worker(_: int) -> None:
-    """A data-loading worker leaves Ctrl-C to the main process, which saves and then stops the workers
-    (a terminal sends SIGINT to every process of the group), and dies on SIGTERM as usual."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def first_readable(paths, channels: int = 3, min_side: int | None = None) -> tuple[Image.Image | None, list[Path]]:
-    """The first of `paths` that loads as an image (load_image; None when none does), and the paths before
-    it that did not: broken, truncated, vanished or replaced files."""
-    skipped = []
-    for path in paths:
-        try:
-            return load_image(path, channels, min_side), skipped
-        except Exception:  # Pillow raises many types for broken files; a vanished one, OSError
-            skipped.append(path)
-    return None, skipped
-
-
-def batches(loader: torch.utils.data.DataLoader, clock: dict, warned: set | None = None):
-    """The (x, y) batches of an UnpairedDataset's loader; clock["wait"] adds up the seconds spent waiting
-    for them. Each image the loader could not read is named in one warning, the first time: `warned`
-    holds the ones named so far (None: warn of none, as ranks other than 0 do)."""
-    for_batch = iter(loader)
-    while True:
-        start = time.perf_counter()
-        try:
-            x, y, skipped = next(for_batch)
-        except StopIteration:
-            return
-        clock["wait"] = clock.get("wait", 0.0) + time.perf_counter() - start
-        for path in sorted({p for item in skipped for p in item.splitlines()} - warned) if warned is not None else ():
-            warned.add(path)
-            warnings.warn(f"skipping unreadable image {path}: another image of its domain takes its place")
-        yield x, y
 
 
 class PairSampler(torch.utils.data.Sampler):
@@ -390,6 +210,33 @@ class PairSampler(torch.utils.data.Sampler):
         return len(range(self.epoch_size())[self.start:self.stop])
 
 
+def data_loader(data: UnpairedDataset, sampler: torch.utils.data.Sampler, batch_size: int, workers: int,
+                pin_memory: bool) -> torch.utils.data.DataLoader:
+    """The loader of a dataset and its sampler: `workers` processes, persistent between epochs (none: the
+    main process loads), pinned memory to feed a GPU; its own generator, so the global RNG is untouched."""
+    return torch.utils.data.DataLoader(data, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                                       persistent_workers=workers > 0, worker_init_fn=quiet_worker,
+                                       generator=torch.Generator())
+
+
+def batches(loader: torch.utils.data.DataLoader, warned: set | None = None):
+    """(x, y, waited): the batches of an UnpairedDataset's loader, each with the seconds spent waiting for it.
+    Each image the loader could not read is named in one warning, the first time: `warned` holds the ones
+    named so far (None: warn of none, as ranks other than 0 do)."""
+    for_batch = iter(loader)
+    while True:
+        start = time.perf_counter()
+        try:
+            x, y, skipped = next(for_batch)
+        except StopIteration:
+            return
+        waited = time.perf_counter() - start
+        for path in sorted({p for item in skipped for p in item.splitlines()} - warned) if warned is not None else ():
+            warned.add(path)
+            warnings.warn(f"skipping unreadable image {path}: another image of its domain takes its place")
+        yield x, y, waited
+
+
 def load_fixed_images(folder: Path, n: int, size: int, channels: int = 3) -> torch.Tensor:
     """The first n readable images of a folder resized to size x size, the fixed grid inputs (n, C, size,
     size); one warning names the unreadable ones passed over."""
@@ -403,164 +250,171 @@ def load_fixed_images(folder: Path, n: int, size: int, channels: int = 3) -> tor
     if skipped:
         warnings.warn(f"skipping {len(skipped)} unreadable image(s) in {folder}: {', '.join(skipped[:3])}"
                       + (", ..." if len(skipped) > 3 else ""))
-    if not images:
-        raise UsageError(f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
+    need(images, f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
     return torch.stack(images)
 
 
-def save_grid(rows: list[list[torch.Tensor | Image.Image]], path: Path, pad: int = 2) -> None:
-    """Write rows of equally sized images as one picture, `pad` white pixels apart, e.g. x | G(x) | F(G(x))
-    per row. A cell is a PIL image or a (C, H, W) tensor in [-1, 1]; one channel is shown as gray.
-    Written with Pillow: no torchvision."""
-    rows = [[(to_image(img) if isinstance(img, torch.Tensor) else img).convert("RGB") for img in row] for row in rows]
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (max(map(len, rows)) * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            grid.paste(img, (pad + c * (w + pad), pad + r * (h + pad)))
-    save_image(grid, path)
+# ============================================================================= 2. the run folder
 
+class RunFolder:
+    """OUTPUT/NAME/, the files of one run, each named and written here and nowhere else (rank 0 writes them):
 
-def write_atomically(path: Path, write) -> None:
-    """write(tmp) into a temporary file beside `path`, then rename it over `path`: a full disk, a crash or
-    Ctrl-C leaves `path` as it was and no temporary file. Every file the commands write goes through here.
+        .lock              held by the run writing here, naming its process; dropped when that process ends
+        options.json       every option of the run, those given, each start and resume (readable without torch)
+        latest.pt          the checkpoint to resume from, written after every epoch and where a run stops
+        epoch_NNN.pt       a copy of it kept every --save-every epochs
+        losses.csv         each loss term as it enters the objective, a row per --log-every steps
+        losses.png         its plot
+        epochs.csv         a row per epoch: its time, speed and wait for data, its mean losses
+        epoch_NNN.png      the epoch's grid of the fixed test images
+        nce_epoch_NNN.png  CUT and FastCUT: where PatchNCE finds the input patches of NCE_POINTS on G(x)
+        index.html         the page to follow the run by, made from the files above (so a resume keeps it)
 
-    A failed write raises OSError naming `path`, not the temporary; that includes a RuntimeError of the
-    writer, which is how torch.save reports a short write (a full disk).
+    Every file is written whole or not at all; one that cannot be written (a full disk, a read-only folder)
+    ends the command in one line: the file, the cause, and `again`, how to go on.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        remove(tmp)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-        if isinstance(e, RuntimeError):
-            free = shutil.disk_usage(path.parent).free / 2 ** 20 if path.parent.is_dir() else 0
-            raise OSError(0, f"the write stopped short, {free:.0f} MB free on that disk: {str(e).splitlines()[0]}",
-                          str(path)) from None
-        raise
+    LOCK = ".lock"
+    # The query points of nce_epoch_NNN.png, as (row, col) fractions: the centre, upper right, lower left.
+    NCE_POINTS = ((0.5, 0.5), (0.3, 0.7), (0.8, 0.2))
+    TIMING = {"seconds": "{:.0f} s", "images_per_sec": "{:.2f} img/s", "data_wait": "{:.0%} of it waiting for data"}
 
+    def __init__(self, path: Path, again: str = ""):
+        self.path, self.again, self.latest = Path(path), again, Path(path) / "latest.pt"
+        self.heading, self.done, self.total, self.given = "", 0, 0, {}
+        self.captions = {"epoch": "", "nce_epoch": f"where PatchNCE looks: each row a test image x and G(x) with "
+                         f"{len(self.NCE_POINTS)} query points, then for each point the similarity of its patch of "
+                         f"G(x) to every patch of x (bright: taken for its input patch)"}  # the pictures of an epoch
 
-def save_torch(obj, path: Path) -> None:
-    """torch.save, atomically (write_atomically)."""
-    write_atomically(path, lambda tmp: torch.save(obj, tmp))
+    def picture(self, kind: str, epoch: int) -> Path:
+        """Epoch `epoch`'s picture of a kind of `captions`: epoch_NNN.png, nce_epoch_NNN.png."""
+        return self.path / f"{kind}_{epoch:03d}.png"
 
-
-def load_torch(path: Path):
-    """What a .pt / .pth file holds (a checkpoint of ours or an official network file), read on the CPU,
-    tensors and plain containers only (weights_only: a file cannot run code). UsageError when it is
-    missing or unreadable."""
-    if not Path(path).is_file():
-        raise UsageError(f"checkpoint {path} does not exist: check --name / --output-dir or --checkpoint")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many types for foreign or broken files
-        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}): pass a latest.pt or "
-                         f"epoch_NNN.pt written by train_gan.py, or an official generator .pth") from None
-
-
-@contextmanager
-def written_or_stopped(where: Path, then: str):
-    """A write that fails inside the block (a full disk, a read-only or missing folder) ends the command
-    with one line: the file, the cause, and to free space or fix `where`, `then`."""
-    try:
-        yield
-    except OSError as e:
-        raise RunError(f"could not write {e.filename or 'a file'} ({e.strerror or e}): free some disk space or "
-                       f"fix {where}, then {then}") from None
-
-
-LOCK_FILE = ".lock"  # in a run's folder: the lock of the run that holds it, and its process id
-
-
-def lock_run_folder(run_dir: Path):
-    """Make `run_dir` and hold an OS lock on it (its .lock file, which names this process) for this
-    process's life: a second run or resume into the same folder is refused. The lock dies with its
-    process (kill -9, power loss), so a lock left behind never blocks. Returns the held file."""
-    handle = open(make_folder(run_dir, "--output-dir") / LOCK_FILE, "a+")
-    try:
-        if os.name == "nt":  # Windows: a lock on the file's first byte
-            import msvcrt
-            handle.seek(0)
-            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    def hold(self, new: bool):
+        """Make the folder and hold an OS lock on it (.lock) for this process's life: a second run or resume into
+        it is refused, and a `new` run into a folder that holds one. The lock dies with its process (kill -9, power
+        loss), so one left behind never blocks. Returns the held file; closing it lets go."""
+        handle = open(make_folder(self.path, "--output-dir") / self.LOCK, "a+")
         try:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-        except OSError:  # Windows does not let a locked byte be read
+            if os.name == "nt":  # Windows: a lock on the file's first byte
+                import msvcrt
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             holder = "unknown"
-        handle.close()
-        raise UsageError(f"{run_dir} is in use by another run (process {holder}): wait for it to end, or pass "
-                         f"another --name") from None
-    handle.truncate(0)
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
+            with contextlib.suppress(OSError):  # Windows does not let a locked byte be read
+                handle.seek(0)
+                holder = handle.read().strip() or holder
+            handle.close()
+            raise UsageError(f"{self.path} is in use by another run (process {holder}): wait for it to end, or pass "
+                             f"another --name") from None
+        if new and any(p.name != self.LOCK for p in self.path.iterdir()):
+            handle.close()
+            raise UsageError(f"{self.path} already holds a run: pass --resume to continue it, or a new --name")
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        return handle
+
+    def start(self, options: dict, given: set, command: list[str], epoch: int, step: int, heading: str,
+              caption: str, total: int) -> None:
+        """A start or resume at (`epoch`, `step`) of `total` epochs, added to options.json with the options ever
+        `given`; then the page, headed `heading`, whose grids have columns as `caption` says."""
+        self.heading, self.captions["epoch"], self.done, self.total = heading, caption, epoch, total
+        path = self.path / "options.json"
+        try:
+            before = json.loads(path.read_text())
+            runs, ever_given = list(before["runs"]), set(before["given"])
+        except (OSError, ValueError, KeyError, TypeError):  # none yet, or edited out of shape
+            runs, ever_given = [], set()
+        self.given = {k: options.get(k) for k in sorted(ever_given | given)}  # the page's table
+        record = {"options": options, "given": list(self.given),
+                  "runs": runs + [{"started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command, "epoch": epoch,
+                                   "step": step}]}
+        with written_or_stopped(self.path, self.again):
+            write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+            self.write_page(running=True)
+
+    def save_checkpoint(self, state: dict, keep: bool = False) -> None:
+        """latest.pt, and with `keep` a copy of it as epoch_NNN.pt (N: the epochs `state` has finished)."""
+        with written_or_stopped(self.path, self.again):
+            write_atomically(self.latest, lambda tmp: torch.save(state, tmp))
+            if keep:
+                write_atomically(self.path / f"epoch_{state['epoch']:03d}.pt",
+                                 lambda tmp: shutil.copyfile(self.latest, tmp))
+
+    def log_losses(self, step: int, epoch: int, losses: dict[str, float]) -> None:
+        """A row of losses.csv: the mean of each loss over the steps up to `step`, in `epoch` (counted from 1)."""
+        with written_or_stopped(self.path, self.again):
+            append_row(self.path / "losses.csv", {"step": step, "epoch": epoch, **losses})
+
+    def end_epoch(self, epoch: int, losses: dict[str, float], grid: list[list], nce: tuple | None = None,
+                  **timing: float) -> str:
+        """Epoch `epoch` (counted from 1) ended: its row of epochs.csv (its mean `losses` and its `timing`, the
+        keys of TIMING), its grid (rows of images), CUT's map (`nce`: x, G(x) (B, C, H, W) and the maps
+        (B, Q, h, w) of NCE_POINTS), the loss plot and the page. Returns the row in words, as the page says it."""
+        self.done, row = epoch, {"epoch": epoch, **losses, **timing}
+        with written_or_stopped(self.path, self.again):
+            append_row(self.path / "epochs.csv", row)
+            save_grid(grid, self.picture("epoch", epoch))
+            if nce is not None:
+                save_similarity_grid(*nce, self.NCE_POINTS, self.picture("nce_epoch", epoch))
+            plot_losses(self.path / "losses.csv", self.path / "losses.png")
+            self.write_page(running=True)
+        return self.summary(row)
+
+    @classmethod
+    def summary(cls, row: dict[str, float]) -> str:
+        """A row of epochs.csv in words: the epoch's mean losses; its time, speed and wait for data."""
+        losses = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in {"epoch", *cls.TIMING})
+        return f"{losses}; " + ", ".join(text.format(row[k]) for k, text in cls.TIMING.items() if k in row)
+
+    def finish(self) -> None:
+        """The page as the run ends, finished or stopped (saying how to go on); a failed write costs nothing now."""
+        with contextlib.suppress(OSError):
+            self.write_page(running=False)
+
+    def write_page(self, running: bool) -> None:
+        """index.html (the official web/index.html): the options given, the loss plot, then each epoch of
+        epochs.csv, newest first, in words and pictures; it reloads every minute while `running`. Plain HTML,
+        images by relative path: the folder can be copied, or served as it is (python -m http.server)."""
+        def image(path: Path) -> str:  # the file's time in the address, so a browser shows a rewritten one
+            return f'<img src="{path.name}?t={path.stat().st_mtime_ns}" alt="{path.name}">' if path.exists() else ""
+        sections = []
+        for epoch, row in sorted({int(r["epoch"]): r for r in read_table(self.path / "epochs.csv") if "epoch" in r}
+                                 .items(), reverse=True):
+            pictures = "".join(f'<p class="caption">{html.escape(caption)}</p>{image(self.picture(kind, epoch))}'
+                               for kind, caption in self.captions.items() if self.picture(kind, epoch).exists())
+            sections.append(f'<section id="epoch-{epoch}"><h2>epoch {epoch}</h2><p>{html.escape(self.summary(row))}'
+                            f'</p>{pictures}</section>')
+        status = (f"training: {self.done} of {self.total} epochs done; this page reloads every minute" if running
+                  else f"finished: {self.total} of {self.total} epochs done" if self.done >= self.total
+                  else f"stopped with {self.done} of {self.total} epochs done; {self.again}")
+        plot = image(self.path / "losses.png") or \
+            '<p>plotted as each epoch ends; until then, <a href="losses.csv">losses.csv</a></p>'
+        rows = "".join(f"<tr><td>--{html.escape(k.replace('_', '-'))}</td><td>{html.escape(str(v))}</td></tr>"
+                       for k, v in self.given.items())
+        page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.heading)}'
+                '</title>' + ('<meta http-equiv="refresh" content="60">' if running else "")
+                + f"<style>{PAGE_STYLE}</style></head>"
+                f'<body><h1>{html.escape(self.heading)}</h1><p class="status">{html.escape(status)}</p>'
+                f'<h2>options given</h2><table id="options">{rows or "<tr><td>none: the defaults</td></tr>"}</table>'
+                '<p class="caption">every option of the run, and each start and resume: '
+                '<a href="options.json">options.json</a></p>'
+                f'<h2>losses</h2>{plot}' + ("".join(sections) or "<p>no epoch finished yet</p>") + "</body></html>\n")
+        write_atomically(self.path / "index.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
 
 
-def make_folder(folder: Path, flag: str) -> Path:
-    """Create `folder` (given by option `flag`), or end with one line saying why it cannot be one."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"{flag} {folder} cannot be made a folder ({e.strerror}): choose another {flag}") from None
-    return folder
+PAGE_STYLE = """body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em;
+       color: #222; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.15em; margin: 1.6em 0 0.3em; }
+.status { color: #555; } .caption { color: #555; font-size: 0.9em; }
+table { border-collapse: collapse; font-size: 0.9em; } td { padding: 1px 12px 1px 0; }
+img { max-width: 100%; display: block; margin: 0.4em 0; image-rendering: pixelated; }
+section { border-top: 1px solid #ddd; }"""
 
-
-def remove(path: Path) -> None:
-    """Delete a temporary file if it is there; a path that cannot hold one (under a file) is no error."""
-    with contextlib.suppress(OSError):
-        Path(path).unlink(missing_ok=True)
-
-
-def save_image(img: Image.Image, path: Path) -> None:
-    """Save a picture atomically, in the format its suffix names (.png, .jpg)."""
-    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
-    write_atomically(path, lambda tmp: img.save(tmp, format=fmt))
-
-
-MARKS = ("red", "lime", "cyan", "yellow", "magenta")
-
-
-def save_similarity_grid(x: torch.Tensor, fake: torch.Tensor, maps: torch.Tensor, points, path: Path) -> None:
-    """Write CUT's learned similarity as a picture: a row per image, x and G(x) with the query points
-    marked, then for each query point its map (B, Q, h, w) over x as a heat map (bright: likely).
-
-    x, fake: (B, C, H, W) in [-1, 1]; points: Q (row, col) fractions, drawn as squares in MARKS' colours.
-    """
-    import matplotlib
-    from PIL import ImageDraw
-
-    def marked(img: Image.Image, which) -> Image.Image:
-        draw, (w, h) = ImageDraw.Draw(img), img.size
-        for q in which:
-            r, c = points[q]
-            draw.rectangle((c * w - 3, r * h - 3, c * w + 3, r * h + 3), outline=MARKS[q % len(MARKS)], width=2)
-        return img
-
-    size = tuple(x.shape[-2:])
-    heat = torch.nn.functional.interpolate(maps.float().cpu(), size=size, mode="bilinear", align_corners=False)
-    heat = heat / heat.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)  # each map's peak is 1
-    colour = matplotlib.colormaps["inferno"]
-    rows = []
-    for b in range(len(x)):
-        gray = to_image(x[b]).convert("L").convert("RGB")
-        row = [marked(to_image(x[b]).convert("RGB"), range(len(points))),
-               marked(to_image(fake[b]).convert("RGB"), range(len(points)))]
-        for q in range(len(points)):
-            hot = Image.fromarray((colour(heat[b, q].numpy())[..., :3] * 255).astype(np.uint8))
-            row.append(marked(Image.blend(gray, hot, 0.7), [q]))
-        rows.append(row)
-    save_grid(rows, path)
-
-
-# ----------------------------------------------------------------------------- the run's folder: logs and page
 
 def append_row(path: Path, row: dict[str, float]) -> None:
     """Append one row to a CSV log (losses.csv, epochs.csv), its header written with the first row. The
@@ -634,117 +488,288 @@ def plot_losses(csv_path: Path, png_path: Path) -> None:
         plt.close(fig)
 
 
-def record_options(run_dir: Path, options: dict, given: set, command: list[str], epoch: int, step: int) -> None:
-    """Write OUTPUT/NAME/options.json (readable without torch): every option of the run as it now stands,
-    the names of those ever given on the command line, and each start and resume of the run with its
-    command and the epoch and step it started from, the earlier ones kept."""
-    path = run_dir / "options.json"
+MARKS = ("red", "lime", "cyan", "yellow", "magenta")
+
+
+def save_similarity_grid(x: torch.Tensor, fake: torch.Tensor, maps: torch.Tensor, points, path: Path) -> None:
+    """Write CUT's learned similarity as a picture: a row per image, x and G(x) with the query points
+    marked, then for each query point its map (B, Q, h, w) over x as a heat map (bright: likely).
+
+    x, fake: (B, C, H, W) in [-1, 1]; points: Q (row, col) fractions, drawn as squares in MARKS' colours.
+    """
+    import matplotlib
+    from PIL import ImageDraw
+
+    def marked(img: Image.Image, which) -> Image.Image:
+        draw, (w, h) = ImageDraw.Draw(img), img.size
+        for q in which:
+            r, c = points[q]
+            draw.rectangle((c * w - 3, r * h - 3, c * w + 3, r * h + 3), outline=MARKS[q % len(MARKS)], width=2)
+        return img
+
+    size = tuple(x.shape[-2:])
+    heat = torch.nn.functional.interpolate(maps.float().cpu(), size=size, mode="bilinear", align_corners=False)
+    heat = heat / heat.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)  # each map's peak is 1
+    colour = matplotlib.colormaps["inferno"]
+    rows = []
+    for b in range(len(x)):
+        gray = to_image(x[b]).convert("L").convert("RGB")
+        row = [marked(to_image(x[b]).convert("RGB"), range(len(points))),
+               marked(to_image(fake[b]).convert("RGB"), range(len(points)))]
+        for q in range(len(points)):
+            hot = Image.fromarray((colour(heat[b, q].numpy())[..., :3] * 255).astype(np.uint8))
+            row.append(marked(Image.blend(gray, hot, 0.7), [q]))
+        rows.append(row)
+    save_grid(rows, path)
+
+
+# ============================================================================= 3. what both commands share
+
+class CommandError(Exception):
+    """What a command ends with: its message, one line for the user."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        # Raised in a data-loading worker, it comes back wrapped in the worker's traceback: its own last line.
+        return text.strip().splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in text else text
+
+
+class UsageError(CommandError):
+    """A bad option, file or dataset, found before any work: one line saying how to fix it, exit code 2."""
+
+
+class RunError(CommandError):
+    """A started command cannot go on (a loss diverged, a write failed, memory ran out): one line, exit code 1."""
+
+
+def need(ok: bool, message: str) -> None:
+    """An option or input that cannot work, found before any work: a UsageError saying `message` unless `ok`."""
+    if not ok:
+        raise UsageError(message)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line ('error: ... (see --help)'), not the whole usage; the help
+    shows '(default: X)' where an option has a fixed default (presets and configs fill the others)."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=HelpFormatter, **kw)
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def at_least(low: float, kind: type = int, strict: bool = False):
+    """An option's type: a `kind` that is >= low (strict: > low), else the parser's one-line error."""
+    def parse(text: str):
+        value = kind(text)
+        if value < low or strict and value == low:
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's message for a bad number: 'invalid int value'
+    return parse
+
+
+def pick_device(name: str) -> torch.device:
+    """--device: 'auto' is CUDA, then Apple's MPS, then the CPU; one that is not there is a UsageError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name} is not available on this machine: use --device auto or cpu")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX), where bf16 is the fast option."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """The peak of CUDA's allocated memory, or of this process's resident memory (None on Windows)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
     try:
-        before = json.loads(path.read_text())
-        runs, ever_given = list(before["runs"]), set(before["given"])
-    except (OSError, ValueError, KeyError, TypeError):  # none yet, or edited out of shape
-        runs, ever_given = [], set()
-    record = {"options": options, "given": sorted(ever_given | given),
-              "runs": runs + [{"started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command, "epoch": epoch,
-                               "step": step}]}
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
-
-
-NCE_MAP_CAPTION = ("where PatchNCE looks: each row a test image x and G(x) with three query points, then for "
-                   "each point the similarity of its patch of G(x) to every patch of x (bright: taken for its input "
-                   "patch)")
-PAGE_STYLE = """body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em;
-       color: #222; }
-h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.15em; margin: 1.6em 0 0.3em; }
-.status { color: #555; } .caption { color: #555; font-size: 0.9em; }
-table { border-collapse: collapse; font-size: 0.9em; } td { padding: 1px 12px 1px 0; }
-img { max-width: 100%; display: block; margin: 0.4em 0; image-rendering: pixelated; }
-section { border-top: 1px solid #ddd; }"""
+        import resource
+    except ImportError:
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
 @contextmanager
-def run_page(run_dir: Path, heading: str, caption: str, epochs_done, total: int, again: str):
-    """Yields page(), which writes the run's index.html as it stands, with `epochs_done()` of `total` epochs
-    done: now, and as the block ends, finished or stopped with `again` (a write failing then costs nothing)."""
-    def page(running: bool = True) -> None:
-        done = epochs_done()
-        status = (f"training: {done} of {total} epochs done; this page reloads every minute" if running
-                  else f"finished: {total} of {total} epochs done" if done >= total
-                  else f"stopped with {done} of {total} epochs done; {again}")
-        write_run_page(run_dir, heading, caption, status, running)
-    page()
+def memory_or_stopped(what: str, advice: str):
+    """Running out of memory inside the block ends the command with one line: `what` ran out, and `advice`."""
     try:
-        yield page
-    finally:
-        with contextlib.suppress(OSError):
-            page(running=False)
+        yield
+    except RuntimeError as e:
+        if "out of memory" not in str(e) and "can't allocate memory" not in str(e):  # CUDA's, MPS's; the CPU's
+            raise
+        raise RunError(f"out of memory {what}: {advice}") from None
 
 
-def write_run_page(run_dir: Path, heading: str, caption: str, status: str, running: bool) -> None:
-    """OUTPUT/NAME/index.html, the page to follow a run by (the official codes' web/index.html): the
-    options given, the loss plot, then every finished epoch, newest first, with its grid (and CUT's
-    PatchNCE map), its time and its mean losses; `caption` says what the grid's columns are. It is made
-    from the run's folder alone (options.json, epochs.csv, losses.csv, the pictures), so a resumed run
-    keeps its history, and it reloads itself every minute while `running`. Plain HTML and CSS, images by
-    relative path: the folder can be copied, or served as it is (python -m http.server)."""
+# Ctrl-C: a command's body ends in one line (run_command); training saves and stops (StopFlag); a loader's
+# workers leave it to the main process (quiet_worker). Before torch loads, the scripts exit 130 themselves.
+
+def run_command(command) -> int:
+    """Run a command's body as a command: its exit code, and one line (never a traceback) for the errors
+    users meet: 2 for a UsageError, 1 for a RunError, 130 for Ctrl-C before a run could save."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C from here on: KeyboardInterrupt, below
+    # A warning gets a line of its own, above a progress bar if one is drawn.
+    warnings.showwarning = lambda message, *rest, **kw: tqdm.write(f"warning: {message}", file=sys.stderr)
     try:
-        record = json.loads((run_dir / "options.json").read_text())
-        given = {k: record["options"].get(k) for k in record["given"]}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        given = {}
-    timing = {int(row["epoch"]): row for row in read_table(run_dir / "epochs.csv") if "epoch" in row}
-    means: dict[int, dict[str, list[float]]] = {}
-    for row in read_table(run_dir / "losses.csv"):
-        for name, value in row.items():
-            if "epoch" in row and name not in ("step", "epoch"):
-                means.setdefault(int(row["epoch"]), {}).setdefault(name, []).append(value)
+        command()
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C; every write is atomic
+        print("\ninterrupted: nothing half-written was left", file=sys.stderr)
+        return 130
+    except CommandError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    return 0
 
-    def picture(name: str) -> str:  # the file's time in the address, so a browser shows a rewritten one
-        path = run_dir / name
-        return f'<img src="{name}?t={path.stat().st_mtime_ns}" alt="{name}">' if path.exists() else ""
-    sections = []
-    for epoch in sorted((int(p.stem[6:]) for p in run_dir.glob("epoch_*.png") if p.stem[6:].isdigit()), reverse=True):
-        t = timing.get(epoch, {})
-        facts = ", ".join(text.format(t[key]) for key, text in (("seconds", "{:.0f} s"), ("images_per_sec",
-                          "{:.2f} img/s"), ("data_wait", "{:.0%} of it waiting for data")) if key in t)
-        losses = ", ".join(f"{html.escape(name)} {sum(v) / len(v):.3f}" for name, v in means.get(epoch, {}).items())
-        nce_map = picture(f"nce_epoch_{epoch:03d}.png")
-        sections.append(f'<section id="epoch-{epoch}"><h2>epoch {epoch}</h2><p>{facts}'
-                        f'{"; mean " if facts and losses else ""}{losses}</p><p class="caption">{html.escape(caption)}'
-                        f'</p>{picture(f"epoch_{epoch:03d}.png")}'
-                        + (f'<p class="caption">{NCE_MAP_CAPTION}</p>{nce_map}' if nce_map else "") + "</section>")
-    plot = picture("losses.png") or '<p>plotted as each epoch ends; until then, <a href="losses.csv">losses.csv</a></p>'
-    rows = "".join(f"<tr><td>--{html.escape(k.replace('_', '-'))}</td><td>{html.escape(str(v))}</td></tr>"
-                   for k, v in given.items())
-    page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(heading)}</title>'
-            + ('<meta http-equiv="refresh" content="60">' if running else "") + f"<style>{PAGE_STYLE}</style></head>"
-            f'<body><h1>{html.escape(heading)}</h1><p class="status">{html.escape(status)}</p>'
-            f'<h2>options given</h2><table id="options">{rows or "<tr><td>none: the defaults</td></tr>"}</table>'
-            '<p class="caption">every option of the run, and each start and resume: '
-            '<a href="options.json">options.json</a></p>'
-            f'<h2>losses</h2>{plot}'
-            + ("".join(sections) or "<p>no epoch finished yet</p>") + "</body></html>\n")
-    write_atomically(run_dir / "index.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
+
+class StopFlag:
+    """Set by SIGINT / SIGTERM; the loop saves and stops after the current step.
+
+    A second signal quits at once, without the save, except under torchrun: its launcher passes a
+    Ctrl-C on to ranks that the terminal has already signalled (and kills them if they linger).
+    """
+
+    def __init__(self, world: int = 1, lead: bool = True):
+        self.requested, self.world, self.lead, self.pid = False, world, lead, os.getpid()
+
+    def install(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a data-loading worker, forked with this handler, before quiet_worker runs
+            return
+        if self.requested and self.world == 1:  # asked twice: stop now, without the save
+            raise KeyboardInterrupt
+        if not self.requested and self.lead:
+            print("\nstopping after this step" + (" (again to quit without saving)" if self.world == 1 else ""),
+                  file=sys.stderr)
+        self.requested = True
+
+
+def quiet_worker(_: int) -> None:
+    """A data-loading worker leaves Ctrl-C to the main process, which saves and then stops the workers
+    (a terminal sends SIGINT to every process of the group), and dies on SIGTERM as usual."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(tmp) into a temporary file beside `path`, then rename it over `path`: a full disk, a crash or
+    Ctrl-C leaves `path` as it was and no temporary file. Every file the commands write goes through here.
+
+    A failed write raises OSError naming `path`, not the temporary; that includes a RuntimeError of the
+    writer, which is how torch.save reports a short write (a full disk).
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        if isinstance(e, RuntimeError):
+            free = shutil.disk_usage(path.parent).free / 2 ** 20 if path.parent.is_dir() else 0
+            raise OSError(0, f"the write stopped short, {free:.0f} MB free on that disk: {str(e).splitlines()[0]}",
+                          str(path)) from None
+        raise
+
+
+def load_torch(path: Path):
+    """What a .pt / .pth file holds (a checkpoint of ours or an official network file), read on the CPU,
+    tensors and plain containers only (weights_only: a file cannot run code). UsageError when it is
+    missing or unreadable."""
+    need(Path(path).is_file(), f"checkpoint {path} does not exist: check --name / --output-dir or --checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for foreign or broken files
+        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}): pass a latest.pt or "
+                         f"epoch_NNN.pt written by train_gan.py, or an official generator .pth") from None
+
+
+@contextmanager
+def written_or_stopped(where: Path, then: str):
+    """A write that fails inside the block (a full disk, a read-only or missing folder) ends the command
+    with one line: the file, the cause, and to free space or fix `where`, `then`."""
+    try:
+        yield
+    except OSError as e:
+        raise RunError(f"could not write {e.filename or 'a file'} ({e.strerror or e}): free some disk space or "
+                       f"fix {where}, then {then}") from None
+
+
+def make_folder(folder: Path, flag: str) -> Path:
+    """Create `folder` (given by option `flag`), or end with one line saying why it cannot be one."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {folder} cannot be made a folder ({e.strerror}): choose another {flag}") from None
+    return folder
+
+
+def remove(path: Path) -> None:
+    """Delete a temporary file if it is there; a path that cannot hold one (under a file) is no error."""
+    with contextlib.suppress(OSError):
+        Path(path).unlink(missing_ok=True)
+
+
+def save_image(img: Image.Image, path: Path) -> None:
+    """Save a picture atomically, in the format its suffix names (.png, .jpg)."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    write_atomically(path, lambda tmp: img.save(tmp, format=fmt))
+
+
+def save_grid(rows: list[list[torch.Tensor | Image.Image]], path: Path, pad: int = 2) -> None:
+    """Write rows of equally sized images as one picture, `pad` white pixels apart, e.g. x | G(x) | F(G(x))
+    per row. A cell is a PIL image or a (C, H, W) tensor in [-1, 1]; one channel is shown as gray.
+    Written with Pillow: no torchvision."""
+    rows = [[(to_image(img) if isinstance(img, torch.Tensor) else img).convert("RGB") for img in row] for row in rows]
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (max(map(len, rows)) * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            grid.paste(img, (pad + c * (w + pad), pad + r * (h + pad)))
+    save_image(grid, path)
+
+
+DATASET_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/datasets/{}.zip"
+# The official CycleGAN model zoo (junyanz's scripts/download_cyclegan_model.sh): ResNet generators, 9 blocks.
+PRETRAINED_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models/{}.pth"
+OFFICIAL_PRETRAINED = ("apple2orange", "orange2apple", "summer2winter_yosemite", "winter2summer_yosemite",
+                       "horse2zebra", "zebra2horse", "monet2photo", "style_monet", "style_cezanne", "style_ukiyoe",
+                       "style_vangogh", "sat2map", "map2sat", "cityscapes_photo2label", "cityscapes_label2photo",
+                       "facades_photo2label", "facades_label2photo", "iphone2dslr_flower")
+OFFICIAL_DATASETS = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "monet2photo", "cezanne2photo",
+                     "ukiyoe2photo", "vangogh2photo", "maps", "cityscapes", "facades", "iphone2dslr_flower",
+                     "ae_photos", "grumpifycat")
 
 
 def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
-    """Stream `url` into `dest` with a progress bar. On any failure `dest` is removed and a UsageError
-    says what failed and, for an offline machine, `offline_hint`; the caller writes `dest` as a
-    temporary name, so no partial file is ever left."""
+    """Stream `url` into `dest` with a progress bar; a failure is a UsageError saying what failed and, for an
+    offline machine, `offline_hint`. The callers write `dest` as a temporary, removed on any failure."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as f, \
                 tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                     desc=dest.name.removesuffix(".part"), leave=False) as bar:
+                     desc=url.rsplit("/", 1)[-1], leave=False) as bar:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
                 bar.update(len(chunk))
-    except BaseException as e:  # Ctrl-C too: never leave a partial file
-        remove(dest)
-        if isinstance(e, (urllib.error.URLError, OSError)):
-            raise UsageError(f"could not download {url} ({getattr(e, 'reason', e)}): if this machine is offline, "
-                             f"{offline_hint}") from None
-        raise
+    except (urllib.error.URLError, OSError) as e:
+        raise UsageError(f"could not download {url} ({getattr(e, 'reason', e)}): if this machine is offline, "
+                         f"{offline_hint}") from None
 
 
 def download_command(argv: list[str]) -> None:
@@ -758,14 +783,13 @@ def download_command(argv: list[str]) -> None:
 
 def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:
     """Download and unzip an official CycleGAN dataset into root/name; returns that folder."""
-    if name not in OFFICIAL_DATASETS:
-        raise UsageError(f"unknown dataset {name!r}: choose one of {', '.join(OFFICIAL_DATASETS)}")
+    need(name in OFFICIAL_DATASETS, f"unknown dataset {name!r}: choose one of {', '.join(OFFICIAL_DATASETS)}")
     target = Path(root) / name
     if target.is_dir():
         return target
     part, unzipped = Path(root) / f"{name}.zip.part", Path(root) / f"{name}.unzip.part"
-    fetch(DATASET_URL.format(name), part, f"fetch the zip elsewhere and unzip it into {target}", timeout)
     try:  # unzipped beside the target and renamed, so a half-unzipped dataset never stands as one
+        fetch(DATASET_URL.format(name), part, f"fetch the zip elsewhere and unzip it into {target}", timeout)
         with zipfile.ZipFile(part) as z:
             z.extractall(unzipped)
         os.replace(unzipped / name, target)
@@ -779,16 +803,15 @@ def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:
 
 
 def download_pretrained(name: str, root: Path = Path("pretrained"), timeout: float = 30) -> Path:
-    """Download an official CycleGAN pretrained generator to root/NAME.pth (atomically); returns its path."""
-    if name not in OFFICIAL_PRETRAINED:
-        raise UsageError(f"unknown pretrained model {name!r}: choose one of {', '.join(OFFICIAL_PRETRAINED)}")
+    """An official CycleGAN pretrained generator's file, root/NAME.pth, downloaded the first time (atomically)."""
+    need(name in OFFICIAL_PRETRAINED, f"unknown pretrained model {name!r}: choose one of "
+         f"{', '.join(OFFICIAL_PRETRAINED)}")
     target = Path(root) / f"{name}.pth"
     if not target.is_file():
-        part = target.with_name(target.name + ".part")
-        fetch(PRETRAINED_URL.format(name), part, f"fetch it elsewhere and save it as {target}", timeout)
+        print(f"downloading the official {name} generator into {root} (once)", file=sys.stderr)
         try:
-            part.replace(target)
+            write_atomically(target, lambda tmp: fetch(PRETRAINED_URL.format(name), tmp,
+                                                       f"fetch it elsewhere and save it as {target}", timeout))
         except OSError as e:
-            remove(part)
             raise UsageError(f"could not save {target} ({e.strerror}): choose another folder for it") from None
     return target

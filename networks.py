@@ -2,7 +2,7 @@
 
 - ResnetGenerator: Johnson et al.'s ResNet generator (CycleGAN's G and F, CUT's G).
 - UnetGenerator: the pix2pix U-Net (arXiv 1611.07004), selectable as CycleGAN's generator.
-- PatchDiscriminator: the 70x70 PatchGAN (CycleGAN's D_X and D_Y, CUT's D).
+- PatchDiscriminator: the 70x70 PatchGAN (CycleGAN's D_X and D_Y; CUT's D, 84x84 with blur-pool).
 - PatchSampleMLP: CUT's H, which samples patches of G's encoder features and projects them.
 - load_official_state_dict: loads `latest_net_G.pth` / `latest_net_D.pth` of the official code.
 - official_generator: builds the generator an official `.pth` file holds, from the file alone.
@@ -72,9 +72,9 @@ class ResnetGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor, taps: Sequence[str | int] | None = None, encode_only: bool = False):
         """(B, C, H, W) -> (B, out, H, W). With `taps`: (output, features at the taps) from one
-        pass: the layers l of CUT's Eq. 3. With encode_only, the features alone (what `encode`
-        returns), running only as deep as the deepest tap. Going through
-        forward lets DDP and torch.compile see the encoder passes too."""
+        pass: the layers l of CUT's Eq. 3. With encode_only, the features alone, running only as
+        deep as the deepest tap. Going through forward lets DDP and torch.compile see the encoder
+        passes too."""
         if taps is None:
             return self.model(x)
         wanted = [self.tap(t)[0] for t in taps]
@@ -86,14 +86,6 @@ class ResnetGenerator(nn.Module):
                 feats[i] = x
         feats = [feats[i] for i in wanted]
         return feats if encode_only else (x, feats)
-
-    def encode(self, x: torch.Tensor, taps: Sequence[str | int] = DEFAULT_TAPS) -> list[torch.Tensor]:
-        """The feature maps at `taps`, running only as deep as the deepest tap needs.
-
-        For a 1x3x256x256 input with antialias=True and the default taps:
-        (1,3,262,262), (1,128,256,256), (1,256,128,128), (1,256,64,64), (1,256,64,64).
-        """
-        return self(x, taps, encode_only=True)
 
 
 class UnetBlock(nn.Module):
@@ -154,7 +146,8 @@ class UnetGenerator(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-    """The 70x70 PatchGAN: (B, C, H, W) -> (B, 1, H/8 - 2, W/8 - 2) logits, one per patch.
+    """The PatchGAN: (B, C, H, W) -> (B, 1, H/8 - 2, W/8 - 2) logits, one per overlapping patch of 70x70
+    pixels (84x84 with blur-pool: each blur widens what a logit sees).
 
     C64-C128-C256-C512 (4x4 convs, LeakyReLU 0.2, no norm on the first) then a 1-channel conv.
     With antialias=True (the CUT default) each stride-2 conv becomes stride 1 plus blur-pool.

@@ -106,7 +106,7 @@ def test_generators_accept_one_channel_images():
 
 def test_encode_taps_have_official_shapes_at_256():
     G = ResnetGenerator(antialias=True)
-    shapes = [tuple(f.shape) for f in G.encode(torch.randn(1, 3, 256, 256))]
+    shapes = [tuple(f.shape) for f in G(torch.randn(1, 3, 256, 256), DEFAULT_TAPS, encode_only=True)]
     assert shapes == [(1, 3, 262, 262), (1, 128, 256, 256), (1, 256, 128, 128), (1, 256, 64, 64), (1, 256, 64, 64)]
     assert [G.tap(t)[0] for t in DEFAULT_TAPS] == [0, 4, 8, 12, 16]  # the official nce_layers
     assert G.tap_channels() == [3, 128, 256, 256, 256]
@@ -115,7 +115,7 @@ def test_encode_taps_have_official_shapes_at_256():
 def test_encode_taps_are_conv_outputs_before_norm():
     G = ResnetGenerator(ngf=4, n_blocks=2, antialias=True)
     x = torch.randn(1, 3, 32, 32)
-    down1 = G.encode(x, ["down1"])[0]
+    down1 = G(x, ["down1"], encode_only=True)[0]
     assert isinstance(G.model[4], nn.Conv2d)
     assert torch.allclose(down1, G.model[4](G.model[:4](x)))
     assert down1.mean(dim=(2, 3)).abs().max() > 1e-4  # not instance-normalised
@@ -126,22 +126,22 @@ def test_encode_runs_only_as_deep_as_the_deepest_tap():
     ran = []
     for i, layer in enumerate(G.model):
         layer.register_forward_hook(lambda m, inp, out, i=i: ran.append(i))
-    G.encode(torch.randn(1, 3, 32, 32), ["input", "res1"])
+    G(torch.randn(1, 3, 32, 32), ["input", "res1"], encode_only=True)
     assert max(ran) == G.tap("res1")[0]
 
 
-def test_forward_with_taps_matches_forward_and_encode():
+def test_forward_with_taps_matches_the_plain_forward_and_the_encoder_alone():
     G = ResnetGenerator(ngf=4, n_blocks=5, antialias=True)
     x = torch.randn(2, 3, 32, 32)
     y, feats = G(x, DEFAULT_TAPS)
     assert torch.allclose(y, G(x))
-    for a, b in zip(feats, G.encode(x)):
+    for a, b in zip(feats, G(x, DEFAULT_TAPS, encode_only=True)):
         assert torch.allclose(a, b)
 
 
 def test_unknown_tap_names_the_valid_ones():
     with pytest.raises(ValueError, match="res1 \\(12\\)"):
-        ResnetGenerator(ngf=4, n_blocks=5, antialias=True).encode(torch.randn(1, 3, 16, 16), ["res7"])
+        ResnetGenerator(ngf=4, n_blocks=5, antialias=True)(torch.randn(1, 3, 16, 16), ["res7"], encode_only=True)
 
 
 def test_blur_upsample_pads_like_replicate_padding():
@@ -186,7 +186,7 @@ def test_every_parameter_of_G_D_H_receives_a_finite_nonzero_gradient():
     H = init_weights(PatchSampleMLP(G.tap_channels(), nc=8), "xavier")
     x = torch.randn(2, 3, 32, 32)
     y, feats_k = G(x, DEFAULT_TAPS)
-    q, ids = H(G.encode(y), 16)
+    q, ids = H(G(y, DEFAULT_TAPS, encode_only=True), 16)
     k, _ = H(feats_k, 16, ids)
     loss = GANLoss()(D(y), True) + sum(PatchNCELoss()(a, b) for a, b in zip(q, k))
     loss.backward()
@@ -605,7 +605,7 @@ def test_resume_uses_this_machines_adam_kernel_and_continues_exactly(tmp_path):
     model = Trainer(CycleGAN(CycleGANConfig(**TINY)))
     x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
     model.train_step(x, y)
-    model.save(tmp_path / "latest.pt")
+    du.RunFolder(tmp_path).save_checkpoint(model.state())
     state = du.load_torch(tmp_path / "latest.pt")
     for opt in state["optimizers"].values():  # as saved by the multi-tensor Adam of an older version
         for group in opt["param_groups"]:
@@ -902,12 +902,12 @@ def parse_page(path: Path) -> dict:
 def test_a_run_leaves_a_page_of_every_epoch_newest_first_that_reloads_only_while_it_runs(
         dataset_root, tmp_path, monkeypatch, model):
     out, pages = tmp_path / "out", []
-    end_of_epoch = train_gan.end_of_epoch
+    end_epoch = du.RunFolder.end_epoch
 
-    def keep_page(args, trainer, fixed, run_dir, *rest):  # the page as it stands after each epoch
-        end_of_epoch(args, trainer, fixed, run_dir, *rest)
-        pages.append(parse_page(run_dir / "index.html"))
-    monkeypatch.setattr(train_gan, "end_of_epoch", keep_page)
+    def keep_page(folder, *args, **kw):  # the page as it stands after each epoch
+        end_epoch(folder, *args, **kw)
+        pages.append(parse_page(folder.path / "index.html"))
+    monkeypatch.setattr(du.RunFolder, "end_epoch", keep_page)
     assert cli(cli_args(dataset_root, out, "--model", model, "--epochs", "1", "--epochs-decay", "0")) == 0
     argv = cli_args(dataset_root, out, "--model", model, "--epochs", "1", "--epochs-decay", "1", "--resume")
     assert cli(argv) == 0
@@ -921,9 +921,13 @@ def test_a_run_leaves_a_page_of_every_epoch_newest_first_that_reloads_only_while
         ["epoch_002.png", *maps[:1], "epoch_001.png", *maps[1:]]
     assert ("--epochs-decay", "1") in page["options"] and ("--model", model) in page["options"]
     assert ("rows of a test image x" if model == "cycle_gan" else "each row: a test image x, G(x)") in page["text"]
-    assert re.search(r"epoch 1 \d+ s, [\d.]+ img/s, \d+% of it waiting for data; mean \w+ [\d.]+", page["text"])
+    assert re.search(r"epoch 1 (\w+ [\d.]+, )*\w+ [\d.]+; \d+ s, [\d.]+ img/s, \d+% of it waiting for data",
+                     page["text"])
     record = json.loads((run / "options.json").read_text())  # every option, readable without torch
     assert record["options"]["model"] == model and record["options"]["crop_size"] == 32
+    own, other = ("lambda_cycle", "lambda_nce") if model == "cycle_gan" else ("lambda_nce", "lambda_cycle")
+    for options in (record["options"], torch.load(run / "latest.pt", weights_only=True)["options"]):
+        assert own in options and other not in options and ("pool_size" in options) == (model == "cycle_gan")
     assert [(r["epoch"], r["step"], r["command"][2:] == argv) for r in record["runs"]] == [(0, 0, False), (1, 0, True)]
 
 
@@ -1038,7 +1042,7 @@ def test_fresh_cut_nce_is_near_log_num_patches():
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     fake, keys = model.G(x, model.config.nce_layers)
     k, ids = model.H(keys, 256)
-    q, _ = model.H(model.G.encode(fake), 256, ids)
+    q, _ = model.H(model.G(fake, DEFAULT_TAPS, encode_only=True), 256, ids)
     # At res1 and res5 (16x16 = 256 places) a fresh H gives near-random unit vectors, so the loss is
     # about log(256); the shallow taps are higher because a fresh G's output is almost constant.
     deep = [model.nce_loss(a, b).item() for a, b in zip(q[3:], k[3:])]
@@ -1194,7 +1198,7 @@ def test_nce_map_option_turns_the_map_off(dataset_root, tmp_path):
 def loader_of(argv):
     """The options, the trainer and the training dataset a run of `argv` would start with."""
     args = train_gan.parse_options(argv)
-    trainer, _, _ = train_gan.start_run(args, None, torch.device("cpu"))
+    trainer, _, _ = train_gan.start_run(args, torch.device("cpu"))
     data, _, _ = train_gan.make_loader(args, trainer, du.find_domains(args.dataroot))
     return args, trainer, data
 
@@ -1263,11 +1267,22 @@ def assert_one_line_error(code, err, pattern):
     (["--epochs", "x"], "invalid int value: 'x'"),
     (["--precision", "fp16"], "fp16 is for CUDA GPUs"),
     (["--model", "cut", "--nce-negatives", "others"], "other images of a batch: pass --batch-size 2 or more"),
+    (["--model", "fastcut", "--pool-size", "0"], "fastcut does not take --pool-size: drop it, or pick the --model"),
+    (["--no-nce-idt", "--nce-layers", "res5"], "cycle_gan does not take --nce-idt --nce-layers: drop it"),
 ])
 def test_cli_rejects_bad_options_in_one_line(dataset_root, tmp_path, capsys, extra, pattern):
     code, err = run_cli(cli_args(dataset_root, tmp_path / "out", *extra), capsys)
     assert_one_line_error(code, err, pattern)
     assert not (tmp_path / "out" / "run" / "latest.pt").exists()
+
+
+def test_the_options_only_some_models_read_are_those_their_configs_alone_hold():
+    """ONLY_FOR, which keeps another model's options out of a run and its record, is what the configs say: the
+    fields one model's config has and the other's lacks, and CUT's PatchNCE picture."""
+    import dataclasses
+    options = set(vars(train_gan.parse_options([])))
+    cycle, cut = ({f.name for f in dataclasses.fields(c)} & options for c in (CycleGANConfig, CUTConfig))
+    assert train_gan.ONLY_FOR == {("cycle_gan",): cycle - cut, ("cut", "fastcut"): cut - cycle | {"nce_map"}}
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -1327,12 +1342,11 @@ def test_broken_images_give_way_when_loaded_and_each_is_named_in_one_warning(tmp
     x, _, skipped = data[(i, 0, 0, 0)]
     assert skipped.splitlines() == [str(p) for p in broken] and torch.equal(x, data[(0, 0, 0, 0)][0])
     loader = torch.utils.data.DataLoader(data, 1, sampler=[(i, 0, 0, 0), (i + 1, 1, 1, 0), (i, 2, 2, 0)])
-    clock = {"wait": 0.0}
     with pytest.warns(UserWarning) as record:
-        assert len(list(du.batches(loader, clock, set()))) == 3
+        waits = [waited for _, _, waited in du.batches(loader, set())]
     assert sorted(str(w.message) for w in record) == [f"skipping unreadable image {p}: another image of its domain "
                                                       f"takes its place" for p in broken]  # once each
-    assert clock["wait"] > 0
+    assert len(waits) == 3 and all(w > 0 for w in waits)
 
 
 def test_images_deleted_while_a_run_goes_on_give_way_and_a_domain_left_empty_stops_in_one_line(
@@ -1342,13 +1356,13 @@ def test_images_deleted_while_a_run_goes_on_give_way_and_a_domain_left_empty_sto
     argv = cli_args(dataset_root, tmp_path / "out", "--workers", "2", "--max-steps", "4", "--epochs", "1",
                     "--epochs-decay", "1")  # 4 steps: every X image, each epoch
     gone = sorted(p for p in (dataset_root / "trainA").rglob("*") if p.is_file())[:2]
-    end_of_epoch = train_gan.end_of_epoch
+    end_epoch = du.RunFolder.end_epoch
 
     def then_delete(*args, **kw):
-        end_of_epoch(*args, **kw)
+        end_epoch(*args, **kw)
         for p in gone:
             p.unlink(missing_ok=True)
-    monkeypatch.setattr(train_gan, "end_of_epoch", then_delete)
+    monkeypatch.setattr(du.RunFolder, "end_epoch", then_delete)
     code, err = run_cli(argv, capsys)
     assert code == 0 and "Traceback" not in "".join(err), err
     warned = re.findall(r"^warning: skipping unreadable image (.*): another image of its domain takes its place$",
@@ -1407,6 +1421,11 @@ def test_resume_refuses_another_model_network_or_seed(dataset_root, tmp_path, ca
         code, err = run_cli(cli_args(dataset_root, out, "--resume", flag, value), capsys)
         assert_one_line_error(code, err, f"this run was started with {flag} {was}; {flag} {value} would change it: "
                                          f"drop {flag}, or start a new --name")
+    plain = ["--resume", "--name", "run", "--output-dir", str(out), "--device", "cpu"]  # the model is the run's
+    code, err = run_cli(plain + ["--pool-size", "10"], capsys)
+    assert_one_line_error(code, err, "this run was started with --pool-size 50; --pool-size 10 would change it")
+    code, err = run_cli(plain + ["--num-patches", "64"], capsys)
+    assert_one_line_error(code, err, "cycle_gan does not take --num-patches: drop it")
 
 
 def test_resume_takes_every_option_not_given_from_the_run(dataset_root, tmp_path, capsys):
@@ -1419,7 +1438,7 @@ def test_resume_takes_every_option_not_given_from_the_run(dataset_root, tmp_path
     advice = re.search(r"continue with: (.*)", capsys.readouterr().out).group(1).split()
     assert advice[:2] == ["python", "train_gan.py"] and "--model" not in advice
     args = train_gan.parse_options(advice[2:] + ["--lr", "5e-4"])
-    resumed, epoch_step, _ = train_gan.resume_run(args, out / "run", torch.device("cpu"))
+    resumed, epoch_step, _ = train_gan.resume_run(args, du.RunFolder(out / "run"), torch.device("cpu"))
     assert (args.model, args.ngf, args.crop_size, args.max_steps, epoch_step) == ("cut", 8, 24, 2, 1)
     assert resumed.optimizers["G"].param_groups[0]["lr"] == 5e-4  # epoch 1 of 1 + 1: the full lr, the new one
     assert train_gan.train(train_gan.parse_options(advice[2:])).global_step == 4
@@ -1452,17 +1471,19 @@ def test_translate_problems_are_named(dataset_root, tmp_path, capsys):
     assert_one_line_error(code, err, "name a model: --checkpoint FILE or --pretrained NAME")
 
 
-def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
-    path = tmp_path / "latest.pt"
-    du.save_torch({"step": 1}, path)
+def test_checkpoint_save_is_atomic_and_keeps_a_copy(tmp_path, monkeypatch):
+    folder, path = du.RunFolder(tmp_path, "then try again"), tmp_path / "latest.pt"
+    folder.save_checkpoint({"epoch": 1}, keep=True)
+    assert torch.load(tmp_path / "epoch_001.pt", weights_only=True) == {"epoch": 1}
 
     def crash(obj, f):
         Path(f).write_bytes(b"half a checkp")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
-        du.save_torch({"step": 2}, path)
-    assert torch.load(path, weights_only=True) == {"step": 1} and list(tmp_path.iterdir()) == [path]
+    with pytest.raises(du.RunError, match=f"could not write {re.escape(str(path))} .*then try again"):
+        folder.save_checkpoint({"epoch": 2}, keep=True)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_001.pt", "latest.pt"]
 
 
 def test_a_nan_loss_stops_the_run_naming_the_loss_and_step(dataset_root, tmp_path, capsys, monkeypatch):
@@ -1495,6 +1516,12 @@ def test_losses_are_read_once_per_logged_window_and_averaged(dataset_root, tmp_p
     assert cli(cli_args(dataset_root, tmp_path / "a", *argv, "2")) == 0
     rows = list(csv.DictReader((tmp_path / "a" / "run" / "losses.csv").open()))
     assert [(r["step"], float(r["cycle_X"])) for r in rows] == [("2", 1.5), ("4", 3.5)]
+    capsys.readouterr()
+    assert cli(cli_args(dataset_root, tmp_path / "c", *argv, "3")) == 0  # windows of 3 steps and 1 (mean 2, then 4)
+    epoch_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1: "))
+    assert "cycle_X 2.500" in epoch_line  # the epoch's mean, (1 + 2 + 3 + 4) / 4, on the console,
+    assert float(next(csv.DictReader((tmp_path / "c" / "run" / "epochs.csv").open()))["cycle_X"]) == 2.5  # its log
+    assert "cycle_X 2.500" in parse_page(tmp_path / "c" / "run" / "index.html")["text"]  # and its page
     nan_at[0] = 2
     code, err = run_cli(cli_args(dataset_root, tmp_path / "b", *argv, "4"), capsys)
     assert code == 1 and re.search("loss cycle_X became nan by step 4", err[-1]), err
@@ -1800,7 +1827,7 @@ def test_every_ablation_command_of_the_guide_builds_its_model(dataset_root):
     for what, identity, command in rows:
         argv = command.replace("data/horse2zebra", str(dataset_root)).split()
         args = train_gan.parse_options(argv + ["--ngf", "4", "--ndf", "4", "--crop-size", "32", "--load-size", "36"])
-        trainer, _, _ = train_gan.start_run(args, None, torch.device("cpu"))
+        trainer, _, _ = train_gan.start_run(args, torch.device("cpu"))
         c = trainer.model.config
         assert c.nce_idt == (identity == "yes"), what
         assert (c.nce_layers, c.num_patches) == ((("res5",) if "last" in what else DEFAULT_TAPS),
@@ -2053,7 +2080,7 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import data_utility
-lock = data_utility.lock_run_folder(Path(sys.argv[2]))
+lock = data_utility.RunFolder(Path(sys.argv[2])).hold(new=True)
 print("locked", flush=True)
 time.sleep(120)
 """

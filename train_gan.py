@@ -9,7 +9,7 @@
 
 Top to bottom: the options (a model's config holds its paper's defaults; presets, the device's); the
 Trainer, what training adds to a model's step (Adam per group, lr schedule, precision, DDP, compile), and
-the checkpoint, written by Trainer.save and read by Trainer.load alone; train(), set-up then the epoch
+the checkpoint, made by Trainer.state and read by Trainer.load alone; train(), set-up then the epoch
 loop, and below it what it calls, in order; the benchmark; main. Runs go to output/NAME/ (see index.html).
 """
 import signal
@@ -39,11 +39,9 @@ from tqdm import tqdm
 
 from cut_model import CUT, CUTConfig
 from cycle_gan import CycleGAN, CycleGANConfig
-from data_utility import (LOCK_FILE, PairSampler, Parser, RunError, StopFlag, UnpairedDataset, UsageError, append_row,
-                          at_least, batches, cpu_has_native_bf16, data_loader, download_command, find_domains,
-                          load_fixed_images, load_torch, lock_run_folder, memory_or_stopped, peak_memory_mb,
-                          pick_device, plot_losses, record_options, run_command, run_page, save_grid,
-                          save_similarity_grid, save_torch, written_or_stopped)
+from data_utility import (PairSampler, Parser, RunError, RunFolder, StopFlag, UnpairedDataset, UsageError, at_least,
+                          batches, cpu_has_native_bf16, data_loader, download_command, find_domains, load_fixed_images,
+                          load_torch, memory_or_stopped, need, peak_memory_mb, pick_device, run_command)
 from layers import NORMS
 from losses import GAN_MODES, NEGATIVES
 from networks import GENERATORS, size_multiple
@@ -67,6 +65,13 @@ RESUME_MAY_CHANGE = {"epochs", "epochs_decay", "lr", "device", "workers", "preci
                      "load_size", "batch_size", "max_steps", "log_every", "save_every", "nce_map", "dataroot"}
 MACHINE_OPTIONS = {"device", "workers", "compile"}  # this machine's: a resume never takes them from the run
 NOT_OF_THE_RUN = {"resume", "name", "output_dir", "benchmark", "given", "command"}  # how this command is called
+# The options that some models alone read (--help groups them so): a run of another model refuses them, and its
+# options.json and checkpoint leave them out.
+ONLY_FOR = {("cycle_gan",): {"lambda_cycle", "lambda_identity", "pool_size"},
+            ("cut", "fastcut"): {"lambda_gan", "lambda_nce", "nce_idt", "flip_equivariance", "nce_layers",
+                                 "num_patches", "nce_negatives", "nce_temperature", "nce_map", "antialias",
+                                 "antialias_up"}}
+NOT_FOR = {model: set().union(*(own for models, own in ONLY_FOR.items() if model not in models)) for model in MODELS}
 
 
 def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
@@ -74,8 +79,12 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
     p = Parser(prog="train_gan.py", description="Train CycleGAN, CUT or FastCUT on unpaired images. Also: "
                "'train_gan.py download NAME' (an official dataset); translating and comparing models: translate.py.")
 
+    groups = {models: p.add_argument_group(f"{' and '.join(models)} only") for models in ONLY_FOR}
+
     def a(*names, **kw):
-        p.add_argument(*names, **kw if defaults else {**kw, "default": argparse.SUPPRESS})
+        dest = names[0][2:].replace("-", "_")
+        where = next((groups[models] for models, own in ONLY_FOR.items() if dest in own), p)
+        where.add_argument(*names, **kw if defaults else {**kw, "default": argparse.SUPPRESS})
     on_off = dict(action=argparse.BooleanOptionalAction)
     a("--model", choices=tuple(MODELS), help="what to train (default fastcut; with --resume, the run's)")
     a("--dataroot", type=Path, default=BUNDLED, help="dataset folder: trainA/ trainB/ [testA/ testB/], or x_train/ ...")
@@ -99,23 +108,23 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
     a("--norm", choices=NORMS, default="instance", help="normalisation layers")
     a("--gan-mode", choices=GAN_MODES, default="lsgan", help="least squares (official); vanilla: Eq. 1's "
       "log-likelihood for D, non-saturating -log D(G(x)) for G; nonsaturating: the same, written with softplus")
-    a("--lambda-cycle", type=at_least(0, float), default=10.0, help="CycleGAN: weight of the cycle loss, each way")
-    a("--lambda-identity", type=at_least(0, float), default=0.5, help="CycleGAN: identity loss weight, x lambda-cycle")
-    a("--pool-size", type=at_least(0), default=50, help="CycleGAN: history of fakes shown to D (0 = none)")
-    a("--lambda-gan", type=at_least(0, float), default=1.0, help="CUT: weight of the adversarial loss")
-    a("--lambda-nce", type=at_least(0, float), help="CUT: weight of PatchNCE (cut 1, fastcut 10)")
-    a("--nce-idt", **on_off, help="CUT: add the identity PatchNCE term on Y (cut on, fastcut off)")
-    a("--flip-equivariance", **on_off, help="CUT: mirror G's input half the time (cut off, fastcut on)")
+    a("--lambda-cycle", type=at_least(0, float), default=10.0, help="weight of the cycle loss, each way")
+    a("--lambda-identity", type=at_least(0, float), default=0.5, help="identity loss weight, x lambda-cycle")
+    a("--pool-size", type=at_least(0), default=50, help="history of fakes shown to D (0 = none)")
+    a("--lambda-gan", type=at_least(0, float), default=1.0, help="weight of the adversarial loss")
+    a("--lambda-nce", type=at_least(0, float), help="weight of PatchNCE (cut 1, fastcut 10)")
+    a("--nce-idt", **on_off, help="add the identity PatchNCE term on Y (cut on, fastcut off)")
+    a("--flip-equivariance", **on_off, help="mirror G's input half the time (cut off, fastcut on)")
     a("--nce-layers", type=lambda text: tuple(int(t) if t.isdigit() else t for t in text.replace(" ", "").split(",")),
-      help="CUT: encoder taps by name or official index (default: the paper's input,down1,down2,res1,res5, "
+      help="encoder taps by name or official index (default: the paper's input,down1,down2,res1,res5, "
            "official 0,4,8,12,16; with --no-antialias the names keep those layers, the indices would not)")
-    a("--num-patches", type=at_least(1), default=256, help="CUT: patches sampled per layer (P - 1 negatives per query)")
-    a("--nce-negatives", choices=NEGATIVES, default="image", help="CUT: negatives from a query's image (the "
+    a("--num-patches", type=at_least(1), default=256, help="patches sampled per layer (P - 1 negatives per query)")
+    a("--nce-negatives", choices=NEGATIVES, default="image", help="negatives from a query's image (the "
       "paper's), the batch (official --nce_includes_all_negatives_from_minibatch), or the other images (batch > 1)")
-    a("--nce-temperature", type=at_least(0, float, strict=True), default=0.07, help="CUT: temperature tau of Eq. 2")
-    a("--nce-map", **on_off, default=True, help="CUT: write nce_epoch_NNN.png, where PatchNCE finds the patches")
-    a("--antialias", **on_off, help="CUT: blur-pool down-sampling in G and D (on; the official --no_antialias)")
-    a("--antialias-up", **on_off, help="CUT: blur up-sampling in G (on; the official --no_antialias_up)")
+    a("--nce-temperature", type=at_least(0, float, strict=True), default=0.07, help="temperature tau of Eq. 2")
+    a("--nce-map", **on_off, default=True, help="write nce_epoch_NNN.png, where PatchNCE finds the patches")
+    a("--antialias", **on_off, help="blur-pool down-sampling in G and D (on; the official --no_antialias)")
+    a("--antialias-up", **on_off, help="blur up-sampling in G (on; the official --no_antialias_up)")
     a("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
     a("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda, then mps, then cpu")
     a("--workers", type=at_least(0), help="data-loading processes (0 = in the main process; default: on a GPU half "
@@ -238,20 +247,19 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = c.lr * lr_factor(self.epoch, c.epochs, c.epochs_decay)
 
-    def save(self, path: Path, epoch_step: int = 0, options: dict | None = None) -> None:
-        """Write the checkpoint atomically: the model's name and config (what builds the networks), the
-        run's options, the position (epochs finished, steps taken, steps into this epoch), the weights,
-        the optimisers, the model's own state (CycleGAN's image pools), every random generator's state."""
-        state = {"model": self.model.name, "config": dataclasses.asdict(self.model.config),
-                 "options": options or {}, "epoch": self.epoch, "step": self.global_step, "epoch_step": epoch_step,
-                 "nets": {k: v.state_dict() for k, v in self.nets.items()},
-                 "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
-                 "extra": getattr(self.model, "extra_state", dict)(),
-                 "rng": {"python": random.getstate(), "numpy_pos": int(np.random.get_state()[2]),
-                         "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),  # not uint32: torch 2.3
-                         "torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}}
-        save_torch(state, path)
+    def state(self, epoch_step: int = 0, options: dict | None = None) -> dict:
+        """The checkpoint, which `load` reads: the model's name and config (what builds the networks), the run's
+        options, the position (epochs finished, steps taken, steps into this epoch), the weights, the optimisers,
+        the model's own state (CycleGAN's image pools) and every random generator's state."""
+        return {"model": self.model.name, "config": dataclasses.asdict(self.model.config),
+                "options": options or {}, "epoch": self.epoch, "step": self.global_step, "epoch_step": epoch_step,
+                "nets": {k: v.state_dict() for k, v in self.nets.items()},
+                "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
+                "extra": getattr(self.model, "extra_state", dict)(),
+                "rng": {"python": random.getstate(), "numpy_pos": int(np.random.get_state()[2]),
+                        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),  # not uint32: torch 2.3
+                        "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}}
 
     @staticmethod
     def is_checkpoint(state) -> bool:
@@ -260,16 +268,14 @@ class Trainer:
 
     @classmethod
     def load(cls, state, device: torch.device | str = "cpu", precision: str | None = None, source: Path = None):
-        """Read back what `save` wrote (as `load_torch` returns it): the trainer of the checkpoint's own model
+        """Read back a checkpoint `state` wrote (as `load_torch` returns it): the trainer of the checkpoint's own model
         and config, with everything restored. Returns (trainer, steps into the current epoch, the run's
         options); precision defaults to the run's. A file of another kind is a UsageError naming `source`."""
-        if not cls.is_checkpoint(state):
-            raise UsageError(f"{source} is not a checkpoint of a train_gan.py run (an official generator .pth can "
-                             f"be used with translate.py, not resumed): pass a latest.pt of train_gan.py")
+        need(cls.is_checkpoint(state), f"{source} is not a checkpoint of a train_gan.py run (an official generator "
+             f".pth can be used with translate.py, not resumed): pass a latest.pt of train_gan.py")
         missing = {"config", "options", "epoch", "step", "epoch_step", "optimizers", "extra", "rng"} - set(state)
-        if missing:
-            raise UsageError(f"{source} lacks {', '.join(sorted(missing))}: it was written by an older "
-                             f"train_gan.py; train it again with this one")
+        need(not missing, f"{source} lacks {', '.join(sorted(missing))}: it was written by an older train_gan.py; "
+             f"train it again with this one")
         model_cls, config_cls, _ = MODELS[state["model"]]
         trainer = cls(model_cls(config_cls(**state["config"])), device,
                       precision or state["options"].get("precision", "fp32"))
@@ -298,25 +304,25 @@ class Trainer:
 # ----------------------------------------------------------------------------- the run
 
 def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Trainer:
-    """Train as the options say. Under torchrun every rank trains; rank 0 alone prints, writes, and holds
-    the run's folder for the whole run. Returns the trainer."""
+    """Train as the options say. Under torchrun every rank trains; rank 0 alone prints, and writes the run's
+    folder, which it holds for the whole run. Returns the trainer."""
     rank, world, device = init_distributed(pick_device(args.device))
-    run_dir, lead = args.output_dir / args.name, rank == 0
+    lead = rank == 0
+    folder = RunFolder(args.output_dir / args.name, f"continue with: {resume_command(args)}")  # works as printed
     with ExitStack() as held:
         if lead:
-            held.enter_context(lock_run_folder(run_dir))
-        trainer, epoch_step, filled = (resume_run if args.resume else start_run)(args, run_dir, device)
+            held.enter_context(folder.hold(new=not args.resume))
+        trainer, epoch_step, filled = resume_run(args, folder, device) if args.resume else start_run(args, device)
         folders = find_domains(args.dataroot, args.direction)
         data, sampler, loader = make_loader(args, trainer, folders, rank, world)
         wrap_networks(args, trainer, world)
         if world > 1:
             torch.manual_seed(args.seed + 1_000 * rank + trainer.global_step)  # each rank its own pools, patches, flips
-        cfg, ckpt, options = trainer.model.config, run_dir / "latest.pt", saved_options(args)
+        cfg, options = trainer.model.config, saved_options(args)
         steps = min(math.ceil(sampler.epoch_size() / args.batch_size), args.max_steps or math.inf)  # per epoch
         total_epochs = cfg.epochs + cfg.epochs_decay
         fixed = [load_fixed_images(folders[f"test_{d}"] or folders[f"train_{d}"], 4, args.crop_size, channels)
                  for d, channels in (("x", cfg.channels_x), ("y", cfg.channels_y))]
-        again = f"continue with: {resume_command(args)}"  # for every way a run can stop; it works as printed
         stop = stop or StopFlag(world, lead).install()
         control = dist.new_group(backend="gloo") if world > 1 else None  # for the ranks' stop and NaN votes
         warned = set() if lead else None  # the unreadable images named so far
@@ -324,25 +330,26 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Trainer:
             print(("resuming " if epoch_step or trainer.global_step else "") + f"{args.model} on {device} x {world} | "
                   f"data {args.dataroot} ({len(data.files[0])} X, {len(data.files[1])} Y) | crop {args.crop_size} "
                   f"(load {args.load_size}) | batch {args.batch_size} | {steps} steps/epoch x {total_epochs} epochs | "
-                  f"at epoch {trainer.epoch + 1} step {epoch_step} | out {run_dir}")
+                  f"at epoch {trainer.epoch + 1} step {epoch_step} | out {folder.path}")
             if filled:
                 print(f"defaults for {device.type}: {', '.join(filled)}")
             if trainer.epoch >= total_epochs:
                 print("this run has trained all its epochs: to train on, resume with more --epochs or --epochs-decay")
-            with written_or_stopped(run_dir, again):
-                record_options(run_dir, options, args.given - NOT_OF_THE_RUN, args.command, trainer.epoch, epoch_step)
-                page = held.enter_context(run_page(run_dir, f"{args.name}: {args.model} on {args.dataroot.name}",
-                                                   trainer.model.visuals_caption(), lambda: trainer.epoch,
-                                                   total_epochs, again))  # index.html, until the end
+            folder.start(options, args.given - NOT_OF_THE_RUN, args.command, trainer.epoch, epoch_step,
+                         f"{args.name}: {args.model} on {args.dataroot.name}", trainer.model.visuals_caption(),
+                         total_epochs)
+            held.callback(folder.finish)  # the page says, as the run ends, whether it finished
 
         for epoch in range(trainer.epoch, total_epochs):
             sampler.set_epoch(epoch, epoch_step * args.batch_size, steps * args.batch_size)
-            clock, first, window, count, mean, halt, start = {"wait": 0.0}, epoch_step, {}, 0, {}, False, time.time()
+            first, window, count, sums, waited, halt, start = epoch_step, {}, 0, {}, 0.0, False, time.time()
             with tqdm(total=steps, initial=epoch_step, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
                       dynamic_ncols=True, disable=not lead) as bar:
-                for x, y in batches(loader, clock, warned):
+                for x, y, wait in batches(loader, warned):
+                    waited += wait
                     with memory_or_stopped(f"in a training step at crop {args.crop_size}x{args.crop_size}, batch "
-                                           f"{args.batch_size}", f"lower --crop-size or --batch-size, then {again}"):
+                                           f"{args.batch_size}", f"lower --crop-size or --batch-size, then "
+                                           f"{folder.again}"):
                         losses = trainer.train_step(x, y)  # still on the device: nothing waits here
                     epoch_step += 1
                     bar.update()
@@ -350,31 +357,32 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Trainer:
                     halt = any_rank(stop.requested, control)  # every rank stops after the same step
                     if not (epoch_step % args.log_every == 0 or epoch_step == steps or halt):
                         continue  # the host reads the losses only at logged steps: a GPU runs on until then
-                    mean = mean_losses(window, count, control, f"by step {trainer.global_step}: {ckpt} keeps the "
-                                       f"last good state; continue with: {resume_command(args, lr=args.lr / 2)}")
+                    mean = mean_losses(window, count, control, f"by step {trainer.global_step}: {folder.latest} keeps "
+                                       f"the last good state; continue with: {resume_command(args, lr=args.lr / 2)}")
+                    sums = {k: sums.get(k, 0.0) + v * count for k, v in mean.items()}  # for the epoch's means
                     window, count = {}, 0
                     if lead:
-                        with written_or_stopped(run_dir, again):
-                            append_row(run_dir / "losses.csv", {"step": trainer.global_step, "epoch": epoch + 1,
-                                                                **mean})
+                        folder.log_losses(trainer.global_step, epoch + 1, mean)
                         bar.set_postfix({k: f"{v:.3f}" for k, v in mean.items()}, refresh=False)
                     if halt and epoch_step < steps:  # on an epoch's last step, the epoch is finished first
                         if lead:
-                            with written_or_stopped(run_dir, again):
-                                trainer.save(ckpt, epoch_step, options)
-                            print(f"\nstopped at epoch {epoch + 1}, step {epoch_step}: saved {ckpt}; {again}")
+                            folder.save_checkpoint(trainer.state(epoch_step, options))
+                            print(f"\nstopped at epoch {epoch + 1}, step {epoch_step}: saved {folder.latest}; "
+                                  f"{folder.again}")
                         return trainer
-            seconds = max(time.time() - start, 1e-6)
-            timing = {"seconds": round(seconds, 1), "images_per_sec": (epoch_step - first) * args.batch_size * world
-                      / seconds, "data_wait": clock["wait"] / seconds}  # images of all ranks
+            seconds, trained = max(time.time() - start, 1e-6), epoch_step - first  # this command's steps of the epoch
+            means = {k: v / trained for k, v in sums.items()}
             trainer.end_epoch()
             epoch_step = 0
-            if lead:
-                with written_or_stopped(run_dir, again):
-                    end_of_epoch(args, trainer, fixed, run_dir, options, timing, page)
-                print(f"epoch {trainer.epoch}/{total_epochs}  " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items())
-                      + f"  {seconds:.0f} s  {timing['images_per_sec']:.2f} img/s  {timing['data_wait']:.0%} waiting"
-                      f" for data" + (f"\nstopped after epoch {trainer.epoch}: saved {ckpt}; {again}" if halt else ""))
+            if lead:  # the checkpoint first: a picture that cannot be written costs no training
+                folder.save_checkpoint(trainer.state(0, options), keep=bool(args.save_every) and
+                                       trainer.epoch % args.save_every == 0)
+                said = folder.end_epoch(trainer.epoch, means, *on_fixed_images(args, trainer, fixed),
+                                        seconds=round(seconds, 1), data_wait=waited / seconds,
+                                        images_per_sec=trained * args.batch_size * world / seconds)  # of all ranks
+                print(f"epoch {trainer.epoch}/{total_epochs}: {said}")
+                if halt:
+                    print(f"stopped after epoch {trainer.epoch}: saved {folder.latest}; {folder.again}")
             if halt:
                 break
     return trainer
@@ -392,13 +400,13 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, device
 
 
-def resume_run(args: argparse.Namespace, run_dir: Path, device: torch.device) -> tuple[Trainer, int, list]:
-    """The run in `run_dir` as its latest.pt left it, `args` filled in with its options: each one not
+def resume_run(args: argparse.Namespace, folder: RunFolder, device: torch.device) -> tuple[Trainer, int, list]:
+    """The run in `folder` as its checkpoint left it, `args` filled in with its options: each one not
     given is the run's (but this machine's own), and one given that would change the run is refused.
     Returns (trainer, steps into the current epoch, no presets filled in)."""
-    ckpt = run_dir / "latest.pt"
-    trainer, epoch_step, saved = Trainer.load(load_torch(ckpt), device,
-                                              args.precision if "precision" in args.given else None, ckpt)
+    trainer, epoch_step, saved = Trainer.load(load_torch(folder.latest), device,
+                                              args.precision if "precision" in args.given else None, folder.latest)
+    args.model = args.model or trainer.model.name  # (one given that differs is refused below)
     asked = saved_options(args)  # this command's options, as the run's are kept
     for key, value in saved.items():
         if key not in args.given and key not in MACHINE_OPTIONS:
@@ -414,9 +422,10 @@ def resume_run(args: argparse.Namespace, run_dir: Path, device: torch.device) ->
 
 
 def saved_options(args: argparse.Namespace) -> dict:
-    """Every option of the run, as the checkpoint and options.json keep them (paths as text, tuples as lists)."""
+    """Every option of the run's model, as the checkpoint and options.json keep them (paths as text, tuples as
+    lists)."""
     return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
-            for k, v in vars(args).items() if k not in NOT_OF_THE_RUN}
+            for k, v in vars(args).items() if k not in NOT_OF_THE_RUN | NOT_FOR[args.model]}
 
 
 def presets(device: torch.device) -> dict:
@@ -430,9 +439,8 @@ def presets(device: torch.device) -> dict:
 
 def validate(args: argparse.Namespace, device: torch.device) -> None:
     """Reject impossible options before any work starts; warn of a slow one."""
-    def need(ok: bool, message: str):
-        if not ok:
-            raise UsageError(message)
+    foreign = " ".join("--" + name.replace("_", "-") for name in sorted(args.given & NOT_FOR[args.model]))
+    need(not foreign, f"{args.model} does not take {foreign}: drop it, or pick the --model it is for")
     need(args.nce_negatives != "others" or args.batch_size > 1,
          "--nce-negatives others draws negatives from the other images of a batch: pass --batch-size 2 or more")
     need(args.precision != "fp16" or device.type == "cuda",
@@ -447,12 +455,10 @@ def validate(args: argparse.Namespace, device: torch.device) -> None:
          f"{args.crop_size}: use --crop-size {max(side, 16)}" + (" or a resnet generator" if side > 4 else ""))
 
 
-def start_run(args: argparse.Namespace, run_dir: Path | None, device: torch.device) -> tuple[Trainer, int, list]:
-    """A new run into `run_dir` (None: a benchmark, which writes nothing): presets filled in, options checked,
-    the weights drawn after seeding with --seed; options left None take, and get, the config's defaults.
-    Returns (trainer, 0 steps into the first epoch, the presets filled in as 'option=value')."""
-    if run_dir and run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-        raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or a new --name")
+def start_run(args: argparse.Namespace, device: torch.device) -> tuple[Trainer, int, list]:
+    """A new run (or a benchmark): presets filled in, options checked, the weights drawn after seeding with
+    --seed; options left None take, and get, the config's defaults. Returns (trainer, 0 steps into the first
+    epoch, the presets filled in as 'option=value')."""
     filled = {key: value for key, value in presets(device).items() if getattr(args, key) is None}
     vars(args).update(filled)
     validate(args, device)
@@ -528,27 +534,16 @@ def mean_losses(window: dict[str, torch.Tensor], count: int, control, where: str
     return mean
 
 
-# The query points of nce_epoch_NNN.png, as (row, col) fractions: the centre, upper right, lower left.
-NCE_POINTS = ((0.5, 0.5), (0.3, 0.7), (0.8, 0.2))
-
-
-def end_of_epoch(args: argparse.Namespace, trainer: Trainer, fixed: list[torch.Tensor], run_dir: Path,
-                 options: dict, timing: dict, page) -> None:
-    """The epoch's files: the checkpoint first (a picture that cannot be written loses no training), then the
-    grid of the fixed test images, CUT's similarity maps, epochs.csv, the loss plot, the run's page."""
-    trainer.save(run_dir / "latest.pt", 0, options)
-    if args.save_every and trainer.epoch % args.save_every == 0:
-        trainer.save(run_dir / f"epoch_{trainer.epoch:03d}.pt", 0, options)
+def on_fixed_images(args: argparse.Namespace, trainer: Trainer, fixed: list[torch.Tensor]) -> tuple[list, tuple]:
+    """What the networks make of the fixed test images (x, y): the grid's rows, and for CUT the PatchNCE maps,
+    (x, G(x), maps) for the run folder's query points on G(x): which patches of x PatchNCE picks."""
     with trainer.evaluating() as model:
         x, y = (t.to(trainer.device) for t in fixed)
-        save_grid(model.visuals(x, y), run_dir / f"epoch_{trainer.epoch:03d}.png")
-        if args.nce_map and isinstance(model, CUT):  # for NCE_POINTS on G(x), which patches of x PatchNCE picks
+        nce = None
+        if args.nce_map and isinstance(model, CUT):
             fake = model.G(x[:2])
-            save_similarity_grid(x[:2], fake, model.similarity_maps(fake, x[:2], NCE_POINTS), NCE_POINTS,
-                                 run_dir / f"nce_epoch_{trainer.epoch:03d}.png")
-    append_row(run_dir / "epochs.csv", {"epoch": trainer.epoch, **timing})
-    plot_losses(run_dir / "losses.csv", run_dir / "losses.png")
-    page()
+            nce = x[:2], fake, model.similarity_maps(fake, x[:2], RunFolder.NCE_POINTS)
+        return model.visuals(x, y), nce
 
 
 # ----------------------------------------------------------------------------- benchmark, main
@@ -558,23 +553,24 @@ def benchmark(args: argparse.Namespace) -> dict:
     JSON line: the median step (sec_per_iter), beside it the median wait for its batch (data_wait_sec),
     and the peak memory. Under torchrun every rank steps, and images/s counts all of them."""
     rank, world, device = init_distributed(pick_device(args.device))
-    trainer, _, _ = start_run(args, None, device)
+    trainer, _, _ = start_run(args, device)
     _, sampler, loader = make_loader(args, trainer, find_domains(args.dataroot, args.direction), rank, world)
     wrap_networks(args, trainer, world)
-    warmup, times, waits, clock, stream = 3, [], [], {"wait": 0.0}, iter(())
+    warmup, times, waits, stream = 3, [], [], iter(())
     for i in range(warmup + args.benchmark):
-        waited, batch = clock["wait"], next(stream, None)
+        batch = next(stream, None)
         if batch is None:  # a new epoch of the same loader
             sampler.set_epoch(i)
-            stream = batches(loader, clock, set())
+            stream = batches(loader, set())
             batch = next(stream)
+        x, y, waited = batch
         start = time.perf_counter()
-        trainer.train_step(*batch)
+        trainer.train_step(x, y)
         if device.type in ("cuda", "mps"):
             getattr(torch, device.type).synchronize()  # the step's kernels have run
         if i >= warmup:
             times.append(time.perf_counter() - start)
-            waits.append(clock["wait"] - waited)
+            waits.append(waited)
     sec = statistics.median(times)
     result = {"model": args.model, "device": str(device), "processes": world, "precision": args.precision,
               "compile": args.compile, "crop_size": args.crop_size, "batch_size": args.batch_size,

@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_utility import (OFFICIAL_PRETRAINED, Parser, UsageError, at_least, download_pretrained, first_readable,
-                          fit_within, list_images, load_fixed_images, load_torch, make_folder, memory_or_stopped,
+                          fit_within, list_images, load_fixed_images, load_torch, make_folder, memory_or_stopped, need,
                           pick_device, run_command, save_grid, save_image, to_image, to_tensor, written_or_stopped)
 from networks import official_generator
 from train_gan import Trainer
@@ -63,35 +63,24 @@ def main(argv: list[str] | None = None) -> int:
 def translate(args) -> None:
     """Check the options, load every model, then write the translations or the grid."""
     models = [*args.checkpoint, *args.pretrained]
-    if not models:
-        raise UsageError("name a model: --checkpoint FILE or --pretrained NAME")
-    if args.grid is None and (len(models) > 1 or args.output is None):
-        raise UsageError("translating a folder takes one model and an --output folder; to compare models, pass "
-                         "--grid FILE")
-    if args.grid and args.output:
-        raise UsageError("--grid writes one picture and --output a folder of them: pass one")
-    if args.grid and args.grid.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-        raise UsageError(f"--grid {args.grid} must end in .png or .jpg")
-    if args.output and args.output.resolve() == args.input.resolve():
-        raise UsageError("--output is the --input folder: choose another folder so no input is overwritten")
-    if args.size and args.max_side:
-        raise UsageError("--size and --max-side both set the size: pass one")
+    need(models, "name a model: --checkpoint FILE or --pretrained NAME")
+    need(args.grid or len(models) == 1 and args.output, "translating a folder takes one model and an --output "
+         "folder; to compare models, pass --grid FILE")
+    need(not (args.grid and args.output), "--grid writes one picture and --output a folder of them: pass one")
+    need(not args.grid or args.grid.suffix.lower() in (".png", ".jpg", ".jpeg"), f"--grid {args.grid} must end in "
+         ".png or .jpg")
+    need(not args.output or args.output.resolve() != args.input.resolve(), "--output is the --input folder: choose "
+         "another folder so no input is overwritten")
+    need(not (args.size and args.max_side), "--size and --max-side both set the size: pass one")
     files = list_images(args.input)
     device = pick_device(args.device)
-    paths = [*args.checkpoint, *(fetch_pretrained(name, args.cache) for name in args.pretrained)]
+    paths = [*args.checkpoint, *(download_pretrained(name, args.cache) for name in args.pretrained)]
     with memory_or_stopped(f"loading the model(s) onto {device}", "free its memory, or pass --device cpu"):
         translators = [Translator.of(path, device, args.direction) for path in paths]
     if args.grid:
         write_grid(translators, args)
     else:
         translate_folder(translators[0], files, args)
-
-
-def fetch_pretrained(name: str, cache: Path) -> Path:
-    """An official zoo generator's file in `cache`, downloaded the first time (atomically, with a progress bar)."""
-    if not (cache / f"{name}.pth").is_file() and name in OFFICIAL_PRETRAINED:
-        print(f"downloading the official {name} generator into {cache} (once)", file=sys.stderr)
-    return download_pretrained(name, cache)
 
 
 class Translator:
@@ -112,15 +101,13 @@ class Translator:
             except ValueError as e:
                 raise UsageError(f"{path} is neither a checkpoint of train_gan.py nor an official generator: "
                                  f"{str(e).splitlines()[0]}") from None
-            if direction:
-                raise UsageError(f"{path} holds one generator, which translates its own way: drop --direction")
+            need(not direction, f"{path} holds one generator, which translates its own way: drop --direction")
             return cls(net, next(net.parameters()).shape[1], device)
         trainer, _, options = Trainer.load(state, device, source=path)
         model, trained = trainer.model, options.get("direction", "AtoB")
         way = "x2y" if direction in (None, trained) else "y2x"  # the run's X is the folder it trained from
-        if way not in model.directions:
-            raise UsageError(f"{path} is a {model.name} model, which translates its own way only ({trained}): drop "
-                             f"--direction {direction}")
+        need(way in model.directions, f"{path} is a {model.name} model, which translates its own way only "
+             f"({trained}): drop --direction {direction}")
         channels = model.config.channels_x if way == "x2y" else model.config.channels_y
         return cls(trainer.nets[model.directions[way]], channels, device)
 
@@ -159,9 +146,8 @@ def translate_folder(translator: Translator, files: list[Path], args) -> None:
 def write_grid(translators: list[Translator], args) -> None:
     """One picture: a row per input image, the input then every model's translation of it."""
     channels = {t.channels for t in translators}
-    if len(channels) > 1:
-        raise UsageError(f"the models take {' and '.join(map(str, sorted(channels)))}-channel inputs: compare "
-                         f"models of the same domains")
+    need(len(channels) == 1, f"the models take {' and '.join(map(str, sorted(channels)))}-channel inputs: compare "
+         f"models of the same domains")
     size = args.size or 256
     x = load_fixed_images(args.input, args.count, size, channels.pop())
     with memory_or_stopped(f"translating {len(x)} images of {size}x{size} at once (batch {len(x)})",
