@@ -15,7 +15,7 @@ Objective (Eq. 5): L_GAN(G, D, X, Y) + lambda_X * L_PatchNCE(G, H, X) + lambda_Y
 Official details kept: anti-aliased G and D (blur-pool down, blur up: two switches, as officially),
 xavier init with gain 0.02, Adam lr 2e-4 with betas (0.5, 0.999) for G, D and H, 256 patches per
 layer, temperature 0.07; each step updates D first, then G and H together; in the lr-decay epochs
-the training images are no longer resized and cropped (flips stay).
+the training images are resized to the crop size, not cropped (flips stay).
 
 This file is the paper only. The optimisation (Adam, the lr schedule, precision, DDP, checkpoints)
 is train_gan.py's `Trainer`, handed to `train_step`.
@@ -76,7 +76,7 @@ class CUTConfig:
 
 class CUT:
     """G: X->Y (ResNet, anti-aliased), D (PatchGAN), H (PatchSampleMLP over G's encoder taps)."""
-    groups = {"D": ("D",), "G": ("G", "H")}  # one Adam for D, one for G and H, as officially
+    groups = {"D": ("D",), "G": ("G", "H")}  # officially H has an Adam of its own, the same steps: Adam is per weight
     directions = {"x2y": "G"}  # CUT learns one direction only
     # The official CUT dataset stops the resize-and-crop jitter once the lr decays (load size = crop
     # size in those epochs); flips stay.

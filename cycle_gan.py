@@ -9,8 +9,9 @@ Objective (Eq. 3), minimised by G and F, maximised by D_X and D_Y:
     L_GAN (Eq. 1): least squares, as the paper's Sec. 4 and the official code train (more stable
         than the log-likelihood form Eq. 1 is written in)
     L_cyc (Eq. 2): ||F(G(x)) - x||_1 + ||G(F(y)) - y||_1, lambda = 10
-    + the identity loss of Sec. 5.2, ||G(y) - y||_1 + ||F(x) - x||_1, weighted 0.5 * lambda.
-Official details kept: D's loss is halved, D sees a 50-image history of fakes (Sec. 4), N(0, 0.02)
+    + the identity loss of Sec. 5.2, ||G(y) - y||_1 + ||F(x) - x||_1, weighted 0.5 * lambda (appendix 7.1).
+junyanz's details kept (the CUT repository's copy of this model has xavier init, anti-aliased networks,
+200 + 200 epochs): D's loss halved (appendix 7.1), a 50-image history of fakes for D (Sec. 4), N(0, 0.02)
 init; Adam lr 2e-4, betas (0.5, 0.999), constant for `epochs`, then linear decay over `epochs_decay`.
 
 This file is the paper only. The optimisation (Adam, the lr schedule, precision, DDP, checkpoints)
@@ -44,7 +45,7 @@ class CycleGANConfig:
     lr: float = 2e-4
     beta1: float = 0.5
     epochs: int = 100  # at the initial lr
-    epochs_decay: int = 100  # then linearly down to lr / (epochs_decay + 1), as officially
+    epochs_decay: int = 100  # then linearly down to lr / (epochs_decay + 1), as the CUT repository (junyanz's: 0)
     init_gain: float = 0.02
 
 
@@ -80,7 +81,7 @@ class ImagePool:
 class CycleGAN:
     """G: X->Y and F: Y->X (generators), D_X and D_Y (PatchGAN discriminators)."""
     name = "cycle_gan"
-    groups = {"G": ("G", "F"), "D": ("D_X", "D_Y")}  # one Adam per group, as officially
+    groups = {"G": ("G", "F"), "D": ("D_X", "D_Y")}  # one Adam per group, as junyanz's code
     directions = {"x2y": "G", "y2x": "F"}
     resize_crop_in_decay = True  # the random resize-and-crop jitter stays on for the whole run
 
@@ -118,7 +119,7 @@ class CycleGAN:
         loss = {**dict(zip(("G_gan", "cycle_X", "idt_X"), terms_x)),
                 **dict(zip(("F_gan", "cycle_Y", "idt_Y"), terms_y))}
 
-        # 2. D_Y, then D_X, maximise Eq. 1: real images against (pooled) fakes. The official code halves D's loss.
+        # 2. D_Y, then D_X, maximise Eq. 1: real images against (pooled) fakes; D's loss halved (appendix 7.1).
         for name, D, real, fake, pool in (("D_Y", self.D_Y, y, fake_y, self.pool_Y),
                                           ("D_X", self.D_X, x, fake_x, self.pool_X)):
             with trainer.autocast():
