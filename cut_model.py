@@ -188,6 +188,14 @@ class CUT:
         return logits.softmax(-1).view(*q.shape[:2], h, w)
 
     @torch.no_grad()
+    def verdicts(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+        """What D decides, patch by patch, of real images y (B, C, H, W) and of translations G(x):
+        {"D": (y, G(x), D's verdict on y, on G(x))}, each verdict (B, 1, h, w), one value per overlapping patch
+        of the image (84x84 pixels with blur-pool, 30x30 of them at 256), 1 real and 0 fake (GANLoss.verdict)."""
+        fake = self.G(x)
+        return {"D": (y, fake, self.gan_loss.verdict(self.D(y)), self.gan_loss.verdict(self.D(fake)))}
+
+    @torch.no_grad()
     def visuals(self, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
         """Grid rows: x | G(x), and | y | G(y) when the identity term is on."""
         rows = [list(r) for r in zip(x, self.G(x))]

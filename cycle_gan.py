@@ -145,6 +145,15 @@ class CycleGAN:
         return terms, fake.detach()
 
     @torch.no_grad()
+    def verdicts(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+        """What each discriminator decides, patch by patch, of real images of its domain and of translations into
+        it: {"D_Y": (y, G(x), D_Y(y), D_Y(G(x))), "D_X": (x, F(y), D_X(x), D_X(F(y)))} as verdicts (B, 1, h, w),
+        one per overlapping 70x70 patch (30x30 of them at 256), 1 real and 0 fake (GANLoss.verdict)."""
+        verdict = self.gan_loss.verdict
+        return {name: (real, fake, verdict(D(real)), verdict(D(fake)))
+                for name, D, real, fake in (("D_Y", self.D_Y, y, self.G(x)), ("D_X", self.D_X, x, self.F(y)))}
+
+    @torch.no_grad()
     def visuals(self, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
         """Grid rows: x | G(x) | F(G(x)) for each x, then y | F(y) | G(F(y)) for each y."""
         fake_y, fake_x = self.G(x), self.F(y)

@@ -264,10 +264,13 @@ class RunFolder:
         latest.pt          the checkpoint to resume from, written after every epoch and where a run stops
         epoch_NNN.pt       a copy of it kept every --save-every epochs
         losses.csv         each loss term as it enters the objective, a row per --log-every steps
-        losses.png         its plot
-        epochs.csv         a row per epoch: its time, speed and wait for data, its mean losses
+        epochs.csv         a row per epoch: its mean losses; the balance, D's mean verdict on the fixed real
+                           test images and on their translations (D_real, D_fake; D_Y_real ...); its time,
+                           speed and wait for data
+        losses.png         the plot of losses.csv; balance.png, that of the balance
         epoch_NNN.png      the epoch's grid of the fixed test images
         nce_epoch_NNN.png  CUT and FastCUT: where PatchNCE finds the input patches of NCE_POINTS on G(x)
+        d_epoch_NNN.png    what D decides of each patch of real and translated test images
         index.html         the page to follow the run by, made from the files above (so a resume keeps it)
 
     Every file is written whole or not at all; one that cannot be written (a full disk, a read-only folder)
@@ -283,7 +286,11 @@ class RunFolder:
         self.heading, self.done, self.total, self.given = "", 0, 0, {}
         self.captions = {"epoch": "", "nce_epoch": f"where PatchNCE looks: each row a test image x and G(x) with "
                          f"{len(self.NCE_POINTS)} query points, then for each point the similarity of its patch of "
-                         f"G(x) to every patch of x (bright: taken for its input patch)"}  # the pictures of an epoch
+                         f"G(x) to every patch of x (bright: taken for its input patch)",
+                         "d_epoch": "what D decides: each row, for each discriminator, a real test image of its "
+                         "domain and a translation into it (CycleGAN: D_Y on y and G(x), then D_X on x and F(y)), "
+                         "under D's verdict on each patch of it: bright real (1), dark fake (0), red at 0.5, where "
+                         "neither network wins"}  # the pictures of an epoch, in the page's order
 
     def picture(self, kind: str, epoch: int) -> Path:
         """Epoch `epoch`'s picture of a kind of `captions`: epoch_NNN.png, nce_epoch_NNN.png."""
@@ -351,17 +358,28 @@ class RunFolder:
             append_row(self.path / "losses.csv", {"step": step, "epoch": epoch, **losses})
 
     def end_epoch(self, epoch: int, losses: dict[str, float], grid: list[list], nce: tuple | None = None,
-                  **timing: float) -> str:
-        """Epoch `epoch` (counted from 1) ended: its row of epochs.csv (its mean `losses` and its `timing`, the
-        keys of TIMING), its grid (rows of images), CUT's map (`nce`: x, G(x) (B, C, H, W) and the maps
-        (B, Q, h, w) of NCE_POINTS), the loss plot and the page. Returns the row in words, as the page says it."""
-        self.done, row = epoch, {"epoch": epoch, **losses, **timing}
+                  verdicts: dict | None = None, **timing: float) -> str:
+        """Epoch `epoch` (counted from 1) ended: its row of epochs.csv (its mean `losses`, the balance of
+        `verdicts` and its `timing`, the keys of TIMING), its grid (rows of images), CUT's map (`nce`: x, G(x)
+        (B, C, H, W) and the maps (B, Q, h, w) of NCE_POINTS), D's map (`verdicts`, as the models' `verdicts`
+        return them), the plots and the page. Returns the row in words, as the page says it."""
+        balance = {f"{name}_{side}": verdict.float().mean().item() for name, (*_, on_real, on_fake) in
+                   (verdicts or {}).items() for side, verdict in (("real", on_real), ("fake", on_fake))}
+        self.done, row = epoch, {"epoch": epoch, **losses, **balance, **timing}
         with written_or_stopped(self.path, self.again):
             append_row(self.path / "epochs.csv", row)
             save_grid(grid, self.picture("epoch", epoch))
             if nce is not None:
                 save_similarity_grid(*nce, self.NCE_POINTS, self.picture("nce_epoch", epoch))
-            plot_losses(self.path / "losses.csv", self.path / "losses.png")
+            if verdicts:  # a row per image: for each D, its real image and a translation, under its verdicts
+                save_grid([[heat_over(image[b], verdict[b, 0]) for real, fake, on_real, on_fake in verdicts.values()
+                            for image, verdict in ((real, on_real), (fake, on_fake))]
+                           for b in range(len(next(iter(verdicts.values()))[0]))], self.picture("d_epoch", epoch))
+            losses, epochs = read_table(self.path / "losses.csv"), read_table(self.path / "epochs.csv")
+            plot(losses, "step", {k: [k] for k in dict.fromkeys(k for r in losses for k in r) if k not in
+                                  ("step", "epoch")}, self.path / "losses.png")
+            judges = [k[:-5] for k in dict.fromkeys(k for r in epochs for k in r) if k.endswith("_real")]
+            plot(epochs, "epoch", {d: [f"{d}_real", f"{d}_fake"] for d in judges}, self.path / "balance.png", 0.5)
             self.write_page(running=True)
         return self.summary(row)
 
@@ -392,8 +410,8 @@ class RunFolder:
         status = (f"training: {self.done} of {self.total} epochs done; this page reloads every minute" if running
                   else f"finished: {self.total} of {self.total} epochs done" if self.done >= self.total
                   else f"stopped with {self.done} of {self.total} epochs done; {self.again}")
-        plot = image(self.path / "losses.png") or \
-            '<p>plotted as each epoch ends; until then, <a href="losses.csv">losses.csv</a></p>'
+        plots = (image(self.path / "losses.png") + image(self.path / "balance.png")
+                 or '<p>plotted as each epoch ends; until then, <a href="losses.csv">losses.csv</a></p>')
         rows = "".join(f"<tr><td>--{html.escape(k.replace('_', '-'))}</td><td>{html.escape(str(v))}</td></tr>"
                        for k, v in self.given.items())
         page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.heading)}'
@@ -403,7 +421,11 @@ class RunFolder:
                 f'<h2>options given</h2><table id="options">{rows or "<tr><td>none: the defaults</td></tr>"}</table>'
                 '<p class="caption">every option of the run, and each start and resume: '
                 '<a href="options.json">options.json</a></p>'
-                f'<h2>losses</h2>{plot}' + ("".join(sections) or "<p>no epoch finished yet</p>") + "</body></html>\n")
+                f'<h2>losses, and the balance of D and G</h2><div class="plots">{plots}</div><p class="caption">left: '
+                "each loss term as it enters the objective, against the step; right, each epoch: D's mean verdict "
+                "on the fixed real test images (real) and on their translations (fake), 1 real and 0 fake; dashed, "
+                "0.5, where the two meet when neither network wins</p>"
+                + ("".join(sections) or "<p>no epoch finished yet</p>") + "</body></html>\n")
         write_atomically(self.path / "index.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
 
 
@@ -413,7 +435,8 @@ h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.15em; margin: 1
 .status { color: #555; } .caption { color: #555; font-size: 0.9em; }
 table { border-collapse: collapse; font-size: 0.9em; } td { padding: 1px 12px 1px 0; }
 img { max-width: 100%; display: block; margin: 0.4em 0; image-rendering: pixelated; }
-section { border-top: 1px solid #ddd; }"""
+section { border-top: 1px solid #ddd; } .plots { display: flex; gap: 1em; align-items: flex-start; }
+.plots img { min-width: 0; }"""
 
 
 def append_row(path: Path, row: dict[str, float]) -> None:
@@ -464,28 +487,48 @@ def read_table(path: Path) -> list[dict[str, float]]:
     return table
 
 
-def plot_losses(csv_path: Path, png_path: Path) -> None:
-    """Plot every loss column of losses.csv against the step, one panel per loss (what parses of it)."""
+def plot(table: list[dict[str, float]], x: str, panels: dict[str, list[str]], path: Path,
+         level: float | None = None) -> None:
+    """Plot each panel's columns of a log against its column `x`, one panel under another (what parses of it;
+    nothing until one has a point), with a dashed line at `level`."""
     import matplotlib
     matplotlib.use("Agg")  # no display server needed
     import matplotlib.pyplot as plt
 
-    table = [row for row in read_table(csv_path) if "step" in row]
-    names = list(dict.fromkeys(k for row in table for k in row if k not in ("step", "epoch")))
-    if not names:
+    table = [row for row in table if x in row]
+    panels = {title: names for title, names in panels.items() if any(n in row for row in table for n in names)}
+    if not panels:
         return
-    fig, axes = plt.subplots(len(names), 1, figsize=(7, 1.6 * len(names)), sharex=True, squeeze=False)
-    for ax, name in zip(axes[:, 0], names):
-        points = [(row["step"], row[name]) for row in table if name in row]
-        ax.plot(*zip(*points), lw=0.8, marker="." if len(points) < 30 else None)  # a few rows show as dots
-        ax.set_ylabel(name, rotation=0, ha="right")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7 if level is None else 4.5, max(1.6 * len(panels), 2.4)),
+                             sharex=True, squeeze=False)
+    for ax, (title, names) in zip(axes[:, 0], panels.items()):
+        for name in names:
+            points = [(row[x], row[name]) for row in table if name in row]
+            ax.plot(*zip(*points), lw=0.8, marker="." if len(points) < 30 else None,  # a few rows show as dots
+                    label=name.removeprefix(f"{title}_"))
+        if level is not None:  # in the middle of the scale shown, from 0 at least
+            ax.axhline(level, color="gray", ls="--", lw=0.8)
+            ax.set_ylim(min(ax.get_ylim()[0], 0), max(ax.get_ylim()[1], 2 * level))
+            ax.legend(fontsize=7)
+        ax.set_ylabel(title, rotation=0, ha="right")
         ax.grid(alpha=0.3)
-    axes[-1, 0].set_xlabel("step")
+    axes[-1, 0].set_xlabel(x)
+    axes[-1, 0].xaxis.get_major_locator().set_params(integer=True)  # steps and epochs are whole numbers
     fig.tight_layout()
     try:
-        write_atomically(png_path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     finally:
         plt.close(fig)
+
+
+def heat_over(image: torch.Tensor, heat: torch.Tensor) -> Image.Image:
+    """A map over the image it is of: `image` (C, H, W) in [-1, 1], in gray, under `heat` (h, w) upsampled to
+    its size (bilinear) and coloured dark at 0 to bright at 1 (inferno)."""
+    import matplotlib
+    heat = torch.nn.functional.interpolate(heat[None, None].float().cpu(), size=tuple(image.shape[-2:]),
+                                           mode="bilinear", align_corners=False)[0, 0]
+    hot = Image.fromarray((matplotlib.colormaps["inferno"](heat.clamp(0, 1).numpy())[..., :3] * 255).astype(np.uint8))
+    return Image.blend(to_image(image).convert("L").convert("RGB"), hot, 0.7)
 
 
 MARKS = ("red", "lime", "cyan", "yellow", "magenta")
@@ -497,7 +540,6 @@ def save_similarity_grid(x: torch.Tensor, fake: torch.Tensor, maps: torch.Tensor
 
     x, fake: (B, C, H, W) in [-1, 1]; points: Q (row, col) fractions, drawn as squares in MARKS' colours.
     """
-    import matplotlib
     from PIL import ImageDraw
 
     def marked(img: Image.Image, which) -> Image.Image:
@@ -507,20 +549,11 @@ def save_similarity_grid(x: torch.Tensor, fake: torch.Tensor, maps: torch.Tensor
             draw.rectangle((c * w - 3, r * h - 3, c * w + 3, r * h + 3), outline=MARKS[q % len(MARKS)], width=2)
         return img
 
-    size = tuple(x.shape[-2:])
-    heat = torch.nn.functional.interpolate(maps.float().cpu(), size=size, mode="bilinear", align_corners=False)
-    heat = heat / heat.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)  # each map's peak is 1
-    colour = matplotlib.colormaps["inferno"]
-    rows = []
-    for b in range(len(x)):
-        gray = to_image(x[b]).convert("L").convert("RGB")
-        row = [marked(to_image(x[b]).convert("RGB"), range(len(points))),
-               marked(to_image(fake[b]).convert("RGB"), range(len(points)))]
-        for q in range(len(points)):
-            hot = Image.fromarray((colour(heat[b, q].numpy())[..., :3] * 255).astype(np.uint8))
-            row.append(marked(Image.blend(gray, hot, 0.7), [q]))
-        rows.append(row)
-    save_grid(rows, path)
+    peak = maps.float().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)  # each map's peak is 1
+    save_grid([[marked(to_image(x[b]).convert("RGB"), range(len(points))),
+                marked(to_image(fake[b]).convert("RGB"), range(len(points)))]
+               + [marked(heat_over(x[b], maps[b, q] / peak[b, q]), [q]) for q in range(len(points))]
+               for b in range(len(x))], path)
 
 
 # ============================================================================= 3. what both commands share

@@ -45,6 +45,11 @@ class GANLoss(nn.Module):
             return F.mse_loss(prediction, target)
         return F.binary_cross_entropy_with_logits(prediction, target)
 
+    def verdict(self, prediction: torch.Tensor) -> torch.Tensor:
+        """D's output read as a verdict, 1 real and 0 fake: LSGAN's output itself, which its loss pulls to those
+        labels; for the log-likelihood modes the probability of real. Neither network wins at 0.5."""
+        return prediction if self.mode == "lsgan" else torch.sigmoid(prediction)
+
 
 # Where PatchNCE draws a query's negatives from (CUT Sec. 3.2 and its ablation of internal and external ones).
 NEGATIVES = ("image", "batch", "others")

@@ -509,11 +509,15 @@ def test_save_image_grid_lays_out_rows_and_columns(tmp_path):
     assert grid.getpixel((2 + 10 + 1, 3)) == (255, 255, 255)  # the one-channel column, shown as gray
 
 
-def test_plot_losses_writes_a_png(tmp_path):
+def test_plot_draws_a_panel_for_each_entry_that_has_points(tmp_path):
     for step in range(1, 4):
         du.append_row(tmp_path / "l.csv", {"step": step, "epoch": 1, "G": 1.0 / step, "D": 0.5})
-    du.plot_losses(tmp_path / "l.csv", tmp_path / "l.png")
-    assert Image.open(tmp_path / "l.png").size[0] > 100
+    table = du.read_table(tmp_path / "l.csv")
+    du.plot(table, "step", {"G": ["G"], "D": ["D"], "none": ["F"]}, tmp_path / "two.png")
+    du.plot(table, "step", {"G": ["G"]}, tmp_path / "one.png", level=0.5)
+    du.plot(table, "step", {"none": ["F"]}, tmp_path / "no.png")
+    assert Image.open(tmp_path / "two.png").height > Image.open(tmp_path / "one.png").height > 100
+    assert not (tmp_path / "no.png").exists()
 
 
 def test_append_row_follows_the_column_order_of_an_existing_file(tmp_path):
@@ -534,7 +538,7 @@ def test_a_log_edited_by_hand_is_read_for_what_parses_and_appended_to_as_it_stan
         du.append_row(path, {"step": 4, "epoch": 1, "D": 0.125, "G_gan": 1.0})  # G_gan has no column
     assert path.read_text().splitlines()[-1] == "4,1,0.125"
     with pytest.warns(UserWarning):
-        du.plot_losses(path, tmp_path / "losses.png")
+        du.plot(du.read_table(path), "step", {"D": ["D"]}, tmp_path / "losses.png")
     assert Image.open(tmp_path / "losses.png").size[0] > 100
 
 
@@ -760,6 +764,18 @@ def test_cli_run_writes_grid_csv_plot_and_checkpoint_then_resumes(dataset_root, 
     assert len((run / "losses.csv").read_text().splitlines()) == 3  # header + one row per step
     state = torch.load(run / "latest.pt", weights_only=True)
     assert (state["model"], state["epoch"], state["step"], state["epoch_step"]) == (model, 1, 2, 0)
+    # D's map: a row per fixed test image (testA holds 2), a real image and a translation for each D
+    assert Image.open(run / "d_epoch_001.png").size == ((4 if model == "cycle_gan" else 2) * 34 + 2, 2 * 34 + 2)
+    # the balance: each D's mean verdict (LSGAN: its output) on the fixed images and on their translations
+    net = Trainer.load(state)[0].model
+    x, y = (du.load_fixed_images(dataset_root / split, 4, 32) for split in ("testA", "testB"))
+    with torch.no_grad():
+        judges = {"D_Y": (net.D_Y, y, net.G(x)), "D_X": (net.D_X, x, net.F(y))} if model == "cycle_gan" else \
+            {"D": (net.D, y, net.G(x))}
+        expected = {f"{name}_{side}": D(image).mean().item() for name, (D, real, fake) in judges.items()
+                    for side, image in (("real", real), ("fake", fake))}
+    row = next(csv.DictReader((run / "epochs.csv").open()))
+    assert {k: float(row[k]) for k in expected} == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
     assert cli(cli_args(dataset_root, out, "--model", model, "--epochs", "1", "--epochs-decay", "1", "--resume")) == 0
     assert "resuming" in capsys.readouterr().out
@@ -916,12 +932,18 @@ def test_a_run_leaves_a_page_of_every_epoch_newest_first_that_reloads_only_while
     assert page["epochs"] == [2, 1]  # newest first; the resumed run kept epoch 1
     assert pages[-1]["refresh"] and not page["refresh"] and "finished: 2 of 2 epochs done" in page["text"]
     assert page["images"][0] == "losses.png" and all((run / src).is_file() for src in page["images"])
-    maps = ["nce_epoch_002.png", "nce_epoch_001.png"] if model == "cut" else []
-    assert [i for i in page["images"] if i.startswith(("epoch", "nce"))] == \
-        ["epoch_002.png", *maps[:1], "epoch_001.png", *maps[1:]]
+    nce = ["nce_epoch_002.png", "nce_epoch_001.png"] if model == "cut" else []
+    assert page["images"][1] == "balance.png" and "where the two meet when neither network wins" in page["text"]
+    assert page["images"][2:] == ["epoch_002.png", *nce[:1], "d_epoch_002.png", "epoch_001.png", *nce[1:],
+                                  "d_epoch_001.png"]
+    assert "bright real (1), dark fake (0)" in page["text"]
+    judges = ["D_Y", "D_X"] if model == "cycle_gan" else ["D"]  # the balance of both epochs, the resume's too
+    rows = list(csv.DictReader((run / "epochs.csv").open()))
+    assert [sorted(k for k in r if k.endswith(("_real", "_fake"))) for r in rows] == \
+        [sorted(f"{d}_{side}" for d in judges for side in ("real", "fake"))] * 2
     assert ("--epochs-decay", "1") in page["options"] and ("--model", model) in page["options"]
     assert ("rows of a test image x" if model == "cycle_gan" else "each row: a test image x, G(x)") in page["text"]
-    assert re.search(r"epoch 1 (\w+ [\d.]+, )*\w+ [\d.]+; \d+ s, [\d.]+ img/s, \d+% of it waiting for data",
+    assert re.search(r"epoch 1 (\w+ -?[\d.]+, )*\w+ -?[\d.]+; \d+ s, [\d.]+ img/s, \d+% of it waiting for data",
                      page["text"])
     record = json.loads((run / "options.json").read_text())  # every option, readable without torch
     assert record["options"]["model"] == model and record["options"]["crop_size"] == 32
@@ -972,8 +994,8 @@ def test_the_page_shows_every_image_in_a_real_browser(dataset_root, tmp_path):
     finally:
         server.shutdown()
     seen = json.loads(re.search(r'<pre id="seen">(.*?)</pre>', dom, flags=re.S).group(1))
-    assert [src for src, _ in seen] == ["losses.png", "epoch_002.png", "nce_epoch_002.png", "epoch_001.png",
-                                        "nce_epoch_001.png"]
+    assert [src for src, _ in seen] == ["losses.png", "balance.png", "epoch_002.png", "nce_epoch_002.png",
+                                        "d_epoch_002.png", "epoch_001.png", "nce_epoch_001.png", "d_epoch_001.png"]
     assert all(width > 0 for _, width in seen), seen
     picture = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert picture.shape == (1400, 1100) and picture.std() > 10  # a page drawn, not a blank one
@@ -1189,10 +1211,51 @@ def test_similarity_map_of_an_image_with_itself_peaks_at_each_query_point():
     assert shallow.shape == (2, 3, 64, 64) and shallow.flatten(2).argmax(-1)[0, 0] == 32 * 64 + 32
 
 
-def test_nce_map_option_turns_the_map_off(dataset_root, tmp_path):
+def test_the_map_options_turn_their_maps_off(dataset_root, tmp_path):
     assert cli(cli_args(dataset_root, tmp_path, "--model", "fastcut", "--epochs", "1", "--epochs-decay", "0",
-                        "--no-nce-map")) == 0
-    assert (tmp_path / "run" / "epoch_001.png").exists() and not list((tmp_path / "run").glob("nce_epoch_*"))
+                        "--no-nce-map", "--no-d-map")) == 0
+    run = tmp_path / "run"
+    assert (run / "epoch_001.png").exists() and not list(run.glob("nce_epoch_*")) + list(run.glob("d_epoch_*"))
+    assert not (run / "balance.png").exists() and "D_real" not in (run / "epochs.csv").read_text()
+
+
+@pytest.mark.parametrize("model_cls, config", [(CycleGAN, CycleGANConfig(**TINY)), (CUT, CUTConfig(**TINY_CUT)),
+                                               (CUT, CUTConfig(**{**TINY_CUT, "gan_mode": "vanilla"}))])
+def test_verdicts_are_each_Ds_output_on_real_images_and_on_translations(model_cls, config):
+    """LSGAN's D outputs the verdict itself (its loss pulls it to 1 for real, 0 for fake); the log-likelihood
+    modes output a logit, read as the probability of real."""
+    torch.manual_seed(0)
+    model = model_cls(config)
+    x, y = pair(32)
+    read = torch.sigmoid if config.gan_mode == "vanilla" else (lambda t: t)
+    with torch.no_grad():
+        verdicts = model.verdicts(x, y)
+        judges = {"D_Y": (model.D_Y, y, model.G(x)), "D_X": (model.D_X, x, model.F(y))} \
+            if model_cls is CycleGAN else {"D": (model.D, y, model.G(x))}
+        assert list(verdicts) == list(judges)
+        for name, (D, real, fake) in judges.items():
+            got_real, got_fake, on_real, on_fake = verdicts[name]
+            assert torch.equal(got_real, real) and torch.equal(got_fake, fake)
+            assert torch.equal(on_real, read(D(real))) and torch.equal(on_fake, read(D(fake)))
+            assert on_real.shape == (1, 1, 2, 2)  # 32 / 8 - 2: a verdict per overlapping patch
+
+
+def test_the_verdict_picture_lays_each_verdict_upsampled_over_its_image_and_the_balance_is_its_mean(tmp_path):
+    """D says real (1) of the left half of the patches of the real image and fake (0) of the rest, and fake of
+    the whole translation: bright on the left of the first cell, dark on its right and over the second."""
+    image = torch.zeros(2, 3, 32, 32)  # mid-gray
+    on_real = torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(2, 1, 4, 1)  # (2, 1, 4, 4): left columns real
+    folder = du.RunFolder(tmp_path)
+    said = folder.end_epoch(1, {"D": 0.25}, [[image[0]]], verdicts={"D": (image, image, on_real, on_real * 0)})
+    assert "D 0.250, D_real 0.500, D_fake 0.000" in said
+    picture = np.asarray(Image.open(folder.picture("d_epoch", 1)).convert("L"), dtype=float)
+    assert picture.shape == (2 * 34 + 2, 2 * 34 + 2)  # a row per image, the real one and the translation
+    first, second = picture[2:34, 2:34], picture[2:34, 36:68]
+    assert first[:, :8].min() > 150 and first[:, -8:].max() < 60 and second.max() < 60
+    assert np.array_equal(np.asarray(Image.open(folder.picture("d_epoch", 1)).convert("RGB"))[2:34, 2:34],
+                          np.asarray(du.heat_over(image[0], on_real[0, 0])))  # the upsampled map, over the image
+    row = next(csv.DictReader((tmp_path / "epochs.csv").open()))
+    assert (float(row["D_real"]), float(row["D_fake"])) == (0.5, 0.0) and (tmp_path / "balance.png").exists()
 
 
 def loader_of(argv):
@@ -1625,7 +1688,8 @@ def test_ddp_on_two_processes_keeps_ranks_identical_and_writes_once(dataset_root
                     "--device", device)
     ranks = train_two_ranks(argv, tmp_path)
     run = tmp_path / "out" / "run"
-    written = ["epoch_001.png", "latest.pt", "losses.csv", "losses.png", "epochs.csv", "options.json", "index.html"]
+    written = ["epoch_001.png", "d_epoch_001.png", "latest.pt", "losses.csv", "losses.png", "balance.png", "epochs.csv",
+               "options.json", "index.html"]
     written += ["nce_epoch_001.png"] if "cut" in model else []
     assert sorted(p.name for p in run.iterdir()) == sorted(written + [".lock"])  # rank 0 alone locked the folder
     assert len((run / "losses.csv").read_text().splitlines()) == 1 + 2  # rank 0's two steps only

@@ -62,7 +62,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # size of a step (after running out of memory), what is written, where the dataset now lies. Any other option
 # given that differs from the run's is refused: the networks, objective, seed and domains are the run's.
 RESUME_MAY_CHANGE = {"epochs", "epochs_decay", "lr", "device", "workers", "precision", "compile", "crop_size",
-                     "load_size", "batch_size", "max_steps", "log_every", "save_every", "nce_map", "dataroot"}
+                     "load_size", "batch_size", "max_steps", "log_every", "save_every", "nce_map", "d_map", "dataroot"}
 MACHINE_OPTIONS = {"device", "workers", "compile"}  # this machine's: a resume never takes them from the run
 NOT_OF_THE_RUN = {"resume", "name", "output_dir", "benchmark", "given", "command"}  # how this command is called
 # The options that some models alone read (--help groups them so): a run of another model refuses them, and its
@@ -125,6 +125,8 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
     a("--nce-map", **on_off, default=True, help="write nce_epoch_NNN.png, where PatchNCE finds the patches")
     a("--antialias", **on_off, help="blur-pool down-sampling in G and D (on; the official --no_antialias)")
     a("--antialias-up", **on_off, help="blur up-sampling in G (on; the official --no_antialias_up)")
+    a("--d-map", **on_off, default=True, help="write d_epoch_NNN.png, D's verdict on each patch of real and "
+      "translated test images, and the balance, its mean verdicts, to epochs.csv")
     a("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
     a("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda, then mps, then cpu")
     a("--workers", type=at_least(0), help="data-loading processes (0 = in the main process; default: on a GPU half "
@@ -534,16 +536,17 @@ def mean_losses(window: dict[str, torch.Tensor], count: int, control, where: str
     return mean
 
 
-def on_fixed_images(args: argparse.Namespace, trainer: Trainer, fixed: list[torch.Tensor]) -> tuple[list, tuple]:
-    """What the networks make of the fixed test images (x, y): the grid's rows, and for CUT the PatchNCE maps,
-    (x, G(x), maps) for the run folder's query points on G(x): which patches of x PatchNCE picks."""
+def on_fixed_images(args: argparse.Namespace, trainer: Trainer, fixed: list[torch.Tensor]) -> tuple:
+    """What the networks make of the fixed test images (x, y): the grid's rows; for CUT the PatchNCE maps,
+    (x, G(x), maps) for the run folder's query points on G(x): which patches of x PatchNCE picks; and what D
+    decides of each patch of real and translated images (the models' `verdicts`)."""
     with trainer.evaluating() as model:
         x, y = (t.to(trainer.device) for t in fixed)
         nce = None
         if args.nce_map and isinstance(model, CUT):
             fake = model.G(x[:2])
             nce = x[:2], fake, model.similarity_maps(fake, x[:2], RunFolder.NCE_POINTS)
-        return model.visuals(x, y), nce
+        return model.visuals(x, y), nce, model.verdicts(x, y) if args.d_map else None
 
 
 # ----------------------------------------------------------------------------- benchmark, main
