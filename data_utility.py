@@ -371,15 +371,16 @@ class RunFolder:
             save_grid(grid, self.picture("epoch", epoch))
             if nce is not None:
                 save_similarity_grid(*nce, self.NCE_POINTS, self.picture("nce_epoch", epoch))
-            if verdicts:  # a row per image: for each D, its real image and a translation, under its verdicts
-                save_grid([[heat_over(image[b], verdict[b, 0]) for real, fake, on_real, on_fake in verdicts.values()
-                            for image, verdict in ((real, on_real), (fake, on_fake))]
-                           for b in range(len(next(iter(verdicts.values()))[0]))], self.picture("d_epoch", epoch))
-            losses, epochs = read_table(self.path / "losses.csv"), read_table(self.path / "epochs.csv")
-            plot(losses, "step", {k: [k] for k in dict.fromkeys(k for r in losses for k in r) if k not in
-                                  ("step", "epoch")}, self.path / "losses.png")
-            judges = [k[:-5] for k in dict.fromkeys(k for r in epochs for k in r) if k.endswith("_real")]
-            plot(epochs, "epoch", {d: [f"{d}_real", f"{d}_fake"] for d in judges}, self.path / "balance.png", 0.5)
+            if verdicts:  # a row per image: for each D, its real image and a translation, each under its verdict
+                judged = [(image, verdict) for real, fake, on_real, on_fake in verdicts.values()
+                          for image, verdict in ((real, on_real), (fake, on_fake))]
+                save_grid([[heat_over(image[b], verdict[b, 0]) for image, verdict in judged]
+                           for b in range(len(judged[0][0]))], self.picture("d_epoch", epoch))
+            log, per_epoch = read_table(self.path / "losses.csv"), read_table(self.path / "epochs.csv")
+            names = dict.fromkeys(k for r in log for k in r if k not in ("step", "epoch"))
+            plot(log, "step", {k: [k] for k in names}, self.path / "losses.png")
+            judges = dict.fromkeys(k[:-5] for r in per_epoch for k in r if k.endswith("_real"))
+            plot(per_epoch, "epoch", {d: [f"{d}_real", f"{d}_fake"] for d in judges}, self.path / "balance.png", 0.5)
             self.write_page(running=True)
         return self.summary(row)
 
