@@ -452,8 +452,8 @@ def append_row(path: Path, row: dict[str, float]) -> None:
         with open(path, newline="") as f:
             names = next(csv.reader(f), [])
     if set(row) - set(names):
-        warnings.warn(f"{path} has no column for some of the values logged (its header was edited?): they are "
-                      f"left out of it")
+        warnings.warn(f"{path} has no column for some of the values logged (its header was edited, or written by "
+                      f"an older version): they are left out of it")
     with open(path, "a", newline="") as f:
         writer = csv.writer(f)
         if new:
