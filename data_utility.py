@@ -293,7 +293,7 @@ class RunFolder:
                          "neither network wins"}  # the pictures of an epoch, in the page's order
 
     def picture(self, kind: str, epoch: int) -> Path:
-        """Epoch `epoch`'s picture of a kind of `captions`: epoch_NNN.png, nce_epoch_NNN.png."""
+        """Epoch `epoch`'s picture of a kind of `captions`: epoch_NNN.png, nce_epoch_NNN.png, d_epoch_NNN.png."""
         return self.path / f"{kind}_{epoch:03d}.png"
 
     def hold(self, new: bool):
@@ -379,14 +379,14 @@ class RunFolder:
             log, per_epoch = read_table(self.path / "losses.csv"), read_table(self.path / "epochs.csv")
             names = dict.fromkeys(k for r in log for k in r if k not in ("step", "epoch"))
             plot(log, "step", {k: [k] for k in names}, self.path / "losses.png")
-            judges = dict.fromkeys(k[:-5] for r in per_epoch for k in r if k.endswith("_real"))
+            judges = dict.fromkeys(k.removesuffix("_real") for r in per_epoch for k in r if k.endswith("_real"))
             plot(per_epoch, "epoch", {d: [f"{d}_real", f"{d}_fake"] for d in judges}, self.path / "balance.png", 0.5)
             self.write_page(running=True)
         return self.summary(row)
 
     @classmethod
     def summary(cls, row: dict[str, float]) -> str:
-        """A row of epochs.csv in words: the epoch's mean losses; its time, speed and wait for data."""
+        """A row of epochs.csv in words: the epoch's mean losses and D's balance; its time, speed and wait for data."""
         losses = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in {"epoch", *cls.TIMING})
         return f"{losses}; " + ", ".join(text.format(row[k]) for k, text in cls.TIMING.items() if k in row)
 
@@ -396,7 +396,7 @@ class RunFolder:
             self.write_page(running=False)
 
     def write_page(self, running: bool) -> None:
-        """index.html (the official web/index.html): the options given, the loss plot, then each epoch of
+        """index.html (the official web/index.html): the options given, the loss and balance plots, then each epoch of
         epochs.csv, newest first, in words and pictures; it reloads every minute while `running`. Plain HTML,
         images by relative path: the folder can be copied, or served as it is (python -m http.server)."""
         def image(path: Path) -> str:  # the file's time in the address, so a browser shows a rewritten one
