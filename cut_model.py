@@ -17,18 +17,16 @@ xavier init with gain 0.02, Adam lr 2e-4 with betas (0.5, 0.999) for G, D and H,
 layer, temperature 0.07; each step updates D first, then G and H together; in the lr-decay epochs
 the training images are resized to the crop size, not cropped (flips stay).
 
-This file is the paper only. The optimisation (Adam, the lr schedule, precision, DDP, checkpoints)
-is train_gan.py's `Trainer`, handed to `train_step`.
+This file is the paper only. The optimisation (Adam, the lr schedule, precision, several GPUs,
+checkpoints) is train_gan.py's `Trainer`, handed to `train_step`.
 """
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from layers import init_weights
 from losses import GANLoss, PatchNCELoss
-from networks import (DEFAULT_TAPS, PatchDiscriminator, PatchSampleMLP, ResnetGenerator, define_G, frozen,
-                      local_grads)
+from networks import DEFAULT_TAPS, PatchDiscriminator, PatchSampleMLP, ResnetGenerator, define_G, frozen
 
 # The official presets of each mode (its modify_commandline_options), schedule included.
 MODES = {"cut": dict(lambda_nce=1.0, nce_idt=True, flip_equivariance=False, epochs=200, epochs_decay=200),
@@ -116,24 +114,21 @@ class CUT:
         """
         c, gan = self.config, self.gan_loss
         flipped = self.flip_this_step()
-        identity = c.nce_idt and c.lambda_nce > 0
-        nce_weight = 0.5 if identity else 1.0  # the official code averages the X and Y terms
-        # Under DDP, with the identity term, G and H all-reduce once, after its backward.
-        with local_grads(self.G, self.H) if identity else nullcontext():
-            with trainer.autocast():
-                fake_y, keys = self.translate_with_keys(x, flipped)
-                # 1. D tells real y from G(x) (Eq. 1); the official code halves D's loss.
-                loss = {"D": 0.5 * (gan(self.D(fake_y.detach()), False) + gan(self.D(y), True))}
-            trainer.backward(loss["D"], "D")
-            trainer.step("D")
+        nce_weight = 0.5 if c.nce_idt else 1.0  # the official code averages the X and Y terms
+        with trainer.autocast():
+            fake_y, keys = self.translate_with_keys(x, flipped)
+            # 1. D tells real y from G(x) (Eq. 1); the official code halves D's loss.
+            loss = {"D": 0.5 * (gan(self.D(fake_y.detach()), False) + gan(self.D(y), True))}
+        trainer.backward(loss["D"], "D")
+        trainer.step("D")
 
-            # 2. G and H, with D fixed: the terms of G(x).
-            with frozen(self.D), trainer.autocast():
-                loss["G_gan"] = c.lambda_gan * gan(self.D(fake_y), True)  # Eq. 1: G fools D
-                if c.lambda_nce > 0:  # Eq. 5's lambda_X term: G(x) keeps the patches of x (Eq. 3)
-                    loss["NCE_X"] = nce_weight * c.lambda_nce * self.patch_nce(keys, fake_y, flipped)
-            trainer.backward(loss["G_gan"] + loss.get("NCE_X", 0), "G")
-        if identity:  # Eq. 5's lambda_Y term: G(y) keeps the patches of y
+        # 2. G and H, with D fixed: the terms of G(x).
+        with frozen(self.D), trainer.autocast():
+            loss["G_gan"] = c.lambda_gan * gan(self.D(fake_y), True)  # Eq. 1: G fools D
+            if c.lambda_nce > 0:  # Eq. 5's lambda_X term: G(x) keeps the patches of x (Eq. 3)
+                loss["NCE_X"] = nce_weight * c.lambda_nce * self.patch_nce(keys, fake_y, flipped)
+        trainer.backward(loss["G_gan"] + loss.get("NCE_X", 0), "G")
+        if c.nce_idt and c.lambda_nce > 0:  # Eq. 5's lambda_Y term: G(y) keeps the patches of y
             with trainer.autocast():
                 idt, keys = self.translate_with_keys(y, flipped)
                 loss["NCE_Y"] = nce_weight * c.lambda_nce * self.patch_nce(keys, idt, flipped)

@@ -14,8 +14,8 @@ junyanz's details kept (the CUT repository's copy of this model has xavier init,
 200 + 200 epochs): D's loss halved (appendix 7.1), a 50-image history of fakes for D (Sec. 4), N(0, 0.02)
 init; Adam lr 2e-4, betas (0.5, 0.999), constant for `epochs`, then linear decay over `epochs_decay`.
 
-This file is the paper only. The optimisation (Adam, the lr schedule, precision, DDP, checkpoints)
-is train_gan.py's `Trainer`, handed to `train_step`.
+This file is the paper only. The optimisation (Adam, the lr schedule, precision, several GPUs,
+checkpoints) is train_gan.py's `Trainer`, handed to `train_step`.
 """
 from dataclasses import dataclass
 
@@ -24,7 +24,7 @@ from torch.nn.functional import l1_loss
 
 from layers import init_weights
 from losses import GANLoss
-from networks import PatchDiscriminator, define_G, frozen, local_grads
+from networks import PatchDiscriminator, define_G, frozen
 
 
 @dataclass
@@ -111,9 +111,7 @@ class CycleGAN:
         # start from y have separate graphs: each half is back-propagated as soon as it is built, so one
         # half's graph is in memory at a time, and the gradients add up to those of the whole sum.
         with frozen(self.D_X, self.D_Y):
-            # Under DDP the x half's gradients stay on this rank; the y half's backward all-reduces the sum.
-            with local_grads(self.G, self.F):
-                terms_x, fake_y = self.generator_half(x, forward=self.G, back=self.F, judge=self.D_Y, trainer=trainer)
+            terms_x, fake_y = self.generator_half(x, forward=self.G, back=self.F, judge=self.D_Y, trainer=trainer)
             terms_y, fake_x = self.generator_half(y, forward=self.F, back=self.G, judge=self.D_X, trainer=trainer)
             trainer.step("G")
         loss = {**dict(zip(("G_gan", "cycle_X", "idt_X"), terms_x)),

@@ -269,7 +269,8 @@ class RunFolder:
                            speed and wait for data
         losses.png         the plot of losses.csv; balance.png, that of the balance
         epoch_NNN.png      the epoch's grid of the fixed test images
-        nce_epoch_NNN.png  CUT and FastCUT: where PatchNCE finds the input patches of NCE_POINTS on G(x)
+        nce_epoch_NNN.png  a model with similarity maps (CUT, FastCUT): where query points on G(x) find their input
+                           patches
         d_epoch_NNN.png    what D decides of each patch of real and translated test images
         index.html         the page to follow the run by, made from the files above (so a resume keeps it)
 
@@ -277,20 +278,17 @@ class RunFolder:
     ends the command in one line: the file, the cause, and `again`, how to go on.
     """
     LOCK = ".lock"
-    # The query points of nce_epoch_NNN.png, as (row, col) fractions: the centre, upper right, lower left.
-    NCE_POINTS = ((0.5, 0.5), (0.3, 0.7), (0.8, 0.2))
     TIMING = {"seconds": "{:.0f} s", "images_per_sec": "{:.2f} img/s", "data_wait": "{:.0%} of it waiting for data"}
 
     def __init__(self, path: Path, again: str = ""):
         self.path, self.again, self.latest = Path(path), again, Path(path) / "latest.pt"
         self.heading, self.done, self.total, self.given = "", 0, 0, {}
-        self.captions = {"epoch": "", "nce_epoch": f"where PatchNCE looks: each row a test image x and G(x) with "
-                         f"{len(self.NCE_POINTS)} query points, then for each point the similarity of its patch of "
-                         f"G(x) to every patch of x (bright: taken for its input patch)",
-                         "d_epoch": "what D decides: each row, for each discriminator, a real test image of its "
-                         "domain and a translation into it (CycleGAN: D_Y on y and G(x), then D_X on x and F(y)), "
-                         "under D's verdict on each patch of it: bright real (1), dark fake (0), red at 0.5, where "
-                         "neither network wins"}  # the pictures of an epoch, in the page's order
+        self.captions = {"epoch": "", "nce_epoch": "where the model looks for each output patch's input patch: each "
+                         "row a test image x and G(x) with query points marked, then for each point the similarity of "
+                         "its patch of G(x) to every patch of x (bright: taken for its input patch)",
+                         "d_epoch": "what D decides: each row, for each discriminator in turn, a real test image of "
+                         "its domain and a translation into it, under D's verdict on each patch of it: bright real "
+                         "(1), dark fake (0), red at 0.5, where neither network wins"}  # an epoch's, in page order
 
     def picture(self, kind: str, epoch: int) -> Path:
         """Epoch `epoch`'s picture of a kind of `captions`: epoch_NNN.png, nce_epoch_NNN.png, d_epoch_NNN.png."""
@@ -360,9 +358,9 @@ class RunFolder:
     def end_epoch(self, epoch: int, losses: dict[str, float], grid: list[list], nce: tuple | None = None,
                   verdicts: dict | None = None, **timing: float) -> str:
         """Epoch `epoch` (counted from 1) ended: its row of epochs.csv (its mean `losses`, the balance of
-        `verdicts` and its `timing`, the keys of TIMING), its grid (rows of images), CUT's map (`nce`: x, G(x)
-        (B, C, H, W) and the maps (B, Q, h, w) of NCE_POINTS), D's map (`verdicts`, as the models' `verdicts`
-        return them), the plots and the page. Returns the row in words, as the page says it."""
+        `verdicts` and its `timing`, the keys of TIMING), its grid (rows of images), the similarity maps (`nce`: x,
+        G(x) (B, C, H, W), the maps (B, Q, h, w) and their Q query points), D's map (`verdicts`, as the models'
+        `verdicts` return them), the plots and the page. Returns the row in words, as the page says it."""
         balance = {f"{name}_{side}": verdict.float().mean().item() for name, (*_, on_real, on_fake) in
                    (verdicts or {}).items() for side, verdict in (("real", on_real), ("fake", on_fake))}
         self.done, row = epoch, {"epoch": epoch, **losses, **balance, **timing}
@@ -370,7 +368,7 @@ class RunFolder:
             append_row(self.path / "epochs.csv", row)
             save_grid(grid, self.picture("epoch", epoch))
             if nce is not None:
-                save_similarity_grid(*nce, self.NCE_POINTS, self.picture("nce_epoch", epoch))
+                save_similarity_grid(*nce, self.picture("nce_epoch", epoch))
             if verdicts:  # a row per image: for each D, its real image and a translation, each under its verdict
                 judged = [(image, verdict) for real, fake, on_real, on_fake in verdicts.values()
                           for image, verdict in ((real, on_real), (fake, on_fake))]

@@ -96,7 +96,7 @@ class PatchNCELoss(nn.Module):
             # Eq. 2: l(v, v+, v-) = -log softmax(logits)[positive], the positive at index 0. Eq. 3 sums it
             # over the sampled places and the layers; the official code averages (here over the B*P
             # queries, in CUT.patch_nce over the layers), which scales Eq. 3 down by the number of
-            # places times layers (256 x 5 = 1280): that is why lambda_NCE is 1 (CUT) or 10 (FastCUT), where
-            # Eq. 3 summed would need about 8e-4 or 8e-3.
+            # places times layers (256 x 5 = 1280): that is why lambda_NCE is 1 (CUT, whose two terms are
+            # then halved) or 10 (FastCUT), where Eq. 3 summed would need about 4e-4 or 8e-3.
             target = torch.zeros(B * P, dtype=torch.long, device=q.device)
             return F.cross_entropy(logits, target)

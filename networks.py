@@ -6,19 +6,18 @@
 - PatchSampleMLP: CUT's H, which samples patches of G's encoder features and projects them.
 - load_official_state_dict: loads `latest_net_G.pth` / `latest_net_D.pth` of the official code.
 - official_generator: builds the generator an official `.pth` file holds, from the file alone.
-- frozen, local_grads: what a training step does to networks it does not update (D while G steps).
+- frozen: what a training step does to the networks it does not update (D while G steps).
 
 Mirrors models/networks.py of junyanz/pytorch-CycleGAN-and-pix2pix and of
 taesungp/contrastive-unpaired-translation: every network keeps the official flat `model`
 layout, so checkpoint keys and CUT's tap indices (nce_layers 0,4,8,12,16) line up.
 """
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from itertools import zip_longest
 
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 
 from layers import (BlurDownsample, ResnetBlock, activation, conv_bias, conv_norm_act, downsample,
                     full_precision, norm_act, padding, upsample)
@@ -146,8 +145,9 @@ class UnetGenerator(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-    """The PatchGAN: (B, C, H, W) -> (B, 1, H/8 - 2, W/8 - 2) logits, one per overlapping patch of 70x70
-    pixels (84x84 with blur-pool: each blur widens what a logit sees).
+    """The PatchGAN: (B, C, H, W) -> (B, 1, H/8 - 2, W/8 - 2) logits, one per overlapping patch: a logit's
+    receptive field is 70x70 pixels (84x84 with blur-pool: each blur widens it), though its instance norms make
+    it depend a little on the whole image.
 
     C64-C128-C256-C512 (4x4 convs, LeakyReLU 0.2, no norm on the first) then a 1-channel conv.
     With antialias=True (the CUT default) each stride-2 conv becomes stride 1 plus blur-pool.
@@ -176,8 +176,9 @@ class PatchDiscriminator(nn.Module):
 class PatchSampleMLP(nn.Module):
     """CUT's H: per tapped layer, sample patch locations, project with a 2-layer MLP, L2-normalise.
 
-    Built eagerly from the tap channels (the official code builds it lazily on the first batch,
-    which broke multi-GPU runs). The same locations are used for every image of the batch.
+    Built eagerly from the tap channels, so that it exists, and is optimised, before the first batch
+    (the official code builds it lazily on the first batch). The same locations are used for every
+    image of the batch.
     """
 
     def __init__(self, in_channels: Sequence[int], nc: int = 256):
@@ -207,8 +208,7 @@ class PatchSampleMLP(nn.Module):
     def project(self, layer: int, feat: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """feat (B, C, H, W) of tapped layer `layer`, at flat locations ids (P,) -> (B, P, nc), through
         that layer's MLP and L2-normalised, in fp32 whatever the --precision: the MLP's outputs start tiny
-        (init gain 0.02, twice), so the normalisation's gradient is large: in fp16 it overflowed (the tests'
-        small CUT: up to 1e10 at the loss scale 65536, and at every scale down to 1), so G never stepped."""
+        (init gain 0.02, twice), so the normalisation's gradient is large, beyond fp16's range even unscaled."""
         with torch.autocast(feat.device.type, enabled=False):
             x = self.mlps[layer](full_precision(feat.flatten(2).transpose(1, 2)[:, ids]))  # (B, P, nc)
         return x / (x.norm(dim=-1, keepdim=True) + 1e-7)
@@ -304,26 +304,13 @@ def define_G(netG: str, in_channels: int = 3, out_channels: int = 3, ngf: int = 
 
 
 @contextmanager
-def local_grads(*nets: nn.Module):
-    """Under DDP, gradients reaching `nets` inside the block stay on this rank: no all-reduce.
-    A later backward outside the block all-reduces what has been summed by then. Without DDP: nothing."""
-    with ExitStack() as stack:
-        for net in nets:
-            inner = getattr(net, "_orig_mod", net)  # under torch.compile
-            if isinstance(inner, DistributedDataParallel):
-                stack.enter_context(inner.no_sync())
-        yield
-
-
-@contextmanager
 def frozen(*nets: nn.Module):
-    """Freeze the parameters of `nets` (D stays fixed while G steps; the official set_requires_grad).
-    Under DDP they also skip the gradient all-reduce, since they get no gradients then."""
-    with local_grads(*nets):
+    """Freeze the parameters of `nets` inside the block: D stays fixed while G steps (the official
+    set_requires_grad), so G's losses give D no gradients."""
+    for net in nets:
+        net.requires_grad_(False)
+    try:
+        yield
+    finally:
         for net in nets:
-            net.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for net in nets:
-                net.requires_grad_(True)
+            net.requires_grad_(True)

@@ -7,10 +7,12 @@
     torchrun --nproc_per_node=4 train_gan.py --name h2z   # one process per GPU; rank 0 writes
     python train_gan.py download horse2zebra              # an official dataset into data/
 
-Top to bottom: the options (a model's config holds its paper's defaults; presets, the device's); the
-Trainer, what training adds to a model's step (Adam per group, lr schedule, precision, DDP, compile), and
-the checkpoint, made by Trainer.state and read by Trainer.load alone; train(), set-up then the epoch
-loop, and below it what it calls, in order; the benchmark; main. Runs go to output/NAME/ (see index.html).
+Top to bottom: the options, what the commands use of a model (`Model`), and `resolve_options`, the one
+place that decides each option of a run (a model's config holds its paper's defaults; presets, the
+device's); the Trainer, what training adds to a model's step (Adam per group, lr schedule, precision, the
+ranks' gradient average, compile), and the checkpoint, made by Trainer.state and read by `load_model`
+(translate.py's too) and Trainer.load alone; train(), set-up then the epoch loop, and below it what it
+calls, in order; the benchmark; main. Runs go to output/NAME/ (see index.html).
 """
 import signal
 import sys
@@ -20,6 +22,7 @@ if __name__ == "__main__":  # a Ctrl-C while torch loads ends quietly too, as on
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -28,13 +31,14 @@ import shlex
 import statistics
 import time
 import warnings
+from argparse import Namespace
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cut_model import CUT, CUTConfig
@@ -49,6 +53,25 @@ from networks import GENERATORS, size_multiple
 # ----------------------------------------------------------------------------- options
 
 BUNDLED = Path(__file__).resolve().parent / "data" / "apple2orange_small"
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What the commands use of a model (cycle_gan.CycleGAN, cut_model.CUT), and all they use of it; optional:
+    `similarity_maps(source, target, points)`, where a model with PatchNCE finds each output patch's input patch
+    (drawn each epoch), and `extra_state()` / `load_extra_state(state, device)`, its state beyond the weights (the
+    image pools) for an exact resume."""
+    name: str  # 'cycle_gan', 'cut', 'fastcut': as the CLI and the checkpoint call it
+    config: object  # the dataclass that built it, with its paper's defaults (lr, beta1, epochs, channels, ...)
+    groups: dict  # one Adam per group: {'G': ('G', 'F'), ...}, the networks by attribute name
+    directions: dict  # 'x2y' (and 'y2x'): the network that translates that way
+    resize_crop_in_decay: bool  # False: in the lr-decay epochs the images are resized to the crop size
+    def train_step(self, x, y, trainer) -> dict: ...  # a step of the objective through the trainer: its losses
+    def visuals(self, x, y) -> list: ...  # the rows of an epoch's grid of the fixed test images
+    def visuals_caption(self) -> str: ...  # what each of those rows shows
+    def verdicts(self, x, y) -> dict: ...  # for each D: a real image, a translation, and its verdicts on both
+
+
 # Model name -> (model, its config, config values the name fixes).
 MODELS = {"cycle_gan": (CycleGAN, CycleGANConfig, {}), "cut": (CUT, CUTConfig, {"mode": "cut"}),
           "fastcut": (CUT, CUTConfig, {"mode": "fastcut"})}
@@ -141,13 +164,88 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
 
 
 def parse_options(argv: list[str]) -> argparse.Namespace:
-    """The options, with `given` (the names set on the command line), the command, and the run's name."""
+    """The options as asked: each one given, or the parser's default (None where a preset, a model or the run
+    decides), with `given` (the names set on the command line), the command, and the run's name."""
     args = train_parser().parse_args(argv)
     args.given = set(vars(train_parser(defaults=False).parse_args(argv)))
     args.command = ["python", "train_gan.py", *argv]
     args.model = args.model or (None if args.resume else "fastcut")  # a resume's is the run's
     args.name = args.name or f"{args.model or 'fastcut'}_{args.dataroot.name}"
     return args
+
+
+OPTION_OF = {"channels_x": "input_nc", "channels_y": "output_nc"}  # a config field an option of another name sets
+
+
+def resolve_options(args: argparse.Namespace, device: torch.device, run: dict | None = None) -> argparse.Namespace:
+    """The run's options, each decided here and nowhere else; `args`, as parsed, is left as it is.
+
+    A new run: the flag given (or the parser's fixed default), else the device's preset, else the model's config
+    default (its paper's; CUT's and FastCUT's by mode). A resume, `run` holding the options its checkpoint keeps:
+    the run's own, except this machine's (MACHINE_OPTIONS: the flag given, else the preset) and those given that a
+    resume may change (RESUME_MAY_CHANGE); a flag given that would change anything else is refused."""
+    opts = argparse.Namespace(**vars(args))
+    if run is None:
+        vars(opts).update({k: v for k, v in presets(device).items() if getattr(opts, k) is None})
+        for field, value in dataclasses.asdict(config_of(opts)).items():
+            if getattr(opts, OPTION_OF.get(field, field), 0) is None:
+                setattr(opts, OPTION_OF.get(field, field), value)
+    else:
+        opts.model = opts.model or run["model"]  # (one given that differs is refused below)
+        asked = saved_options(opts)  # the options asked, as the run's are kept
+        for key, value in run.items():
+            if key not in args.given and key not in MACHINE_OPTIONS:  # as parsed: a path, a tuple
+                setattr(opts, key, Path(value) if key == "dataroot" else
+                        tuple(value) if isinstance(value, list) else value)
+            elif key in args.given and key not in RESUME_MAY_CHANGE and asked[key] != value:
+                flag = "--" + key.replace("_", "-")
+                raise UsageError(f"this run was started with {flag} {value}; {flag} {asked[key]} would change it: "
+                                 f"drop {flag}, or start a new --name")
+        opts.workers = presets(device)["workers"] if opts.workers is None else opts.workers
+    validate(opts, device)
+    return opts
+
+
+def config_of(opts: argparse.Namespace):
+    """The config of the options' model: each field the option of its name sets, or, where that is None, the
+    config's default."""
+    _, config_cls, fixed = MODELS[opts.model]
+    values = {f.name: getattr(opts, OPTION_OF.get(f.name, f.name), None) for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in values.items() if v is not None}, **fixed)
+
+
+def saved_options(opts: argparse.Namespace) -> dict:
+    """Every option of the run's model, as the checkpoint and options.json keep them (paths as text, tuples as
+    lists)."""
+    return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+            for k, v in vars(opts).items() if k not in NOT_OF_THE_RUN | NOT_FOR[opts.model]}
+
+
+def presets(device: torch.device) -> dict:
+    """The defaults for the device: CPU_PRESET, or GPU_PRESET with data-loading workers, half of this
+    process's share of the CPU cores (1 to 8; the official default is 4)."""
+    if device.type == "cpu":
+        return CPU_PRESET
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {**GPU_PRESET, "workers": max(1, min(8, cores // (2 * int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))}
+
+
+def validate(opts: argparse.Namespace, device: torch.device) -> None:
+    """Reject impossible options before any work starts; warn of a slow one."""
+    foreign = " ".join("--" + name.replace("_", "-") for name in sorted(opts.given & NOT_FOR[opts.model]))
+    need(not foreign, f"{opts.model} does not take {foreign}: drop it, or pick the --model it is for")
+    need(opts.nce_negatives != "others" or opts.batch_size > 1,
+         "--nce-negatives others draws negatives from the other images of a batch: pass --batch-size 2 or more")
+    need(opts.precision != "fp16" or device.type == "cuda",
+         f"--precision fp16 is for CUDA GPUs (on {device.type} G's gradients come out NaN, so G never learns): "
+         f"use fp32, or bf16")
+    if opts.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 autocast runs far slower "
+                      "than fp32 here (about 40x on an AVX2 CPU); use --precision fp32")
+    side = size_multiple(opts.netG)
+    need(opts.crop_size >= 16 and opts.crop_size % side == 0,
+         f"--netG {opts.netG} needs a crop size that is a multiple of {side} (and at least 16), got "
+         f"{opts.crop_size}: use --crop-size {max(side, 16)}" + (" or a resnet generator" if side > 4 else ""))
 
 
 # ----------------------------------------------------------------------------- the Trainer
@@ -161,7 +259,7 @@ def lr_factor(epoch: int, epochs: int, epochs_decay: int) -> float:
 
 def adam(params: list[torch.nn.Parameter], config) -> torch.optim.Adam:
     """Adam with the official lr and betas (beta1, 0.999), as one fused kernel where this torch has one for
-    the device (CUDA; CPU since torch 2.4): the same update, 3x faster than the per-tensor loop on a CPU."""
+    the device (CUDA; CPU since torch 2.4): the same update, without a loop over the tensors."""
     try:
         return torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, 0.999), fused=True)
     except RuntimeError:  # no fused kernel for this device in this torch
@@ -169,15 +267,16 @@ def adam(params: list[torch.nn.Parameter], config) -> torch.optim.Adam:
 
 
 class Trainer:
-    """All of training that is not the paper: a model's networks on the device (`nets`, unwrapped), one Adam per
-    group (`model.groups`: CycleGAN's G and F, D_X and D_Y; CUT's D, G and H), the lr schedule, precision, DDP and
-    compile (`wrap`), the checkpoint. `model.train_step(x, y, trainer)` calls autocast, backward and step."""
+    """All of training that is not the paper: a model's networks on the device, training (`nets`, unwrapped), one
+    Adam per group (`model.groups`: CycleGAN's G and F, D_X and D_Y; CUT's D, G and H), the lr schedule, precision,
+    the ranks' gradient average under torchrun, compile (`wrap`), the checkpoint. `model.train_step(x, y, trainer)`
+    calls autocast, backward and step."""
 
-    def __init__(self, model, device: torch.device | str = "cpu", precision: str = "fp32"):
+    def __init__(self, model: Model, device: torch.device | str = "cpu", precision: str = "fp32"):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         self.model, self.device, self.precision = model, torch.device(device), precision
-        self.nets = {name: getattr(model, name).to(self.device)
+        self.nets = {name: getattr(model, name).to(self.device).train()
                      for members in model.groups.values() for name in members}
         self.optimizers = {group: adam([p for n in members for p in self.nets[n].parameters()], model.config)
                            for group, members in model.groups.items()}
@@ -186,6 +285,9 @@ class Trainer:
             if precision == "fp16" else {}
         self.epoch = 0  # epochs finished
         self.global_step = 0  # optimisation steps taken in all
+        # Under torchrun, one of `world` ranks: each starts from the same weights (the same seed, or the same
+        # checkpoint) and steps on the gradients averaged over all of them.
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
 
     def autocast(self):
         """Mixed-precision context for forward passes and losses (fp32: none)."""
@@ -197,9 +299,12 @@ class Trainer:
         (self.scalers[group].scale(loss) if group in self.scalers else loss).backward()
 
     def step(self, group: str) -> None:
-        """One Adam step of `group` on the gradients summed so far, which are then freed: kept until the
-        next backward, they would sit in memory through the next forward passes (91 MB for G and F)."""
+        """One Adam step of `group` on the gradients summed so far (under torchrun, averaged over the ranks first),
+        which are then freed: kept until the next backward, they would sit in memory through the next forward
+        passes."""
         optimizer = self.optimizers[group]
+        if self.world > 1:
+            self.average_over_ranks(optimizer)
         if group in self.scalers:
             self.scalers[group].step(optimizer)
             self.scalers[group].update()
@@ -207,23 +312,34 @@ class Trainer:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def average_over_ranks(self, optimizer: torch.optim.Optimizer) -> None:
+        """Replace each gradient of the optimiser's parameters by its mean over the ranks, in one all-reduce (a
+        parameter without a gradient counts as zero): every rank then takes the same step, the one a single process
+        takes on all the ranks' images at once, and the ranks' weights stay identical."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        dist.all_reduce(flat)
+        flat /= self.world
+        for p, grad in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = grad.view_as(p)
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """One step of the model's objective on x (B, C_x, H, W) and y (B, C_y, H, W): each loss as a 0-dim
-        device tensor, out of the graph (reading it waits for the step: `mean_losses` does, once a window)."""
+        device tensor, out of the graph (reading it waits for the step: `EpochMeter.read` does, once a window)."""
         losses = self.model.train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
                                        self)
         self.global_step += 1
         return {k: v.detach() for k, v in losses.items()}
 
     def wrap(self, fn) -> None:
-        """Replace the networks the step calls by fn(network), e.g. a DDP wrapper or torch.compile."""
+        """Replace the networks the step calls by fn(network): torch.compile's wrapper (`nets` keeps the plain ones)."""
         for name in self.nets:
             setattr(self.model, name, fn(getattr(self.model, name)))
 
     @contextmanager
     def evaluating(self):
-        """The model with its plain networks (not their DDP or compiled wrappers), in eval mode and
-        without gradients: for the grids and CUT's similarity maps, which rank 0 alone draws."""
+        """The model with its plain networks (not their compiled wrappers), in eval mode and without
+        gradients: for the grids and CUT's similarity maps, which rank 0 alone draws."""
         wrapped = {name: getattr(self.model, name) for name in self.nets}
         for name, net in self.nets.items():
             setattr(self.model, name, net.eval())
@@ -263,27 +379,19 @@ class Trainer:
                         "torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}}
 
-    @staticmethod
-    def is_checkpoint(state) -> bool:
-        """Whether what a file holds is a checkpoint of this repository (not an official network file)."""
-        return isinstance(state, dict) and state.get("model") in MODELS and "nets" in state
-
     @classmethod
-    def load(cls, state, device: torch.device | str = "cpu", precision: str | None = None, source: Path = None):
-        """Read back a checkpoint `state` wrote (as `load_torch` returns it): the trainer of the checkpoint's own model
-        and config, with everything restored. Returns (trainer, steps into the current epoch, the run's
-        options); precision defaults to the run's. A file of another kind is a UsageError naming `source`."""
-        need(cls.is_checkpoint(state), f"{source} is not a checkpoint of a train_gan.py run (an official generator "
-             f".pth can be used with translate.py, not resumed): pass a latest.pt of train_gan.py")
-        missing = {"config", "options", "epoch", "step", "epoch_step", "optimizers", "extra", "rng"} - set(state)
-        need(not missing, f"{source} lacks {', '.join(sorted(missing))}: it was written by an older train_gan.py; "
-             f"train it again with this one")
-        model_cls, config_cls, _ = MODELS[state["model"]]
-        trainer = cls(model_cls(config_cls(**state["config"])), device,
-                      precision or state["options"].get("precision", "fp32"))
+    def load(cls, state, device: torch.device | str = "cpu", precision: str | None = None,
+             source: Path | None = None) -> tuple["Trainer", int]:
+        """Read back a checkpoint `state` wrote (as `load_torch` returns it) to go on training: its model
+        (`load_model`), its optimisers, its position and every random generator's state. Returns (trainer, steps
+        into the current epoch); precision defaults to the run's. A file of another kind is a UsageError naming
+        `source`."""
+        model = load_model(state, source)
+        missing = {"options", "epoch", "step", "epoch_step", "optimizers", "extra", "rng"} - set(state)
+        need(not missing, f"{source} lacks {', '.join(sorted(missing))}, which a resume needs: train it again with "
+             f"this train_gan.py")
+        trainer = cls(model, device, precision or state["options"].get("precision", "fp32"))
         try:
-            for k, net in trainer.nets.items():
-                net.load_state_dict(state["nets"][k])
             for k, opt in trainer.optimizers.items():
                 kernel = {key: opt.defaults[key] for key in ("fused", "foreach")}
                 opt.load_state_dict(state["optimizers"][k])
@@ -300,91 +408,95 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         if trainer.device.type == "cuda" and rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"])
-        return trainer, state["epoch_step"], state["options"]
+        return trainer, state["epoch_step"]
+
+
+def is_checkpoint(state) -> bool:
+    """Whether what a file holds is a checkpoint of this repository (not an official network file)."""
+    return isinstance(state, dict) and state.get("model") in MODELS and {"config", "nets"} <= set(state)
+
+
+def load_model(state, source: Path | None = None) -> Model:
+    """The model a checkpoint holds (as `load_torch` returns it, on the CPU), to use: built from its own config, with
+    its weights, in eval mode. No optimiser is built, and the global random state is left as it was (the
+    initialisation that the weights replace is drawn in a fork of it). A file of another kind is a UsageError
+    naming `source`."""
+    need(is_checkpoint(state), f"{source} is not a checkpoint of a train_gan.py run (an official generator .pth "
+         f"can be used with translate.py, not resumed): pass a latest.pt of train_gan.py")
+    model_cls, config_cls, _ = MODELS[state["model"]]
+    with torch.random.fork_rng(devices=[]):
+        model = model_cls(config_cls(**state["config"]))
+    try:
+        for name in (name for members in model.groups.values() for name in members):
+            getattr(model, name).eval().load_state_dict(state["nets"][name])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UsageError(f"{source} does not match a {state['model']} of its own config: "
+                         f"{str(e).splitlines()[0]}") from None
+    return model
 
 
 # ----------------------------------------------------------------------------- the run
 
 def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Trainer:
-    """Train as the options say. Under torchrun every rank trains; rank 0 alone prints, and writes the run's
-    folder, which it holds for the whole run. Returns the trainer."""
+    """Train as `args` (parse_options') ask: set-up, then the epoch loop. Under torchrun every rank trains; rank 0
+    alone prints, and writes the run's folder, which it holds for the whole run. Returns the trainer."""
     rank, world, device = init_distributed(pick_device(args.device))
     lead = rank == 0
     folder = RunFolder(args.output_dir / args.name, f"continue with: {resume_command(args)}")  # works as printed
     with ExitStack() as held:
         if lead:
             held.enter_context(folder.hold(new=not args.resume))
-        trainer, epoch_step, filled = resume_run(args, folder, device) if args.resume else start_run(args, device)
-        folders = find_domains(args.dataroot, args.direction)
-        data, sampler, loader = make_loader(args, trainer, folders, rank, world)
-        wrap_networks(args, trainer, world)
+        trainer, opts, epoch_step = resume_run(args, folder, device) if args.resume else start_run(args, device)
+        held.enter_context(memory_or_stopped(f"at crop {opts.crop_size}x{opts.crop_size}, batch {opts.batch_size}",
+                                             f"lower --crop-size or --batch-size, then {folder.again}"))
+        folders = find_domains(opts.dataroot, opts.direction)
+        data, sampler, loader = make_loader(opts, trainer, folders, rank, world)
+        if opts.compile:
+            trainer.wrap(torch.compile)
         if world > 1:
-            torch.manual_seed(args.seed + 1_000 * rank + trainer.global_step)  # each rank its own pools, patches, flips
-        cfg, options = trainer.model.config, saved_options(args)
-        steps = min(math.ceil(sampler.epoch_size() / args.batch_size), args.max_steps or math.inf)  # per epoch
+            torch.manual_seed(opts.seed + 1_000 * rank + trainer.global_step)  # each rank its own pools, patches, flips
+        cfg, options = trainer.model.config, saved_options(opts)
+        steps = min(math.ceil(sampler.epoch_size() / opts.batch_size), opts.max_steps or math.inf)  # per epoch
         total_epochs = cfg.epochs + cfg.epochs_decay
-        fixed = [load_fixed_images(folders[f"test_{d}"] or folders[f"train_{d}"], 4, args.crop_size, channels)
+        fixed = [load_fixed_images(folders[f"test_{d}"] or folders[f"train_{d}"], 4, opts.crop_size, channels)
                  for d, channels in (("x", cfg.channels_x), ("y", cfg.channels_y))]
         stop = stop or StopFlag(world, lead).install()
         control = dist.new_group(backend="gloo") if world > 1 else None  # for the ranks' stop and NaN votes
         warned = set() if lead else None  # the unreadable images named so far
+        diverged = f"{folder.latest} keeps the last good state; continue with: {resume_command(opts, lr=opts.lr / 2)}"
+        halt = False  # asked to stop, on every rank
         if lead:
-            print(("resuming " if epoch_step or trainer.global_step else "") + f"{args.model} on {device} x {world} | "
-                  f"data {args.dataroot} ({len(data.files[0])} X, {len(data.files[1])} Y) | crop {args.crop_size} "
-                  f"(load {args.load_size}) | batch {args.batch_size} | {steps} steps/epoch x {total_epochs} epochs | "
-                  f"at epoch {trainer.epoch + 1} step {epoch_step} | out {folder.path}")
-            if filled:
-                print(f"defaults for {device.type}: {', '.join(filled)}")
-            if trainer.epoch >= total_epochs:
-                print("this run has trained all its epochs: to train on, resume with more --epochs or --epochs-decay")
-            folder.start(options, args.given - NOT_OF_THE_RUN, args.command, trainer.epoch, epoch_step,
-                         f"{args.name}: {args.model} on {args.dataroot.name}", trainer.model.visuals_caption(),
-                         total_epochs)
+            announce(args, opts, trainer, folder, f"{device} x {world}", f"{len(data.files[0])} X, "
+                     f"{len(data.files[1])} Y", f"{steps} steps/epoch x {total_epochs} epochs", epoch_step)
             held.callback(folder.finish)  # the page says, as the run ends, whether it finished
 
         for epoch in range(trainer.epoch, total_epochs):
-            sampler.set_epoch(epoch, epoch_step * args.batch_size, steps * args.batch_size)
-            first, window, count, sums, waited, halt, start = epoch_step, {}, 0, {}, 0.0, False, time.time()
-            with tqdm(total=steps, initial=epoch_step, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
-                      dynamic_ncols=True, disable=not lead) as bar:
-                for x, y, wait in batches(loader, warned):
-                    waited += wait
-                    with memory_or_stopped(f"in a training step at crop {args.crop_size}x{args.crop_size}, batch "
-                                           f"{args.batch_size}", f"lower --crop-size or --batch-size, then "
-                                           f"{folder.again}"):
-                        losses = trainer.train_step(x, y)  # still on the device: nothing waits here
+            sampler.set_epoch(epoch, epoch_step * opts.batch_size, steps * opts.batch_size)
+            with EpochMeter(steps, epoch_step, f"epoch {epoch + 1}/{total_epochs}", lead, control, diverged) as meter:
+                for x, y, waited in batches(loader, warned):
+                    meter.add(trainer.train_step(x, y), waited)  # the losses stay on the device: nothing waits
                     epoch_step += 1
-                    bar.update()
-                    window, count = {k: window.get(k, 0.0) + v for k, v in losses.items()}, count + 1
                     halt = any_rank(stop.requested, control)  # every rank stops after the same step
-                    if not (epoch_step % args.log_every == 0 or epoch_step == steps or halt):
-                        continue  # the host reads the losses only at logged steps: a GPU runs on until then
-                    mean = mean_losses(window, count, control, f"by step {trainer.global_step}: {folder.latest} keeps "
-                                       f"the last good state; continue with: {resume_command(args, lr=args.lr / 2)}")
-                    sums = {k: sums.get(k, 0.0) + v * count for k, v in mean.items()}  # for the epoch's means
-                    window, count = {}, 0
-                    if lead:
-                        folder.log_losses(trainer.global_step, epoch + 1, mean)
-                        bar.set_postfix({k: f"{v:.3f}" for k, v in mean.items()}, refresh=False)
-                    if halt and epoch_step < steps:  # on an epoch's last step, the epoch is finished first
+                    if epoch_step % opts.log_every == 0 or epoch_step == steps or halt:
+                        losses = meter.read(trainer.global_step)  # waits for the device; a NaN stops the run
                         if lead:
-                            folder.save_checkpoint(trainer.state(epoch_step, options))
-                            print(f"\nstopped at epoch {epoch + 1}, step {epoch_step}: saved {folder.latest}; "
-                                  f"{folder.again}")
-                        return trainer
-            seconds, trained = max(time.time() - start, 1e-6), epoch_step - first  # this command's steps of the epoch
-            means = {k: v / trained for k, v in sums.items()}
-            trainer.end_epoch()
-            epoch_step = 0
+                            folder.log_losses(trainer.global_step, epoch + 1, losses)
+                    if halt:
+                        break
+            done = epoch_step >= steps  # asked to stop on an epoch's last step, the epoch is finished first
+            if done:
+                trainer.end_epoch()
+                epoch_step = 0
             if lead:  # the checkpoint first: a picture that cannot be written costs no training
-                folder.save_checkpoint(trainer.state(0, options), keep=bool(args.save_every) and
-                                       trainer.epoch % args.save_every == 0)
-                said = folder.end_epoch(trainer.epoch, means, *on_fixed_images(args, trainer, fixed),
-                                        seconds=round(seconds, 1), data_wait=waited / seconds,
-                                        images_per_sec=trained * args.batch_size * world / seconds)  # of all ranks
-                print(f"epoch {trainer.epoch}/{total_epochs}: {said}")
+                folder.save_checkpoint(trainer.state(epoch_step, options),
+                                       keep=done and opts.save_every > 0 and trainer.epoch % opts.save_every == 0)
+                if done:
+                    print(f"epoch {trainer.epoch}/{total_epochs}: " + folder.end_epoch(
+                        trainer.epoch, meter.means(), *pictures(opts, trainer, fixed),
+                        **meter.timing(opts.batch_size * world)))  # the images of all ranks
                 if halt:
-                    print(f"stopped after epoch {trainer.epoch}: saved {folder.latest}; {folder.again}")
+                    print(f"stopped at epoch {trainer.epoch + 1}, step {epoch_step}: saved {folder.latest}; "
+                          f"{folder.again}")
             if halt:
                 break
     return trainer
@@ -402,117 +514,70 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, device
 
 
-def resume_run(args: argparse.Namespace, folder: RunFolder, device: torch.device) -> tuple[Trainer, int, list]:
-    """The run in `folder` as its checkpoint left it, `args` filled in with its options: each one not
-    given is the run's (but this machine's own), and one given that would change the run is refused.
-    Returns (trainer, steps into the current epoch, no presets filled in)."""
-    trainer, epoch_step, saved = Trainer.load(load_torch(folder.latest), device,
-                                              args.precision if "precision" in args.given else None, folder.latest)
-    args.model = args.model or trainer.model.name  # (one given that differs is refused below)
-    asked = saved_options(args)  # this command's options, as the run's are kept
-    for key, value in saved.items():
-        if key not in args.given and key not in MACHINE_OPTIONS:
-            setattr(args, key, Path(value) if key == "dataroot" else tuple(value) if isinstance(value, list) else value)
-        elif key in args.given and key not in RESUME_MAY_CHANGE and asked[key] != value:
-            flag = "--" + key.replace("_", "-")
-            raise UsageError(f"this run was started with {flag} {value}; {flag} {asked[key]} would change it: drop "
-                             f"{flag}, or start a new --name")
-    args.workers = presets(device)["workers"] if args.workers is None else args.workers
-    trainer.set_schedule(epochs=args.epochs, epochs_decay=args.epochs_decay, lr=args.lr)
-    validate(args, device)
-    return trainer, epoch_step, []
+def resume_run(args: argparse.Namespace, folder: RunFolder, device: torch.device) -> tuple[Trainer, Namespace, int]:
+    """The run in `folder` as its checkpoint left it, with its options (`resolve_options`) and, where given, a new
+    schedule. Returns (trainer, options, steps into the current epoch)."""
+    state = load_torch(folder.latest)
+    trainer, epoch_step = Trainer.load(state, device, args.precision if "precision" in args.given else None,
+                                       folder.latest)
+    opts = resolve_options(args, device, state["options"])
+    trainer.set_schedule(epochs=opts.epochs, epochs_decay=opts.epochs_decay, lr=opts.lr)
+    return trainer, opts, epoch_step
 
 
-def saved_options(args: argparse.Namespace) -> dict:
-    """Every option of the run's model, as the checkpoint and options.json keep them (paths as text, tuples as
-    lists)."""
-    return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
-            for k, v in vars(args).items() if k not in NOT_OF_THE_RUN | NOT_FOR[args.model]}
-
-
-def presets(device: torch.device) -> dict:
-    """The defaults for the device: CPU_PRESET, or GPU_PRESET with data-loading workers, half of this
-    process's share of the CPU cores (1 to 8; the official default is 4)."""
-    if device.type == "cpu":
-        return CPU_PRESET
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return {**GPU_PRESET, "workers": max(1, min(8, cores // (2 * int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))}
-
-
-def validate(args: argparse.Namespace, device: torch.device) -> None:
-    """Reject impossible options before any work starts; warn of a slow one."""
-    foreign = " ".join("--" + name.replace("_", "-") for name in sorted(args.given & NOT_FOR[args.model]))
-    need(not foreign, f"{args.model} does not take {foreign}: drop it, or pick the --model it is for")
-    need(args.nce_negatives != "others" or args.batch_size > 1,
-         "--nce-negatives others draws negatives from the other images of a batch: pass --batch-size 2 or more")
-    need(args.precision != "fp16" or device.type == "cuda",
-         f"--precision fp16 is for CUDA GPUs (on {device.type} G's gradients come out NaN, so G never learns): "
-         f"use fp32, or bf16")
-    if args.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        warnings.warn("this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 autocast runs far slower "
-                      "than fp32 here (about 40x on an AVX2 CPU); use --precision fp32")
-    side = size_multiple(args.netG or "resnet_9blocks")
-    need(args.crop_size >= 16 and args.crop_size % side == 0,
-         f"--netG {args.netG} needs a crop size that is a multiple of {side} (and at least 16), got "
-         f"{args.crop_size}: use --crop-size {max(side, 16)}" + (" or a resnet generator" if side > 4 else ""))
-
-
-def start_run(args: argparse.Namespace, device: torch.device) -> tuple[Trainer, int, list]:
-    """A new run (or a benchmark): presets filled in, options checked, the weights drawn after seeding with
-    --seed; options left None take, and get, the config's defaults. Returns (trainer, 0 steps into the first
-    epoch, the presets filled in as 'option=value')."""
-    filled = {key: value for key, value in presets(device).items() if getattr(args, key) is None}
-    vars(args).update(filled)
-    validate(args, device)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    model_cls, config_cls, fixed = MODELS[args.model]
-    option = {"channels_x": "input_nc", "channels_y": "output_nc"}  # the config field an option of another name sets
-    values = {f.name: getattr(args, option.get(f.name, f.name)) for f in dataclasses.fields(config_cls)
-              if getattr(args, option.get(f.name, f.name), None) is not None}
+def start_run(args: argparse.Namespace, device: torch.device) -> tuple[Trainer, Namespace, int]:
+    """A new run (or a benchmark): its options (`resolve_options`), and its model, the weights drawn after seeding
+    with --seed. Returns (trainer, options, 0 steps into the first epoch)."""
+    opts = resolve_options(args, device)
+    random.seed(opts.seed)
+    np.random.seed(opts.seed)
+    torch.manual_seed(opts.seed)
     try:
-        model = model_cls(config_cls(**{**values, **fixed}))
+        model = MODELS[opts.model][0](config_of(opts))
     except ValueError as e:  # an option combination the model cannot build
         raise UsageError(str(e)) from None
-    for field, value in dataclasses.asdict(model.config).items():
-        if getattr(args, option.get(field, field), 0) is None:
-            setattr(args, option.get(field, field), value)
-    return Trainer(model, device, args.precision), 0, [f"{k}={v}" for k, v in filled.items()]
+    return Trainer(model, device, opts.precision), opts, 0
 
 
-def make_loader(args: argparse.Namespace, trainer: Trainer, folders: dict, rank: int = 0, world: int = 1):
+def make_loader(opts: argparse.Namespace, trainer: Trainer, folders: dict, rank: int = 0, world: int = 1):
     """(dataset, sampler, loader) over the training folders; each rank gets its share of every epoch."""
     model, cfg = trainer.model, trainer.model.config
-    data = UnpairedDataset(folders["train_x"], folders["train_y"], args.load_size, args.crop_size,
+    data = UnpairedDataset(folders["train_x"], folders["train_y"], opts.load_size, opts.crop_size,
                            cfg.channels_x, cfg.channels_y,
                            no_crop_from_epoch=None if model.resize_crop_in_decay else cfg.epochs)
-    sampler = PairSampler(len(data.files[0]), len(data.files[1]), args.seed, rank, world)
-    return data, sampler, data_loader(data, sampler, args.batch_size, args.workers, trainer.device.type == "cuda")
+    sampler = PairSampler(len(data.files[0]), len(data.files[1]), opts.seed, rank, world)
+    return data, sampler, data_loader(data, sampler, opts.batch_size, opts.workers, trainer.device.type == "cuda")
 
 
-def wrap_networks(args: argparse.Namespace, trainer: Trainer, world: int) -> None:
-    """Under torchrun, each network in DistributedDataParallel (a gradient all-reduce per group and step);
-    then torch.compile, if asked. No buffer broadcast: the buffers are fixed blur filters (or batch-norm
-    statistics, which rank 0 saves), and one in a forward that a rank runs alone (FastCUT's mirrored key
-    pass, drawn per rank) would unpair the ranks' collectives and hang them."""
-    if world > 1:
-        ids = [trainer.device.index] if trainer.device.type == "cuda" else None
-        trainer.wrap(lambda net: DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False))
-    if args.compile:
-        trainer.wrap(torch.compile)
-
-
-def resume_command(args: argparse.Namespace, **changes) -> str:
+def resume_command(opts: argparse.Namespace, **changes) -> str:
     """The command that continues this run: --resume, its name and folder, and the options this command
     was given that a resume may change (the checkpoint keeps the rest), with `changes`."""
-    words = ["python", "train_gan.py", "--resume", "--name", args.name] + \
-        (["--output-dir", str(args.output_dir)] if args.output_dir != Path("output") else [])
-    for key in sorted((args.given & RESUME_MAY_CHANGE) | set(changes)):
-        value, flag = changes.get(key, getattr(args, key)), "--" + key.replace("_", "-")
+    words = ["python", "train_gan.py", "--resume", "--name", opts.name] + \
+        (["--output-dir", str(opts.output_dir)] if opts.output_dir != Path("output") else [])
+    for key in sorted((opts.given & RESUME_MAY_CHANGE) | set(changes)):
+        value, flag = changes.get(key, getattr(opts, key)), "--" + key.replace("_", "-")
         text = f"{value:g}" if isinstance(value, float) else str(value)
         words += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, text]
     return shlex.join(words)
+
+
+def announce(args, opts, trainer: Trainer, folder: RunFolder, where: str, images: str, length: str, epoch_step: int):
+    """Rank 0's start: what runs where and how long, the presets it took, and the run folder's record and page; a new
+    run also writes its checkpoint at step 0, so that the --resume a failure advises works from the first step."""
+    c = trainer.model.config
+    print(("resuming " if epoch_step or trainer.global_step else "") + f"{opts.model} on {where} | data "
+          f"{opts.dataroot} ({images}) | crop {opts.crop_size} (load {opts.load_size}) | batch {opts.batch_size} | "
+          f"{length} | at epoch {trainer.epoch + 1} step {epoch_step} | out {folder.path}")
+    filled = [f"{k}={v}" for k, v in presets(trainer.device).items() if not args.resume and getattr(args, k) is None]
+    if filled:
+        print(f"defaults for {trainer.device.type}: {', '.join(filled)}")
+    if trainer.epoch >= c.epochs + c.epochs_decay:
+        print("this run has trained all its epochs: to train on, resume with more --epochs or --epochs-decay")
+    folder.start(saved_options(opts), args.given - NOT_OF_THE_RUN, args.command, trainer.epoch, epoch_step,
+                 f"{args.name}: {opts.model} on {opts.dataroot.name}", trainer.model.visuals_caption(),
+                 c.epochs + c.epochs_decay)
+    if not args.resume:
+        folder.save_checkpoint(trainer.state(0, saved_options(opts)))
 
 
 def any_rank(flag: bool, group) -> bool:
@@ -525,28 +590,60 @@ def any_rank(flag: bool, group) -> bool:
     return bool(votes)
 
 
-def mean_losses(window: dict[str, torch.Tensor], count: int, control, where: str) -> dict[str, float]:
-    """Each loss summed over a log window of `count` steps, averaged, read to the host in one copy (which waits
-    for the device); a RunError names a loss that is not finite, here or on another rank, and `where`."""
-    mean = dict(zip(window, (torch.stack([v.float() for v in window.values()]) / count).tolist()))
-    bad = [k for k, v in mean.items() if not math.isfinite(v)]
-    if any_rank(bool(bad), control):
-        what = f"loss {bad[0]} became {mean[bad[0]]}" if bad else "a loss on another rank diverged"
-        raise RunError(f"{what} {where}")
-    return mean
+class EpochMeter(tqdm):
+    """An epoch's progress bar (`show`: rank 0's) that keeps its bookkeeping: its time and wait for data, and its
+    losses, summed on the device and read to the host once a log window (`read`, which waits for the device); a loss
+    that is not finite there or on another rank stops the run, its message ending with `diverged`."""
+
+    def __init__(self, steps: int, first: int, title: str, show: bool, control, diverged: str):
+        super().__init__(total=steps, initial=first, desc=title, leave=False, dynamic_ncols=True, disable=not show)
+        self.control, self.diverged, self.began, self.waited = control, diverged, time.time(), 0.0
+        self.window, self.count, self.sums, self.steps = {}, 0, {}, 0
+
+    def add(self, losses: dict[str, torch.Tensor], waited: float) -> None:
+        """A step's losses, still on the device, and the seconds it waited for its batch."""
+        self.window = {k: self.window.get(k, 0.0) + v for k, v in losses.items()}
+        self.count, self.waited = self.count + 1, self.waited + waited
+        self.update()
+
+    def read(self, step: int) -> dict[str, float]:
+        """The mean of each loss over the window, read to the host in one copy."""
+        mean = dict(zip(self.window, (torch.stack([v.float() for v in self.window.values()]) / self.count).tolist()))
+        bad = [k for k, v in mean.items() if not math.isfinite(v)]
+        if any_rank(bool(bad), self.control):
+            what = f"loss {bad[0]} became {mean[bad[0]]}" if bad else "a loss on another rank diverged"
+            raise RunError(f"{what} by step {step}: {self.diverged}")
+        self.sums = {k: self.sums.get(k, 0.0) + v * self.count for k, v in mean.items()}
+        self.steps, self.window, self.count = self.steps + self.count, {}, 0
+        self.set_postfix({k: f"{v:.3f}" for k, v in mean.items()}, refresh=False)
+        return mean
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.steps for k, v in self.sums.items()}
+
+    def timing(self, images_per_step: int) -> dict[str, float]:
+        """Seconds so far, the share of them spent waiting for data, and the images trained per second."""
+        seconds = max(time.time() - self.began, 1e-6)
+        return {"seconds": round(seconds, 1), "data_wait": self.waited / seconds,
+                "images_per_sec": self.steps * images_per_step / seconds}
 
 
-def on_fixed_images(args: argparse.Namespace, trainer: Trainer, fixed: list[torch.Tensor]) -> tuple:
-    """What the networks make of the fixed test images (x, y): the grid's rows; for CUT the PatchNCE maps,
-    (x, G(x), maps) for the run folder's query points on G(x): which patches of x PatchNCE picks; and what D
-    decides of each patch of real and translated images (the models' `verdicts`)."""
+# Where the picture of a model's similarity maps asks: (row, col) fractions of G(x), the centre, upper right and
+# lower left.
+QUERY_POINTS = ((0.5, 0.5), (0.3, 0.7), (0.8, 0.2))
+
+
+def pictures(opts: argparse.Namespace, trainer: Trainer, fixed: list[torch.Tensor]) -> tuple:
+    """What the networks make of the fixed test images (x, y): the grid's rows; for a model with similarity maps
+    (CUT), (x, G(x), the maps, QUERY_POINTS): which patches of x each query point on G(x) is taken for; and what D
+    decides of each patch of real and translated images (the model's `verdicts`)."""
     with trainer.evaluating() as model:
         x, y = (t.to(trainer.device) for t in fixed)
-        nce = None
-        if args.nce_map and isinstance(model, CUT):
-            fake = model.G(x[:2])
-            nce = x[:2], fake, model.similarity_maps(fake, x[:2], RunFolder.NCE_POINTS)
-        return model.visuals(x, y), nce, model.verdicts(x, y) if args.d_map else None
+        maps = None
+        if opts.nce_map and hasattr(model, "similarity_maps"):
+            fake = getattr(model, model.directions["x2y"])(x[:2])
+            maps = x[:2], fake, model.similarity_maps(fake, x[:2], QUERY_POINTS), QUERY_POINTS
+        return model.visuals(x, y), maps, model.verdicts(x, y) if opts.d_map else None
 
 
 # ----------------------------------------------------------------------------- benchmark, main
@@ -556,30 +653,32 @@ def benchmark(args: argparse.Namespace) -> dict:
     JSON line: the median step (sec_per_iter), beside it the median wait for its batch (data_wait_sec),
     and the peak memory. Under torchrun every rank steps, and images/s counts all of them."""
     rank, world, device = init_distributed(pick_device(args.device))
-    trainer, _, _ = start_run(args, device)
-    _, sampler, loader = make_loader(args, trainer, find_domains(args.dataroot, args.direction), rank, world)
-    wrap_networks(args, trainer, world)
-    warmup, times, waits, stream = 3, [], [], iter(())
-    for i in range(warmup + args.benchmark):
-        batch = next(stream, None)
-        if batch is None:  # a new epoch of the same loader
-            sampler.set_epoch(i)
-            stream = batches(loader, set())
-            batch = next(stream)
-        x, y, waited = batch
-        start = time.perf_counter()
-        trainer.train_step(x, y)
-        if device.type in ("cuda", "mps"):
-            getattr(torch, device.type).synchronize()  # the step's kernels have run
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-            waits.append(waited)
+    trainer, opts, _ = start_run(args, device)
+    _, sampler, loader = make_loader(opts, trainer, find_domains(opts.dataroot, opts.direction), rank, world)
+    if opts.compile:
+        trainer.wrap(torch.compile)
+
+    def epochs():  # the loader's batches, epoch after epoch
+        for epoch in itertools.count():
+            sampler.set_epoch(epoch)
+            yield from batches(loader, set())
+    warmup, times, waits = 3, [], []
+    with memory_or_stopped(f"at crop {opts.crop_size}x{opts.crop_size}, batch {opts.batch_size}",
+                           "lower --crop-size or --batch-size"):
+        for i, (x, y, waited) in zip(range(warmup + opts.benchmark), epochs()):
+            start = time.perf_counter()
+            trainer.train_step(x, y)
+            if device.type in ("cuda", "mps"):
+                getattr(torch, device.type).synchronize()  # the step's kernels have run
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+                waits.append(waited)
     sec = statistics.median(times)
-    result = {"model": args.model, "device": str(device), "processes": world, "precision": args.precision,
-              "compile": args.compile, "crop_size": args.crop_size, "batch_size": args.batch_size,
-              "netG": trainer.model.config.netG, "workers": args.workers, "sec_per_iter": round(sec, 4),
+    result = {"model": opts.model, "device": str(device), "processes": world, "precision": opts.precision,
+              "compile": opts.compile, "crop_size": opts.crop_size, "batch_size": opts.batch_size,
+              "netG": trainer.model.config.netG, "workers": opts.workers, "sec_per_iter": round(sec, 4),
               "data_wait_sec": round(statistics.median(waits), 4),
-              "images_per_sec": round(args.batch_size * world / sec, 3), "peak_mem_mb": peak_memory_mb(device),
+              "images_per_sec": round(opts.batch_size * world / sec, 3), "peak_mem_mb": peak_memory_mb(device),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     if rank == 0:
         print(json.dumps(result))
@@ -591,18 +690,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
 
     def command():
-        if argv[:1] in (["translate"], ["compare"]) or argv[:2] == ["download", "--pretrained"]:
-            raise UsageError("translating, comparing runs and official pretrained models are translate.py's "
-                             "now: python translate.py --help")
         if argv[:1] == ["download"]:
             return download_command(argv[1:])
         args = parse_options(argv)
         try:
             benchmark(args) if args.benchmark else train(args)
-        except RuntimeError:  # out of memory outside train()'s steps (start-up, a grid, a benchmark): one line too
-            where = f"at crop {args.crop_size}x{args.crop_size}, batch {args.batch_size}" if args.crop_size \
-                else "loading the run"  # the options are filled in once its checkpoint is loaded
-            with memory_or_stopped(where, "lower --crop-size or --batch-size, or free the device's memory"):
+        except RuntimeError:  # out of memory before the run's sizes are known (its networks onto the device)
+            with memory_or_stopped("setting up the run", "free the device's memory, or pass --device cpu"):
                 raise
         finally:
             if dist.is_initialized():

@@ -28,7 +28,7 @@ from data_utility import (OFFICIAL_PRETRAINED, Parser, UsageError, at_least, dow
                           fit_within, list_images, load_fixed_images, load_torch, make_folder, memory_or_stopped, need,
                           pick_device, run_command, save_grid, save_image, to_image, to_tensor, written_or_stopped)
 from networks import official_generator
-from train_gan import Trainer
+from train_gan import is_checkpoint, load_model
 
 CACHE = Path(__file__).resolve().parent / "pretrained"
 
@@ -87,29 +87,28 @@ class Translator:
     """A generator that translates (B, C, H, W) images in [-1, 1] of any size, in eval mode and without
     gradients: the sides are reflect-padded to the generator's multiple and the result cropped back."""
 
-    def __init__(self, net: torch.nn.Module, channels: int, device: torch.device):
-        self.net, self.channels, self.device = net.to(device).eval(), channels, device  # channels: of the input
+    def __init__(self, net: torch.nn.Module, device: torch.device):
+        self.net, self.device = net.to(device).eval(), device
+        self.channels = next(net.parameters()).shape[1]  # of its input: its first conv's
 
     @classmethod
     def of(cls, path: Path, device: torch.device, direction: str | None) -> "Translator":
         """The generator of a file that translates `direction` (AtoB, BtoA; None: the model's own way):
         from a run's checkpoint, or from an official generator file, whose architecture the file tells."""
         state = load_torch(path)
-        if not Trainer.is_checkpoint(state):
+        if not is_checkpoint(state):
             try:
                 net = official_generator(state)
             except ValueError as e:
                 raise UsageError(f"{path} is neither a checkpoint of train_gan.py nor an official generator: "
                                  f"{str(e).splitlines()[0]}") from None
             need(not direction, f"{path} holds one generator, which translates its own way: drop --direction")
-            return cls(net, next(net.parameters()).shape[1], device)
-        trainer, _, options = Trainer.load(state, device, source=path)
-        model, trained = trainer.model, options.get("direction", "AtoB")
+            return cls(net, device)
+        model, trained = load_model(state, path), state.get("options", {}).get("direction", "AtoB")
         way = "x2y" if direction in (None, trained) else "y2x"  # the run's X is the folder it trained from
         need(way in model.directions, f"{path} is a {model.name} model, which translates its own way only "
              f"({trained}): drop --direction {direction}")
-        channels = model.config.channels_x if way == "x2y" else model.config.channels_y
-        return cls(trainer.nets[model.directions[way]], channels, device)
+        return cls(getattr(model, model.directions[way]), device)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
