@@ -1,34 +1,78 @@
-"""pytest checks of every component: shapes, parameter counts, gradients, loss values, behaviour.
+"""pytest checks of every component, in the README's reading order: shapes, parameter counts, gradients, loss values
+on known inputs, files written, errors raised. A failure of a model-file component says which rule of the paper (or
+of the official code) the code breaks.
 
-Run: python -m pytest -q test_components.py   (CPU only, tiny widths; GPU tests skip without CUDA)
-On a CUDA machine, what differs there: python -m pytest -q -m gpu test_components.py. Each `gpu` test
-is parametrised over cpu and cuda, so its logic runs on the CPU every time and only the cuda case waits
-for a GPU.
+    python -m pytest -q test_components.py              # all of it, on a CPU (the CUDA cases skip without a GPU)
+    python -m pytest -q test_components.py -k patchnce  # one component's tests alone, in seconds
+    python -m pytest -q -m gpu test_components.py       # what runs differently on CUDA (each case also on the CPU)
+
+The sections, and the -k word of each component (a test's name starts with test_WORD):
+    layers.py        conv_norm_act (norms, conv biases, activations, padding), residual_block, blur (blur-pool down
+                     and up), resampling (strided or blurred down- and up-sampling), init_weights
+    networks.py      resnet_generator (with CUT's encoder taps), unet_generator, patchgan, patch_sample_mlp (CUT's
+                     H), define_g (generators by their official names), frozen (D fixed while G steps)
+    losses.py        gan_loss, patchnce
+    official files   official_weights (official checkpoints loaded, read from the file alone, translated with)
+    cycle_gan.py     image_pool, cyclegan (the config, Eq. 3's terms, the step, the pictures)
+    cut_model.py     cut_model (the presets, Eq. 5's terms, the step, FastCUT's flip, the similarity maps)
+    data             dataset (listing, loading, jitter, the sampler)
+    the run folder   run_folder (logs, plots, grids, the page, checkpoints, the lock)
+    the Trainer      trainer (Adam, the lr schedule, precision, the checkpoint, what a model offers)
+    the commands     train_cli, resume_cli, translate_cli
+    faults           faults (bad options and files, full disks, out of memory, NaN, Ctrl-C)
+    several GPUs     ddp (torchrun on two CPU processes)
+    on a GPU         gpu (also -m gpu; the device's step against the CPU's, precision, compile, loaders)
+    the guide        guide (docs/GUIDE.md's map, traces and ablations run as code)
 """
 import ast
 import contextlib
 import copy
 import csv
+import dataclasses
+import errno
+import functools
+import http.server
+import importlib
+import inspect
 import json
 import math
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import warnings
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
-from layers import BlurDownsample, BlurUpsample, init_weights
-from losses import GANLoss, PatchNCELoss
+import data_utility as du
+import train_gan
+import translate
+from cut_model import CUT, MODES, CUTConfig
+from cycle_gan import CycleGAN, CycleGANConfig, ImagePool
+from layers import (BlurDownsample, BlurUpsample, ResnetBlock, activation, binomial_filter, conv_bias, conv_norm_act,
+                    downsample, full_precision, init_weights, norm_layer, padding, upsample)
+from losses import GAN_MODES, GANLoss, PatchNCELoss
+from networks import (DEFAULT_TAPS, GENERATORS, PatchDiscriminator, PatchSampleMLP, ResnetGenerator, UnetGenerator,
+                      define_G, frozen, load_official_state_dict, official_generator, size_multiple)
+from train_gan import Trainer, adam, lr_factor
+from train_gan import main as cli
+from translate import main as translate_cli
+
 # The `gpu` marker selects the tests of what runs differently on CUDA (-m gpu). The design card allows no
 # conftest.py or pytest.ini at the root to register it, so its unknown-marker warning is silenced here.
 warnings.filterwarnings("ignore", category=pytest.PytestUnknownMarkWarning, message=".*gpu")
@@ -43,30 +87,217 @@ def on(device: str, *more, gpus: int = 1):
 
 DEVICES = [on("cpu"), on("cuda")]
 
-from networks import (DEFAULT_TAPS, PatchDiscriminator, PatchSampleMLP, ResnetGenerator, UnetGenerator,
-                      load_official_state_dict, official_generator)
-
 
 def n_params(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-# ----------------------------------------------------------------------------- networks
+COLLECTED = """
+import json, os
+def pytest_collection_finish(session):
+    with open(os.environ["COLLECTED"], "w") as f:
+        json.dump([[i.name, i.originalname, [m.name for m in i.iter_markers()]] for i in session.items], f)
+"""
 
-@pytest.mark.parametrize("n_blocks, antialias, expected",
-                         [(9, False, 11_378_179), (6, False, 7_837_699), (9, True, 11_378_179)])
-def test_resnet_generator_has_official_parameter_count(n_blocks, antialias, expected):
-    assert n_params(ResnetGenerator(n_blocks=n_blocks, antialias=antialias)) == expected
+
+def test_index_words_select_exactly_their_components_tests(tmp_path):
+    """Each -k word of the index above selects the tests named test_WORD..., and no other: pytest's -k matches a
+    word anywhere in a test's name (its parameters' ids too) and its marks' names (gpu's own are its marks)."""
+    (tmp_path / "collected_names.py").write_text(COLLECTED)
+    subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "collected_names", __file__],
+                   env={**os.environ, "PYTHONPATH": str(tmp_path), "COLLECTED": str(tmp_path / "items.json")},
+                   capture_output=True, check=True)
+    items = json.loads((tmp_path / "items.json").read_text())
+    lines = __doc__.split("the -k word of each component")[1].splitlines()[1:]
+    index = "".join(("," if line[:21].strip() else " ") + line[21:] for line in lines)  # a label starts a list
+    words = [w.split()[0] for w in re.sub(r"\([^)]*\)", "", index).split(",") if w.strip()]
+    assert len(words) == 27 and all(any(o.startswith(f"test_{w}_") for _, o, _ in items) for w in words), words
+    for word in words:
+        chosen = {name for name, _, marks in items if word in name.lower() or word != "gpu" and word in marks}
+        stray = {name for name in chosen if not name.startswith(f"test_{word}_")}
+        assert not stray, f"-k {word} also selects {sorted(stray)}"
+
+
+# ============================================================================= layers.py
+
+@pytest.mark.parametrize("kind, layer", [("instance", nn.InstanceNorm2d), ("batch", nn.BatchNorm2d),
+                                         ("none", nn.Identity)])
+def test_conv_norm_act_norms_are_those_of_both_codes(kind, layer):
+    norm = norm_layer(kind, 8)
+    assert type(norm) is layer, f"norm {kind!r}: the official code uses {layer.__name__}"
+    if kind != "none":
+        learned = kind == "batch"
+        assert norm.affine == learned and norm.track_running_stats == learned, \
+            f"{kind} norm: the official {layer.__name__} has affine and running statistics {learned}"
+    assert conv_bias(kind) == (kind == "instance"), \
+        "the official convs have a bias only before instance norm (batch norm shifts; 'none' is an official quirk)"
+    with pytest.raises(ValueError, match="unknown norm 'layer'"):
+        norm_layer("layer", 8)
+
+
+def test_conv_norm_act_activations_are_relu_leaky_relu_of_slope_0_2_and_tanh_in_place():
+    x = torch.tensor([-2.0, 0.5])
+    expected = {"relu": [0.0, 0.5], "lrelu": [-0.4, 0.5], "tanh": [math.tanh(-2.0), math.tanh(0.5)],
+                "none": [-2.0, 0.5]}
+    for kind, values in expected.items():
+        assert activation(kind)(x.clone()).tolist() == pytest.approx(values), \
+            f"{kind}: ReLU, LeakyReLU(0.2) (CycleGAN appendix 7.2), tanh, or nothing"
+    assert activation("relu").inplace and activation("lrelu").inplace, "ReLUs run in place, as officially (memory)"
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        activation("gelu")
+
+
+def test_conv_norm_act_pads_by_reflection_replication_or_zeros():
+    x = torch.arange(6.0).view(1, 1, 2, 3)
+    expected = {"reflect": [1.0, 0.0, 1.0, 2.0, 1.0], "replicate": [0.0, 0.0, 1.0, 2.0, 2.0],
+                "zeros": [0.0, 0.0, 1.0, 2.0, 0.0]}
+    for mode, row in expected.items():
+        assert padding(mode, 1)(x)[0, 0, 1].tolist() == row, f"{mode} padding of [0, 1, 2] by 1"
+    with pytest.raises(ValueError, match="unknown padding 'circular'"):
+        padding("circular", 1)
+
+
+def test_conv_norm_act_lays_out_pad_conv_norm_activation_as_flat_lists():
+    reflect = conv_norm_act(3, 8, 7, pad=3, pad_mode="reflect")
+    assert [type(m).__name__ for m in reflect] == ["ReflectionPad2d", "Conv2d", "InstanceNorm2d", "ReLU"], \
+        "c7s1-k (CycleGAN appendix 7.2): reflection pad 3, 7x7 conv, instance norm, ReLU, as a flat list"
+    assert reflect[0].padding == (3, 3, 3, 3) and reflect[1].padding == (0, 0) and reflect[1].kernel_size == (7, 7)
+    assert reflect[1].bias is not None, "a conv before instance norm has a bias, as officially"
+    zeros = conv_norm_act(8, 16, 4, stride=2, pad=1, norm="batch", act="lrelu")
+    assert [type(m).__name__ for m in zeros] == ["Conv2d", "BatchNorm2d", "LeakyReLU"], \
+        "zero padding is done inside the conv, with no layer of its own"
+    assert (zeros[0].padding, zeros[0].stride, zeros[0].bias) == ((1, 1), (2, 2), None), \
+        "zero padding 1 and stride 2 in the conv; no bias before batch norm"
+    plain = conv_norm_act(4, 4, 3, pad=1, norm="none", act="none", bias=True)
+    assert [type(m).__name__ for m in plain] == ["Conv2d", "Identity"] and plain[0].bias is not None, \
+        "norm 'none' keeps its place as an Identity (the official layer indices); act 'none' adds nothing"
+
+
+def test_conv_norm_act_full_precision_lifts_half_precision_to_float32_only():
+    for dtype, lifted in ((torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                          (torch.float32, torch.float32), (torch.float64, torch.float64)):
+        assert full_precision(torch.ones(2, dtype=dtype)).dtype == lifted, f"{dtype} -> {lifted}"
+
+
+def test_residual_block_adds_its_input_to_two_reflect_padded_3x3_convs():
+    torch.manual_seed(0)
+    block = ResnetBlock(4)
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.allclose(block(x), x + block.conv_block(x)), "a residual block R returns x + F(x) (He et al. 2016)"
+    assert [type(m).__name__ for m in block.conv_block] == ["ReflectionPad2d", "Conv2d", "InstanceNorm2d", "ReLU",
+                                                            "ReflectionPad2d", "Conv2d", "InstanceNorm2d"], \
+        "R256 (CycleGAN appendix 7.2): two 3x3 convs with instance norm, ReLU between, no ReLU after the sum"
+    for pad, conv in ((block.conv_block[0], block.conv_block[1]), (block.conv_block[4], block.conv_block[5])):
+        assert pad.padding == (1, 1, 1, 1) and conv.kernel_size == (3, 3) and conv.stride == (1, 1), \
+            "each conv of a residual block is 3x3, stride 1, after a reflection pad of 1: H and W are kept"
+    assert n_params(block) == 2 * (4 * 4 * 9 + 4), "two 3x3 convs of C -> C channels, with biases"
+    dropped = ResnetBlock(4, dropout=True).conv_block
+    assert isinstance(dropped[4], nn.Dropout) and dropped[4].p == 0.5, \
+        "with dropout (the official --no_dropout off) Dropout(0.5) sits between the two convs"
+
+
+def test_blur_filters_are_the_binomial_ones():
+    assert torch.equal(binomial_filter(3) * 16, torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]])), \
+        "blur-pool (Zhang 2019) down-samples with [1, 2, 1] x [1, 2, 1] / 16"
+    row = torch.tensor([1.0, 3, 3, 1])
+    assert torch.equal(binomial_filter(4) * 64, torch.outer(row, row)), \
+        "and up-samples with [1, 3, 3, 1] x [1, 3, 3, 1] / 64"
+    for blur, side in ((BlurDownsample(5), 3), (BlurUpsample(5), 4)):
+        assert blur.filt.shape == (5, 1, side, side) and "filt" in blur.state_dict(), \
+            "one filter per channel, a buffer named filt, as in the official checkpoints"
+
+
+def test_blur_downsample_blurs_then_keeps_every_second_pixel():
+    impulse = torch.zeros(1, 1, 6, 6)
+    impulse[0, 0, 2, 2] = 16.0
+    expected = torch.zeros(1, 1, 3, 3)
+    expected[0, 0, 1, 1] = 4.0  # the filter's centre, 4/16: the pixels between were blurred, then dropped
+    assert torch.equal(BlurDownsample(1)(impulse), expected), "blur-pool: blur [1,2,1]^2/16, then stride 2"
+    x = torch.randn(2, 3, 5, 7)
+    reference = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), BlurDownsample(3).filt, stride=2, groups=3)
+    assert torch.allclose(BlurDownsample(3)(x), reference), "reflection-padded by 1, each channel on its own"
+    assert BlurDownsample(3)(x).shape == (2, 3, 3, 4), "(H, W) -> (ceil(H/2), ceil(W/2))"
+
+
+def test_blur_upsample_spreads_each_pixel_over_a_4x4_binomial_patch():
+    impulse = torch.zeros(1, 1, 3, 3)
+    impulse[0, 0, 1, 1] = 16.0
+    out = BlurUpsample(1)(impulse)
+    assert out.shape == (1, 1, 6, 6), "(H, W) -> (2H, 2W)"
+    patch = torch.outer(torch.tensor([1.0, 3, 3, 1]), torch.tensor([1.0, 3, 3, 1]))
+    assert torch.equal(out[0, 0, 1:5, 1:5], patch) and out.sum() == 4 * 16, \
+        "zero-insertion then the [1,3,3,1]^2/64 filter, times 4 to keep the mean"
+
+
+def test_blur_upsample_pads_like_replicate_padding():
+    x = torch.randn(2, 3, 5, 7)
+    expected = F.conv_transpose2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), BlurUpsample(3).filt, stride=2, padding=2,
+                                  groups=3)
+    assert torch.allclose(BlurUpsample(3)(x), expected[:, :, 1:-1, 1:-1], atol=1e-6), \
+        "the official up-sampling pads by replicating the border, then crops one pixel each side"
+
+
+def test_blur_sampling_halves_and_doubles_and_keeps_constants():
+    x = torch.full((1, 2, 8, 8), 3.0)
+    assert torch.allclose(BlurDownsample(2)(x), torch.full((1, 2, 4, 4), 3.0)), "a blur keeps a constant image"
+    assert torch.allclose(BlurUpsample(2)(x), torch.full((1, 2, 16, 16), 3.0)), "a blur keeps a constant image"
 
 
 @pytest.mark.parametrize("antialias", [False, True])
-def test_patch_discriminator_has_official_parameter_count(antialias):
-    assert n_params(PatchDiscriminator(ndf=64, n_layers=3, antialias=antialias)) == 2_764_737
+def test_resampling_halves_and_doubles_as_each_paper_does(antialias):
+    down, up = downsample(4, 8, "instance", antialias), upsample(8, 4, "instance", antialias)
+    x = torch.randn(1, 4, 8, 8)
+    assert nn.Sequential(*down)(x).shape == (1, 8, 4, 4) and nn.Sequential(*up)(torch.randn(1, 8, 4, 4)).shape == \
+        (1, 4, 8, 8), "d_k halves H and W, u_k doubles them (CycleGAN appendix 7.2)"
+    if antialias:
+        assert [type(m).__name__ for m in down] == ["Conv2d", "InstanceNorm2d", "ReLU", "BlurDownsample"], \
+            "CUT: conv3x3 stride 1, norm, ReLU, then blur-pool (the official antialiased down-sampling)"
+        assert [type(m).__name__ for m in up] == ["BlurUpsample", "Conv2d", "InstanceNorm2d", "ReLU"], \
+            "CUT: blur up-sampling, then conv3x3 stride 1, norm, ReLU"
+        assert down[0].stride == (1, 1) and up[1].stride == (1, 1) and up[1].padding == (1, 1)
+    else:
+        assert [type(m).__name__ for m in down] == ["Conv2d", "InstanceNorm2d", "ReLU"] and down[0].stride == (2, 2), \
+            "CycleGAN's d_k: a 3x3 conv of stride 2, instance norm, ReLU"
+        assert [type(m).__name__ for m in up] == ["ConvTranspose2d", "InstanceNorm2d", "ReLU"], \
+            "CycleGAN's u_k: a 3x3 fractionally-strided conv (stride 1/2), instance norm, ReLU"
+        t = up[0]
+        assert (t.kernel_size, t.stride, t.padding, t.output_padding) == ((3, 3), (2, 2), (1, 1), (1, 1))
+        assert t.bias is not None and down[0].bias is not None, "biases before instance norm, as officially"
+    assert down[0].kernel_size == (3, 3) and down[0].padding == (1, 1), "the conv comes first: CUT taps its output"
 
 
-@pytest.mark.parametrize("num_downs, expected", [(8, 54_409_603), (7, 41_825_667)])
-def test_unet_generator_has_official_parameter_count(num_downs, expected):
-    assert n_params(UnetGenerator(num_downs=num_downs)) == expected
+@pytest.mark.parametrize("kind", ["normal", "xavier"])
+def test_init_weights_gives_each_papers_statistics(kind):
+    torch.manual_seed(0)
+    net = init_weights(nn.Sequential(nn.Conv2d(64, 128, 3), nn.BatchNorm2d(128), nn.Linear(256, 256)), kind)
+    conv, bn, lin = net
+    expected = 0.02 if kind == "normal" else 0.02 * math.sqrt(2 / (64 * 9 + 128 * 9))
+    rule = "CycleGAN: N(0, 0.02)" if kind == "normal" else "CUT: xavier_normal with gain 0.02"
+    assert conv.weight.std().item() == pytest.approx(expected, rel=0.05), f"{rule} for convs"
+    assert abs(conv.weight.mean().item()) < 0.1 * expected, f"{rule}: zero mean"
+    assert lin.weight.std().item() == pytest.approx(0.02 if kind == "normal" else 0.02 / 16, rel=0.05), \
+        f"{rule} for linear layers too"
+    assert conv.bias.abs().max() == 0 and lin.bias.abs().max() == 0, "biases start at 0"
+    assert bn.weight.mean().item() == pytest.approx(1.0, abs=0.01) and bn.weight.std().item() == \
+        pytest.approx(0.02, rel=0.2) and bn.bias.abs().max() == 0, "batch-norm scales N(1, 0.02), shifts 0"
+    with pytest.raises(ValueError, match="unknown init 'kaiming'"):
+        init_weights(conv, "kaiming")
+
+
+def test_init_weights_takes_the_gain_and_leaves_the_fixed_filters_alone():
+    torch.manual_seed(0)
+    assert init_weights(nn.Conv2d(64, 64, 3), "normal", 0.5).weight.std().item() == pytest.approx(0.5, rel=0.05)
+    G = init_weights(ResnetGenerator(ngf=4, n_blocks=1, antialias=True), "normal")
+    assert torch.equal(G.model[7].filt[0, 0], binomial_filter(3)), "the blur filters are fixed buffers, not weights"
+
+
+# ============================================================================= networks.py
+
+@pytest.mark.parametrize("n_blocks, antialias, expected",
+                         [(9, False, 11_378_179), (6, False, 7_837_699), (9, True, 11_378_179)])
+def test_resnet_generator_has_the_papers_parameter_count(n_blocks, antialias, expected):
+    assert n_params(ResnetGenerator(n_blocks=n_blocks, antialias=antialias)) == expected, \
+        f"the official ResNet generator, ngf 64, {n_blocks} blocks, has {expected:,} parameters"
 
 
 SIZES = [(64, 64), (128, 128), (256, 256), (64, 96)]
@@ -77,8 +308,77 @@ SIZES = [(64, 64), (128, 128), (256, 256), (64, 96)]
 def test_resnet_generator_keeps_input_size(size, antialias):
     G = ResnetGenerator(ngf=4, n_blocks=2, antialias=antialias)
     y = G(torch.randn(2, 3, *size))
-    assert y.shape == (2, 3, *size)
-    assert y.abs().max() <= 1  # tanh output
+    assert y.shape == (2, 3, *size), "G maps an image to an image of the same size"
+    assert y.abs().max() <= 1, "the last layer is tanh: outputs in [-1, 1]"
+
+
+def test_resnet_generator_is_c7s1_d_d_n_times_R_u_u_c7s1_tanh():
+    G = ResnetGenerator(in_channels=1, out_channels=3, ngf=4, n_blocks=3)
+    kinds = [type(m).__name__ for m in G.model]
+    assert kinds[:2] == ["ReflectionPad2d", "Conv2d"] and G.model[1].kernel_size == (7, 7) and \
+        G.model[0].padding == (3, 3, 3, 3), "c7s1-ngf first: reflection pad 3, a 7x7 conv (CycleGAN appendix 7.2)"
+    blocks = [b for b in G.model if isinstance(b, ResnetBlock)]
+    assert len(blocks) == 3 and all(b.conv_block[1].in_channels == 16 for b in blocks), "n_blocks R blocks of 4 ngf"
+    assert kinds[-3:] == ["ReflectionPad2d", "Conv2d", "Tanh"] and G.model[-2].out_channels == 3 and \
+        G.model[-2].bias is not None, "c7s1-3 then tanh last, with a bias: there is no norm after it"
+    assert G.model[1].in_channels == 1 and G.side_multiple == 4, "two stride-2 levels: sides a multiple of 4"
+    follows = [type(m).__name__ for m in ResnetGenerator(ngf=4, n_blocks=1, antialias=True).modules()]
+    assert "BlurUpsample" in follows, "antialias_up left None follows antialias (the official default)"
+    strided_up = ResnetGenerator(ngf=4, n_blocks=1, antialias=True, antialias_up=False)
+    assert "BlurUpsample" not in [type(m).__name__ for m in strided_up.modules()]
+
+
+def test_resnet_generator_accepts_one_channel_images():
+    assert ResnetGenerator(1, 1, ngf=4, n_blocks=1)(torch.randn(1, 1, 32, 32)).shape == (1, 1, 32, 32), \
+        "grayscale in, grayscale out (input_nc = output_nc = 1)"
+
+
+def test_resnet_generator_taps_have_cuts_shapes_at_256():
+    G = ResnetGenerator(antialias=True)
+    shapes = [tuple(f.shape) for f in G(torch.randn(1, 3, 256, 256), DEFAULT_TAPS, encode_only=True)]
+    assert shapes == [(1, 3, 262, 262), (1, 128, 256, 256), (1, 256, 128, 128), (1, 256, 64, 64), (1, 256, 64, 64)], \
+        "CUT Sec. 3: the taps are the (padded) input, the two down-sampling convs, residual blocks 1 and 5"
+    assert [G.tap(t)[0] for t in DEFAULT_TAPS] == [0, 4, 8, 12, 16], "the official nce_layers 0,4,8,12,16"
+    assert G.tap_channels() == [3, 128, 256, 256, 256] and G.tap(12) == G.tap("res1") == (12, 256), \
+        "a tap by name or by official index: (layer, channels)"
+
+
+def test_resnet_generator_taps_are_conv_outputs_before_norm():
+    G = ResnetGenerator(ngf=4, n_blocks=2, antialias=True)
+    x = torch.randn(1, 3, 32, 32)
+    down1 = G(x, ["down1"], encode_only=True)[0]
+    assert isinstance(G.model[4], nn.Conv2d)
+    assert torch.allclose(down1, G.model[4](G.model[:4](x))), "official nce_layers 4: the conv's output"
+    assert down1.mean(dim=(2, 3)).abs().max() > 1e-4, "taken before the instance norm"
+
+
+def test_resnet_generator_encodes_only_as_deep_as_the_deepest_tap():
+    G = ResnetGenerator(ngf=4, n_blocks=6, antialias=True)
+    ran = []
+    for i, layer in enumerate(G.model):
+        layer.register_forward_hook(lambda m, inp, out, i=i: ran.append(i))
+    G(torch.randn(1, 3, 32, 32), ["input", "res1"], encode_only=True)
+    assert max(ran) == G.tap("res1")[0], "encode_only stops at the deepest tap, as the official encoder does"
+
+
+def test_resnet_generator_forward_with_taps_matches_the_plain_forward_and_the_encoder_alone():
+    G = ResnetGenerator(ngf=4, n_blocks=5, antialias=True)
+    x = torch.randn(2, 3, 32, 32)
+    y, feats = G(x, DEFAULT_TAPS)
+    assert torch.allclose(y, G(x)), "taps only read the features: G(x) is unchanged"
+    for a, b in zip(feats, G(x, DEFAULT_TAPS, encode_only=True)):
+        assert torch.allclose(a, b), "one pass gives G(x) and the same features as the encoder alone"
+
+
+def test_resnet_generator_unknown_tap_names_the_valid_ones():
+    with pytest.raises(ValueError, match="res1 \\(12\\)"):
+        ResnetGenerator(ngf=4, n_blocks=5, antialias=True)(torch.randn(1, 3, 16, 16), ["res7"], encode_only=True)
+
+
+@pytest.mark.parametrize("num_downs, expected", [(8, 54_409_603), (7, 41_825_667)])
+def test_unet_generator_has_the_pix2pix_parameter_count(num_downs, expected):
+    assert n_params(UnetGenerator(num_downs=num_downs)) == expected, \
+        f"the official U-Net, ngf 64, {num_downs} downs, has {expected:,} parameters"
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -86,132 +386,168 @@ def test_unet_generator_keeps_input_size(size):
     assert UnetGenerator(num_downs=5, ngf=4)(torch.randn(1, 3, *size)).shape == (1, 3, *size)
 
 
-def test_unet_generator_rejects_sides_not_divisible_by_its_depth():
+def test_unet_generator_rejects_sides_not_divisible_by_its_depth_and_too_few_levels():
+    assert UnetGenerator(num_downs=5, ngf=4).side_multiple == 32, "num_downs stride-2 levels: sides of 2**num_downs"
     with pytest.raises(ValueError, match="multiples of 32"):
         UnetGenerator(num_downs=5, ngf=4)(torch.randn(1, 3, 64, 80))
+    with pytest.raises(ValueError, match="num_downs >= 5, got 4"):
+        UnetGenerator(num_downs=4)
+
+
+def test_unet_generator_levels_are_the_pix2pix_ones_with_skips():
+    net = UnetGenerator(in_channels=1, out_channels=2, num_downs=6, ngf=4, dropout=True)
+    outer = net.model.model
+    assert [type(m).__name__ for m in outer] == ["Conv2d", "UnetBlock", "ReLU", "ConvTranspose2d", "Tanh"], \
+        "the outermost level: down-conv, the inner levels, ReLU, up-conv, tanh; no skip around it"
+    assert outer[0].in_channels == 1 and outer[3].out_channels == 2 and outer[0].bias is not None
+    levels, block = [], outer[1]
+    while block is not None:
+        levels.append(block)
+        block = next((m for m in block.model if isinstance(m, type(block))), None)
+    assert len(levels) == 5, "num_downs - 1 inner levels"
+    innermost = [type(m).__name__ for m in levels[-1].model]
+    assert innermost == ["LeakyReLU", "Conv2d", "ReLU", "ConvTranspose2d", "InstanceNorm2d"], \
+        "the innermost level has no norm on its 1x1 bottleneck"
+    assert all(m.negative_slope == 0.2 for m in net.modules() if isinstance(m, nn.LeakyReLU)), "LeakyReLU(0.2) down"
+    assert sum(isinstance(m, nn.Dropout) for m in net.modules()) == 1, "dropout in the ngf*8 levels between (6 - 5)"
+    x = torch.randn(1, 4, 64, 64)
+    assert levels[0](x).shape == (1, 8, 64, 64), "an inner level returns its input and its output side by side"
+    assert torch.equal(levels[0](x)[:, :4], x), "the skip: the level's input itself"
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+def test_patchgan_has_the_papers_parameter_count(antialias):
+    assert n_params(PatchDiscriminator(ndf=64, n_layers=3, antialias=antialias)) == 2_764_737, \
+        "the official 70x70 PatchGAN, ndf 64, 3 layers, has 2,764,737 parameters"
 
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("antialias", [False, True])
-def test_patch_discriminator_gives_one_logit_per_70px_patch(size, antialias):
+def test_patchgan_gives_one_logit_per_overlapping_patch(size, antialias):
     D = PatchDiscriminator(ndf=4, antialias=antialias)
     h, w = size
-    assert D(torch.randn(2, 3, h, w)).shape == (2, 1, h // 8 - 2, w // 8 - 2)
+    assert D(torch.randn(2, 3, h, w)).shape == (2, 1, h // 8 - 2, w // 8 - 2), "(H/8 - 2) x (W/8 - 2) verdicts"
 
 
-def test_generators_accept_one_channel_images():
-    assert ResnetGenerator(1, 1, ngf=4, n_blocks=1)(torch.randn(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+@pytest.mark.parametrize("antialias, field", [(False, 70), (True, 84)])
+def test_patchgan_verdict_sees_a_70x70_patch_84x84_when_anti_aliased(antialias, field):
+    torch.manual_seed(0)
+    D = PatchDiscriminator(1, ndf=4, norm="none", antialias=antialias)  # no norm: nothing reaches further
+    x = torch.randn(1, 1, 192, 192, requires_grad=True)
+    D(x)[0, 0, 10, 10].backward()
+    seen = x.grad[0, 0].abs() > 0
+    rows, cols = seen.any(1).nonzero(), seen.any(0).nonzero()
+    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (field, field), \
+        f"CycleGAN Sec. 4: each verdict judges a {field}x{field} patch"
+
+
+def test_patchgan_is_c64_c128_c256_c512_then_one_channel():
+    D = PatchDiscriminator(in_channels=1, ndf=4, n_layers=3)
+    convs = [m for m in D.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == \
+        [(1, 4, 2), (4, 8, 2), (8, 16, 2), (16, 32, 1), (32, 1, 1)], \
+        "C64-C128-C256-C512 (4x4, stride 2, 2, 2, then 1), then a 1-channel conv (CycleGAN appendix 7.2)"
+    assert all(c.kernel_size == (4, 4) and c.padding == (1, 1) for c in convs)
+    kinds = [type(m).__name__ for m in D.model]
+    assert kinds[:2] == ["Conv2d", "LeakyReLU"], "no norm on C64, the first layer"
+    assert convs[0].bias is not None and convs[-1].bias is not None, "the first and last convs have biases"
+    assert all(m.negative_slope == 0.2 for m in D.modules() if isinstance(m, nn.LeakyReLU)), "LeakyReLU slope 0.2"
+    assert PatchDiscriminator(ndf=4, n_layers=5).model[-1].in_channels == 32, "channels cap at 8 ndf"
+    blurred = PatchDiscriminator(ndf=4, antialias=True)
+    assert sum(isinstance(m, BlurDownsample) for m in blurred.modules()) == 3 and \
+        all(c.stride == (1, 1) for c in blurred.modules() if isinstance(c, nn.Conv2d)), \
+        "with blur-pool (CUT) each stride-2 conv becomes stride 1 plus a blur-pool"
+
+
+def test_patchgan_accepts_one_channel_images():
     assert PatchDiscriminator(1, ndf=4)(torch.randn(1, 1, 64, 64)).shape == (1, 1, 6, 6)
 
 
-def test_encode_taps_have_official_shapes_at_256():
-    G = ResnetGenerator(antialias=True)
-    shapes = [tuple(f.shape) for f in G(torch.randn(1, 3, 256, 256), DEFAULT_TAPS, encode_only=True)]
-    assert shapes == [(1, 3, 262, 262), (1, 128, 256, 256), (1, 256, 128, 128), (1, 256, 64, 64), (1, 256, 64, 64)]
-    assert [G.tap(t)[0] for t in DEFAULT_TAPS] == [0, 4, 8, 12, 16]  # the official nce_layers
-    assert G.tap_channels() == [3, 128, 256, 256, 256]
-
-
-def test_encode_taps_are_conv_outputs_before_norm():
-    G = ResnetGenerator(ngf=4, n_blocks=2, antialias=True)
-    x = torch.randn(1, 3, 32, 32)
-    down1 = G(x, ["down1"], encode_only=True)[0]
-    assert isinstance(G.model[4], nn.Conv2d)
-    assert torch.allclose(down1, G.model[4](G.model[:4](x)))
-    assert down1.mean(dim=(2, 3)).abs().max() > 1e-4  # not instance-normalised
-
-
-def test_encode_runs_only_as_deep_as_the_deepest_tap():
-    G = ResnetGenerator(ngf=4, n_blocks=6, antialias=True)
-    ran = []
-    for i, layer in enumerate(G.model):
-        layer.register_forward_hook(lambda m, inp, out, i=i: ran.append(i))
-    G(torch.randn(1, 3, 32, 32), ["input", "res1"], encode_only=True)
-    assert max(ran) == G.tap("res1")[0]
-
-
-def test_forward_with_taps_matches_the_plain_forward_and_the_encoder_alone():
-    G = ResnetGenerator(ngf=4, n_blocks=5, antialias=True)
-    x = torch.randn(2, 3, 32, 32)
-    y, feats = G(x, DEFAULT_TAPS)
-    assert torch.allclose(y, G(x))
-    for a, b in zip(feats, G(x, DEFAULT_TAPS, encode_only=True)):
-        assert torch.allclose(a, b)
-
-
-def test_unknown_tap_names_the_valid_ones():
-    with pytest.raises(ValueError, match="res1 \\(12\\)"):
-        ResnetGenerator(ngf=4, n_blocks=5, antialias=True)(torch.randn(1, 3, 16, 16), ["res7"], encode_only=True)
-
-
-def test_blur_upsample_pads_like_replicate_padding():
-    x = torch.randn(2, 3, 5, 7)
-    expected = torch.nn.functional.conv_transpose2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"),
-                                                    BlurUpsample(3).filt, stride=2, padding=2, groups=3)
-    assert torch.allclose(BlurUpsample(3)(x), expected[:, :, 1:-1, 1:-1], atol=1e-6)
-
-
-def test_blur_sampling_halves_and_doubles_and_keeps_constants():
-    x = torch.full((1, 2, 8, 8), 3.0)
-    assert torch.allclose(BlurDownsample(2)(x), torch.full((1, 2, 4, 4), 3.0))
-    assert torch.allclose(BlurUpsample(2)(x), torch.full((1, 2, 16, 16), 3.0))
+def test_patch_sample_mlp_is_a_two_layer_mlp_per_tap():
+    H = PatchSampleMLP([3, 8], nc=16)
+    for mlp, c in zip(H.mlps, (3, 8)):
+        assert [type(m).__name__ for m in mlp] == ["Linear", "ReLU", "Linear"], "CUT Sec. 3: H is a 2-layer MLP"
+        assert (mlp[0].in_features, mlp[0].out_features, mlp[2].out_features) == (c, 16, 16), \
+            "one MLP per tapped layer, from its channels to netF_nc (256) wide"
+    with pytest.raises(ValueError, match="H has 2 MLPs but got 1 feature maps"):
+        H([torch.randn(1, 3, 4, 4)])
 
 
 def test_patch_sample_mlp_reuses_ids_and_normalises():
+    torch.manual_seed(0)
     H = PatchSampleMLP([3, 8], nc=16)
     feats = [torch.randn(2, 3, 6, 6), torch.randn(2, 8, 4, 4)]
     out, ids = H(feats, num_patches=20)
-    assert [tuple(f.shape) for f in out] == [(2, 20, 16), (2, 16, 16)]  # capped at H*W = 16
-    assert all(torch.allclose(f.norm(dim=-1), torch.ones(f.shape[:2]), atol=1e-5) for f in out)
-    assert len(set(ids[0].tolist())) == 20  # no location drawn twice
+    assert [tuple(f.shape) for f in out] == [(2, 20, 16), (2, 16, 16)], "P = min(num_patches, H*W) places a layer"
+    assert all(torch.allclose(f.norm(dim=-1), torch.ones(f.shape[:2]), atol=1e-5) for f in out), \
+        "CUT Sec. 3: H's outputs are L2-normalised"
+    assert len(set(ids[0].tolist())) == 20 and max(ids[0].tolist()) < 36 and sorted(ids[1].tolist()) == \
+        list(range(16)), "places are drawn without repeats, inside the map"
     again, ids2 = H(feats, num_patches=20, patch_ids=ids)
-    assert all(torch.equal(a, b) for a, b in zip(ids, ids2))
-    assert all(torch.allclose(a, b) for a, b in zip(out, again))
+    assert all(torch.equal(a, b) for a, b in zip(ids, ids2)), "given ids, H samples those places"
+    assert all(torch.allclose(a, b) for a, b in zip(out, again)), "the queries meet the keys at the same places"
 
 
-def test_patch_sample_mlp_samples_the_given_locations():
+def test_patch_sample_mlp_samples_the_given_locations_of_every_image():
+    torch.manual_seed(0)
     H = PatchSampleMLP([2], nc=4)
-    feat = torch.randn(1, 2, 3, 3)
-    ids = [torch.tensor([0, 4, 8])]  # the diagonal of a 3x3 map
-    out, _ = H([feat], patch_ids=ids)
-    picked = torch.stack([feat[0, :, 0, 0], feat[0, :, 1, 1], feat[0, :, 2, 2]])
-    expected = H.mlps[0](picked)
-    assert torch.allclose(out[0][0], expected / expected.norm(dim=-1, keepdim=True), atol=1e-6)
+    feat = torch.randn(2, 2, 3, 3)
+    out, _ = H([feat], patch_ids=[torch.tensor([0, 4, 8])])  # the diagonal of a 3x3 map
+    for b in range(2):
+        picked = torch.stack([feat[b, :, 0, 0], feat[b, :, 1, 1], feat[b, :, 2, 2]])
+        expected = H.mlps[0](picked)
+        assert torch.allclose(out[0][b], expected / expected.norm(dim=-1, keepdim=True), atol=1e-6), \
+            "z_l^s: the MLP of layer l at place s, normalised; the same places for every image of the batch"
 
 
-def test_every_parameter_of_G_D_H_receives_a_finite_nonzero_gradient():
+def test_patch_sample_mlp_projects_in_float32_under_autocast():
     torch.manual_seed(0)
-    G = init_weights(ResnetGenerator(ngf=4, n_blocks=5, antialias=True), "xavier")
-    D = init_weights(PatchDiscriminator(ndf=4, antialias=True), "xavier")
-    H = init_weights(PatchSampleMLP(G.tap_channels(), nc=8), "xavier")
-    x = torch.randn(2, 3, 32, 32)
-    y, feats_k = G(x, DEFAULT_TAPS)
-    q, ids = H(G(y, DEFAULT_TAPS, encode_only=True), 16)
-    k, _ = H(feats_k, 16, ids)
-    loss = GANLoss()(D(y), True) + sum(PatchNCELoss()(a, b) for a, b in zip(q, k))
-    loss.backward()
-    for name, p in [*G.named_parameters(), *D.named_parameters(), *H.named_parameters()]:
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    H = PatchSampleMLP([4], nc=8)
+    feat, ids = torch.randn(1, 4, 3, 3), torch.arange(9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = H.project(0, feat.bfloat16(), ids)
+    assert low.dtype == torch.float32, "H runs in float32 whatever the precision: its normalisation overflows fp16"
+    assert torch.allclose(low, H.project(0, feat.bfloat16().float(), ids), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["normal", "xavier"])
-def test_init_weights_gives_the_official_statistics(kind):
-    torch.manual_seed(0)
-    net = init_weights(nn.Sequential(nn.Conv2d(64, 128, 3), nn.BatchNorm2d(128), nn.Linear(256, 256)), kind)
-    conv, bn, lin = net
-    expected = 0.02 if kind == "normal" else 0.02 * math.sqrt(2 / (64 * 9 + 128 * 9))
-    assert conv.weight.std().item() == pytest.approx(expected, rel=0.05)
-    assert conv.bias.abs().max() == 0
-    assert bn.weight.mean().item() == pytest.approx(1.0, abs=0.01)
-    assert lin.weight.std().item() == pytest.approx(0.02 if kind == "normal" else 0.02 / 16, rel=0.05)
+@pytest.mark.parametrize("name, kind, depth", [("resnet_9blocks", ResnetGenerator, 9),
+                                               ("resnet_6blocks", ResnetGenerator, 6),
+                                               ("unet_256", UnetGenerator, 8), ("unet_128", UnetGenerator, 7)])
+def test_define_g_builds_each_official_generator_by_name(name, kind, depth):
+    G = define_G(name, 1, 3, ngf=4)
+    assert type(G) is kind and name in GENERATORS, f"--netG {name}: the official generator of that name"
+    if kind is ResnetGenerator:
+        assert sum(isinstance(m, ResnetBlock) for m in G.model) == depth, f"{name}: {depth} residual blocks"
+        assert size_multiple(name) == 4 == G.side_multiple, "a ResNet's sides are multiples of 4"
+    else:
+        assert G.num_downs == depth and size_multiple(name) == 2 ** depth == G.side_multiple, \
+            f"{name}: {depth} downs, sides a multiple of 2**{depth}"
+    side = max(G.side_multiple, 16)
+    assert G(torch.zeros(1, 1, side, side)).shape == (1, 3, side, side)
 
 
-def test_init_weights_leaves_blur_filters_alone():
-    G = init_weights(ResnetGenerator(ngf=4, n_blocks=1, antialias=True), "normal")
-    assert torch.allclose(G.model[7].filt[0, 0].sum(), torch.tensor(1.0))
+def test_define_g_passes_its_options_on_and_names_the_valid_generators():
+    G = define_G("resnet_6blocks", ngf=8, norm="batch", dropout=True, antialias=True, antialias_up=False)
+    kinds = {type(m).__name__ for m in G.modules()}
+    assert G.model[1].out_channels == 8 and {"BatchNorm2d", "Dropout", "BlurDownsample"} <= kinds and \
+        "BlurUpsample" not in kinds, "ngf, norm, dropout and both blur switches reach the network"
+    with pytest.raises(ValueError, match="unknown generator 'resnet_2'.*resnet_9blocks"):
+        define_G("resnet_2")
 
 
-# ----------------------------------------------------------------------------- losses
+def test_frozen_fixes_D_while_G_steps_and_lets_go_after_even_on_an_error():
+    D, G = nn.Linear(2, 1), nn.Linear(2, 2)
+    with frozen(D):
+        assert not any(p.requires_grad for p in D.parameters()), "frozen: D takes no gradient (set_requires_grad)"
+        D(G(torch.ones(1, 2))).sum().backward()
+    assert all(p.grad is None for p in D.parameters()), "G's loss through a frozen D gives D no gradient"
+    assert all(p.grad is not None for p in G.parameters()), "while G, upstream, gets its gradient"
+    with pytest.raises(RuntimeError), frozen(D, G):
+        raise RuntimeError("a step failed")
+    assert all(p.requires_grad for p in [*D.parameters(), *G.parameters()]), "unfrozen after the block, error or not"
+
+
+# ============================================================================= losses.py
 
 PRED = torch.tensor([[[[0.5, -1.0]]]])
 
@@ -224,23 +560,39 @@ PRED = torch.tensor([[[[0.5, -1.0]]]])
     ("nonsaturating", False, (math.log1p(math.exp(0.5)) + math.log1p(math.exp(-1.0))) / 2),
 ])
 def test_gan_loss_matches_hand_computed_values(mode, real, expected):
-    assert GANLoss(mode)(PRED, real).item() == pytest.approx(expected, rel=1e-6)
+    rule = {"lsgan": "LSGAN: mean (D - label)^2", "vanilla": "Eq. 1's log-likelihood: BCE on the logits",
+            "nonsaturating": "softplus(-D) for real, softplus(D) for fake"}[mode]
+    assert GANLoss(mode)(PRED, real).item() == pytest.approx(expected, rel=1e-6), \
+        f"{rule}, target {'real (1)' if real else 'fake (0)'}: {expected:.6f}"
 
 
 def test_gan_loss_label_smoothing_moves_the_real_target():
-    assert GANLoss("lsgan", real_label=0.9)(PRED, True).item() == pytest.approx((0.16 + 3.61) / 2)
+    assert GANLoss("lsgan", real_label=0.9)(PRED, True).item() == pytest.approx((0.16 + 3.61) / 2), \
+        "one-sided label smoothing: real is 0.9, so (0.5 - 0.9)^2 and (-1 - 0.9)^2"
+    assert GANLoss("vanilla", 0.9, 0.1)(PRED, False).item() == pytest.approx(
+        F.binary_cross_entropy_with_logits(PRED, torch.full_like(PRED, 0.1)).item()), "and fake_label is fake's target"
+
+
+def test_gan_loss_verdict_is_lsgans_output_or_the_probability_of_real():
+    assert torch.equal(GANLoss("lsgan").verdict(PRED), PRED), "LSGAN pulls D's output to 1 (real), 0 (fake): as is"
+    for mode in ("vanilla", "nonsaturating"):
+        assert torch.equal(GANLoss(mode).verdict(PRED), torch.sigmoid(PRED)), f"{mode}: a logit, read by a sigmoid"
 
 
 def test_gan_loss_rejects_unknown_mode_and_smoothing_it_cannot_do():
+    assert GAN_MODES == ("lsgan", "vanilla", "nonsaturating")
     with pytest.raises(ValueError, match="unknown GAN mode"):
         GANLoss("wasserstein")
     with pytest.raises(ValueError, match="nonsaturating"):
         GANLoss("nonsaturating", real_label=0.9)
+    with pytest.raises(ValueError, match="nonsaturating"):
+        GANLoss("nonsaturating", fake_label=0.1)
 
 
 def test_patchnce_is_near_zero_for_matching_orthogonal_patches():
     feats = torch.eye(8)[None]  # (1, 8, 8): 8 orthogonal unit patches
-    assert PatchNCELoss(temperature=0.07)(feats, feats).item() < 1e-5
+    assert PatchNCELoss(temperature=0.07)(feats, feats).item() < 1e-5, \
+        "CUT Eq. 2: a query identical to its positive and orthogonal to the negatives costs nothing"
 
 
 def test_patchnce_matches_a_hand_computed_value():
@@ -250,14 +602,16 @@ def test_patchnce_matches_a_hand_computed_value():
     # patch 0: pos 0.6, negative k1 . q0 = 1.0; patch 1: pos 0.0, negative k0 . q1 = 0.8
     l0 = -math.log(math.exp(0.6 / tau) / (math.exp(0.6 / tau) + math.exp(1.0 / tau) + math.exp(-10 / tau)))
     l1 = -math.log(math.exp(0.0) / (math.exp(0.0) + math.exp(0.8 / tau) + math.exp(-10 / tau)))
-    assert PatchNCELoss(tau)(q, k).item() == pytest.approx((l0 + l1) / 2, rel=1e-5)
+    assert PatchNCELoss(tau)(q, k).item() == pytest.approx((l0 + l1) / 2, rel=1e-5), \
+        "CUT Eq. 2: -log exp(v.v+/tau) / (exp(v.v+/tau) + sum exp(v.v-/tau)), the positive the same place's key"
 
 
 def test_patchnce_of_random_features_is_about_log_p():
     torch.manual_seed(0)
-    unit = lambda t: t / t.norm(dim=-1, keepdim=True)
+    unit = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731
     q, k = unit(torch.randn(4, 64, 256)), unit(torch.randn(4, 64, 256))
-    assert PatchNCELoss(temperature=1.0)(q, k).item() == pytest.approx(math.log(64), abs=0.05)
+    assert PatchNCELoss(temperature=1.0)(q, k).item() == pytest.approx(math.log(64), abs=0.05), \
+        "unrelated features: picking the positive among P = 64 candidates costs log P"
     assert math.log(64) < PatchNCELoss(temperature=0.07)(q, k).item() < math.log(64) + 1.0
 
 
@@ -267,7 +621,8 @@ def test_patchnce_uses_negatives_from_the_same_image_only():
     k[1] = k[1].roll(1, dims=0)  # image 1's keys are shuffled; image 0 is a perfect match
     loss = PatchNCELoss(0.07)
     assert loss(q[:1], k[:1]).item() < 1e-5
-    assert loss(q, k).item() == pytest.approx(loss(q[1:], k[1:]).item() / 2, rel=1e-4)
+    assert loss(q, k).item() == pytest.approx(loss(q[1:], k[1:]).item() / 2, rel=1e-4), \
+        "CUT Sec. 3.2: internal negatives, the other patches of the query's own image; averaged over all queries"
 
 
 def official_patchnce(feat_q, feat_k, batch_size, all_negatives_from_minibatch, temperature=0.07):
@@ -281,29 +636,31 @@ def official_patchnce(feat_q, feat_k, batch_size, all_negatives_from_minibatch, 
     l_neg = torch.bmm(q, k.transpose(2, 1))
     l_neg = l_neg.masked_fill(torch.eye(l_neg.shape[1], dtype=torch.bool)[None], -10.0).view(-1, l_neg.shape[1])
     logits = torch.cat((l_pos, l_neg), dim=1) / temperature
-    return nn.functional.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long), reduction="none").mean()
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long), reduction="none").mean()
 
 
 @pytest.mark.parametrize("negatives, from_minibatch", [("image", False), ("batch", True)])
-def test_patchnce_equals_the_official_loss_with_and_without_the_whole_batchs_negatives(negatives, from_minibatch):
+def test_patchnce_equals_patchnce_py_with_and_without_the_whole_batchs_negatives(negatives, from_minibatch):
     torch.manual_seed(0)
-    q, k = (nn.functional.normalize(torch.randn(3, 16, 8), dim=-1) for _ in range(2))
+    q, k = (F.normalize(torch.randn(3, 16, 8), dim=-1) for _ in range(2))
     ours = PatchNCELoss(0.07, negatives)(q, k)
-    assert ours.item() == pytest.approx(official_patchnce(q, k, 3, from_minibatch).item(), rel=1e-6)
+    assert ours.item() == pytest.approx(official_patchnce(q, k, 3, from_minibatch).item(), rel=1e-6), \
+        f"negatives {negatives!r}: the official patchnce.py's loss"
     other = "batch" if negatives == "image" else "image"
-    assert ours.item() != pytest.approx(PatchNCELoss(0.07, other)(q, k).item(), rel=1e-3)  # the flag matters
+    assert ours.item() != pytest.approx(PatchNCELoss(0.07, other)(q, k).item(), rel=1e-3), "the flag matters"
 
 
 def test_patchnce_external_negatives_are_the_other_images_patches_only():
     torch.manual_seed(0)
-    q, k = (nn.functional.normalize(torch.randn(2, 8, 4), dim=-1) for _ in range(2))
+    q, k = (F.normalize(torch.randn(2, 8, 4), dim=-1) for _ in range(2))
     expected = []
     for b in range(2):  # by hand: each query against its positive and the 8 patches of the other image
         for i in range(8):
             logits = torch.cat([(q[b, i] @ k[b, i])[None], k[1 - b] @ q[b, i]]) / 0.07
             expected.append(-logits.log_softmax(0)[0])
     others = PatchNCELoss(0.07, "others")
-    assert others(q, k).item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    assert others(q, k).item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5), \
+        "CUT's external negatives: the patches of the other images of the batch, none of the query's own"
     with pytest.raises(ValueError, match="batch of 2 or more"):
         others(q[:1], k[:1])
 
@@ -312,26 +669,33 @@ def test_patchnce_detaches_the_keys():
     q = torch.randn(1, 4, 8, requires_grad=True)
     k = torch.randn(1, 4, 8, requires_grad=True)
     PatchNCELoss()(q, k).backward()
-    assert q.grad is not None and k.grad is None
+    assert q.grad is not None and k.grad is None, "the keys (the input's patches) get no gradient, as officially"
 
 
 def test_patchnce_runs_in_float32_under_autocast():
     torch.manual_seed(0)
-    q, k = (nn.functional.normalize(torch.randn(2, 64, 16), dim=-1) for _ in range(2))
+    q, k = (F.normalize(torch.randn(2, 64, 16), dim=-1) for _ in range(2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = PatchNCELoss()(q.bfloat16(), k.bfloat16())
-    assert low.dtype == torch.float32
+    assert low.dtype == torch.float32, "similarities / 0.07 overflow half precision: PatchNCE runs in float32"
     assert low.item() == pytest.approx(PatchNCELoss()(q.bfloat16().float(), k.bfloat16().float()).item(), abs=1e-5)
 
 
 def test_patchnce_passes_gradcheck_in_float64():
     torch.manual_seed(0)
-    q = torch.nn.functional.normalize(torch.randn(2, 3, 4, dtype=torch.float64), dim=-1).requires_grad_()
-    k = torch.nn.functional.normalize(torch.randn(2, 3, 4, dtype=torch.float64), dim=-1)
+    q = F.normalize(torch.randn(2, 3, 4, dtype=torch.float64), dim=-1).requires_grad_()
+    k = F.normalize(torch.randn(2, 3, 4, dtype=torch.float64), dim=-1)
     assert torch.autograd.gradcheck(lambda t: PatchNCELoss(0.5)(t, k), (q,))
 
 
-# ----------------------------------------------------------------------------- official weights
+def test_patchnce_rejects_a_temperature_and_negatives_it_cannot_use():
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+        PatchNCELoss(0.0)
+    with pytest.raises(ValueError, match="unknown negatives 'all'"):
+        PatchNCELoss(0.07, "all")
+
+
+# ============================================================================= official files
 
 def official_resnet_generator(ngf=4, n_blocks=2):
     """An independent reference in the official flat layout (keys `model.N...`), strided convs."""
@@ -357,50 +721,764 @@ def official_resnet_generator(ngf=4, n_blocks=2):
     return ref
 
 
-def test_official_generator_weights_load_and_give_the_official_output():
+def test_official_weights_generator_weights_load_and_give_the_official_output():
     torch.manual_seed(0)
     ref = official_resnet_generator()
     state = {f"module.{k}": v for k, v in ref.state_dict().items()}  # as saved from DataParallel
     state["model.2.running_mean"] = torch.zeros(4)  # PyTorch 0.4 checkpoints carried these
     G = load_official_state_dict(ResnetGenerator(ngf=4, n_blocks=2), state)
     x = torch.randn(1, 3, 32, 32)
-    assert torch.allclose(G(x), ref.model(x), atol=1e-6)
+    assert torch.allclose(G(x), ref.model(x), atol=1e-6), \
+        "the official generator's weights give the official output here (module. prefixes, stale stats dropped)"
 
 
-def test_official_patchsample_keys_load_into_H():
+def test_official_weights_patchsample_keys_load_into_H():
     H = PatchSampleMLP([3, 8], nc=4)
     official = {f"mlp_{i}.{j}.{p}": torch.randn_like(v)
                 for i, mlp in enumerate(H.mlps) for j in (0, 2) for p, v in mlp[j].named_parameters()}
     load_official_state_dict(H, official)
-    assert torch.equal(H.mlps[1][2].weight, official["mlp_1.2.weight"])
+    assert torch.equal(H.mlps[1][2].weight, official["mlp_1.2.weight"]), "the official netF's mlp_1.2 is H's"
 
 
-def test_our_state_dict_round_trips_through_the_official_loader():
+def test_official_weights_loader_round_trips_our_state_dict_and_keeps_stats_a_net_has():
     D = PatchDiscriminator(ndf=4, antialias=True)
     D2 = load_official_state_dict(PatchDiscriminator(ndf=4, antialias=True), D.state_dict())
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(D(x), D2(x))
+    torch.manual_seed(0)
+    batch = ResnetGenerator(ngf=4, n_blocks=1, norm="batch")
+    state = {k: v + 1 if k.endswith("running_mean") else v for k, v in batch.state_dict().items()}
+    loaded = load_official_state_dict(ResnetGenerator(ngf=4, n_blocks=1, norm="batch"), state)
+    assert torch.equal(loaded.model[2].running_mean, state["model.2.running_mean"]), \
+        "running statistics are dropped only where the network has none (instance norm)"
 
 
-def test_mismatched_official_weights_name_the_first_mismatch():
+def test_official_weights_loader_names_the_first_mismatch():
     with pytest.raises(ValueError, match="model.0.weight.*does not fit.*model.1.weight"):
         load_official_state_dict(ResnetGenerator(ngf=4, n_blocks=2), PatchDiscriminator(ndf=4).state_dict())
     with pytest.raises(ValueError, match="'model.12.weight' .* does not fit ResnetGenerator.model.12.conv_block"):
         load_official_state_dict(ResnetGenerator(ngf=4, n_blocks=3), ResnetGenerator(ngf=4, n_blocks=2).state_dict())
     with pytest.raises(ValueError, match="has 8 tensors but PatchSampleMLP has 4; first unmatched: 'mlps.1.0.weight'"):
         load_official_state_dict(PatchSampleMLP([3], nc=4), PatchSampleMLP([3, 3], nc=4).state_dict())
+    with pytest.raises(ValueError, match="has 4 tensors but PatchSampleMLP has 8; first unmatched: 'mlps.1.0.weight'"):
+        load_official_state_dict(PatchSampleMLP([3, 3], nc=4), PatchSampleMLP([3], nc=4).state_dict())
 
 
-# ----------------------------------------------------------------------------- data
+def test_official_weights_generator_is_read_from_the_file_alone():
+    for net in (ResnetGenerator(1, 3, ngf=8, n_blocks=6, norm="batch", dropout=True),
+                ResnetGenerator(3, 1, ngf=4, n_blocks=2, norm="none", antialias=True),
+                ResnetGenerator(3, 3, ngf=4, n_blocks=3, norm="instance"),
+                UnetGenerator(1, 1, num_downs=6, ngf=4, norm="batch"),
+                UnetGenerator(3, 2, num_downs=5, ngf=4, norm="instance"),
+                UnetGenerator(1, 3, num_downs=5, ngf=4, norm="none")):
+        built = official_generator(net.state_dict())
+        assert type(built) is type(net) and n_params(built) == n_params(net), \
+            f"{type(net).__name__}: the architecture is read from the names and shapes of the file's tensors"
+        assert [type(m) for m in built.modules()] == [type(m) for m in net.modules()], "layer for layer"
+        assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), net.state_dict().values()))
 
 
+# Where the official CUT code (taesungp/contrastive-unpaired-translation, models/networks.py) puts the blur
+# filters of a ResnetGenerator(ngf=4, n_blocks=2) under each of its two flags, and the index of its last
+# conv: {filt index: kernel side} (3: blur-pool down, 4: blur up), as read off the official code.
+OFFICIAL_BLUR_LAYOUTS = {  # (--no_antialias, --no_antialias_up)
+    (False, False): ({7: 3, 11: 3, 14: 4, 18: 4}, 23), (True, False): ({12: 4, 16: 4}, 21),
+    (False, True): ({7: 3, 11: 3}, 21), (True, True): ({}, 19)}
 
-import data_utility as du  # noqa: E402
-from cycle_gan import CycleGAN, CycleGANConfig, ImagePool  # noqa: E402
-import train_gan  # noqa: E402
-from train_gan import Trainer, adam, lr_factor  # noqa: E402
-from train_gan import main as cli  # noqa: E402
-from translate import main as translate_cli  # noqa: E402
+
+@pytest.mark.parametrize("flags", list(OFFICIAL_BLUR_LAYOUTS))
+def test_official_weights_antialias_flags_have_the_cut_repositorys_layout_and_are_read_back(flags):
+    no_antialias, no_antialias_up = flags
+    torch.manual_seed(0)
+    net = ResnetGenerator(ngf=4, n_blocks=2, antialias=not no_antialias, antialias_up=not no_antialias_up).eval()
+    state = net.state_dict()
+    filters = {int(k.split(".")[1]): t.shape[-1] for k, t in state.items() if k.endswith(".filt")}
+    assert (filters, int(next(reversed(state)).split(".")[1])) == OFFICIAL_BLUR_LAYOUTS[flags], \
+        f"--no_antialias {no_antialias}, --no_antialias_up {no_antialias_up}: the official layer indices"
+    built = official_generator(state).eval()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(built(x), net(x)), "both switches read back from the filters a file holds"
+    cut = CUT(CUTConfig(**TINY_CUT, antialias=not no_antialias, antialias_up=not no_antialias_up))
+    assert [type(m).__name__ for m in cut.G.modules() if "Blur" in type(m).__name__] == \
+        ["BlurDownsample"] * 2 * (not no_antialias) + ["BlurUpsample"] * 2 * (not no_antialias_up)
+    assert any(isinstance(m, BlurDownsample) for m in cut.D.modules()) == (not no_antialias), \
+        "D takes the first switch only, as officially"
+
+
+def test_official_weights_generator_names_what_a_file_holds_when_it_is_no_generator():
+    for state, pattern in ((torch.randn(3), "it holds a Tensor, not a state_dict"),
+                           ({"w": torch.randn(3, 3), "n": 3}, "not all of them tensors"),
+                           ({"w": torch.randn(3, 3)}, r"the first 'w' \(3, 3\); expected a ResNet generator"),
+                           (PatchDiscriminator(ndf=4).state_dict(), "a PatchGAN discriminator's first layer")):
+        with pytest.raises(ValueError, match=pattern):
+            official_generator(state)
+
+
+def official_files(folder: Path) -> dict[str, tuple[nn.Module, int]]:
+    """Generator files as the official codes save them (bare state_dicts in their key layout), each with
+    the network that wrote it and the side its test images need: the CycleGAN zoo's ResNet (9 blocks),
+    a latest_net_G_A.pth of 6 blocks saved from DataParallel (module. keys), U-Nets 128 and 256, a CUT
+    latest_net_G.pth (blur-pool), and an old file whose instance norms carry running statistics."""
+    torch.manual_seed(0)
+    nets = {"horse2zebra.pth": (ResnetGenerator(ngf=4, n_blocks=9), 36),
+            "latest_net_G_A.pth": (ResnetGenerator(ngf=4, n_blocks=6), 36),
+            "unet128_net_G.pth": (UnetGenerator(num_downs=7, ngf=4), 128),
+            "unet256_net_G.pth": (UnetGenerator(num_downs=8, ngf=4), 256),
+            "cut_latest_net_G.pth": (ResnetGenerator(ngf=4, n_blocks=9, antialias=True), 36),
+            "cut_no_antialias_net_G.pth": (ResnetGenerator(ngf=4, n_blocks=9, antialias=False, antialias_up=True), 36),
+            "cut_no_antialias_up_net_G.pth": (ResnetGenerator(ngf=4, n_blocks=9, antialias=True, antialias_up=False),
+                                              36),
+            "old_style_monet.pth": (ResnetGenerator(ngf=4, n_blocks=9), 36)}
+    folder.mkdir(parents=True)
+    for name, (net, _) in nets.items():
+        state = net.state_dict()
+        if name == "latest_net_G_A.pth":
+            state = {f"module.{k}": v for k, v in state.items()}
+        if name.startswith("old_"):  # PyTorch 0.3 saved running stats for every instance norm
+            for i, layer in enumerate(net.model):
+                if isinstance(layer, nn.InstanceNorm2d):
+                    state[f"model.{i}.running_mean"] = torch.zeros(layer.num_features)
+                    state[f"model.{i}.running_var"] = torch.ones(layer.num_features)
+        torch.save(state, folder / name)
+    return nets
+
+
+def test_official_weights_files_translate_as_the_networks_that_wrote_them(tmp_path):
+    nets = official_files(tmp_path / "official")
+    for name, (net, side) in nets.items():
+        inputs = tmp_path / f"in_{side}"
+        if not inputs.exists():
+            inputs.mkdir()
+            rng = np.random.default_rng(side)
+            Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(inputs / "photo.png")
+        out = tmp_path / f"out_{name}"
+        assert translate_cli(["--checkpoint", str(tmp_path / "official" / name), "--input", str(inputs),
+                              "--output", str(out), "--device", "cpu"]) == 0, name
+        with torch.no_grad():
+            expected = du.to_image(net.eval()(du.to_tensor(Image.open(inputs / "photo.png"))[None])[0])
+        got = np.asarray(Image.open(out / "photo.png"), dtype=int)
+        assert np.abs(got - np.asarray(expected, dtype=int)).max() <= 1, name
+    grid = tmp_path / "zoo.png"  # compare takes official files too: input | CycleGAN zoo | CUT
+    assert translate_cli(["--checkpoint", str(tmp_path / "official" / "horse2zebra.pth"),
+                          str(tmp_path / "official" / "cut_latest_net_G.pth"), "--input", str(tmp_path / "in_36"),
+                          "--grid", str(grid), "--size", "36", "--device", "cpu"]) == 0
+    assert Image.open(grid).size == (3 * 38 + 2, 38 + 2)
+
+
+# ============================================================================= cycle_gan.py
+
+TINY = dict(netG="resnet_6blocks", ngf=4, ndf=4)
+
+
+def pair(size=64, seed=0):
+    """One image of each domain, (1, 3, size, size) in [-1, 1], seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, size, size, generator=g) * 2 - 1, torch.rand(1, 3, size, size, generator=g) * 2 - 1
+
+
+class Recorder:
+    """A trainer that changes no weight: it records what each backward was given, by group, and steps nothing, so
+    a test reads a step's terms against the paper's formulas with the networks as they were."""
+
+    def __init__(self):
+        self.backward_into = []
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss, group):
+        self.backward_into.append((group, loss.detach()))
+
+    def step(self, group):
+        pass
+
+
+def test_image_pool_fills_then_swaps_half_the_time():
+    torch.manual_seed(0)
+    pool = ImagePool(3)
+    first = torch.arange(3.0).view(3, 1, 1, 1)
+    assert torch.equal(pool.query(first), first), "CycleGAN Sec. 4: while the history fills, D sees the new fakes"
+    queries = [torch.full((1, 1, 1, 1), 10.0 + i) for i in range(200)]
+    answers = [pool.query(q) for q in queries]
+    swapped = sum(not torch.equal(a, q) for a, q in zip(answers, queries))
+    assert 70 < swapped < 130, "once full, half the time D sees an older fake from the history instead"
+    assert len(pool.images) == 3, "the history holds pool_size images (50)"
+    old = {a.item() for a, q in zip(answers, queries) if not torch.equal(a, q)}
+    assert old <= {0.0, 1.0, 2.0, *(10.0 + i for i in range(200))} and len(old) > 3, "an older fake, from the pool"
+
+
+def test_image_pool_stores_each_fake_detached_and_size_0_passes_them_through():
+    pool = ImagePool(2)
+    fake = torch.ones(2, 1, 2, 2, requires_grad=True) * 3
+    out = pool.query(fake)
+    assert not out.requires_grad and all(not t.requires_grad for t in pool.images), "D's fakes carry no graph of G"
+    assert [tuple(t.shape) for t in pool.images] == [(1, 1, 2, 2)] * 2, "one image at a time"
+    assert torch.equal(ImagePool(0).query(fake), fake.detach()) and not ImagePool(0).images, "pool 0: no history"
+
+
+def test_cyclegan_config_is_the_papers_and_junyanzs():
+    c = CycleGANConfig()
+    paper = {"lambda_cycle": (10.0, "Eq. 3: lambda = 10"), "lambda_identity": (0.5, "appendix 7.1: 0.5 lambda"),
+             "pool_size": (50, "Sec. 4: a history of 50 generated images"), "lr": (2e-4, "Sec. 4: Adam, lr 0.0002"),
+             "beta1": (0.5, "Sec. 4: Adam's beta1 0.5 (junyanz's code)"), "epochs": (100, "Sec. 4: 100 epochs at lr"),
+             "epochs_decay": (100, "Sec. 4: then 100 of linear decay"), "gan_mode": ("lsgan", "Sec. 4: least squares"),
+             "ngf": (64, "appendix 7.2: c7s1-64 first"), "ndf": (64, "appendix 7.2: C64 first"),
+             "n_layers_D": (3, "the 70x70 PatchGAN: C64-C128-C256-C512"),
+             "netG": ("resnet_9blocks", "junyanz's default (the paper: 9 blocks at 256)"),
+             "norm": ("instance", "appendix 7.2: instance norm"), "dropout": (False, "junyanz's --no_dropout"),
+             "init_gain": (0.02, "junyanz's init: N(0, 0.02)"), "real_label": (1.0, "real is 1, no smoothing"),
+             "channels_x": (3, "RGB"), "channels_y": (3, "RGB")}
+    assert {f.name for f in dataclasses.fields(c)} == set(paper), "every option of CycleGAN, checked here"
+    for name, (value, rule) in paper.items():
+        assert getattr(c, name) == value, f"CycleGANConfig.{name}: {value!r} ({rule}), got {getattr(c, name)!r}"
+    model = CycleGAN()
+    assert (model.name, model.groups, model.directions, model.resize_crop_in_decay) == \
+        ("cycle_gan", {"G": ("G", "F"), "D": ("D_X", "D_Y")}, {"x2y": "G", "y2x": "F"}, True), \
+        "junyanz's two Adams (G and F; D_X and D_Y); both directions; the jitter throughout"
+    first = model.G.model[1].weight
+    assert first.std().item() == pytest.approx(0.02, rel=0.05) and abs(first.mean().item()) < 2e-3, \
+        "junyanz's init: N(0, 0.02)"
+    assert not any(isinstance(m, (BlurDownsample, BlurUpsample)) for m in model.G.modules()), \
+        "junyanz's CycleGAN: strided and transposed convs, no blur-pool"
+
+
+def test_cyclegan_step_computes_each_term_of_eq_3_as_the_paper_writes_it():
+    torch.manual_seed(0)
+    model = CycleGAN(CycleGANConfig(**TINY, lambda_cycle=3.0, lambda_identity=0.2, real_label=0.9, pool_size=0))
+    x, y = pair(32)
+    trainer = Recorder()
+    losses = model.train_step(x, y, trainer)
+    G, F_, D_X, D_Y = model.G, model.F, model.D_X, model.D_Y
+    ls = lambda d, label: ((d - label) ** 2).mean()  # noqa: E731  LSGAN, real label 0.9 (smoothed) and fake 0
+    l1 = lambda a, b: (a - b).abs().mean()  # noqa: E731
+    with torch.no_grad():
+        expected = {"G_gan": (ls(D_Y(G(x)), 0.9), "Eq. 1, LSGAN: G(x) fools D_Y, (D_Y(G(x)) - real)^2"),
+                    "F_gan": (ls(D_X(F_(y)), 0.9), "Eq. 1 the other way: F(y) fools D_X"),
+                    "cycle_X": (3.0 * l1(F_(G(x)), x), "Eq. 2: lambda |F(G(x)) - x|_1"),
+                    "cycle_Y": (3.0 * l1(G(F_(y)), y), "Eq. 2: lambda |G(F(y)) - y|_1"),
+                    "idt_X": (0.6 * l1(F_(x), x), "Sec. 5.2: lambda_identity lambda |F(x) - x|_1"),
+                    "idt_Y": (0.6 * l1(G(y), y), "Sec. 5.2: lambda_identity lambda |G(y) - y|_1"),
+                    "D_Y": (0.5 * (ls(D_Y(y), 0.9) + ls(D_Y(G(x)), 0)), "Eq. 1 for D_Y, halved (appendix 7.1)"),
+                    "D_X": (0.5 * (ls(D_X(x), 0.9) + ls(D_X(F_(y)), 0)), "Eq. 1 for D_X, halved (appendix 7.1)")}
+    assert set(losses) == set(expected), "Eq. 3's six terms for G and F, and each D's loss"
+    for name, (value, rule) in expected.items():
+        assert losses[name].item() == pytest.approx(value.item(), rel=1e-5), f"{name}: {rule}"
+    sent = [(group, loss.item()) for group, loss in trainer.backward_into]
+    halves = [sum(losses[k].item() for k in ks) for ks in (("G_gan", "cycle_X", "idt_X"), ("F_gan", "cycle_Y",
+                                                                                           "idt_Y"))]
+    assert [g for g, _ in sent] == ["G", "G", "D", "D"] and [v for _, v in sent] == pytest.approx(
+        [*halves, losses["D_Y"].item(), losses["D_X"].item()], rel=1e-5), \
+        "Eq. 4's alternation: the terms from x, then from y, into G and F; then D_Y's and D_X's losses into D"
+
+
+def snapshot(nets):
+    return {name: [p.detach().clone() for p in net.parameters()] for name, net in nets.items()}
+
+
+def update(trainer, loss, group):
+    """One plain optimiser step of `group` on `loss` (the official steps, written out in tests)."""
+    trainer.backward(loss, group)
+    trainer.step(group)
+
+
+def test_cyclegan_step_changes_every_network_and_gives_finite_losses():
+    torch.manual_seed(0)
+    model = Trainer(CycleGAN(CycleGANConfig(**TINY)))
+    before = snapshot(model.nets)
+    losses = model.train_step(torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 64, 64) * 2 - 1)
+    assert all(math.isfinite(v) for v in losses.values()), losses
+    for name, net in model.nets.items():
+        assert all(not torch.equal(a, b) for a, b in zip(before[name], net.parameters())), \
+            f"one step of Eq. 4 updates {name}"
+    assert model.global_step == 1
+
+
+def test_cyclegan_step_gives_the_weights_of_one_backward_through_the_whole_objective():
+    """The step back-propagates the x part and the y part of Eq. 3 separately; the official step
+    builds the whole objective and back-propagates it once. Both must end with the same weights."""
+    torch.manual_seed(0)
+    split = Trainer(CycleGAN(CycleGANConfig(**TINY)))
+    whole = copy.deepcopy(split)
+    x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    losses = split.train_step(x, y)
+
+    m, gan, l1 = whole.model, whole.model.gan_loss, F.l1_loss  # the official step, written out
+    fake_y, fake_x = m.G(x), m.F(y)
+    m.D_X.requires_grad_(False), m.D_Y.requires_grad_(False)
+    terms = {"G_gan": gan(m.D_Y(fake_y), True), "F_gan": gan(m.D_X(fake_x), True),
+             "cycle_X": 10 * l1(m.F(fake_y), x), "cycle_Y": 10 * l1(m.G(fake_x), y),
+             "idt_Y": 5 * l1(m.G(y), y), "idt_X": 5 * l1(m.F(x), x)}
+    update(whole, sum(terms.values()), "G")
+    m.D_X.requires_grad_(True), m.D_Y.requires_grad_(True)
+    terms["D_Y"] = 0.5 * (gan(m.D_Y(y), True) + gan(m.D_Y(fake_y.detach()), False))
+    terms["D_X"] = 0.5 * (gan(m.D_X(x), True) + gan(m.D_X(fake_x.detach()), False))
+    update(whole, terms["D_Y"] + terms["D_X"], "D")
+    assert dict(losses) == pytest.approx({k: v.item() for k, v in terms.items()}, rel=1e-5), \
+        "the logged terms are those of the official step (cycle weight 10, identity 5)"
+    for name, net in split.nets.items():
+        for (pname, a), b in zip(net.named_parameters(), whole.nets[name].parameters()):
+            assert torch.allclose(a, b, atol=1e-6), \
+                f"{name}.{pname}: Eq. 4's step, G and F on all of Eq. 3 with D fixed, then D_X and D_Y"
+
+
+def saved_bytes_of(step) -> tuple[int, int]:
+    """(peak, total) bytes of the tensors that autograd saved for backward while `step()` ran."""
+    live, peak, total = [0], [0], [0]
+
+    class Saved:
+        def __init__(self, t):
+            self.t, self.n = t, t.numel() * t.element_size()
+            live[0] += self.n
+            total[0] += self.n
+            peak[0] = max(peak[0], live[0])
+
+        def __del__(self):
+            live[0] -= self.n
+
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.t):
+        step()
+    assert live[0] == 0
+    return peak[0], total[0]
+
+
+def test_cyclegan_step_holds_the_graph_of_one_domain_part_at_a_time():
+    torch.manual_seed(0)
+    model = Trainer(CycleGAN(CycleGANConfig(**TINY)))
+    peak, total = saved_bytes_of(lambda: model.train_step(torch.rand(1, 3, 64, 64) * 2 - 1,
+                                                          torch.rand(1, 3, 64, 64) * 2 - 1))
+    assert 0.3 * total < peak < 0.6 * total, "the x half of Eq. 3 is back-propagated before the y half is built"
+
+
+def test_cyclegan_step_names_its_networks_by_role():
+    """generator_half runs for x (G, F, D_Y) and for y (F, G, D_X): it names its networks by role."""
+    params = set(inspect.signature(CycleGAN.generator_half).parameters)
+    assert not params & {"G", "F", "D", "D_X", "D_Y"} and {"forward", "back", "judge"} <= params
+
+
+def test_cyclegan_has_no_identity_loss_when_its_weight_is_zero():
+    model = Trainer(CycleGAN(CycleGANConfig(**TINY, lambda_identity=0)))
+    assert "idt_X" not in model.train_step(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32)), \
+        "Sec. 5.2's identity loss is off at weight 0"
+
+
+def test_cyclegan_maps_grayscale_to_colour():
+    with pytest.raises(ValueError, match="--lambda-identity 0"):
+        CycleGAN(CycleGANConfig(**TINY, channels_x=1, channels_y=3))
+    model = Trainer(CycleGAN(CycleGANConfig(**TINY, channels_x=1, channels_y=3, lambda_identity=0)))
+    model.train_step(torch.zeros(2, 1, 32, 32), torch.zeros(2, 3, 32, 32))
+    assert model.model.G(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32), "G: X (1 channel) -> Y (3)"
+    assert model.model.F(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32), "F: Y -> X"
+    assert model.model.D_X.model[0].in_channels == 1 and model.model.D_Y.model[0].in_channels == 3
+
+
+def test_cyclegan_verdicts_are_each_Ds_output_on_real_images_and_on_translations():
+    torch.manual_seed(0)
+    model = CycleGAN(CycleGANConfig(**TINY))
+    x, y = pair(32)
+    with torch.no_grad():
+        verdicts = model.verdicts(x, y)
+        judges = {"D_Y": (model.D_Y, y, model.G(x)), "D_X": (model.D_X, x, model.F(y))}
+        assert list(verdicts) == list(judges), "D_Y judges domain Y, D_X domain X"
+        for name, (D, real, fake) in judges.items():
+            got_real, got_fake, on_real, on_fake = verdicts[name]
+            assert torch.equal(got_real, real) and torch.equal(got_fake, fake), f"{name}: its real images, its fakes"
+            assert torch.equal(on_real, D(real)) and torch.equal(on_fake, D(fake)), \
+                f"{name}'s LSGAN output is its verdict, one per overlapping patch"
+
+
+def test_cyclegan_visuals_are_x_G_x_F_G_x_then_y_F_y_G_F_y():
+    torch.manual_seed(0)
+    model = CycleGAN(CycleGANConfig(**TINY))
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        rows = model.visuals(x, y)
+        expected = [[x[i], model.G(x)[i], model.F(model.G(x))[i]] for i in range(2)] + \
+            [[y[i], model.F(y)[i], model.G(model.F(y))[i]] for i in range(2)]
+    assert len(rows) == 4 and all(torch.allclose(a, b, atol=1e-6)
+                                  for r, e in zip(rows, expected) for a, b in zip(r, e)), \
+        "rows x | G(x) | F(G(x)) then y | F(y) | G(F(y)): the cycles of Eq. 2"
+    assert model.visuals_caption().startswith("rows of a test image x: x, G(x), F(G(x))")
+
+
+def test_cyclegan_extra_state_carries_the_history_of_fakes():
+    torch.manual_seed(0)
+    model = CycleGAN(CycleGANConfig(**TINY))
+    model.train_step(*pair(32), Recorder())
+    state = model.extra_state()
+    again = CycleGAN(CycleGANConfig(**TINY))
+    again.load_extra_state(state, torch.device("cpu"))
+    for ours, theirs in ((model.pool_X, again.pool_X), (model.pool_Y, again.pool_Y)):
+        assert len(theirs.images) == 1 and torch.equal(ours.images[0], theirs.images[0]), \
+            "an exact resume restores the history of fakes (Sec. 4)"
+
+
+def test_cyclegan_logs_each_loss_under_a_name_that_stands_in_its_file():
+    source = (Path(__file__).parent / "cycle_gan.py").read_text()
+    names = list(Trainer(CycleGAN(CycleGANConfig(**TINY))).train_step(*pair(32)))
+    assert names and all(f'"{name}"' in source for name in names), names
+
+
+def imported_by(path: str) -> set[str]:
+    """The top-level modules a file of this folder imports."""
+    tree = ast.parse((Path(__file__).parent / path).read_text())
+    modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    return {m.split(".")[0] for m in modules}
+
+
+def test_cyclegan_file_imports_only_torch_the_standard_library_and_the_network_files():
+    assert imported_by("cycle_gan.py") <= {"layers", "networks", "losses", "torch", *sys.stdlib_module_names}, \
+        "a model file is its paper and nothing else"
+
+
+# ============================================================================= cut_model.py
+
+TINY_CUT = dict(netG="resnet_6blocks", ngf=4, ndf=4, netF_nc=8, num_patches=32)
+
+
+def test_cut_model_presets_and_config_are_the_cut_repositorys():
+    cut, fast = CUTConfig(mode="cut"), CUTConfig(mode="fastcut")
+    assert (cut.lambda_nce, cut.nce_idt, cut.flip_equivariance, cut.epochs, cut.epochs_decay) == \
+        (1.0, True, False, 200, 200), "CUT: lambda_X = lambda_Y = 1 (Eq. 5), no flips, 200 + 200 epochs"
+    assert (fast.lambda_nce, fast.nce_idt, fast.flip_equivariance, fast.epochs, fast.epochs_decay) == \
+        (10.0, False, True, 150, 50), "FastCUT (Sec. 4): lambda_X = 10, no Y term, flip-equivariance, 150 + 50"
+    assert CUTConfig(mode="fastcut", lambda_nce=3.0).lambda_nce == 3.0, "an option given wins over the preset"
+    official = {"netG": "resnet_9blocks", "ngf": 64, "ndf": 64, "n_layers_D": 3, "norm": "instance",
+                "dropout": False, "antialias": True, "antialias_up": True, "gan_mode": "lsgan", "real_label": 1.0,
+                "lambda_gan": 1.0, "nce_layers": DEFAULT_TAPS, "num_patches": 256, "nce_temperature": 0.07,
+                "nce_negatives": "image", "netF_nc": 256, "lr": 2e-4, "beta1": 0.5, "init_gain": 0.02,
+                "channels_x": 3, "channels_y": 3, "mode": "cut"}
+    for name, value in official.items():
+        assert getattr(cut, name) == value, \
+            f"CUTConfig.{name}: the CUT repository's {value!r}, got {getattr(cut, name)!r}"
+    assert {f.name for f in dataclasses.fields(cut)} == set(official) | set(MODES["cut"]), "every option checked"
+    with pytest.raises(ValueError, match="unknown CUT mode 'slowcut'"):
+        CUTConfig(mode="slowcut")
+
+
+def test_cut_model_networks_are_the_cut_repositorys():
+    torch.manual_seed(0)
+    model = CUT(CUTConfig(netG="resnet_6blocks"))
+    assert (model.name, model.groups, model.directions, model.resize_crop_in_decay) == \
+        ("cut", {"D": ("D",), "G": ("G", "H")}, {"x2y": "G"}, False), \
+        "D steps alone, G and H together; one direction; the decay epochs resize to the crop (the CUT repository)"
+    assert CUT(CUTConfig(mode="fastcut", **TINY_CUT)).name == "fastcut"
+    kinds = {type(m).__name__ for net in (model.G, model.D) for m in net.modules()}
+    assert {"BlurDownsample", "BlurUpsample"} <= kinds, "the official anti-aliased G and D"
+    assert [m[0].in_features for m in model.H.mlps] == [3, 128, 256, 256, 256] and model.H.mlps[0][2].out_features \
+        == 256, "H: an MLP per tap (Sec. 3), 256 wide, built from the taps' channels"
+    conv, linear = model.G.model[1].weight, model.H.mlps[0][0].weight
+    assert conv.std().item() == pytest.approx(0.02 * math.sqrt(2 / (3 * 49 + 64 * 49)), rel=0.05), \
+        "xavier_normal init, gain 0.02 (the CUT repository's)"
+    assert linear.std().item() == pytest.approx(0.02 * math.sqrt(2 / (3 + 256)), rel=0.1)
+    assert (model.gan_loss.mode, model.nce_loss.temperature, model.nce_loss.negatives) == ("lsgan", 0.07, "image")
+
+
+def test_cut_model_step_computes_each_term_of_eq_5_as_the_paper_writes_it():
+    torch.manual_seed(0)
+    model = CUT(CUTConfig(**TINY_CUT, lambda_gan=2.0, lambda_nce=3.0, real_label=0.9))
+    x, y = pair(32)
+    trainer = Recorder()
+    torch.manual_seed(1)
+    losses = model.train_step(x, y, trainer)
+    G, D, H, taps = model.G, model.D, model.H, model.config.nce_layers
+    ls = lambda d, label: ((d - label) ** 2).mean()  # noqa: E731  LSGAN, real label 0.9 (smoothed)
+    with torch.no_grad():
+        torch.manual_seed(1)  # the same places as the step's, drawn in the same order
+        nce = []
+        for real in (x, y):
+            fake, keys = G(real, taps)
+            k, ids = H(keys, 32)
+            q, _ = H(G(fake, taps, encode_only=True), 32, ids)
+            nce.append(sum(PatchNCELoss(0.07)(qi, ki) for qi, ki in zip(q, k)) / len(q))
+        expected = {"D": (0.5 * (ls(D(G(x)), 0) + ls(D(y), 0.9)), "Eq. 1 for D, real y against G(x), halved"),
+                    "G_gan": (2.0 * ls(D(G(x)), 0.9), "Eq. 5: lambda_GAN L_GAN, G(x) fools D"),
+                    "NCE_X": (3.0 * nce[0] / 2, "Eq. 5: lambda_X PatchNCE(G(x), x) (Eq. 3: mean over layers), "
+                                                "halved: the official code averages the X and Y terms"),
+                    "NCE_Y": (3.0 * nce[1] / 2, "Eq. 5: lambda_Y PatchNCE(G(y), y), the identity term, halved")}
+    for name, (value, rule) in expected.items():
+        assert losses[name].item() == pytest.approx(value.item(), rel=1e-5), f"{name}: {rule}"
+    sent = [(group, loss.item()) for group, loss in trainer.backward_into]
+    assert [g for g, _ in sent] == ["D", "G", "G"] and [v for _, v in sent] == pytest.approx(
+        [losses["D"].item(), losses["G_gan"].item() + losses["NCE_X"].item(), losses["NCE_Y"].item()], rel=1e-5), \
+        "D's loss into D first; then G(x)'s terms, then the identity term, into G and H"
+
+
+def test_cut_model_fastcut_has_no_identity_term_and_weighs_nce_x_whole():
+    torch.manual_seed(0)
+    model = CUT(CUTConfig(mode="fastcut", **TINY_CUT, flip_equivariance=False))
+    x, y = pair(32)
+    torch.manual_seed(1)
+    losses = model.train_step(x, y, Recorder())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        fake, keys = model.G(x, model.config.nce_layers)
+        nce = model.patch_nce(keys, fake, False)
+    assert set(losses) == {"D", "G_gan", "NCE_X"}, "FastCUT: no lambda_Y identity term"
+    assert losses["NCE_X"].item() == pytest.approx(10 * nce.item(), rel=1e-5), "FastCUT: lambda_X = 10, not halved"
+    off = CUT(CUTConfig(**TINY_CUT, lambda_nce=0.0)).train_step(x, y, Recorder())
+    assert set(off) == {"D", "G_gan"}, "lambda_NCE 0: no PatchNCE term at all"
+
+
+def test_cut_model_patch_nce_is_the_mean_over_layers_of_eq_2_at_places_shared_by_queries_and_keys():
+    torch.manual_seed(0)
+    model = CUT(CUTConfig(**TINY_CUT))
+    x = pair(32)[0]
+    with torch.no_grad():
+        fake, keys = model.G(x, model.config.nce_layers)
+        torch.manual_seed(3)
+        loss = model.patch_nce(keys, fake, flipped=False)
+        torch.manual_seed(3)
+        k, ids = model.H(keys, 32)
+        q, _ = model.H(model.G(fake, model.config.nce_layers, encode_only=True), 32, ids)
+        per_layer = [PatchNCELoss(0.07)(qi, ki).item() for qi, ki in zip(q, k)]
+    assert len(per_layer) == 5 and loss.item() == pytest.approx(sum(per_layer) / 5, rel=1e-6), \
+        "Eq. 3: Eq. 2 at each tapped layer, the queries G(x)'s patches at the keys' places; averaged (officially)"
+
+
+def test_cut_model_fastcut_flip_mirrors_the_input_not_the_target(monkeypatch):
+    model = CUT(CUTConfig(mode="fastcut", **TINY_CUT))
+    monkeypatch.setattr(model, "flip_this_step", lambda: True)
+    seen = {"G": [], "D": []}
+    model.G.model[0].register_forward_pre_hook(lambda m, inp: seen["G"].append(inp[0].detach().clone()))
+    model.D.model[0].register_forward_pre_hook(lambda m, inp: seen["D"].append(inp[0].detach().clone()))
+    x, y = pair()
+    Trainer(model).train_step(x, y)
+    assert torch.equal(seen["G"][0], x.flip(3)), "FastCUT: G translates x mirrored left to right"
+    assert torch.equal(seen["G"][1], x), "the keys come from x as it is"
+    assert any(torch.equal(d, y) for d in seen["D"]), "D sees the real y unmirrored"
+    assert not any(torch.equal(d, y.flip(3)) for d in seen["D"])
+
+
+def test_cut_model_flipped_nce_compares_the_mirrored_back_queries_with_the_unmirrored_keys():
+    torch.manual_seed(0)
+    model = CUT(CUTConfig(mode="fastcut", **TINY_CUT))
+    x = pair(32)[0]
+    G, H, taps = model.G, model.H, model.config.nce_layers
+    with torch.no_grad():
+        fake, keys = model.translate_with_keys(x, flipped=True)
+        torch.manual_seed(2)
+        loss = model.patch_nce(keys, fake, flipped=True)
+        assert torch.equal(fake, G(x.flip(3))), "G(x mirrored)"
+        assert all(torch.equal(a, b) for a, b in zip(keys, G(x, taps, encode_only=True))), "keys: x unmirrored"
+        torch.manual_seed(2)
+        k, ids = H(keys, 32)
+        q, _ = H([f.flip(3) for f in G(fake, taps, encode_only=True)], 32, ids)
+        expected = sum(PatchNCELoss(0.07)(qi, ki) for qi, ki in zip(q, k)) / 5
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6), \
+        "FastCUT's flip-equivariance: G's output is encoded, mirrored back, then matched place by place"
+
+
+def test_cut_model_flips_half_the_steps_only_when_flip_equivariance_is_on():
+    torch.manual_seed(0)
+    flips = [CUT(CUTConfig(mode=mode, **TINY_CUT)).flip_this_step() for mode in ("fastcut",) for _ in range(200)]
+    assert 70 < sum(flips) < 130, "FastCUT mirrors G's input half the time"
+    assert not any(CUT(CUTConfig(**TINY_CUT)).flip_this_step() for _ in range(20)), "CUT never does"
+
+
+def test_cut_model_step_changes_G_D_H_and_gives_finite_losses():
+    for mode, expected in (("cut", {"D", "G_gan", "NCE_X", "NCE_Y"}), ("fastcut", {"D", "G_gan", "NCE_X"})):
+        torch.manual_seed(0)
+        model = Trainer(CUT(CUTConfig(mode=mode, **TINY_CUT)))
+        before = snapshot(model.nets)
+        losses = model.train_step(*pair())
+        assert set(losses) == expected and all(math.isfinite(v) for v in losses.values()), (mode, losses)
+        for name, net in model.nets.items():
+            assert all(not torch.equal(a, b) for a, b in zip(before[name], net.parameters())), \
+                f"{mode}: one step updates {name}"
+
+
+def test_cut_model_fresh_nce_is_near_log_num_patches():
+    torch.manual_seed(0)
+    model = CUT(CUTConfig(netG="resnet_6blocks", ndf=8))  # official widths: ngf 64, H 256 wide
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    fake, keys = model.G(x, model.config.nce_layers)
+    k, ids = model.H(keys, 256)
+    q, _ = model.H(model.G(fake, DEFAULT_TAPS, encode_only=True), 256, ids)
+    # At res1 and res5 (16x16 = 256 places) a fresh H gives near-random unit vectors, so the loss is
+    # about log(256); the shallow taps are higher because a fresh G's output is almost constant.
+    deep = [model.nce_loss(a, b).item() for a, b in zip(q[3:], k[3:])]
+    assert deep == pytest.approx([math.log(256)] * 2, abs=0.5), "a fresh H: Eq. 2 near log P, P = 256"
+
+
+def test_cut_model_queries_and_keys_are_sampled_at_the_same_places(monkeypatch):
+    model = CUT(CUTConfig(**TINY_CUT))
+    calls = []
+    forward = model.H.forward
+
+    def record(feats, num_patches=256, patch_ids=None):
+        out, ids = forward(feats, num_patches, patch_ids)
+        calls.append((patch_ids, ids))
+        return out, ids
+    monkeypatch.setattr(model.H, "forward", record)
+    Trainer(model).train_step(*pair())
+    assert len(calls) == 4, "keys then queries, for the X term and the Y term"
+    for (given_k, drawn), (given_q, used) in (calls[0:2], calls[2:4]):
+        assert given_k is None and given_q is drawn, "the keys' places are drawn, then given to the queries"
+        assert all(torch.equal(a, b) for a, b in zip(drawn, used)), "Eq. 3: z_l^s and its query at the same s"
+
+
+def test_cut_model_reuses_the_main_pass_for_keys_when_not_flipped():
+    model = CUT(CUTConfig(**TINY_CUT))
+    calls = []
+    model.G.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args[0], kwargs)), with_kwargs=True)
+    x, y = pair()
+    Trainer(model).train_step(x, y)
+    assert len(calls) == 4, "G(x) with taps, encode(G(x)) for the queries; the same for y"
+    for real, (main_input, main_kw), (query_input, query_kw) in ((x, *calls[:2]), (y, *calls[2:])):
+        assert torch.equal(main_input, real) and not main_kw.get("encode_only")
+        assert query_kw.get("encode_only") and not torch.equal(query_input, real)
+
+
+def test_cut_model_step_gives_the_gradients_of_one_pass_of_G_over_x_and_y_together(monkeypatch):
+    """The step back-propagates the terms of G(x), then builds and back-propagates the identity term
+    of G(y); the official step runs G once on x and y together and back-propagates Eq. 5 once."""
+    torch.manual_seed(0)
+    trainer = Trainer(CUT(CUTConfig(**TINY_CUT)))
+    official = copy.deepcopy(trainer)
+    grads, step = {}, trainer.step
+
+    def record(group):
+        grads[group] = [p.grad.clone() for p in trainer.optimizers[group].param_groups[0]["params"]]
+        step(group)
+    monkeypatch.setattr(trainer, "step", record)
+    x, y = pair()
+    torch.manual_seed(1)  # the same patches drawn in both steps
+    losses = trainer.train_step(x, y)
+
+    m, gan, taps = official.model, official.model.gan_loss, official.model.config.nce_layers  # the official step
+    torch.manual_seed(1)
+    fake, keys = m.G(torch.cat([x, y]), taps)
+    update(official, 0.5 * (gan(m.D(fake[:1].detach()), False) + gan(m.D(y), True)), "D")
+    m.D.requires_grad_(False)
+    nce = [m.patch_nce([k[i:i + 1] for k in keys], fake[i:i + 1], False) for i in (0, 1)]
+    g_gan = gan(m.D(fake[:1]), True)
+    expected = torch.autograd.grad(g_gan + (nce[0] + nce[1]) / 2, official.optimizers["G"].param_groups[0]["params"])
+    assert [losses[k] for k in ("G_gan", "NCE_X", "NCE_Y")] == \
+        pytest.approx([g_gan.item(), nce[0].item() / 2, nce[1].item() / 2], rel=1e-5), \
+        "the logged terms are those of the objective: the official code averages the two NCE terms"
+    assert len(grads["G"]) == len(expected)
+    # Equal up to float rounding (G ran on batches of 1, not 2), judged over all of G and H at once:
+    # the biases before an instance norm have a zero gradient, made of rounding alone.
+    got, want = torch.cat([g.flatten() for g in grads["G"]]), torch.cat([g.flatten() for g in expected])
+    assert (got - want).norm() <= 1e-5 * want.norm(), "G and H step on the gradient of all of Eq. 5, with D fixed"
+
+
+def test_cut_model_step_frees_the_graph_of_G_x_before_it_builds_G_y():
+    torch.manual_seed(0)
+    model = Trainer(CUT(CUTConfig(**TINY_CUT)))
+    peak, total = saved_bytes_of(lambda: model.train_step(*pair()))
+    assert 0.3 * total < peak < 0.7 * total, "G(x)'s terms are back-propagated before G(y) is built"
+
+
+def test_cut_model_every_parameter_of_G_D_H_receives_a_finite_nonzero_gradient():
+    torch.manual_seed(0)
+    G = init_weights(ResnetGenerator(ngf=4, n_blocks=5, antialias=True), "xavier")
+    D = init_weights(PatchDiscriminator(ndf=4, antialias=True), "xavier")
+    H = init_weights(PatchSampleMLP(G.tap_channels(), nc=8), "xavier")
+    x = torch.randn(2, 3, 32, 32)
+    y, feats_k = G(x, DEFAULT_TAPS)
+    q, ids = H(G(y, DEFAULT_TAPS, encode_only=True), 16)
+    k, _ = H(feats_k, 16, ids)
+    loss = GANLoss()(D(y), True) + sum(PatchNCELoss()(a, b) for a, b in zip(q, k))
+    loss.backward()
+    for name, p in [*G.named_parameters(), *D.named_parameters(), *H.named_parameters()]:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, \
+            f"{name}: Eq. 5 reaches every weight of G, D and H"
+
+
+def test_cut_model_short_training_on_one_pair_drives_nce_down():
+    torch.manual_seed(0)
+    model = Trainer(CUT(CUTConfig(**{**TINY_CUT, "ngf": 8})))
+    x, y = pair()
+    first = model.train_step(x, y)["NCE_X"]
+    for _ in range(30):
+        last = model.train_step(x, y)["NCE_X"]
+    assert last < 0.75 * first, "G and H learn to pick each output patch's own input patch"
+
+
+def test_cut_model_rejects_a_unet_and_channel_mismatches_clearly():
+    with pytest.raises(ValueError, match="encoder taps of a ResNet.*--netG resnet_9blocks"):
+        CUT(CUTConfig(netG="unet_128"))
+    # G(x) goes through G's own encoder, so CUT needs the same channels in X and Y, identity term or not.
+    for mode in ("cut", "fastcut"):
+        with pytest.raises(ValueError, match="same number of channels.*--model cycle_gan"):
+            CUT(CUTConfig(mode=mode, **TINY_CUT, channels_x=1))
+    gray = Trainer(CUT(CUTConfig(mode="fastcut", **TINY_CUT, channels_x=1, channels_y=1)))
+    gray.train_step(torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32))
+    assert gray.model.G(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+
+
+def test_cut_model_similarity_map_of_an_image_with_itself_peaks_at_each_query_point():
+    torch.manual_seed(0)
+    model = CUT(CUTConfig(**{**TINY_CUT, "ngf": 16, "netF_nc": 64}))  # wide enough for distinct patches
+    x = torch.rand(2, 3, 64, 64) * 2 - 1  # noise: every patch differs from the others
+    points = [(0.5, 0.5), (0.1, 0.8), (0.9, 0.05), (1.0, 1.0)]
+    maps = model.similarity_maps(x, x, points)  # deepest tap, res5: 16x16 at 64x64
+    assert maps.shape == (2, 4, 16, 16) and torch.allclose(maps.sum(dim=(-2, -1)), torch.ones(2, 4)), \
+        "for each query point, a softmax over every patch of the target"
+    peaks = maps.flatten(2).argmax(-1)  # (B, Q) flat locations
+    assert peaks.tolist() == [[8 * 16 + 8, 1 * 16 + 12, 14 * 16 + 0, 15 * 16 + 15]] * 2, \
+        "a patch is most like itself: each map peaks where its point is (a side's end is its last patch)"
+    shallow = model.similarity_maps(x, x, points, layer=1)  # down1: 64x64
+    assert shallow.shape == (2, 4, 64, 64) and shallow.flatten(2).argmax(-1)[0, 0] == 32 * 64 + 32
+
+
+def test_cut_model_similarity_map_is_the_softmax_of_eq_2s_similarities_over_tau():
+    torch.manual_seed(0)
+    model = CUT(CUTConfig(**TINY_CUT, nce_temperature=0.5))
+    source, target = pair(32)
+    maps = model.similarity_maps(source, target, [(0.25, 0.75)], layer=-2)
+    with torch.no_grad():
+        fq, fk = (model.G(t, ["res1"], encode_only=True)[0] for t in (source, target))  # (1, 16, 8, 8)
+        q = model.H.project(3, fq, torch.tensor([2 * 8 + 6]))
+        k = model.H.project(3, fk, torch.arange(64))
+        expected = ((q @ k.transpose(1, 2)) / 0.5).softmax(-1).view(1, 1, 8, 8)
+    assert torch.allclose(maps, expected, atol=1e-6), \
+        "the map is Eq. 2's logits, similarity / tau with H's projections at the tap, through a softmax"
+
+
+def test_cut_model_verdicts_are_Ds_output_on_real_images_and_on_translations():
+    for gan_mode, read in (("lsgan", lambda t: t), ("vanilla", torch.sigmoid)):
+        torch.manual_seed(0)
+        model = CUT(CUTConfig(**TINY_CUT, gan_mode=gan_mode))
+        x, y = pair(32)
+        with torch.no_grad():
+            real, fake, on_real, on_fake = model.verdicts(x, y)["D"]
+            assert torch.equal(real, y) and torch.equal(fake, model.G(x)), "D judges real y and G(x)"
+            assert torch.equal(on_real, read(model.D(y))) and torch.equal(on_fake, read(model.D(model.G(x)))), \
+                f"{gan_mode}: LSGAN's output is the verdict; a logit is read through a sigmoid"
+        assert on_real.shape == (1, 1, 2, 2), "32 / 8 - 2: a verdict per overlapping patch"
+
+
+def test_cut_model_visuals_show_the_identity_path_when_it_is_trained():
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    for mode, columns in (("cut", 4), ("fastcut", 2)):
+        model = CUT(CUTConfig(mode=mode, **TINY_CUT))
+        rows = model.visuals(x, y)
+        with torch.no_grad():
+            assert len(rows) == 2 and all(len(r) == columns for r in rows) and torch.equal(rows[1][1], model.G(x)[1])
+            if mode == "cut":
+                assert torch.equal(rows[0][2], y[0]) and torch.equal(rows[0][3], model.G(y)[0]), \
+                    "CUT: x | G(x) | y | G(y), the identity path of Eq. 5's lambda_Y term"
+        assert model.visuals_caption().startswith("each row: a test image x, G(x)")
+
+
+def test_cut_model_file_imports_only_torch_the_standard_library_and_the_network_files():
+    assert imported_by("cut_model.py") <= {"layers", "networks", "losses", "torch", *sys.stdlib_module_names}, \
+        "a model file is its paper and nothing else"
+
+
+def test_cut_model_logs_each_loss_under_a_name_that_stands_in_its_file():
+    source = (Path(__file__).parent / "cut_model.py").read_text()
+    names = list(Trainer(CUT(CUTConfig(**TINY_CUT))).train_step(*pair(32)))
+    assert names and all(f'"{name}"' in source for name in names), names
+
+
+# ============================================================================= data
+
 
 SHARED = Path(__file__).resolve().parent.parent / "shared" / "datasets" / "apple2orange"
 
@@ -428,14 +1506,14 @@ def dataset_root(tmp_path):
     return tmp_path / "ds"
 
 
-def test_list_images_is_recursive_and_ignores_case_and_other_files(tmp_path):
+def test_dataset_lists_images_recursively_ignoring_case_and_other_files(tmp_path):
     paths = write_mixed_images(tmp_path, 4)
     (tmp_path / "notes.txt").write_text("not an image")
     assert du.list_images(tmp_path) == sorted(paths)
 
 
 @pytest.mark.parametrize("layout", list(du.LAYOUTS.values()))
-def test_find_domains_reads_both_layouts_and_swaps_for_BtoA(tmp_path, layout):
+def test_dataset_finds_both_layouts_and_swaps_them_for_BtoA(tmp_path, layout):
     for name in layout:
         (tmp_path / name).mkdir()
     found = du.find_domains(tmp_path)
@@ -444,7 +1522,7 @@ def test_find_domains_reads_both_layouts_and_swaps_for_BtoA(tmp_path, layout):
     assert (swapped["train_x"].name, swapped["test_y"].name) == (layout[1], layout[2])
 
 
-def test_find_domains_names_what_it_found_when_the_layout_is_unknown(tmp_path):
+def test_dataset_folder_of_an_unknown_layout_is_named_with_what_it_holds(tmp_path):
     (tmp_path / "apples").mkdir()
     with pytest.raises(du.UsageError, match="neither layout.*found apples/"):
         du.find_domains(tmp_path)
@@ -453,7 +1531,7 @@ def test_find_domains_names_what_it_found_when_the_layout_is_unknown(tmp_path):
 
 
 @pytest.mark.parametrize("channels", [3, 1])
-def test_unpaired_dataset_gives_cropped_tensors_in_range(dataset_root, channels):
+def test_dataset_gives_cropped_tensors_in_range(dataset_root, channels):
     data = du.UnpairedDataset(dataset_root / "trainA", dataset_root / "trainB", 36, 32, channels, 3)
     assert len(data) == 4  # the larger domain
     sampler = du.PairSampler(4, 3, seed=1)
@@ -473,7 +1551,31 @@ def test_dataset_stops_resizing_and_cropping_from_its_no_crop_epoch_but_still_fl
     assert not any(torch.equal(x, whole) or torch.equal(x, whole.flip(2)) for x in jittered)
 
 
-def test_pair_sampler_covers_x_each_epoch_and_depends_only_on_seed_and_epoch():
+def cli_args(root, out, *extra):
+    return ["--model", "cycle_gan", "--dataroot", str(root), "--output-dir", str(out), "--name", "run",
+            "--crop-size", "32", "--load-size", "36", "--ngf", "4", "--ndf", "4", "--netG", "resnet_6blocks",
+            "--max-steps", "2", "--workers", "0", "--device", "cpu", "--log-every", "1", *extra]
+
+
+def loader_of(argv):
+    """The options, the trainer and the training dataset a run of `argv` would start with."""
+    trainer, opts, _ = train_gan.start_run(train_gan.parse_options(argv), torch.device("cpu"))
+    data, _, _ = train_gan.make_loader(opts, trainer, du.find_domains(opts.dataroot))
+    return opts, trainer, data
+
+
+@pytest.mark.parametrize("model, extra, no_crop_from", [
+    ("cut", ["--epochs", "2"], 2), ("fastcut", ["--epochs", "2"], 2), ("fastcut", [], 150),
+    ("cycle_gan", ["--epochs", "2"], None)])
+def test_dataset_resize_and_crop_stop_in_the_decay_epochs_of_cut_and_fastcut_only(
+        dataset_root, tmp_path, model, extra, no_crop_from):
+    args, _, data = loader_of(cli_args(dataset_root, tmp_path, "--model", model, *extra))
+    assert data.no_crop_from_epoch == no_crop_from  # epochs counted from 0: the first decay epoch
+    if not extra:  # the model's own schedule fills the options left unset: FastCUT's 150 + 50
+        assert (args.epochs, args.epochs_decay) == (150, 50)
+
+
+def test_dataset_sampler_covers_x_each_epoch_and_depends_only_on_seed_and_epoch():
     s = du.PairSampler(5, 3, seed=7)
     keys = list(s)
     assert sorted(k[0] for k in keys) == [0, 1, 2, 3, 4] and all(0 <= k[1] < 3 for k in keys)
@@ -486,7 +1588,7 @@ def test_pair_sampler_covers_x_each_epoch_and_depends_only_on_seed_and_epoch():
     assert ranks[0] + ranks[1] != keys and sorted(ranks[0] + ranks[1]) == sorted(keys)
 
 
-def test_jitter_is_deterministic_per_seed_and_flips_sometimes():
+def test_dataset_jitter_is_deterministic_per_seed_and_flips_sometimes():
     img = Image.fromarray(np.arange(40 * 40 * 3, dtype=np.uint8).reshape(40, 40, 3))
     crops = [np.asarray(du.jitter(img, 36, 32, np.random.default_rng(s))) for s in range(8)]
     assert all(c.shape == (32, 32, 3) for c in crops)
@@ -494,14 +1596,141 @@ def test_jitter_is_deterministic_per_seed_and_flips_sometimes():
     assert len({c.tobytes() for c in crops}) > 1
 
 
-def test_image_tensor_round_trip():
+def test_dataset_image_tensor_round_trip():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 6, 3), dtype=np.uint8))
     t = du.to_tensor(img)
     assert t.shape == (3, 8, 6) and t.min() >= -1 and t.max() <= 1
     assert np.array_equal(np.asarray(du.to_image(t)), np.asarray(img))
 
 
-def test_save_image_grid_lays_out_rows_and_columns(tmp_path):
+@pytest.mark.parametrize("mode, array", [
+    ("I;16", np.arange(600, dtype=np.uint16).reshape(20, 30) * 100),
+    ("CMYK", None), ("RGBA", None), ("P", None), ("L", None), ("1", None)])
+def test_dataset_loads_every_image_mode_as_8bit_rgb_or_gray(tmp_path, mode, array):
+    if array is not None:
+        img = Image.fromarray(array)
+    else:
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)).convert(mode)
+    path = tmp_path / f"img.{'jpg' if mode == 'CMYK' else 'png'}"
+    img.save(path)
+    rgb, gray = du.load_image(path, 3), du.load_image(path, 1)
+    assert (rgb.mode, gray.mode, rgb.size) == ("RGB", "L", (30, 20))
+    assert np.asarray(gray).std() > 5  # not clipped to one value
+
+
+def test_dataset_small_and_huge_images_become_crops(tmp_path):
+    for split, size in (("trainA", (10, 7)), ("trainB", (5000, 3000))):
+        (tmp_path / split).mkdir()
+        Image.new("RGB", size, (200, 30, 30)).save(tmp_path / split / "img.jpg", quality=50)
+    data = du.UnpairedDataset(tmp_path / "trainA", tmp_path / "trainB", 72, 64)
+    x, y, _ = data[(0, 0, 0, 0)]
+    assert x.shape == y.shape == (3, 64, 64)
+    assert du.load_image(tmp_path / "trainB" / "img.jpg", 3, 72).size == (625, 375)  # decoded at 1/8 scale
+
+
+def test_dataset_broken_images_give_way_when_loaded_and_each_is_named_in_one_warning(tmp_path):
+    for split in ("trainA", "trainB"):
+        write_mixed_images(tmp_path / split, 3)
+    jpg = (tmp_path / "trainA" / "img0.jpg").read_bytes()
+    broken = [tmp_path / "trainA" / "text.png", tmp_path / "trainA" / "truncated.jpg"]
+    broken[0].write_text("hello")
+    broken[1].write_bytes(jpg[:len(jpg) // 2])
+    data = du.UnpairedDataset(tmp_path / "trainA", tmp_path / "trainB", 36, 32)  # lists; opens the first only
+    i = data.files[0].index(broken[0])  # text.png, then truncated.jpg, are the last two: the first takes over
+    x, _, skipped = data[(i, 0, 0, 0)]
+    assert skipped.splitlines() == [str(p) for p in broken] and torch.equal(x, data[(0, 0, 0, 0)][0])
+    loader = torch.utils.data.DataLoader(data, 1, sampler=[(i, 0, 0, 0), (i + 1, 1, 1, 0), (i, 2, 2, 0)])
+    with pytest.warns(UserWarning) as record:
+        waits = [waited for _, _, waited in du.batches(loader, set())]
+    assert sorted(str(w.message) for w in record) == [f"skipping unreadable image {p}: another image of its domain "
+                                                      f"takes its place" for p in broken]  # once each
+    assert len(waits) == 3 and all(w > 0 for w in waits)
+
+
+def exif_rotated_jpeg(path: Path, size=(40, 24)) -> Image.Image:
+    """A JPEG stored sideways with EXIF orientation 6 (turn it 90 degrees clockwise to view it): stored red on
+    the left, blue on the right, it shows red on top. Returns the upright picture."""
+    stored = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    stored[:, :size[0] // 2, 0] = stored[:, size[0] // 2:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    upright = np.zeros((size[0], size[1], 3), dtype=np.uint8)
+    upright[:size[0] // 2, :, 0] = upright[size[0] // 2:, :, 2] = 255
+    return Image.fromarray(upright)
+
+
+def test_dataset_applies_exif_orientation_on_every_read(dataset_root, tmp_path):
+    photos = tmp_path / "phone"
+    photos.mkdir()
+    upright = exif_rotated_jpeg(photos / "IMG_0001.jpg")
+    loaded = du.load_image(photos / "IMG_0001.jpg")
+    assert loaded.size == (24, 40) == upright.size
+    assert np.abs(np.asarray(loaded, dtype=int) - np.asarray(upright, dtype=int)).mean() < 8  # JPEG rounding
+    assert du.load_fixed_images(photos, 1, 16).shape == (1, 3, 16, 16)
+    out = tmp_path / "out"
+    assert cli(one_epoch(dataset_root, out)) == 0
+    assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(photos),
+                          "--output", str(tmp_path / "res"), "--device", "cpu"]) == 0
+    assert Image.open(tmp_path / "res" / "IMG_0001.png").size == (24, 40)  # upright, at its upright size
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="the shared apple2orange dataset is absent")
+def test_dataset_real_apple2orange_loads():
+    data = du.UnpairedDataset(SHARED / "trainA", SHARED / "trainB", 286, 256)
+    assert len(data) == 1019
+    x, y, _ = data[next(iter(du.PairSampler(995, 1019)))]
+    assert x.shape == y.shape == (3, 256, 256)
+
+
+def test_dataset_download_fails_offline_with_a_clear_message(tmp_path, monkeypatch):
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(du.urllib.request, "urlopen", offline)
+    with pytest.raises(du.UsageError, match="could not download .*apple2orange.zip.*offline"):
+        du.download("apple2orange", tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no partial file left
+    with pytest.raises(du.UsageError, match="unknown dataset"):
+        du.download("pears2plums", tmp_path)
+
+
+# ============================================================================= the run folder
+
+
+def run_cli(argv, capsys, command=cli):
+    """(exit code, stderr lines) of an in-process call of a command (train_gan.py's main, or translate.py's)."""
+    capsys.readouterr()  # drop what earlier calls printed
+    code = command([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def assert_error(code, err, pattern, exit_code=2):
+    """The command ended with `exit_code` (2: a bad input, nothing done; 1: a started run had to stop) and one
+    `error:` line, its last, matching `pattern`, and no traceback (a usage error prints nothing else; a run's
+    progress bar may stand before its error)."""
+    assert code == exit_code and "Traceback" not in "".join(err), err
+    assert [line for line in err if line.startswith("error:")] == err[-1:] and re.search(pattern, err[-1]), err
+    assert exit_code != 2 or len(err) == 1, err
+
+
+def assert_no_temporaries(folder: Path):
+    assert not [p for p in folder.rglob("*") if p.name.endswith((".tmp", ".part"))]
+
+
+class StopAfter:
+    """A stop flag that is raised after n steps."""
+
+    def __init__(self, n):
+        self.n = n
+
+    @property
+    def requested(self):
+        self.n -= 1
+        return self.n <= 0
+
+
+def test_run_folder_grid_lays_out_rows_and_columns(tmp_path):
     rows = [[torch.zeros(3, 8, 8), torch.ones(1, 8, 8)]] * 3
     du.save_grid(rows, tmp_path / "g.png", pad=2)
     grid = Image.open(tmp_path / "g.png")
@@ -509,7 +1738,7 @@ def test_save_image_grid_lays_out_rows_and_columns(tmp_path):
     assert grid.getpixel((2 + 10 + 1, 3)) == (255, 255, 255)  # the one-channel column, shown as gray
 
 
-def test_plot_draws_a_panel_for_each_entry_that_has_points(tmp_path):
+def test_run_folder_plot_draws_a_panel_for_each_entry_that_has_points(tmp_path):
     for step in range(1, 4):
         du.append_row(tmp_path / "l.csv", {"step": step, "epoch": 1, "G": 1.0 / step, "D": 0.5})
     table = du.read_table(tmp_path / "l.csv")
@@ -520,7 +1749,7 @@ def test_plot_draws_a_panel_for_each_entry_that_has_points(tmp_path):
     assert not (tmp_path / "no.png").exists()
 
 
-def test_append_row_follows_the_column_order_of_an_existing_file(tmp_path):
+def test_run_folder_log_rows_follow_the_column_order_of_an_existing_file(tmp_path):
     du.append_row(tmp_path / "l.csv", {"step": 1, "epoch": 1, "D": 0.5, "G": 1.0})
     du.append_row(tmp_path / "l.csv", {"step": 123456, "epoch": 1, "G": 2.0, "D": 0.25})  # another order
     with open(tmp_path / "l.csv", newline="") as f:
@@ -528,7 +1757,7 @@ def test_append_row_follows_the_column_order_of_an_existing_file(tmp_path):
                                        ["123456", "1", "0.25", "2"]]
 
 
-def test_a_log_edited_by_hand_is_read_for_what_parses_and_appended_to_as_it_stands(tmp_path):
+def test_run_folder_log_edited_by_hand_is_read_for_what_parses_and_appended_to_as_it_stands(tmp_path):
     path = tmp_path / "losses.csv"
     path.write_text("step,epoch,D\n1,1,0.5\nmy note, see above\n2,1,oops\n3,1,0.25,extra\n")
     with pytest.warns(UserWarning, match="holds cells that are not numbers"):
@@ -542,349 +1771,42 @@ def test_a_log_edited_by_hand_is_read_for_what_parses_and_appended_to_as_it_stan
     assert Image.open(tmp_path / "losses.png").size[0] > 100
 
 
-def test_download_fails_offline_with_a_clear_message(tmp_path, monkeypatch):
-    import urllib.error
+def test_run_folder_checkpoint_is_written_atomically_and_a_copy_kept(tmp_path, monkeypatch):
+    folder, path = du.RunFolder(tmp_path, "then try again"), tmp_path / "latest.pt"
+    folder.save_checkpoint({"epoch": 1}, keep=True)
+    assert torch.load(tmp_path / "epoch_001.pt", weights_only=True) == {"epoch": 1}
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("Name or service not known")
-    monkeypatch.setattr(du.urllib.request, "urlopen", offline)
-    with pytest.raises(du.UsageError, match="could not download .*apple2orange.zip.*offline"):
-        du.download("apple2orange", tmp_path)
-    assert list(tmp_path.iterdir()) == []  # no partial file left
-    with pytest.raises(du.UsageError, match="unknown dataset"):
-        du.download("pears2plums", tmp_path)
-
-
-@pytest.mark.skipif(not SHARED.is_dir(), reason="the shared apple2orange dataset is absent")
-def test_real_apple2orange_loads():
-    data = du.UnpairedDataset(SHARED / "trainA", SHARED / "trainB", 286, 256)
-    assert len(data) == 1019
-    x, y, _ = data[next(iter(du.PairSampler(995, 1019)))]
-    assert x.shape == y.shape == (3, 256, 256)
+    def crash(obj, f):
+        Path(f).write_bytes(b"half a checkp")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(du.RunError, match=f"could not write {re.escape(str(path))} .*then try again"):
+        folder.save_checkpoint({"epoch": 2}, keep=True)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_001.pt", "latest.pt"]
 
 
-# ----------------------------------------------------------------------------- CycleGAN
-
-TINY = dict(netG="resnet_6blocks", ngf=4, ndf=4)
-
-
-def snapshot(nets):
-    return {name: [p.detach().clone() for p in net.parameters()] for name, net in nets.items()}
-
-
-def update(trainer, loss, group):
-    """One plain optimiser step of `group` on `loss` (the official steps, written out in tests)."""
-    trainer.backward(loss, group)
-    trainer.step(group)
-
-
-def test_a_step_returns_losses_out_of_the_graph_and_a_log_window_is_read_in_one_copy(monkeypatch):
-    torch.manual_seed(0)
-    losses = Trainer(CycleGAN(CycleGANConfig(**TINY))).train_step(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))
-    assert all(v.dim() == 0 and not v.requires_grad for v in losses.values())
-    stacks, stack = [], torch.stack
-    monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(1) or stack(*a, **k))
-    with train_gan.EpochMeter(2, 0, "", False, None, "") as meter:
-        meter.add({"a": torch.tensor(1.0), "b": torch.tensor(0.5, dtype=torch.bfloat16)}, 0.0)
-        meter.add({"a": torch.tensor(2.0), "b": torch.tensor(0.0, dtype=torch.bfloat16)}, 0.0)
-        assert meter.read(2) == {"a": 1.5, "b": 0.25}
-    assert len(stacks) == 1  # every loss came over in one copy
-
-
-def test_adam_is_fused_where_torch_has_the_kernel_and_plain_where_not(monkeypatch):
-    params = [nn.Parameter(torch.zeros(3))]
-    has_cpu_kernel = tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 4)
-    assert bool(adam(params, CycleGANConfig()).defaults["fused"]) == has_cpu_kernel
-    adam_cls = torch.optim.Adam
-
-    def old_torch(params, fused=None, **kw):  # torch < 2.4 on a CPU
-        if fused:
-            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
-        return adam_cls(params, **kw)
-    monkeypatch.setattr(torch.optim, "Adam", old_torch)
-    opt = adam(params, CycleGANConfig(lr=1e-3, beta1=0.3))
-    assert not opt.defaults["fused"] and opt.defaults["lr"] == 1e-3 and opt.defaults["betas"] == (0.3, 0.999)
-
-
-def test_resume_uses_this_machines_adam_kernel_and_continues_exactly(tmp_path):
-    torch.manual_seed(0)
-    model = Trainer(CycleGAN(CycleGANConfig(**TINY)))
-    x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
-    model.train_step(x, y)
-    du.RunFolder(tmp_path).save_checkpoint(model.state())
-    state = du.load_torch(tmp_path / "latest.pt")
-    for opt in state["optimizers"].values():  # as saved by the multi-tensor Adam of an older version
-        for group in opt["param_groups"]:
-            group.update(fused=None, foreach=True)
-    resumed, _ = Trainer.load(state)
-    assert all(g["fused"] == opt.defaults["fused"] and g["foreach"] == opt.defaults["foreach"]
-               for opt in resumed.optimizers.values() for g in opt.param_groups)
-    torch.manual_seed(1)
-    model.train_step(x, y)
-    torch.manual_seed(1)
-    resumed.train_step(x, y)
-    for name, net in model.nets.items():
-        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(net.parameters(), resumed.nets[name].parameters()))
-
-
-def test_cycle_gan_step_changes_every_network_and_gives_finite_losses():
-    torch.manual_seed(0)
-    model = Trainer(CycleGAN(CycleGANConfig(**TINY)))
-    before = snapshot(model.nets)
-    losses = model.train_step(torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 64, 64) * 2 - 1)
-    assert set(losses) == {"G_gan", "F_gan", "cycle_X", "cycle_Y", "idt_X", "idt_Y", "D_X", "D_Y"}
-    assert all(math.isfinite(v) for v in losses.values())
-    for name, net in model.nets.items():
-        assert all(not torch.equal(a, b) for a, b in zip(before[name], net.parameters())), name
-        assert all(p.grad is None for p in net.parameters()), f"{name} keeps its gradients between steps"
-    assert model.global_step == 1
-
-
-def test_cycle_gan_step_gives_the_weights_of_one_backward_through_the_whole_objective():
-    """The step back-propagates the x part and the y part of Eq. 3 separately; the official step
-    builds the whole objective and back-propagates it once. Both must end with the same weights."""
-    torch.manual_seed(0)
-    split = Trainer(CycleGAN(CycleGANConfig(**TINY)))
-    whole = copy.deepcopy(split)
-    x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
-    losses = split.train_step(x, y)
-
-    m, gan, l1 = whole.model, whole.model.gan_loss, nn.functional.l1_loss  # the official step, written out
-    fake_y, fake_x = m.G(x), m.F(y)
-    m.D_X.requires_grad_(False), m.D_Y.requires_grad_(False)
-    terms = {"G_gan": gan(m.D_Y(fake_y), True), "F_gan": gan(m.D_X(fake_x), True),
-             "cycle_X": 10 * l1(m.F(fake_y), x), "cycle_Y": 10 * l1(m.G(fake_x), y),
-             "idt_Y": 5 * l1(m.G(y), y), "idt_X": 5 * l1(m.F(x), x)}
-    update(whole, sum(terms.values()), "G")
-    m.D_X.requires_grad_(True), m.D_Y.requires_grad_(True)
-    terms["D_Y"] = 0.5 * (gan(m.D_Y(y), True) + gan(m.D_Y(fake_y.detach()), False))
-    terms["D_X"] = 0.5 * (gan(m.D_X(x), True) + gan(m.D_X(fake_x.detach()), False))
-    update(whole, terms["D_Y"] + terms["D_X"], "D")
-    assert dict(losses) == pytest.approx({k: v.item() for k, v in terms.items()}, rel=1e-5)
-    for name, net in split.nets.items():
-        for (pname, a), b in zip(net.named_parameters(), whole.nets[name].parameters()):
-            assert torch.allclose(a, b, atol=1e-6), f"{name}.{pname}"
-
-
-def saved_bytes_of(step) -> tuple[int, int]:
-    """(peak, total) bytes of the tensors that autograd saved for backward while `step()` ran."""
-    live, peak, total = [0], [0], [0]
-
-    class Saved:
-        def __init__(self, t):
-            self.t, self.n = t, t.numel() * t.element_size()
-            live[0] += self.n
-            total[0] += self.n
-            peak[0] = max(peak[0], live[0])
-
-        def __del__(self):
-            live[0] -= self.n
-
-    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.t):
-        step()
-    assert live[0] == 0
-    return peak[0], total[0]
-
-
-def test_cycle_gan_step_holds_the_graph_of_one_domain_part_at_a_time():
-    torch.manual_seed(0)
-    model = Trainer(CycleGAN(CycleGANConfig(**TINY)))
-    peak, total = saved_bytes_of(lambda: model.train_step(torch.rand(1, 3, 64, 64) * 2 - 1,
-                                                          torch.rand(1, 3, 64, 64) * 2 - 1))
-    assert 0.3 * total < peak < 0.6 * total
-
-
-def test_no_name_in_the_cycle_gan_step_stands_for_another_network_than_its_paper_symbol():
-    """generator_half runs for x (G, F, D_Y) and for y (F, G, D_X): it names its networks by role."""
-    import inspect
-    params = set(inspect.signature(CycleGAN.generator_half).parameters)
-    assert not params & {"G", "F", "D", "D_X", "D_Y"} and {"forward", "back", "judge"} <= params
-
-
-def test_cycle_gan_has_no_identity_loss_when_its_weight_is_zero():
-    model = Trainer(CycleGAN(CycleGANConfig(**TINY, lambda_identity=0)))
-    assert "idt_X" not in model.train_step(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))
-
-
-def test_cycle_gan_translates_grayscale_to_color():
-    with pytest.raises(ValueError, match="--lambda-identity 0"):
-        CycleGAN(CycleGANConfig(**TINY, channels_x=1, channels_y=3))
-    model = Trainer(CycleGAN(CycleGANConfig(**TINY, channels_x=1, channels_y=3, lambda_identity=0)))
-    model.train_step(torch.zeros(2, 1, 32, 32), torch.zeros(2, 3, 32, 32))
-    assert model.model.G(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)
-    assert model.model.F(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
-
-
-def test_image_pool_fills_then_swaps_half_the_time():
-    torch.manual_seed(0)
-    pool = ImagePool(3)
-    first = torch.arange(3.0).view(3, 1, 1, 1)
-    assert torch.equal(pool.query(first), first)  # filling: returned as given
-    queries = [torch.full((1, 1, 1, 1), 10.0 + i) for i in range(200)]
-    swapped = sum(not torch.equal(pool.query(q), q) for q in queries)
-    assert 70 < swapped < 130  # about half the queries return an older image
-    assert len(pool.images) == 3
-    assert torch.equal(ImagePool(0).query(first), first)
-
-
-@pytest.mark.parametrize("epoch, expected", [(0, 1.0), (99, 1.0), (100, 1 - 1 / 101), (150, 1 - 51 / 101),
-                                             (199, 1 / 101)])
-def test_lr_schedule_is_constant_then_linear(epoch, expected):
-    assert lr_factor(epoch, 100, 100) == pytest.approx(expected)
-
-
-def test_end_epoch_sets_the_scheduled_lr():
-    model = Trainer(CycleGAN(CycleGANConfig(**TINY, epochs=1, epochs_decay=3)))
-    model.end_epoch()
-    assert model.optimizers["G"].param_groups[0]["lr"] == pytest.approx(2e-4 * (1 - 1 / 4))
-
-
-# ----------------------------------------------------------------------------- the CLI
-
-def cli_args(root, out, *extra):
-    return ["--model", "cycle_gan", "--dataroot", str(root), "--output-dir", str(out), "--name", "run",
-            "--crop-size", "32", "--load-size", "36", "--ngf", "4", "--ndf", "4", "--netG", "resnet_6blocks",
-            "--max-steps", "2", "--workers", "0", "--device", "cpu", "--log-every", "1", *extra]
-
-
-# grid (columns, rows) per model: CycleGAN x | G(x) | F(G(x)) and y | F(y) | G(F(y)); CUT x | G(x) | y | G(y)
-GRID = {"cycle_gan": (3, 4), "cut": (4, 2), "fastcut": (2, 2)}
-
-
-@pytest.mark.parametrize("model", list(GRID))
-def test_cli_run_writes_grid_csv_plot_and_checkpoint_then_resumes(dataset_root, tmp_path, capsys, model):
-    out = tmp_path / "out"
-    assert cli(cli_args(dataset_root, out, "--model", model, "--epochs", "1", "--epochs-decay", "0")) == 0
-    run = out / "run"
-    assert {p.name for p in run.iterdir()} >= {"epoch_001.png", "losses.csv", "losses.png", "latest.pt"}
-    cols, rows = GRID[model]
-    assert Image.open(run / "epoch_001.png").size == (cols * 34 + 2, rows * 34 + 2)
-    if model == "cycle_gan":
-        assert not list(run.glob("nce_epoch_*"))
-    else:  # 2 test images a row: x, G(x), then a map for each of the 3 query points
-        assert Image.open(run / "nce_epoch_001.png").size == (5 * 34 + 2, 2 * 34 + 2)
-    assert len((run / "losses.csv").read_text().splitlines()) == 3  # header + one row per step
-    state = torch.load(run / "latest.pt", weights_only=True)
-    assert (state["model"], state["epoch"], state["step"], state["epoch_step"]) == (model, 1, 2, 0)
-    # D's map: a row per fixed test image (testA holds 2), a real image and a translation for each D
-    assert Image.open(run / "d_epoch_001.png").size == ((4 if model == "cycle_gan" else 2) * 34 + 2, 2 * 34 + 2)
-    # the balance: each D's mean verdict (LSGAN: its output) on the fixed images and on their translations
-    net = Trainer.load(state)[0].model
-    x, y = (du.load_fixed_images(dataset_root / split, 4, 32) for split in ("testA", "testB"))
-    with torch.no_grad():
-        judges = {"D_Y": (net.D_Y, y, net.G(x)), "D_X": (net.D_X, x, net.F(y))} if model == "cycle_gan" else \
-            {"D": (net.D, y, net.G(x))}
-        expected = {f"{name}_{side}": D(image).mean().item() for name, (D, real, fake) in judges.items()
-                    for side, image in (("real", real), ("fake", fake))}
-    row = next(csv.DictReader((run / "epochs.csv").open()))
-    assert {k: float(row[k]) for k in expected} == pytest.approx(expected, rel=1e-4, abs=1e-6)
-
-    assert cli(cli_args(dataset_root, out, "--model", model, "--epochs", "1", "--epochs-decay", "1", "--resume")) == 0
-    assert "resuming" in capsys.readouterr().out
-    assert (run / "epoch_002.png").exists()
-    assert (run / "nce_epoch_002.png").exists() == (model != "cycle_gan")  # the map also comes from a resumed run
-    assert torch.load(run / "latest.pt", weights_only=True)["step"] == 4
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("device", DEVICES)
-def test_compiled_run_trains_as_eager_does_and_saves_weights_plain_networks_load(dataset_root, tmp_path, device):
-    if device == "cpu" and not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")):
-        pytest.skip("torch.compile on a CPU needs a C++ compiler")
-    rows = {}
-    for mode in ("eager", "compiled"):
-        out = tmp_path / mode
-        try:
-            assert cli(cli_args(dataset_root, out, "--model", "fastcut", "--epochs", "1", "--epochs-decay", "0",
-                                "--device", device, *(["--compile"] if mode == "compiled" else []))) == 0
-        finally:
-            torch._dynamo.reset()
-        rows[mode] = [{k: float(v) for k, v in r.items()} for r in csv.DictReader((out / "run" / "losses.csv").open())]
-    state = torch.load(tmp_path / "compiled" / "run" / "latest.pt", weights_only=True)
-    assert state["step"] == 2 and not any("_orig_mod" in k for net in state["nets"].values() for k in net)
-    Trainer.load(state)  # uncompiled networks take the weights
-    # The same seed, the same first step: the compiled kernels compute it as eager does, to rounding.
-    assert rows["compiled"][0] == pytest.approx(rows["eager"][0], rel=1e-3)
-    assert len(rows["compiled"]) == 2 and all(math.isfinite(v) for v in rows["compiled"][1].values())
-
-
-def test_grayscale_runs_end_to_end(dataset_root, tmp_path):
-    out = tmp_path / "out"
-    assert cli(cli_args(dataset_root, out, "--model", "fastcut", "--input-nc", "1", "--output-nc", "1",
-                        "--epochs", "1", "--epochs-decay", "0")) == 0
-    config = torch.load(out / "run" / "latest.pt", weights_only=True)["config"]
-    assert (config["channels_x"], config["channels_y"]) == (1, 1)
-    assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
-                          "--output", str(tmp_path / "gray"), "--device", "cpu"]) == 0
-    assert {Image.open(p).mode for p in (tmp_path / "gray").iterdir()} == {"L"}
-
-
-def test_cli_translate_keeps_each_image_size_and_name(dataset_root, tmp_path):
-    out = tmp_path / "out"
-    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
-    inputs = write_mixed_images(tmp_path / "in", 4)
-    for direction in ("AtoB", "BtoA"):
-        target = tmp_path / direction
-        assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(tmp_path / "in"),
-                              "--output", str(target), "--direction", direction, "--device", "cpu"]) == 0
-        for p in inputs:
-            result = Image.open(target / f"{p.stem}.png")
-            assert result.size == Image.open(p).size and result.mode == "RGB"
-
-
-@pytest.mark.parametrize("trained", ["AtoB", "BtoA"])
-def test_translate_direction_names_the_dataset_folders_as_training_does(dataset_root, tmp_path, monkeypatch, trained):
-    """--direction speaks of the dataset's A and B in both commands: a run trained BtoA has G: B -> A, so
-    translating AtoB is its F."""
-    out = tmp_path / "out"
-    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0", "--direction", trained)) == 0
-    import translate
-    used, load = [], translate.Translator.of
-
-    def spy(path, device, direction):
-        t = load(path, device, direction)
-        used.append(next(name for name, net in t_nets(path).items() if net_equal(net, t.net)))
-        return t
-    t_nets = lambda path: Trainer.load(du.load_torch(path))[0].nets  # noqa: E731
-    net_equal = lambda a, b: all(torch.equal(p, q) for p, q in zip(a.state_dict().values(),  # noqa: E731
-                                                                    b.state_dict().values()))
-    monkeypatch.setattr(translate.Translator, "of", staticmethod(spy))
-    for direction in ("AtoB", "BtoA"):
-        assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
-                              "--output", str(tmp_path / direction), "--direction", direction]) == 0
-    assert used == (["G", "F"] if trained == "AtoB" else ["F", "G"])
-
-
-def test_cli_grid_puts_each_checkpoint_in_a_column_and_names_problems(dataset_root, tmp_path, capsys):
-    ckpts = []
-    for model in ("cycle_gan", "fastcut"):
-        out = tmp_path / model
-        assert cli(cli_args(dataset_root, out, "--model", model, "--epochs", "1", "--epochs-decay", "0")) == 0
-        ckpts.append(str(out / "run" / "latest.pt"))
-    grid = tmp_path / "grids" / "a2o.jpg"
-    assert translate_cli(["--checkpoint", *ckpts, "--input", str(dataset_root / "testA"), "--grid", str(grid),
-                          "--count", "3", "--size", "30", "--device", "cpu"]) == 0
-    # input | CycleGAN | FastCUT; testA holds 2 images, so 2 rows whatever --count asks; pad 2
-    assert Image.open(grid).size == (3 * 32 + 2, 2 * 32 + 2)
-    for argv, pattern in [
-        (["--direction", "BtoA"], r"fastcut model, which translates its own way only \(AtoB\)"),
-        (["--grid", str(tmp_path / "grid.gif")], r"must end in \.png or \.jpg"),
-        (["--count", "0"], "must be >= 1"),
-        (["--output", str(tmp_path / "res")], "--grid writes one picture and --output a folder of them: pass one"),
-    ]:
-        code, err = run_cli(["--checkpoint", *ckpts, "--input", str(dataset_root / "testA"),
-                             "--grid", str(tmp_path / "g.png"), "--device", "cpu", *argv], capsys, translate_cli)
-        assert_one_line_error(code, err, pattern)
-    code, err = run_cli(["--checkpoint", *ckpts, "--input", str(dataset_root / "testA"), "--output",
-                         str(tmp_path / "res")], capsys, translate_cli)
-    assert_one_line_error(code, err, "takes one model and an --output folder; to compare models, pass --grid")
-    assert not (tmp_path / "g.png").exists() and not (tmp_path / "res").exists()
+def test_run_folder_verdict_picture_lays_each_verdict_over_its_image_and_the_balance_is_its_mean(tmp_path):
+    """D says real (1) of the left half of the patches of the real image and fake (0) of the rest, and fake of
+    the whole translation: bright on the left of the first cell, dark on its right and over the second."""
+    image = torch.zeros(2, 3, 32, 32)  # mid-gray
+    on_real = torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(2, 1, 4, 1)  # (2, 1, 4, 4): left columns real
+    folder = du.RunFolder(tmp_path)
+    said = folder.end_epoch(1, {"D": 0.25}, [[image[0]]], verdicts={"D": (image, image, on_real, on_real * 0)})
+    assert "D 0.250, D_real 0.500, D_fake 0.000" in said
+    picture = np.asarray(Image.open(folder.picture("d_epoch", 1)).convert("L"), dtype=float)
+    assert picture.shape == (2 * 34 + 2, 2 * 34 + 2)  # a row per image, the real one and the translation
+    first, second = picture[2:34, 2:34], picture[2:34, 36:68]
+    assert first[:, :8].min() > 150 and first[:, -8:].max() < 60 and second.max() < 60
+    assert np.array_equal(np.asarray(Image.open(folder.picture("d_epoch", 1)).convert("RGB"))[2:34, 2:34],
+                          np.asarray(du.heat_over(image[0], on_real[0, 0])))  # the upsampled map, over the image
+    row = next(csv.DictReader((tmp_path / "epochs.csv").open()))
+    assert (float(row["D_real"]), float(row["D_fake"])) == (0.5, 0.0) and (tmp_path / "balance.png").exists()
 
 
 def parse_page(path: Path) -> dict:
     """What a person sees on a run's index.html: the images it shows (their src), the epoch sections in
     page order, the option rows, whether it reloads itself, and its text."""
-    from html.parser import HTMLParser
 
     class Page(HTMLParser):
         def __init__(self):
@@ -917,7 +1839,7 @@ def parse_page(path: Path) -> dict:
 
 
 @pytest.mark.parametrize("model", ["cut", "cycle_gan"])
-def test_a_run_leaves_a_page_of_every_epoch_newest_first_that_reloads_only_while_it_runs(
+def test_run_folder_page_shows_every_epoch_newest_first_and_reloads_only_while_the_run_goes(
         dataset_root, tmp_path, monkeypatch, model):
     out, pages = tmp_path / "out", []
     end_epoch = du.RunFolder.end_epoch
@@ -958,10 +1880,14 @@ def test_a_run_leaves_a_page_of_every_epoch_newest_first_that_reloads_only_while
 
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(name)), None)
+
+
 # As this machine runs Chromium headless: no sandbox as root, and none of the background connections that
 # a closed network refuses.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
 PROBE = """<iframe id="page" src="run/index.html" width="1100" height="900"></iframe><pre id="seen"></pre><script>
 page.onload = () => {
   const images = [...page.contentDocument.images];
@@ -973,12 +1899,9 @@ page.onload = () => {
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian: apt-get install chromium)")
-def test_the_page_shows_every_image_in_a_real_browser(dataset_root, tmp_path):
+def test_run_folder_page_shows_every_image_in_a_real_browser(dataset_root, tmp_path):
     """The page of a tiny CUT run, served as the README says (python -m http.server), opened in headless
     Chromium: every image it names loads (natural width > 0); and a screenshot of it, to look at."""
-    import functools
-    import http.server
-    import threading
     out = tmp_path / "site"
     assert cli(cli_args(dataset_root, out, "--model", "cut", "--epochs", "1", "--epochs-decay", "1")) == 0
     (out / "probe.html").write_text(PROBE)
@@ -1004,7 +1927,7 @@ def test_the_page_shows_every_image_in_a_real_browser(dataset_root, tmp_path):
     assert picture.shape == (1400, 1100) and picture.std() > 10  # a page drawn, not a blank one
 
 
-def test_a_stopped_runs_page_stops_reloading_and_says_how_to_go_on(dataset_root, tmp_path):
+def test_run_folder_page_of_a_stopped_run_stops_reloading_and_says_how_to_go_on(dataset_root, tmp_path):
     argv = cli_args(dataset_root, tmp_path / "out", "--epochs", "2", "--epochs-decay", "0")
     train_gan.train(train_gan.parse_options(argv), stop=StopAfter(3))
     page = parse_page(tmp_path / "out" / "run" / "index.html")
@@ -1012,7 +1935,7 @@ def test_a_stopped_runs_page_stops_reloading_and_says_how_to_go_on(dataset_root,
     assert "stopped with 1 of 2 epochs done; continue with: python train_gan.py --resume --name run" in page["text"]
 
 
-def test_a_hand_edited_losses_csv_never_stops_a_resumed_run_or_its_page(dataset_root, tmp_path, capsys):
+def test_run_folder_hand_edited_losses_csv_never_stops_a_resumed_run_or_its_page(dataset_root, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
     losses = out / "run" / "losses.csv"
@@ -1027,139 +1950,110 @@ def test_a_hand_edited_losses_csv_never_stops_a_resumed_run_or_its_page(dataset_
     assert parse_page(out / "run" / "index.html")["epochs"] == [2, 1] and (out / "run" / "losses.png").exists()
 
 
-# ----------------------------------------------------------------------------- CUT / FastCUT
-
-from cut_model import CUT, CUTConfig  # noqa: E402
-
-TINY_CUT = dict(netG="resnet_6blocks", ngf=4, ndf=4, netF_nc=8, num_patches=32)
-
-
-def pair(size=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(1, 3, size, size, generator=g) * 2 - 1, torch.rand(1, 3, size, size, generator=g) * 2 - 1
+def test_run_folder_map_options_turn_their_maps_off(dataset_root, tmp_path):
+    assert cli(cli_args(dataset_root, tmp_path, "--model", "fastcut", "--epochs", "1", "--epochs-decay", "0",
+                        "--no-nce-map", "--no-d-map")) == 0
+    run = tmp_path / "run"
+    assert (run / "epoch_001.png").exists() and not list(run.glob("nce_epoch_*")) + list(run.glob("d_epoch_*"))
+    assert not (run / "balance.png").exists() and "D_real" not in (run / "epochs.csv").read_text()
 
 
-@pytest.mark.parametrize("mode, expected", [("cut", {"D", "G_gan", "NCE_X", "NCE_Y"}),
-                                            ("fastcut", {"D", "G_gan", "NCE_X"})])
-def test_cut_step_changes_G_D_H_and_gives_finite_losses(mode, expected):
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import data_utility
+lock = data_utility.RunFolder(Path(sys.argv[2])).hold(new=True)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_run_folder_lock_keeps_one_run_per_folder_and_a_killed_holder_never_blocks(dataset_root, tmp_path, capsys):
+    run = tmp_path / "out" / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(Path(__file__).parent), str(run)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for extra in ((), ("--resume",)):  # a second run, or a resume, into the held folder
+            code, err = run_cli(one_epoch(dataset_root, tmp_path / "out", *extra), capsys)
+            assert_error(code, err, rf"in use by another run \(process {holder.pid}\)")
+        holder.kill()  # kill -9: no chance to clean up
+        holder.wait()
+        assert cli(one_epoch(dataset_root, tmp_path / "out")) == 0  # the dead holder's lock is gone with it
+        assert (run / "latest.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ============================================================================= the Trainer
+
+
+def test_trainer_step_returns_losses_out_of_the_graph_and_a_log_window_is_read_in_one_copy(monkeypatch):
     torch.manual_seed(0)
-    model = Trainer(CUT(CUTConfig(mode=mode, **TINY_CUT)))
-    before = snapshot(model.nets)
-    losses = model.train_step(*pair())
-    assert set(losses) == expected and all(math.isfinite(v) for v in losses.values())
-    for name, net in model.nets.items():
-        assert all(not torch.equal(a, b) for a, b in zip(before[name], net.parameters())), name
+    losses = Trainer(CycleGAN(CycleGANConfig(**TINY))).train_step(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))
+    assert all(v.dim() == 0 and not v.requires_grad for v in losses.values())
+    stacks, stack = [], torch.stack
+    monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(1) or stack(*a, **k))
+    with train_gan.EpochMeter(2, 0, "", False, None, "") as meter:
+        meter.add({"a": torch.tensor(1.0), "b": torch.tensor(0.5, dtype=torch.bfloat16)}, 0.0)
+        meter.add({"a": torch.tensor(2.0), "b": torch.tensor(0.0, dtype=torch.bfloat16)}, 0.0)
+        assert meter.read(2) == {"a": 1.5, "b": 0.25}
+    assert len(stacks) == 1  # every loss came over in one copy
 
 
-def test_cut_and_fastcut_presets_are_the_official_ones():
-    cut, fast = CUTConfig(mode="cut"), CUTConfig(mode="fastcut")
-    assert (cut.lambda_nce, cut.nce_idt, cut.flip_equivariance, cut.epochs, cut.epochs_decay) == \
-        (1.0, True, False, 200, 200)
-    assert (fast.lambda_nce, fast.nce_idt, fast.flip_equivariance, fast.epochs, fast.epochs_decay) == \
-        (10.0, False, True, 150, 50)
-    assert CUTConfig(mode="fastcut", lambda_nce=3.0).lambda_nce == 3.0  # explicit values win
-    assert (cut.num_patches, cut.nce_temperature, cut.antialias) == (256, 0.07, True)
+def test_trainer_adam_is_fused_where_torch_has_the_kernel_and_plain_where_not(monkeypatch):
+    params = [nn.Parameter(torch.zeros(3))]
+    has_cpu_kernel = tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 4)
+    assert bool(adam(params, CycleGANConfig()).defaults["fused"]) == has_cpu_kernel
+    adam_cls = torch.optim.Adam
+
+    def old_torch(params, fused=None, **kw):  # torch < 2.4 on a CPU
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return adam_cls(params, **kw)
+    monkeypatch.setattr(torch.optim, "Adam", old_torch)
+    opt = adam(params, CycleGANConfig(lr=1e-3, beta1=0.3))
+    assert not opt.defaults["fused"] and opt.defaults["lr"] == 1e-3 and opt.defaults["betas"] == (0.3, 0.999)
 
 
-def test_fresh_cut_nce_is_near_log_num_patches():
+def test_trainer_load_uses_this_machines_adam_kernel_and_continues_exactly(tmp_path):
     torch.manual_seed(0)
-    model = CUT(CUTConfig(netG="resnet_6blocks", ndf=8))  # official widths: ngf 64, H 256 wide
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
-    fake, keys = model.G(x, model.config.nce_layers)
-    k, ids = model.H(keys, 256)
-    q, _ = model.H(model.G(fake, DEFAULT_TAPS, encode_only=True), 256, ids)
-    # At res1 and res5 (16x16 = 256 places) a fresh H gives near-random unit vectors, so the loss is
-    # about log(256); the shallow taps are higher because a fresh G's output is almost constant.
-    deep = [model.nce_loss(a, b).item() for a, b in zip(q[3:], k[3:])]
-    assert deep == pytest.approx([math.log(256)] * 2, abs=0.5)
-
-
-def test_cut_queries_and_keys_are_sampled_at_the_same_places(monkeypatch):
-    model = CUT(CUTConfig(**TINY_CUT))
-    calls = []
-    forward = model.H.forward
-
-    def record(feats, num_patches=256, patch_ids=None):
-        out, ids = forward(feats, num_patches, patch_ids)
-        calls.append((patch_ids, ids))
-        return out, ids
-    monkeypatch.setattr(model.H, "forward", record)
-    Trainer(model).train_step(*pair())
-    assert len(calls) == 4  # keys then queries, for the X term and the Y term
-    for (given_k, drawn), (given_q, used) in (calls[0:2], calls[2:4]):
-        assert given_k is None and given_q is drawn
-        assert all(torch.equal(a, b) for a, b in zip(drawn, used))
-
-
-def test_fastcut_flip_mirrors_the_input_not_the_target(monkeypatch):
-    model = CUT(CUTConfig(mode="fastcut", **TINY_CUT))
-    monkeypatch.setattr(model, "flip_this_step", lambda: True)
-    seen = {"G": [], "D": []}
-    model.G.model[0].register_forward_pre_hook(lambda m, inp: seen["G"].append(inp[0].detach().clone()))
-    model.D.model[0].register_forward_pre_hook(lambda m, inp: seen["D"].append(inp[0].detach().clone()))
-    x, y = pair()
-    Trainer(model).train_step(x, y)
-    assert torch.equal(seen["G"][0], x.flip(3))  # G translates the mirrored x
-    assert torch.equal(seen["G"][1], x)  # the keys come from x as it is
-    assert any(torch.equal(d, y) for d in seen["D"])  # D sees the real y unmirrored
-    assert not any(torch.equal(d, y.flip(3)) for d in seen["D"])
-
-
-def test_cut_reuses_the_main_pass_for_keys_when_not_flipped():
-    model = CUT(CUTConfig(**TINY_CUT))
-    calls = []
-    model.G.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args[0], kwargs)), with_kwargs=True)
-    x, y = pair()
-    Trainer(model).train_step(x, y)
-    assert len(calls) == 4  # G(x) with taps, encode(G(x)) for the queries; the same for y
-    for real, (main_input, main_kw), (query_input, query_kw) in ((x, *calls[:2]), (y, *calls[2:])):
-        assert torch.equal(main_input, real) and not main_kw.get("encode_only")
-        assert query_kw.get("encode_only") and not torch.equal(query_input, real)
-
-
-def test_cut_step_gives_the_gradients_of_one_pass_of_G_over_x_and_y_together(monkeypatch):
-    """The step back-propagates the terms of G(x), then builds and back-propagates the identity term
-    of G(y); the official step runs G once on x and y together and back-propagates Eq. 5 once."""
-    torch.manual_seed(0)
-    trainer = Trainer(CUT(CUTConfig(**TINY_CUT)))
-    official = copy.deepcopy(trainer)
-    grads, step = {}, trainer.step
-
-    def record(group):
-        grads[group] = [p.grad.clone() for p in trainer.optimizers[group].param_groups[0]["params"]]
-        step(group)
-    monkeypatch.setattr(trainer, "step", record)
-    x, y = pair()
-    torch.manual_seed(1)  # the same patches drawn in both steps
-    losses = trainer.train_step(x, y)
-
-    m, gan, taps = official.model, official.model.gan_loss, official.model.config.nce_layers  # the official step
+    model = Trainer(CycleGAN(CycleGANConfig(**TINY)))
+    x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    model.train_step(x, y)
+    du.RunFolder(tmp_path).save_checkpoint(model.state())
+    state = du.load_torch(tmp_path / "latest.pt")
+    for opt in state["optimizers"].values():  # as saved by the multi-tensor Adam of an older version
+        for group in opt["param_groups"]:
+            group.update(fused=None, foreach=True)
+    resumed, _ = Trainer.load(state)
+    assert all(g["fused"] == opt.defaults["fused"] and g["foreach"] == opt.defaults["foreach"]
+               for opt in resumed.optimizers.values() for g in opt.param_groups)
     torch.manual_seed(1)
-    fake, keys = m.G(torch.cat([x, y]), taps)
-    update(official, 0.5 * (gan(m.D(fake[:1].detach()), False) + gan(m.D(y), True)), "D")
-    m.D.requires_grad_(False)
-    nce = [m.patch_nce([k[i:i + 1] for k in keys], fake[i:i + 1], False) for i in (0, 1)]
-    g_gan = gan(m.D(fake[:1]), True)
-    expected = torch.autograd.grad(g_gan + (nce[0] + nce[1]) / 2, official.optimizers["G"].param_groups[0]["params"])
-    # The logged terms are those of the objective: the official code averages the two NCE terms.
-    assert [losses[k] for k in ("G_gan", "NCE_X", "NCE_Y")] == \
-        pytest.approx([g_gan.item(), nce[0].item() / 2, nce[1].item() / 2], rel=1e-5)
-    assert len(grads["G"]) == len(expected)
-    # Equal up to float rounding (G ran on batches of 1, not 2), judged over all of G and H at once:
-    # the biases before an instance norm have a zero gradient, made of rounding alone.
-    got, want = torch.cat([g.flatten() for g in grads["G"]]), torch.cat([g.flatten() for g in expected])
-    assert (got - want).norm() <= 1e-5 * want.norm()
+    model.train_step(x, y)
+    torch.manual_seed(1)
+    resumed.train_step(x, y)
+    for name, net in model.nets.items():
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(net.parameters(), resumed.nets[name].parameters()))
 
 
-def test_cut_step_frees_the_graph_of_G_x_before_it_builds_G_y():
-    torch.manual_seed(0)
-    model = Trainer(CUT(CUTConfig(**TINY_CUT)))
-    peak, total = saved_bytes_of(lambda: model.train_step(*pair()))
-    assert 0.3 * total < peak < 0.7 * total
+@pytest.mark.parametrize("epoch, expected", [(0, 1.0), (99, 1.0), (100, 1 - 1 / 101), (150, 1 - 51 / 101),
+                                             (199, 1 / 101)])
+def test_trainer_lr_schedule_is_constant_then_linear(epoch, expected):
+    assert lr_factor(epoch, 100, 100) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("model_cls, config", [(CycleGAN, CycleGANConfig(**TINY)), (CUT, CUTConfig(**TINY_CUT))])
-def test_fp16_loss_scaling_over_several_backward_passes_gives_the_fp32_step(model_cls, config, monkeypatch):
+def test_trainer_end_epoch_sets_the_scheduled_lr():
+    model = Trainer(CycleGAN(CycleGANConfig(**TINY, epochs=1, epochs_decay=3)))
+    model.end_epoch()
+    assert model.optimizers["G"].param_groups[0]["lr"] == pytest.approx(2e-4 * (1 - 1 / 4))
+
+
+@pytest.mark.parametrize("model_cls, config", [(CycleGAN, CycleGANConfig(**TINY)), (CUT, CUTConfig(**TINY_CUT))],
+                         ids=["cycle_gan", "cut"])
+def test_trainer_fp16_loss_scaling_over_several_backward_passes_gives_the_fp32_step(model_cls, config, monkeypatch):
     """The fp16 path (CUDA) scales each part's backward and unscales the sum once. Run here in fp32
     arithmetic (autocast off): with a power-of-two scale the weights must match the plain step's."""
     torch.manual_seed(0)
@@ -1178,345 +2072,67 @@ def test_fp16_loss_scaling_over_several_backward_passes_gives_the_fp32_step(mode
             assert torch.allclose(a, b, atol=1e-6), f"{name}.{pname}"
 
 
-def test_short_cut_training_on_one_pair_drives_nce_down():
-    torch.manual_seed(0)
-    model = Trainer(CUT(CUTConfig(**{**TINY_CUT, "ngf": 8})))
-    x, y = pair()
-    first = model.train_step(x, y)["NCE_X"]
-    for _ in range(30):
-        last = model.train_step(x, y)["NCE_X"]
-    assert last < 0.75 * first
+def test_trainer_both_models_offer_what_the_commands_use():
+    for model in (CycleGAN(CycleGANConfig(**TINY)), CUT(CUTConfig(**TINY_CUT))):
+        assert isinstance(model, train_gan.Model), type(model).__name__
+    assert hasattr(CUT, "similarity_maps") and not hasattr(CycleGAN, "similarity_maps")
 
 
-def test_cut_rejects_a_unet_and_channel_mismatches_clearly():
-    with pytest.raises(ValueError, match="encoder taps of a ResNet.*--netG resnet_9blocks"):
-        CUT(CUTConfig(netG="unet_128"))
-    # G(x) goes through G's own encoder, so CUT needs the same channels in X and Y, identity term or not.
-    for mode in ("cut", "fastcut"):
-        with pytest.raises(ValueError, match="same number of channels.*--model cycle_gan"):
-            CUT(CUTConfig(mode=mode, **TINY_CUT, channels_x=1))
-    gray = Trainer(CUT(CUTConfig(mode="fastcut", **TINY_CUT, channels_x=1, channels_y=1)))
-    gray.train_step(torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32))
-    assert gray.model.G(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+# ============================================================================= the commands: train_gan.py
 
 
-def test_similarity_map_of_an_image_with_itself_peaks_at_each_query_point():
-    torch.manual_seed(0)
-    model = CUT(CUTConfig(**{**TINY_CUT, "ngf": 16, "netF_nc": 64}))  # wide enough for distinct patches
-    x = torch.rand(2, 3, 64, 64) * 2 - 1  # noise: every patch differs from the others
-    points = [(0.5, 0.5), (0.1, 0.8), (0.9, 0.05)]
-    maps = model.similarity_maps(x, x, points)  # deepest tap, res5: 16x16 at 64x64
-    assert maps.shape == (2, 3, 16, 16)
-    assert torch.allclose(maps.sum(dim=(-2, -1)), torch.ones(2, 3))
-    peaks = maps.flatten(2).argmax(-1)  # (B, Q) flat locations
-    assert peaks.tolist() == [[8 * 16 + 8, 1 * 16 + 12, 14 * 16 + 0]] * 2
-    shallow = model.similarity_maps(x, x, points, layer=1)  # down1: 64x64
-    assert shallow.shape == (2, 3, 64, 64) and shallow.flatten(2).argmax(-1)[0, 0] == 32 * 64 + 32
+# grid (columns, rows) per model: CycleGAN x | G(x) | F(G(x)) and y | F(y) | G(F(y)); CUT x | G(x) | y | G(y)
+GRID = {"cycle_gan": (3, 4), "cut": (4, 2), "fastcut": (2, 2)}
 
 
-def test_the_map_options_turn_their_maps_off(dataset_root, tmp_path):
-    assert cli(cli_args(dataset_root, tmp_path, "--model", "fastcut", "--epochs", "1", "--epochs-decay", "0",
-                        "--no-nce-map", "--no-d-map")) == 0
-    run = tmp_path / "run"
-    assert (run / "epoch_001.png").exists() and not list(run.glob("nce_epoch_*")) + list(run.glob("d_epoch_*"))
-    assert not (run / "balance.png").exists() and "D_real" not in (run / "epochs.csv").read_text()
-
-
-@pytest.mark.parametrize("model_cls, config", [(CycleGAN, CycleGANConfig(**TINY)), (CUT, CUTConfig(**TINY_CUT)),
-                                               (CUT, CUTConfig(**{**TINY_CUT, "gan_mode": "vanilla"}))])
-def test_verdicts_are_each_Ds_output_on_real_images_and_on_translations(model_cls, config):
-    """LSGAN's D outputs the verdict itself (its loss pulls it to 1 for real, 0 for fake); the log-likelihood
-    modes output a logit, read as the probability of real."""
-    torch.manual_seed(0)
-    model = model_cls(config)
-    x, y = pair(32)
-    read = torch.sigmoid if config.gan_mode == "vanilla" else (lambda t: t)
+@pytest.mark.parametrize("model", list(GRID))
+def test_train_cli_writes_grid_csv_plot_and_checkpoint_then_resumes(dataset_root, tmp_path, capsys, model):
+    out = tmp_path / "out"
+    assert cli(cli_args(dataset_root, out, "--model", model, "--epochs", "1", "--epochs-decay", "0")) == 0
+    run = out / "run"
+    assert {p.name for p in run.iterdir()} >= {"epoch_001.png", "losses.csv", "losses.png", "latest.pt"}
+    cols, rows = GRID[model]
+    assert Image.open(run / "epoch_001.png").size == (cols * 34 + 2, rows * 34 + 2)
+    if model == "cycle_gan":
+        assert not list(run.glob("nce_epoch_*"))
+    else:  # 2 test images a row: x, G(x), then a map for each of the 3 query points
+        assert Image.open(run / "nce_epoch_001.png").size == (5 * 34 + 2, 2 * 34 + 2)
+    assert len((run / "losses.csv").read_text().splitlines()) == 3  # header + one row per step
+    state = torch.load(run / "latest.pt", weights_only=True)
+    assert (state["model"], state["epoch"], state["step"], state["epoch_step"]) == (model, 1, 2, 0)
+    # D's map: a row per fixed test image (testA holds 2), a real image and a translation for each D
+    assert Image.open(run / "d_epoch_001.png").size == ((4 if model == "cycle_gan" else 2) * 34 + 2, 2 * 34 + 2)
+    # the balance: each D's mean verdict (LSGAN: its output) on the fixed images and on their translations
+    net = Trainer.load(state)[0].model
+    x, y = (du.load_fixed_images(dataset_root / split, 4, 32) for split in ("testA", "testB"))
     with torch.no_grad():
-        verdicts = model.verdicts(x, y)
-        judges = {"D_Y": (model.D_Y, y, model.G(x)), "D_X": (model.D_X, x, model.F(y))} \
-            if model_cls is CycleGAN else {"D": (model.D, y, model.G(x))}
-        assert list(verdicts) == list(judges)
-        for name, (D, real, fake) in judges.items():
-            got_real, got_fake, on_real, on_fake = verdicts[name]
-            assert torch.equal(got_real, real) and torch.equal(got_fake, fake)
-            assert torch.equal(on_real, read(D(real))) and torch.equal(on_fake, read(D(fake)))
-            assert on_real.shape == (1, 1, 2, 2)  # 32 / 8 - 2: a verdict per overlapping patch
+        judges = {"D_Y": (net.D_Y, y, net.G(x)), "D_X": (net.D_X, x, net.F(y))} if model == "cycle_gan" else \
+            {"D": (net.D, y, net.G(x))}
+        expected = {f"{name}_{side}": D(image).mean().item() for name, (D, real, fake) in judges.items()
+                    for side, image in (("real", real), ("fake", fake))}
+    row = next(csv.DictReader((run / "epochs.csv").open()))
+    assert {k: float(row[k]) for k in expected} == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+    assert cli(cli_args(dataset_root, out, "--model", model, "--epochs", "1", "--epochs-decay", "1", "--resume")) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert (run / "epoch_002.png").exists()
+    assert (run / "nce_epoch_002.png").exists() == (model != "cycle_gan")  # the map also comes from a resumed run
+    assert torch.load(run / "latest.pt", weights_only=True)["step"] == 4
 
 
-def test_the_verdict_picture_lays_each_verdict_upsampled_over_its_image_and_the_balance_is_its_mean(tmp_path):
-    """D says real (1) of the left half of the patches of the real image and fake (0) of the rest, and fake of
-    the whole translation: bright on the left of the first cell, dark on its right and over the second."""
-    image = torch.zeros(2, 3, 32, 32)  # mid-gray
-    on_real = torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(2, 1, 4, 1)  # (2, 1, 4, 4): left columns real
-    folder = du.RunFolder(tmp_path)
-    said = folder.end_epoch(1, {"D": 0.25}, [[image[0]]], verdicts={"D": (image, image, on_real, on_real * 0)})
-    assert "D 0.250, D_real 0.500, D_fake 0.000" in said
-    picture = np.asarray(Image.open(folder.picture("d_epoch", 1)).convert("L"), dtype=float)
-    assert picture.shape == (2 * 34 + 2, 2 * 34 + 2)  # a row per image, the real one and the translation
-    first, second = picture[2:34, 2:34], picture[2:34, 36:68]
-    assert first[:, :8].min() > 150 and first[:, -8:].max() < 60 and second.max() < 60
-    assert np.array_equal(np.asarray(Image.open(folder.picture("d_epoch", 1)).convert("RGB"))[2:34, 2:34],
-                          np.asarray(du.heat_over(image[0], on_real[0, 0])))  # the upsampled map, over the image
-    row = next(csv.DictReader((tmp_path / "epochs.csv").open()))
-    assert (float(row["D_real"]), float(row["D_fake"])) == (0.5, 0.0) and (tmp_path / "balance.png").exists()
-
-
-def loader_of(argv):
-    """The options, the trainer and the training dataset a run of `argv` would start with."""
-    trainer, opts, _ = train_gan.start_run(train_gan.parse_options(argv), torch.device("cpu"))
-    data, _, _ = train_gan.make_loader(opts, trainer, du.find_domains(opts.dataroot))
-    return opts, trainer, data
-
-
-@pytest.mark.parametrize("model, extra, no_crop_from", [
-    ("cut", ["--epochs", "2"], 2), ("fastcut", ["--epochs", "2"], 2), ("fastcut", [], 150),
-    ("cycle_gan", ["--epochs", "2"], None)])
-def test_cut_trains_without_resize_and_crop_in_its_decay_epochs_cycle_gan_with(
-        dataset_root, tmp_path, model, extra, no_crop_from):
-    args, _, data = loader_of(cli_args(dataset_root, tmp_path, "--model", model, *extra))
-    assert data.no_crop_from_epoch == no_crop_from  # epochs counted from 0: the first decay epoch
-    if not extra:  # the model's own schedule fills the options left unset: FastCUT's 150 + 50
-        assert (args.epochs, args.epochs_decay) == (150, 50)
-
-
-def test_the_model_files_name_nothing_distributed():
-    """Several GPUs are the command's concern (the Trainer averages gradients over the ranks): a learner of the
-    papers meets no all-reduce in them."""
-    for path in ("layers.py", "networks.py", "losses.py", "cycle_gan.py", "cut_model.py"):
-        text = (Path(__file__).parent / path).read_text()
-        assert not re.search(r"DistributedDataParallel|no_sync|all_reduce|local_grads|rank|distributed", text), path
-
-
-@pytest.mark.parametrize("path", ["cycle_gan.py", "cut_model.py"])
-def test_model_files_import_only_torch_the_standard_library_and_the_network_files(path):
-    tree = ast.parse((Path(__file__).parent / path).read_text())
-    modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert {m.split(".")[0] for m in modules} <= {"layers", "networks", "losses", "torch", *sys.stdlib_module_names}
-
-
-def test_every_logged_loss_name_stands_as_a_literal_string_in_its_model_file():
-    x, y = pair(32)
-    for model, path in ((CycleGAN(CycleGANConfig(**TINY)), "cycle_gan.py"),
-                        (CUT(CUTConfig(**TINY_CUT)), "cut_model.py")):
-        source = (Path(__file__).parent / path).read_text()
-        names = list(Trainer(model).train_step(x, y))
-        assert names and all(f'"{name}"' in source for name in names), (path, names)
-
-
-# ----------------------------------------------------------------------------- reliability
-
-def run_cli(argv, capsys, command=cli):
-    """(exit code, stderr lines) of an in-process call of a command (train_gan.py's main, or translate.py's)."""
-    capsys.readouterr()  # drop what earlier calls printed
-    code = command([str(a) for a in argv])
-    return code, capsys.readouterr().err.strip().splitlines()
-
-
-def assert_one_line_error(code, err, pattern):
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
-    assert re.search(pattern, err[0]), err[0]
-
-
-@pytest.mark.parametrize("extra, pattern", [
-    (["--crop-size", "64", "--load-size", "48"], "--crop-size 64 is larger than --load-size 48"),
-    (["--batch-size", "0"], "--batch-size: must be >= 1"),
-    (["--model", "pix2pix"], "invalid choice: 'pix2pix'"),
-    (["--netG", "resnet_2blocks"], "invalid choice: 'resnet_2blocks'"),
-    (["--lambda-cycle", "-1"], "--lambda-cycle: must be >= 0"),
-    (["--lambda-nce", "-1", "--model", "cut"], "--lambda-nce: must be >= 0"),
-    (["--lr", "0"], "--lr: must be > 0, got 0"),
-    (["--model", "cut", "--nce-temperature", "-0.1"], "--nce-temperature: must be > 0, got -0.1"),
-    (["--netG", "unet_128", "--crop-size", "32"], "multiple of 128"),
-    (["--crop-size", "30"], "multiple of 4"),
-    (["--model", "cut", "--netG", "unet_128", "--crop-size", "128", "--load-size", "128"], "encoder taps"),
-    (["--model", "cut", "--nce-layers", "0,5"], "unknown encoder tap 5"),
-    # without blur-pool the official index 8 names no tap: the paper's down2 is layer 7 there
-    (["--model", "cut", "--no-antialias", "--nce-layers", "0,4,8,12,16"], r"unknown encoder tap 8: .* down2 \(7\)"),
-    (["--input-nc", "1"], "--lambda-identity 0"),
-    (["--model", "fastcut", "--input-nc", "1"], "same number of channels"),
-    (["--model", "cut", "--output-nc", "1", "--no-nce-idt"], "same number of channels"),
-    (["--epochs", "x"], "invalid int value: 'x'"),
-    (["--precision", "fp16"], "fp16 is for CUDA GPUs"),
-    (["--model", "cut", "--nce-negatives", "others"], "other images of a batch: pass --batch-size 2 or more"),
-    (["--model", "fastcut", "--pool-size", "0"], "fastcut does not take --pool-size: drop it, or pick the --model"),
-    (["--no-nce-idt", "--nce-layers", "res5"], "cycle_gan does not take --nce-idt --nce-layers: drop it"),
-])
-def test_cli_rejects_bad_options_in_one_line(dataset_root, tmp_path, capsys, extra, pattern):
-    code, err = run_cli(cli_args(dataset_root, tmp_path / "out", *extra), capsys)
-    assert_one_line_error(code, err, pattern)
-    assert not (tmp_path / "out" / "run" / "latest.pt").exists()
-
-
-def test_the_options_only_some_models_read_are_those_their_configs_alone_hold():
-    """ONLY_FOR, which keeps another model's options out of a run and its record, is what the configs say: the
-    fields one model's config has and the other's lacks, and CUT's PatchNCE picture."""
-    import dataclasses
-    options = set(vars(train_gan.parse_options([])))
-    cycle, cut = ({f.name for f in dataclasses.fields(c)} & options for c in (CycleGANConfig, CUTConfig))
-    assert train_gan.ONLY_FOR == {("cycle_gan",): cycle - cut, ("cut", "fastcut"): cut - cycle | {"nce_map"}}
-
-
-@pytest.mark.parametrize("native", [True, False])
-def test_bf16_on_a_cpu_without_native_bf16_warns_and_still_runs(dataset_root, tmp_path, capsys, monkeypatch, native):
-    monkeypatch.setattr(train_gan, "cpu_has_native_bf16", lambda: native)
-    code, err = run_cli(cli_args(dataset_root, tmp_path / "out", "--precision", "bf16", "--max-steps", "1",
-                                 "--epochs", "1", "--epochs-decay", "0"), capsys)
-    assert code == 0, err
-    warned = [line for line in err if "no native bf16" in line]
-    assert len(warned) == (0 if native else 1) and all(w.startswith("warning: ") for w in warned), err
-    assert (tmp_path / "out" / "run" / "latest.pt").exists()
-
-
-def test_help_names_every_command(capsys):
-    with pytest.raises(SystemExit):
-        cli(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    assert "train_gan.py download NAME" in text and "comparing models: translate.py" in text
-
-
-def test_both_scripts_import_where_fcntl_and_resource_do_not_exist():
-    """Windows has neither module: both scripts must import without them (the lock and the memory figure
-    import them where they are used)."""
-    code = ("import sys; sys.modules['fcntl'] = sys.modules['resource'] = None\n"
-            "import train_gan, translate\n"
-            "import torch, data_utility; print(data_utility.peak_memory_mb(torch.device('cpu')))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
-
-
-def test_cli_rejects_bad_datasets_in_one_line(tmp_path, capsys):
-    code, err = run_cli(cli_args(tmp_path / "nowhere", tmp_path / "out"), capsys)
-    assert_one_line_error(code, err, "nowhere does not exist")
-    (tmp_path / "odd" / "apples").mkdir(parents=True)
-    code, err = run_cli(cli_args(tmp_path / "odd", tmp_path / "out"), capsys)
-    assert_one_line_error(code, err, "neither layout.*found apples/")
-    for split in ("trainA", "trainB"):
-        (tmp_path / "empty" / split).mkdir(parents=True)
-    write_mixed_images(tmp_path / "empty" / "trainA", 2)
-    (tmp_path / "empty" / "trainB" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    code, err = run_cli(cli_args(tmp_path / "empty", tmp_path / "out"), capsys)
-    assert_one_line_error(code, err, "no readable images in .*trainB")
-
-
-def test_broken_images_give_way_when_loaded_and_each_is_named_in_one_warning(tmp_path):
-    for split in ("trainA", "trainB"):
-        write_mixed_images(tmp_path / split, 3)
-    jpg = (tmp_path / "trainA" / "img0.jpg").read_bytes()
-    broken = [tmp_path / "trainA" / "text.png", tmp_path / "trainA" / "truncated.jpg"]
-    broken[0].write_text("hello")
-    broken[1].write_bytes(jpg[:len(jpg) // 2])
-    data = du.UnpairedDataset(tmp_path / "trainA", tmp_path / "trainB", 36, 32)  # lists; opens the first only
-    i = data.files[0].index(broken[0])  # text.png, then truncated.jpg, are the last two: the first takes over
-    x, _, skipped = data[(i, 0, 0, 0)]
-    assert skipped.splitlines() == [str(p) for p in broken] and torch.equal(x, data[(0, 0, 0, 0)][0])
-    loader = torch.utils.data.DataLoader(data, 1, sampler=[(i, 0, 0, 0), (i + 1, 1, 1, 0), (i, 2, 2, 0)])
-    with pytest.warns(UserWarning) as record:
-        waits = [waited for _, _, waited in du.batches(loader, set())]
-    assert sorted(str(w.message) for w in record) == [f"skipping unreadable image {p}: another image of its domain "
-                                                      f"takes its place" for p in broken]  # once each
-    assert len(waits) == 3 and all(w > 0 for w in waits)
-
-
-def test_images_deleted_while_a_run_goes_on_give_way_and_a_domain_left_empty_stops_in_one_line(
-        dataset_root, tmp_path, capsys, monkeypatch):
-    """A dataset on a shared disk, cleaned up under a running run: the loader's workers still hold the
-    old list of files."""
-    argv = cli_args(dataset_root, tmp_path / "out", "--workers", "2", "--max-steps", "4", "--epochs", "1",
-                    "--epochs-decay", "1")  # 4 steps: every X image, each epoch
-    gone = sorted(p for p in (dataset_root / "trainA").rglob("*") if p.is_file())[:2]
-    end_epoch = du.RunFolder.end_epoch
-
-    def then_delete(*args, **kw):
-        said = end_epoch(*args, **kw)
-        for p in gone:
-            p.unlink(missing_ok=True)
-        return said
-    monkeypatch.setattr(du.RunFolder, "end_epoch", then_delete)
-    code, err = run_cli(argv, capsys)
-    assert code == 0 and "Traceback" not in "".join(err), err
-    warned = re.findall(r"^warning: skipping unreadable image (.*): another image of its domain takes its place$",
-                        "\n".join(err), flags=re.M)  # each on a line of its own, above the progress bar
-    assert sorted(warned) == [str(p) for p in gone]
-    gone = [p for p in (dataset_root / "trainB").rglob("*") if p.is_file()]  # now all of Y
-    code, err = run_cli(cli_args(dataset_root, tmp_path / "out2", "--workers", "2", "--max-steps", "4", "--epochs",
-                                 "2", "--epochs-decay", "0"), capsys)
-    assert_run_error(code, err, r"none of the 3 images listed in .*trainB can be read any more: put them back, then "
-                                r"resume")
-
-
-@pytest.mark.parametrize("mode, array", [
-    ("I;16", np.arange(600, dtype=np.uint16).reshape(20, 30) * 100),
-    ("CMYK", None), ("RGBA", None), ("P", None), ("L", None), ("1", None)])
-def test_every_image_mode_loads_as_8bit_rgb_or_gray(tmp_path, mode, array):
-    if array is not None:
-        img = Image.fromarray(array)
-    else:
-        img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)).convert(mode)
-    path = tmp_path / f"img.{'jpg' if mode == 'CMYK' else 'png'}"
-    img.save(path)
-    rgb, gray = du.load_image(path, 3), du.load_image(path, 1)
-    assert (rgb.mode, gray.mode, rgb.size) == ("RGB", "L", (30, 20))
-    assert np.asarray(gray).std() > 5  # not clipped to one value
-
-
-def test_small_and_huge_images_become_crops(tmp_path):
-    for split, size in (("trainA", (10, 7)), ("trainB", (5000, 3000))):
-        (tmp_path / split).mkdir()
-        Image.new("RGB", size, (200, 30, 30)).save(tmp_path / split / "img.jpg", quality=50)
-    data = du.UnpairedDataset(tmp_path / "trainA", tmp_path / "trainB", 72, 64)
-    x, y, _ = data[(0, 0, 0, 0)]
-    assert x.shape == y.shape == (3, 64, 64)
-    assert du.load_image(tmp_path / "trainB" / "img.jpg", 3, 72).size == (625, 375)  # decoded at 1/8 scale
-
-
-def test_checkpoint_problems_are_named(dataset_root, tmp_path, capsys):
+def test_train_cli_grayscale_runs_end_to_end(dataset_root, tmp_path):
     out = tmp_path / "out"
-    code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
-    assert_one_line_error(code, err, "latest.pt does not exist")
-    (out / "run").mkdir(parents=True, exist_ok=True)
-    (out / "run" / "latest.pt").write_bytes(b"garbage")
-    code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
-    assert_one_line_error(code, err, "is not a readable checkpoint")
-    torch.save(ResnetGenerator(ngf=4, n_blocks=1).state_dict(), out / "run" / "latest.pt")
-    code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
-    assert_one_line_error(code, err, "not a checkpoint of a train_gan.py run.*translate")
-
-
-def test_resume_refuses_another_model_network_or_seed(dataset_root, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
-    for flag, value, was in (("--model", "cut", "cycle_gan"), ("--ngf", "8", "4"), ("--seed", "3", "0"),
-                             ("--direction", "BtoA", "AtoB")):
-        code, err = run_cli(cli_args(dataset_root, out, "--resume", flag, value), capsys)
-        assert_one_line_error(code, err, f"this run was started with {flag} {was}; {flag} {value} would change it: "
-                                         f"drop {flag}, or start a new --name")
-    plain = ["--resume", "--name", "run", "--output-dir", str(out), "--device", "cpu"]  # the model is the run's
-    code, err = run_cli(plain + ["--pool-size", "10"], capsys)
-    assert_one_line_error(code, err, "this run was started with --pool-size 50; --pool-size 10 would change it")
-    code, err = run_cli(plain + ["--num-patches", "64"], capsys)
-    assert_one_line_error(code, err, "cycle_gan does not take --num-patches: drop it")
-
-
-def test_resume_takes_every_option_not_given_from_the_run(dataset_root, tmp_path, capsys):
-    """A stopped run's advice, run as printed, resumes it: the model (not the default FastCUT), the network
-    and the data options come from the run; a lower --lr, the NaN advice, is taken."""
-    out = tmp_path / "out"
-    argv = cli_args(dataset_root, out, "--model", "cut", "--epochs", "1", "--epochs-decay", "1", "--ngf", "8",
-                    "--crop-size", "24", "--load-size", "28", "--lr", "1e-3")
-    train_gan.train(train_gan.parse_options(argv), stop=StopAfter(1))
-    advice = re.search(r"continue with: (.*)", capsys.readouterr().out).group(1).split()
-    assert advice[:2] == ["python", "train_gan.py"] and "--model" not in advice
-    args = train_gan.parse_options(advice[2:] + ["--lr", "5e-4"])
-    resumed, opts, epoch_step = train_gan.resume_run(args, du.RunFolder(out / "run"), torch.device("cpu"))
-    assert (opts.model, opts.ngf, opts.crop_size, opts.max_steps, epoch_step) == ("cut", 8, 24, 2, 1)
-    assert resumed.optimizers["G"].param_groups[0]["lr"] == 5e-4  # epoch 1 of 1 + 1: the full lr, the new one
-    assert train_gan.train(train_gan.parse_options(advice[2:])).global_step == 4
+    assert cli(cli_args(dataset_root, out, "--model", "fastcut", "--input-nc", "1", "--output-nc", "1",
+                        "--epochs", "1", "--epochs-decay", "0")) == 0
+    config = torch.load(out / "run" / "latest.pt", weights_only=True)["config"]
+    assert (config["channels_x"], config["channels_y"]) == (1, 1)
+    assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
+                          "--output", str(tmp_path / "gray"), "--device", "cpu"]) == 0
+    assert {Image.open(p).mode for p in (tmp_path / "gray").iterdir()} == {"L"}
 
 
 @pytest.mark.parametrize("resume", [False, True])
-def test_options_are_resolved_in_one_place_and_the_parsed_ones_are_left_as_asked(dataset_root, tmp_path, resume):
+def test_train_cli_options_are_resolved_in_one_place_and_the_parsed_ones_left_as_asked(dataset_root, tmp_path, resume):
     argv = ["--model", "cut", "--dataroot", str(dataset_root), "--output-dir", str(tmp_path / "out"), "--name", "run",
             "--ngf", "4", "--ndf", "4", "--max-steps", "1", "--device", "cpu", "--epochs", "1", "--epochs-decay", "1"]
     if resume:
@@ -1534,101 +2150,44 @@ def test_options_are_resolved_in_one_place_and_the_parsed_ones_are_left_as_asked
     assert trainer.model.config.lr == opts.lr
 
 
-def test_both_models_offer_what_the_commands_use():
-    for model in (CycleGAN(CycleGANConfig(**TINY)), CUT(CUTConfig(**TINY_CUT))):
-        assert isinstance(model, train_gan.Model), type(model).__name__
-    assert hasattr(CUT, "similarity_maps") and not hasattr(CycleGAN, "similarity_maps")
+def test_train_cli_options_only_some_models_read_are_those_their_configs_alone_hold():
+    """ONLY_FOR, which keeps another model's options out of a run and its record, is what the configs say: the
+    fields one model's config has and the other's lacks, and CUT's PatchNCE picture."""
+    options = set(vars(train_gan.parse_options([])))
+    cycle, cut = ({f.name for f in dataclasses.fields(c)} & options for c in (CycleGANConfig, CUTConfig))
+    assert train_gan.ONLY_FOR == {("cycle_gan",): cycle - cut, ("cut", "fastcut"): cut - cycle | {"nce_map"}}
 
 
-def test_translating_builds_no_optimiser_and_leaves_the_random_state_as_it_was(dataset_root, tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
-    torch.manual_seed(123)
-    before = torch.get_rng_state()
-
-    def no_adam(*args, **kw):
-        raise AssertionError("translate.py built an optimiser")
-    monkeypatch.setattr(torch.optim, "Adam", no_adam)
-    assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
-                          "--output", str(tmp_path / "res"), "--device", "cpu"]) == 0
-    assert torch.equal(torch.get_rng_state(), before)
-    model = train_gan.load_model(du.load_torch(out / "run" / "latest.pt"))
-    assert not any(net.training for net in (model.G, model.F, model.D_X, model.D_Y))  # eval mode
+def test_train_cli_help_names_every_command(capsys):
+    with pytest.raises(SystemExit):
+        cli(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "train_gan.py download NAME" in text and "comparing models: translate.py" in text
 
 
-def test_a_new_run_never_overwrites_an_old_one(dataset_root, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
-    before = (out / "run" / "latest.pt").read_bytes()
-    code, err = run_cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0"), capsys)
-    assert_one_line_error(code, err, "already holds a run: pass --resume to continue it, or a new --name")
-    assert (out / "run" / "latest.pt").read_bytes() == before
+def test_train_cli_and_translate_import_where_fcntl_and_resource_do_not_exist():
+    """Windows has neither module: both scripts must import without them (the lock and the memory figure
+    import them where they are used)."""
+    code = ("import sys; sys.modules['fcntl'] = sys.modules['resource'] = None\n"
+            "import train_gan, translate\n"
+            "import torch, data_utility; print(data_utility.peak_memory_mb(torch.device('cpu')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
 
 
-def test_translate_problems_are_named(dataset_root, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert cli(cli_args(dataset_root, out, "--model", "fastcut", "--epochs", "1", "--epochs-decay", "0")) == 0
-    ckpt = out / "run" / "latest.pt"
-    (tmp_path / "empty").mkdir()
-    for argv, pattern in [
-        (["--input", tmp_path / "empty", "--output", tmp_path / "res"], "no images"),
-        (["--input", dataset_root / "testA", "--output", dataset_root / "testA"], "--output is the --input folder"),
-        (["--input", dataset_root / "testB", "--output", tmp_path / "res", "--direction", "BtoA"],
-         r"translates its own way only \(AtoB\)"),
-        (["--input", dataset_root / "testA"], "takes one model and an --output folder"),
-    ]:
-        code, err = run_cli(["--checkpoint", ckpt, *argv], capsys, translate_cli)
-        assert_one_line_error(code, err, pattern)
-    code, err = run_cli(["--input", dataset_root / "testA", "--output", tmp_path / "res"], capsys, translate_cli)
-    assert_one_line_error(code, err, "name a model: --checkpoint FILE or --pretrained NAME")
+@pytest.mark.parametrize("native", [True, False])
+def test_train_cli_bf16_on_a_cpu_without_native_bf16_warns_and_still_runs(dataset_root, tmp_path, capsys, monkeypatch,
+                                                                          native):
+    monkeypatch.setattr(train_gan, "cpu_has_native_bf16", lambda: native)
+    code, err = run_cli(cli_args(dataset_root, tmp_path / "out", "--precision", "bf16", "--max-steps", "1",
+                                 "--epochs", "1", "--epochs-decay", "0"), capsys)
+    assert code == 0, err
+    warned = [line for line in err if "no native bf16" in line]
+    assert len(warned) == (0 if native else 1) and all(w.startswith("warning: ") for w in warned), err
+    assert (tmp_path / "out" / "run" / "latest.pt").exists()
 
 
-def test_checkpoint_save_is_atomic_and_keeps_a_copy(tmp_path, monkeypatch):
-    folder, path = du.RunFolder(tmp_path, "then try again"), tmp_path / "latest.pt"
-    folder.save_checkpoint({"epoch": 1}, keep=True)
-    assert torch.load(tmp_path / "epoch_001.pt", weights_only=True) == {"epoch": 1}
-
-    def crash(obj, f):
-        Path(f).write_bytes(b"half a checkp")
-        raise OSError("disk full")
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(du.RunError, match=f"could not write {re.escape(str(path))} .*then try again"):
-        folder.save_checkpoint({"epoch": 2}, keep=True)
-    assert torch.load(path, weights_only=True) == {"epoch": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_001.pt", "latest.pt"]
-
-
-def test_a_nan_loss_stops_the_run_naming_the_loss_and_step(dataset_root, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "out"
-    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
-    saved = (out / "run" / "latest.pt").read_bytes()
-    step = Trainer.train_step
-    monkeypatch.setattr(Trainer, "train_step",
-                        lambda self, x, y: {**step(self, x, y), "cycle_X": torch.tensor(math.nan)})
-    code, err = run_cli(cli_args(dataset_root, out, "--epochs", "2", "--epochs-decay", "0", "--resume"), capsys)
-    assert code == 1 and re.search("loss cycle_X became nan by step 3", err[-1])
-    assert (out / "run" / "latest.pt").read_bytes() == saved
-    advice = re.search(r"continue with: python train_gan.py (.*)", err[-1]).group(1).split()
-    assert advice[advice.index("--lr") + 1] == "0.0001" and advice[advice.index("--epochs") + 1] == "2"  # half the lr
-    monkeypatch.setattr(Trainer, "train_step", step)
-    assert cli(advice) == 0  # the advice, as printed, goes on
-    assert torch.load(out / "run" / "latest.pt", weights_only=True)["options"]["lr"] == 1e-4
-
-
-def test_a_nan_in_a_new_runs_first_step_prints_advice_that_works(dataset_root, tmp_path, capsys, monkeypatch):
-    """A new run writes latest.pt at step 0, so the --resume its failure advises has a checkpoint to go on from."""
-    step = Trainer.train_step
-    monkeypatch.setattr(Trainer, "train_step", lambda self, x, y: {**step(self, x, y), "D_X": torch.tensor(math.nan)})
-    code, err = run_cli(cli_args(dataset_root, tmp_path / "out", "--epochs", "1", "--epochs-decay", "0"), capsys)
-    assert code == 1 and re.search("loss D_X became nan by step 1", err[-1]), err
-    advice = re.search(r"continue with: python train_gan.py (.*)", err[-1]).group(1).split()
-    monkeypatch.setattr(Trainer, "train_step", step)
-    assert cli(advice) == 0
-    state = torch.load(tmp_path / "out" / "run" / "latest.pt", weights_only=True)
-    assert (state["epoch"], state["step"], state["options"]["lr"]) == (1, 2, 1e-4)
-
-
-def test_losses_are_read_once_per_logged_window_and_averaged(dataset_root, tmp_path, capsys, monkeypatch):
+def test_train_cli_losses_are_read_once_per_logged_window_and_averaged(dataset_root, tmp_path, capsys, monkeypatch):
     """The loop reads the step's loss tensors only at logged steps: a csv row is the mean of its
     window, and a NaN is caught at the end of its window, not at its own step."""
     step, nan_at = Trainer.train_step, [None]
@@ -1652,23 +2211,45 @@ def test_losses_are_read_once_per_logged_window_and_averaged(dataset_root, tmp_p
     assert code == 1 and re.search("loss cycle_X became nan by step 4", err[-1]), err
 
 
-class StopAfter:
-    """A stop flag that is raised after n steps."""
+# ============================================================================= the commands: --resume
 
-    def __init__(self, n):
-        self.n = n
 
-    @property
-    def requested(self):
-        self.n -= 1
-        return self.n <= 0
+def test_resume_cli_takes_every_option_not_given_from_the_run(dataset_root, tmp_path, capsys):
+    """A stopped run's advice, run as printed, resumes it: the model (not the default FastCUT), the network
+    and the data options come from the run; a lower --lr, the NaN advice, is taken."""
+    out = tmp_path / "out"
+    argv = cli_args(dataset_root, out, "--model", "cut", "--epochs", "1", "--epochs-decay", "1", "--ngf", "8",
+                    "--crop-size", "24", "--load-size", "28", "--lr", "1e-3")
+    train_gan.train(train_gan.parse_options(argv), stop=StopAfter(1))
+    advice = re.search(r"continue with: (.*)", capsys.readouterr().out).group(1).split()
+    assert advice[:2] == ["python", "train_gan.py"] and "--model" not in advice
+    args = train_gan.parse_options(advice[2:] + ["--lr", "5e-4"])
+    resumed, opts, epoch_step = train_gan.resume_run(args, du.RunFolder(out / "run"), torch.device("cpu"))
+    assert (opts.model, opts.ngf, opts.crop_size, opts.max_steps, epoch_step) == ("cut", 8, 24, 2, 1)
+    assert resumed.optimizers["G"].param_groups[0]["lr"] == 5e-4  # epoch 1 of 1 + 1: the full lr, the new one
+    assert train_gan.train(train_gan.parse_options(advice[2:])).global_step == 4
+
+
+def test_resume_cli_refuses_another_model_network_or_seed(dataset_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
+    for flag, value, was in (("--model", "cut", "cycle_gan"), ("--ngf", "8", "4"), ("--seed", "3", "0"),
+                             ("--direction", "BtoA", "AtoB")):
+        code, err = run_cli(cli_args(dataset_root, out, "--resume", flag, value), capsys)
+        assert_error(code, err, f"this run was started with {flag} {was}; {flag} {value} would change it: "
+                                f"drop {flag}, or start a new --name")
+    plain = ["--resume", "--name", "run", "--output-dir", str(out), "--device", "cpu"]  # the model is the run's
+    code, err = run_cli(plain + ["--pool-size", "10"], capsys)
+    assert_error(code, err, "this run was started with --pool-size 50; --pool-size 10 would change it")
+    code, err = run_cli(plain + ["--num-patches", "64"], capsys)
+    assert_error(code, err, "cycle_gan does not take --num-patches: drop it")
 
 
 @pytest.mark.parametrize("model, stop_after, saved_at", [
     ("cycle_gan", 4, (1, 1)), ("fastcut", 4, (1, 1)),  # mid-way through the second epoch
     ("cycle_gan", 3, (1, 0)),  # on the first epoch's last step: the epoch is finished first
 ])
-def test_stop_and_resume_gives_the_same_weights_as_one_run(dataset_root, tmp_path, model, stop_after, saved_at):
+def test_resume_cli_after_a_stop_gives_the_same_weights_as_one_run(dataset_root, tmp_path, model, stop_after, saved_at):
     argv = ["--model", model, "--epochs", "1", "--epochs-decay", "1", "--max-steps", "3"]
     train_gan.train(train_gan.parse_options(cli_args(dataset_root, tmp_path / "a", *argv)))
     train_gan.train(train_gan.parse_options(cli_args(dataset_root, tmp_path / "b", *argv)),
@@ -1684,7 +2265,476 @@ def test_stop_and_resume_gives_the_same_weights_as_one_run(dataset_root, tmp_pat
             assert torch.allclose(tensor, b["nets"][net][key], atol=1e-6), (net, key)
 
 
-def test_sigint_saves_a_checkpoint_and_exits_cleanly(dataset_root, tmp_path):
+# ============================================================================= the commands: translate.py
+
+
+def test_translate_cli_keeps_each_image_size_and_name(dataset_root, tmp_path):
+    out = tmp_path / "out"
+    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
+    inputs = write_mixed_images(tmp_path / "in", 4)
+    for direction in ("AtoB", "BtoA"):
+        target = tmp_path / direction
+        assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(tmp_path / "in"),
+                              "--output", str(target), "--direction", direction, "--device", "cpu"]) == 0
+        for p in inputs:
+            result = Image.open(target / f"{p.stem}.png")
+            assert result.size == Image.open(p).size and result.mode == "RGB"
+
+
+@pytest.mark.parametrize("trained", ["AtoB", "BtoA"])
+def test_translate_cli_direction_names_the_domain_folders_as_training_does(dataset_root, tmp_path, monkeypatch,
+                                                                           trained):
+    """--direction speaks of the dataset's A and B in both commands: a run trained BtoA has G: B -> A, so
+    translating AtoB is its F."""
+    out = tmp_path / "out"
+    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0", "--direction", trained)) == 0
+    used, load = [], translate.Translator.of
+
+    def spy(path, device, direction):
+        t = load(path, device, direction)
+        used.append(next(name for name, net in t_nets(path).items() if net_equal(net, t.net)))
+        return t
+    t_nets = lambda path: Trainer.load(du.load_torch(path))[0].nets  # noqa: E731
+    net_equal = lambda a, b: all(torch.equal(p, q) for p, q in zip(a.state_dict().values(),  # noqa: E731
+                                                                    b.state_dict().values()))
+    monkeypatch.setattr(translate.Translator, "of", staticmethod(spy))
+    for direction in ("AtoB", "BtoA"):
+        assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
+                              "--output", str(tmp_path / direction), "--direction", direction]) == 0
+    assert used == (["G", "F"] if trained == "AtoB" else ["F", "G"])
+
+
+def test_translate_cli_grid_puts_each_checkpoint_in_a_column_and_names_problems(dataset_root, tmp_path, capsys):
+    ckpts = []
+    for model in ("cycle_gan", "fastcut"):
+        out = tmp_path / model
+        assert cli(cli_args(dataset_root, out, "--model", model, "--epochs", "1", "--epochs-decay", "0")) == 0
+        ckpts.append(str(out / "run" / "latest.pt"))
+    grid = tmp_path / "grids" / "a2o.jpg"
+    assert translate_cli(["--checkpoint", *ckpts, "--input", str(dataset_root / "testA"), "--grid", str(grid),
+                          "--count", "3", "--size", "30", "--device", "cpu"]) == 0
+    # input | CycleGAN | FastCUT; testA holds 2 images, so 2 rows whatever --count asks; pad 2
+    assert Image.open(grid).size == (3 * 32 + 2, 2 * 32 + 2)
+    for argv, pattern in [
+        (["--direction", "BtoA"], r"fastcut model, which translates its own way only \(AtoB\)"),
+        (["--grid", str(tmp_path / "grid.gif")], r"must end in \.png or \.jpg"),
+        (["--count", "0"], "must be >= 1"),
+        (["--output", str(tmp_path / "res")], "--grid writes one picture and --output a folder of them: pass one"),
+    ]:
+        code, err = run_cli(["--checkpoint", *ckpts, "--input", str(dataset_root / "testA"),
+                             "--grid", str(tmp_path / "g.png"), "--device", "cpu", *argv], capsys, translate_cli)
+        assert_error(code, err, pattern)
+    code, err = run_cli(["--checkpoint", *ckpts, "--input", str(dataset_root / "testA"), "--output",
+                         str(tmp_path / "res")], capsys, translate_cli)
+    assert_error(code, err, "takes one model and an --output folder; to compare models, pass --grid")
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "res").exists()
+
+
+def test_translate_cli_max_side_scales_down_keeping_the_aspect_ratio_and_size_squares(dataset_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(one_epoch(dataset_root, out)) == 0
+    assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
+                          "--output", str(tmp_path / "res"), "--max-side", "20", "--device", "cpu"]) == 0
+    assert Image.open(tmp_path / "res" / "img0.png").size == (20, 15)  # from 40x30
+    assert Image.open(tmp_path / "res" / "img1.png").size == (14, 20)  # from 33x47
+    argv = ["--checkpoint", out / "run" / "latest.pt", "--input", dataset_root / "testA", "--output", tmp_path / "sq"]
+    assert translate_cli([str(a) for a in argv] + ["--size", "24"]) == 0  # the official test.py's square resize
+    assert {Image.open(p).size for p in (tmp_path / "sq").iterdir()} == {(24, 24)}
+    code, err = run_cli(argv + ["--size", "24", "--max-side", "20"], capsys, translate_cli)
+    assert_error(code, err, "--size and --max-side both set the size: pass one")
+    (dataset_root / "testA" / "broken.png").write_text("not an image")  # skipped, named once; the rest written
+    code, err = run_cli(argv[:-1] + [tmp_path / "with_broken"], capsys, translate_cli)
+    assert code == 0 and [line for line in err if "warning" in line] == \
+        [f"warning: skipping unreadable image {dataset_root / 'testA' / 'broken.png'}"], err
+    assert sorted(p.name for p in (tmp_path / "with_broken").iterdir()) == ["img0.png", "img1.png"]
+
+
+def test_translate_cli_builds_no_optimiser_and_leaves_the_random_state_as_it_was(dataset_root, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+
+    def no_adam(*args, **kw):
+        raise AssertionError("translate.py built an optimiser")
+    monkeypatch.setattr(torch.optim, "Adam", no_adam)
+    assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
+                          "--output", str(tmp_path / "res"), "--device", "cpu"]) == 0
+    assert torch.equal(torch.get_rng_state(), before)
+    model = train_gan.load_model(du.load_torch(out / "run" / "latest.pt"))
+    assert not any(net.training for net in (model.G, model.F, model.D_X, model.D_Y))  # eval mode
+
+
+def test_translate_cli_wrong_files_get_one_line(dataset_root, tmp_path, capsys):
+    opt = torch.optim.Adam(ResnetGenerator(ngf=4, n_blocks=1).parameters())
+    files = {"optimizer.pth": (opt.state_dict(), "not all of them tensors"),
+             "latest_net_D.pth": (PatchDiscriminator(ndf=4).state_dict(), "a PatchGAN discriminator"),
+             "noise.pth": ({"w": torch.randn(3, 3)}, r"the first 'w' \(3, 3\)"),
+             "tensor.pth": (torch.randn(3), "it holds a Tensor, not a state_dict")}
+    for name, (state, pattern) in files.items():
+        torch.save(state, tmp_path / name)
+        code, err = run_cli(["--checkpoint", str(tmp_path / name), "--input", str(dataset_root / "testA"),
+                             "--output", str(tmp_path / "out"), "--device", "cpu"], capsys, translate_cli)
+        assert_error(code, err, "neither a checkpoint of train_gan.py nor an official generator.*" + pattern)
+    official_files(tmp_path / "official")
+    code, err = run_cli(["--checkpoint", str(tmp_path / "official" / "horse2zebra.pth"), "--input",
+                         str(dataset_root / "testB"), "--output", str(tmp_path / "out"), "--direction", "BtoA"],
+                        capsys, translate_cli)
+    assert_error(code, err, "one generator, which translates its own way: drop --direction")
+    assert not (tmp_path / "out").exists()
+
+
+def test_translate_cli_pretrained_is_one_command_downloading_once_atomically_and_failing_offline(
+        dataset_root, tmp_path, capsys, monkeypatch):
+    source = tmp_path / "server" / "horse2zebra.pth"
+    source.parent.mkdir()
+    torch.manual_seed(0)
+    net = ResnetGenerator(ngf=4, n_blocks=9)
+    torch.save(net.state_dict(), source)
+    monkeypatch.setattr(du, "PRETRAINED_URL", (tmp_path / "server").as_uri() + "/{}.pth")  # a file:// server
+    cache, photos = tmp_path / "cache", tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(photos / "img0.png")
+    argv = ["--pretrained", "horse2zebra", "--input", photos, "--cache", cache, "--device", "cpu"]
+    code, err = run_cli(argv + ["--output", tmp_path / "zebras"], capsys, translate_cli)
+    assert code == 0 and "downloading the official horse2zebra generator" in err[0], err
+    assert (cache / "horse2zebra.pth").read_bytes() == source.read_bytes() and len(list(cache.iterdir())) == 1
+    with torch.no_grad():  # the downloaded network's own output
+        expected = du.to_image(net.eval()(du.to_tensor(du.load_image(photos / "img0.png"))[None])[0])
+    got = np.asarray(Image.open(tmp_path / "zebras" / "img0.png"), dtype=int)
+    assert np.abs(got - np.asarray(expected, dtype=int)).max() <= 1
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(du.urllib.request, "urlopen", offline)
+    code, err = run_cli(argv + ["--output", tmp_path / "again"], capsys, translate_cli)  # cached: no network
+    assert code == 0 and not any("downloading" in line for line in err), err
+    code, err = run_cli(["--pretrained", "zebra2horse", "--input", photos, "--output", tmp_path / "horses",
+                         "--cache", cache], capsys, translate_cli)
+    assert_error(code, err[-1:], "could not download .*zebra2horse.pth.*offline")
+    assert sorted(p.name for p in cache.iterdir()) == ["horse2zebra.pth"] and not (tmp_path / "horses").exists()
+    code, err = run_cli(["--pretrained", "zebra2horse", "--input", photos, "--output", tmp_path / "horses",
+                         "--cache", source], capsys, translate_cli)  # a cache under a file
+    assert_error(code, err[-1:], "could not download")
+    code, err = run_cli(["--pretrained", "pears2plums", "--input", photos, "--output", tmp_path / "p"], capsys,
+                        translate_cli)
+    assert_error(code, err, "unknown pretrained model 'pears2plums': choose one of apple2orange, .*"
+                            "iphone2dslr_flower")
+    assert len(du.OFFICIAL_PRETRAINED) == 18
+
+
+# ============================================================================= faults
+
+
+BAD_OPTIONS = [
+    (["--crop-size", "64", "--load-size", "48"], "--crop-size 64 is larger than --load-size 48"),
+    (["--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["--model", "pix2pix"], "invalid choice: 'pix2pix'"),
+    (["--netG", "resnet_2blocks"], "invalid choice: 'resnet_2blocks'"),
+    (["--lambda-cycle", "-1"], "--lambda-cycle: must be >= 0"),
+    (["--lambda-nce", "-1", "--model", "cut"], "--lambda-nce: must be >= 0"),
+    (["--lr", "0"], "--lr: must be > 0, got 0"),
+    (["--model", "cut", "--nce-temperature", "-0.1"], "--nce-temperature: must be > 0, got -0.1"),
+    (["--netG", "unet_128", "--crop-size", "32"], "multiple of 128"),
+    (["--crop-size", "30"], "multiple of 4"),
+    (["--model", "cut", "--netG", "unet_128", "--crop-size", "128", "--load-size", "128"], "encoder taps"),
+    (["--model", "cut", "--nce-layers", "0,5"], "unknown encoder tap 5"),
+    # without blur-pool the official index 8 names no tap: the paper's down2 is layer 7 there
+    (["--model", "cut", "--no-antialias", "--nce-layers", "0,4,8,12,16"], r"unknown encoder tap 8: .* down2 \(7\)"),
+    (["--input-nc", "1"], "--lambda-identity 0"),
+    (["--model", "fastcut", "--input-nc", "1"], "same number of channels"),
+    (["--model", "cut", "--output-nc", "1", "--no-nce-idt"], "same number of channels"),
+    (["--epochs", "x"], "invalid int value: 'x'"),
+    (["--precision", "fp16"], "fp16 is for CUDA GPUs"),
+    (["--model", "cut", "--nce-negatives", "others"], "other images of a batch: pass --batch-size 2 or more"),
+    (["--model", "fastcut", "--pool-size", "0"], "fastcut does not take --pool-size: drop it, or pick the --model"),
+    (["--no-nce-idt", "--nce-layers", "res5"], "cycle_gan does not take --nce-idt --nce-layers: drop it"),
+]
+
+
+@pytest.mark.parametrize("extra, pattern", BAD_OPTIONS, ids=[" ".join(extra) for extra, _ in BAD_OPTIONS])
+def test_faults_bad_options_are_refused_in_one_line(dataset_root, tmp_path, capsys, extra, pattern):
+    code, err = run_cli(cli_args(dataset_root, tmp_path / "out", *extra), capsys)
+    assert_error(code, err, pattern)
+    assert not (tmp_path / "out" / "run" / "latest.pt").exists()
+
+
+def test_faults_bad_data_folders_are_refused_in_one_line(tmp_path, capsys):
+    code, err = run_cli(cli_args(tmp_path / "nowhere", tmp_path / "out"), capsys)
+    assert_error(code, err, "nowhere does not exist")
+    (tmp_path / "odd" / "apples").mkdir(parents=True)
+    code, err = run_cli(cli_args(tmp_path / "odd", tmp_path / "out"), capsys)
+    assert_error(code, err, "neither layout.*found apples/")
+    for split in ("trainA", "trainB"):
+        (tmp_path / "empty" / split).mkdir(parents=True)
+    write_mixed_images(tmp_path / "empty" / "trainA", 2)
+    (tmp_path / "empty" / "trainB" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    code, err = run_cli(cli_args(tmp_path / "empty", tmp_path / "out"), capsys)
+    assert_error(code, err, "no readable images in .*trainB")
+
+
+def test_faults_checkpoint_problems_are_named(dataset_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
+    assert_error(code, err, "latest.pt does not exist")
+    (out / "run").mkdir(parents=True, exist_ok=True)
+    (out / "run" / "latest.pt").write_bytes(b"garbage")
+    code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
+    assert_error(code, err, "is not a readable checkpoint")
+    torch.save(ResnetGenerator(ngf=4, n_blocks=1).state_dict(), out / "run" / "latest.pt")
+    code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
+    assert_error(code, err, "not a checkpoint of a train_gan.py run.*translate")
+
+
+def test_faults_a_new_run_never_overwrites_an_old_one(dataset_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
+    before = (out / "run" / "latest.pt").read_bytes()
+    code, err = run_cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0"), capsys)
+    assert_error(code, err, "already holds a run: pass --resume to continue it, or a new --name")
+    assert (out / "run" / "latest.pt").read_bytes() == before
+
+
+def test_faults_translating_problems_are_named(dataset_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(cli_args(dataset_root, out, "--model", "fastcut", "--epochs", "1", "--epochs-decay", "0")) == 0
+    ckpt = out / "run" / "latest.pt"
+    (tmp_path / "empty").mkdir()
+    for argv, pattern in [
+        (["--input", tmp_path / "empty", "--output", tmp_path / "res"], "no images"),
+        (["--input", dataset_root / "testA", "--output", dataset_root / "testA"], "--output is the --input folder"),
+        (["--input", dataset_root / "testB", "--output", tmp_path / "res", "--direction", "BtoA"],
+         r"translates its own way only \(AtoB\)"),
+        (["--input", dataset_root / "testA"], "takes one model and an --output folder"),
+    ]:
+        code, err = run_cli(["--checkpoint", ckpt, *argv], capsys, translate_cli)
+        assert_error(code, err, pattern)
+    code, err = run_cli(["--input", dataset_root / "testA", "--output", tmp_path / "res"], capsys, translate_cli)
+    assert_error(code, err, "name a model: --checkpoint FILE or --pretrained NAME")
+
+
+def test_faults_a_nan_loss_stops_the_run_naming_the_loss_and_step(dataset_root, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
+    saved = (out / "run" / "latest.pt").read_bytes()
+    step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step",
+                        lambda self, x, y: {**step(self, x, y), "cycle_X": torch.tensor(math.nan)})
+    code, err = run_cli(cli_args(dataset_root, out, "--epochs", "2", "--epochs-decay", "0", "--resume"), capsys)
+    assert code == 1 and re.search("loss cycle_X became nan by step 3", err[-1])
+    assert (out / "run" / "latest.pt").read_bytes() == saved
+    advice = re.search(r"continue with: python train_gan.py (.*)", err[-1]).group(1).split()
+    assert advice[advice.index("--lr") + 1] == "0.0001" and advice[advice.index("--epochs") + 1] == "2"  # half the lr
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert cli(advice) == 0  # the advice, as printed, goes on
+    assert torch.load(out / "run" / "latest.pt", weights_only=True)["options"]["lr"] == 1e-4
+
+
+def test_faults_a_nan_in_a_new_runs_first_step_prints_advice_that_works(dataset_root, tmp_path, capsys, monkeypatch):
+    """A new run writes latest.pt at step 0, so the --resume its failure advises has a checkpoint to go on from."""
+    step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, x, y: {**step(self, x, y), "D_X": torch.tensor(math.nan)})
+    code, err = run_cli(cli_args(dataset_root, tmp_path / "out", "--epochs", "1", "--epochs-decay", "0"), capsys)
+    assert code == 1 and re.search("loss D_X became nan by step 1", err[-1]), err
+    advice = re.search(r"continue with: python train_gan.py (.*)", err[-1]).group(1).split()
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert cli(advice) == 0
+    state = torch.load(tmp_path / "out" / "run" / "latest.pt", weights_only=True)
+    assert (state["epoch"], state["step"], state["options"]["lr"]) == (1, 2, 1e-4)
+
+
+def test_faults_images_deleted_while_a_run_goes_on_give_way_and_a_domain_left_empty_stops_in_one_line(
+        dataset_root, tmp_path, capsys, monkeypatch):
+    """A dataset on a shared disk, cleaned up under a running run: the loader's workers still hold the
+    old list of files."""
+    argv = cli_args(dataset_root, tmp_path / "out", "--workers", "2", "--max-steps", "4", "--epochs", "1",
+                    "--epochs-decay", "1")  # 4 steps: every X image, each epoch
+    gone = sorted(p for p in (dataset_root / "trainA").rglob("*") if p.is_file())[:2]
+    end_epoch = du.RunFolder.end_epoch
+
+    def then_delete(*args, **kw):
+        said = end_epoch(*args, **kw)
+        for p in gone:
+            p.unlink(missing_ok=True)
+        return said
+    monkeypatch.setattr(du.RunFolder, "end_epoch", then_delete)
+    code, err = run_cli(argv, capsys)
+    assert code == 0 and "Traceback" not in "".join(err), err
+    warned = re.findall(r"^warning: skipping unreadable image (.*): another image of its domain takes its place$",
+                        "\n".join(err), flags=re.M)  # each on a line of its own, above the progress bar
+    assert sorted(warned) == [str(p) for p in gone]
+    gone = [p for p in (dataset_root / "trainB").rglob("*") if p.is_file()]  # now all of Y
+    code, err = run_cli(cli_args(dataset_root, tmp_path / "out2", "--workers", "2", "--max-steps", "4", "--epochs",
+                                 "2", "--epochs-decay", "0"), capsys)
+    assert_error(code, err, r"none of the 3 images listed in .*trainB can be read any more: put them back, then "
+                            r"resume", 1)
+
+
+def one_epoch(root, out, *extra):
+    """A run of one epoch of one step (next_epoch: its resume for a second)."""
+    return cli_args(root, out, "--epochs", "1", "--epochs-decay", "0", "--max-steps", "1", *extra)
+
+
+def next_epoch(root, out):
+    return one_epoch(root, out, "--epochs-decay", "1", "--resume")
+
+
+def test_faults_an_output_path_that_is_a_file_is_refused_in_one_line(dataset_root, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, err = run_cli(one_epoch(dataset_root, blocker), capsys)
+    assert_error(code, err, "cannot be made a folder.*choose another --output-dir")
+    assert cli(one_epoch(dataset_root, tmp_path / "out")) == 0
+    code, err = run_cli(["--checkpoint", str(tmp_path / "out" / "run" / "latest.pt"), "--input",
+                         str(dataset_root / "testA"), "--output", str(blocker / "sub")], capsys, translate_cli)
+    assert_error(code, err, "--output .* cannot be made a folder")
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("where", ["latest.pt", "epoch_002.png"])
+def test_faults_a_full_disk_ends_the_run_in_one_line_and_keeps_what_was_saved(dataset_root, tmp_path, capsys,
+                                                                              monkeypatch, where):
+    """ENOSPC injected into the checkpoint write (torch.save) or into the epoch's grid."""
+    out = tmp_path / "out"
+    assert cli(one_epoch(dataset_root, out)) == 0
+    run = out / "run"
+    saved = (run / "latest.pt").read_bytes()
+    torch_save, save_image = torch.save, du.save_image
+
+    def full(obj, f):
+        Path(f).write_bytes(b"the first bytes of a check")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    if where == "latest.pt":
+        monkeypatch.setattr(torch, "save", full)
+    else:
+        def no_space(img, path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        monkeypatch.setattr(du, "save_image", no_space)
+    code, err = run_cli(next_epoch(dataset_root, out), capsys)
+    assert_error(code, err, rf"could not write {re.escape(str(run / where))} \(.*\): free some disk space.*"
+                            rf"--resume --name run", 1)
+    assert_no_temporaries(out)
+    if where == "latest.pt":
+        assert (run / "latest.pt").read_bytes() == saved  # the previous checkpoint, intact
+    else:  # the epoch's checkpoint was written before its grid
+        assert torch.load(run / "latest.pt", weights_only=True)["epoch"] == 2
+    monkeypatch.setattr(torch, "save", torch_save)
+    monkeypatch.setattr(du, "save_image", save_image)
+    assert cli(next_epoch(dataset_root, out)) == 0  # the cause fixed, it goes on
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a small tmpfs needs root")
+def test_faults_a_real_full_disk_keeps_the_previous_checkpoint_and_resumes_when_freed(dataset_root, tmp_path, capsys):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("this machine does not allow mounting a tmpfs")
+    try:
+        assert cli(one_epoch(dataset_root, disk)) == 0
+        run = disk / "run"
+        saved = (run / "latest.pt").read_bytes()
+        free = shutil.disk_usage(disk).free
+        (disk / "filler").write_bytes(b"\0" * (free - len(saved) // 2))  # room for half a checkpoint
+        code, err = run_cli(next_epoch(dataset_root, disk), capsys)
+        assert_error(code, err, rf"could not write {re.escape(str(run))}/(latest\.pt|losses\.csv)", 1)
+        assert (run / "latest.pt").read_bytes() == saved and not list(run.glob("*.tmp"))
+        (disk / "filler").unlink()
+        assert cli(next_epoch(dataset_root, disk)) == 0
+        assert torch.load(run / "latest.pt", weights_only=True)["epoch"] == 2
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("device", DEVICES)
+def test_faults_out_of_memory_is_one_line_naming_the_size_and_the_flag(dataset_root, tmp_path, capsys, monkeypatch,
+                                                                       device):
+    """On a GPU, a real out of memory: the allocator capped to 8 MB, a step at crop 256 needs more. On a
+    CPU the allocator's own error is raised in the step (a real one would take the machine's memory)."""
+    out = tmp_path / "out"
+    assert cli(one_epoch(dataset_root, out, "--device", device)) == 0
+    saved = (out / "run" / "latest.pt").read_bytes()
+    if device == "cpu":
+        oom = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9663676416 bytes.")
+        monkeypatch.setattr(Trainer, "train_step", lambda self, x, y: (_ for _ in ()).throw(oom))
+    else:
+        torch.cuda.empty_cache()  # 8 MB more than what this process's earlier tests still hold
+        torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 8 * 2 ** 20)
+                                                   / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        code, err = run_cli(next_epoch(dataset_root, out) + ["--device", device, "--crop-size", "256",
+                                                             "--load-size", "256"], capsys)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0)
+            torch.cuda.empty_cache()
+    assert_error(code, err, r"out of memory at crop 256x256, batch 1: lower --crop-size or "
+                            r"--batch-size, then continue with: python train_gan.py --resume --name run", 1)
+    assert (out / "run" / "latest.pt").read_bytes() == saved
+
+    def out_of_memory(self, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(translate.Translator, "__call__", out_of_memory)
+    code, err = run_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input",
+                         str(dataset_root / "testA"), "--output", str(tmp_path / "res")], capsys, translate_cli)
+    assert_error(code, err, r"out of memory translating img0.jpg \(40x30, batch 1\): pass --max-side", 1)
+
+
+def test_faults_out_of_memory_outside_a_step_is_one_line_and_the_epochs_checkpoint_is_kept(
+        dataset_root, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert cli(one_epoch(dataset_root, out)) == 0
+    oom = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(CycleGAN, "visuals", lambda self, x, y: (_ for _ in ()).throw(oom))  # the epoch's grid
+    code, err = run_cli(next_epoch(dataset_root, out), capsys)
+    assert_error(code, err, r"out of memory at crop 32x32, batch 1: lower --crop-size or --batch-size, then "
+                            r"continue with: python train_gan.py --resume --name run", 1)
+    assert torch.load(out / "run" / "latest.pt", weights_only=True)["epoch"] == 2  # saved before the grid
+    monkeypatch.setattr(Trainer, "load", classmethod(lambda cls, *args, **kw: (_ for _ in ()).throw(oom)))
+    code, err = run_cli(["--resume", "--name", "run", "--output-dir", out, "--device", "cpu"], capsys)
+    assert_error(code, err, r"out of memory setting up the run: free the device's memory", 1)  # no sizes known yet
+    monkeypatch.setattr(translate.Translator, "of", classmethod(lambda cls, *a: (_ for _ in ()).throw(oom)))
+    code, err = run_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
+                         "--output", str(tmp_path / "res"), "--device", "cpu"], capsys, translate_cli)
+    assert_error(code, err, r"out of memory loading the model\(s\) onto cpu: free its memory, or pass --device cpu", 1)
+
+
+def test_faults_ctrl_c_inside_a_save_leaves_the_previous_checkpoint_and_no_temporary(dataset_root, tmp_path, capsys,
+                                                                                     monkeypatch):
+    out = tmp_path / "out"
+    assert cli(one_epoch(dataset_root, out)) == 0
+    saved = (out / "run" / "latest.pt").read_bytes()
+
+    def interrupted(obj, f):
+        Path(f).write_bytes(b"half a checkp")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", interrupted)
+    code, err = run_cli(next_epoch(dataset_root, out), capsys)
+    assert code == 130 and "Traceback" not in "".join(err)
+    assert (out / "run" / "latest.pt").read_bytes() == saved
+    assert_no_temporaries(out)
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.5, 3.0])
+def test_faults_ctrl_c_at_start_up_ends_cleanly(dataset_root, tmp_path, delay):
+    """SIGINT while torch loads, while the folders are scanned or the workers start, or in the first steps."""
+    write_mixed_images(dataset_root / "trainA" / "more", 300)  # a slower scan
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "train_gan.py", *cli_args(dataset_root, out, "--workers", "2",
+                                                                       "--max-steps", "5")],
+                            cwd=Path(__file__).parent, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    time.sleep(delay)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 130), stderr
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr
+    if out.exists():
+        assert_no_temporaries(out)
+
+
+def test_faults_sigint_saves_a_checkpoint_and_exits_cleanly(dataset_root, tmp_path):
     write_mixed_images(dataset_root / "trainA" / "more", 600)  # an epoch of 600 steps: SIGINT lands inside it
     out = tmp_path / "out"
     argv = cli_args(dataset_root, out, "--max-steps", "1000", "--workers", "2")
@@ -1703,13 +2753,21 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(dataset_root, tmp_path):
     assert state["epoch"] == 0 and 1 <= state["epoch_step"] < 600
 
 
-# ----------------------------------------------------------------------------- DDP
+# ============================================================================= several GPUs (torchrun)
+
+
+def test_ddp_is_the_commands_concern_and_no_model_file_names_it():
+    """Several GPUs are the command's concern (the Trainer averages gradients over the ranks): a learner of the
+    papers meets no all-reduce in them."""
+    for path in ("layers.py", "networks.py", "losses.py", "cycle_gan.py", "cut_model.py"):
+        text = (Path(__file__).parent / path).read_text()
+        assert not re.search(r"DistributedDataParallel|no_sync|all_reduce|local_grads|rank|distributed", text), path
+
 
 def ddp_worker(rank, world, port, argv, out, stop_after=None):
     """One torchrun-like rank: train, then dump this rank's weights for comparison. FastCUT's
     ranks mirror differently (rank 0 every step, rank 1 never), the case that once hung them.
     With `stop_after`, rank 1 alone is asked to stop after that many steps."""
-    import torch.distributed as dist
     CUT.flip_this_step = lambda self: self.config.flip_equivariance and rank == 0
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -1723,8 +2781,6 @@ def ddp_worker(rank, world, port, argv, out, stop_after=None):
 def train_two_ranks(argv, tmp_path, stop_after=None) -> list[dict]:
     """Run ddp_worker on 2 processes (gloo on the CPU, nccl with --device cuda); each rank's final
     weights. Fails if the ranks hang."""
-    import socket
-    import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -1774,7 +2830,6 @@ def gradients_of_one_step(trainer, x, y) -> dict[str, torch.Tensor]:
 
 def one_step_on_a_rank(rank, world, port, out):
     """A rank of a two-rank gloo group: CycleGAN (no image pool) steps on this rank's own image pair."""
-    import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -1787,8 +2842,6 @@ def test_ddp_two_ranks_take_the_step_one_process_takes_on_both_ranks_images(tmp_
     """The Trainer averages each group's gradients over the ranks before its Adam step: two ranks, each with one
     image pair, step on the gradients one process gets from both pairs as a batch of 2 (the losses are means over
     the batch, instance norm sees each image alone, and without a pool D sees the same fakes)."""
-    import socket
-    import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -1812,10 +2865,11 @@ def test_ddp_ranks_stop_together_after_the_step_one_rank_was_asked_to_stop(datas
     assert all(torch.equal(t, ranks[0]["G"][k]) for k, t in stopped["nets"]["G"].items())
 
 
-# ----------------------------------------------------------------------------- what differs on a GPU (-m gpu)
+# ============================================================================= what differs on a GPU (-m gpu)
 
-MODELS = {"cycle_gan": (CycleGAN, CycleGANConfig(**TINY)), "cut": (CUT, CUTConfig(**TINY_CUT)),
-          "fastcut": (CUT, CUTConfig(mode="fastcut", **TINY_CUT))}
+
+STEP_MODELS = {"cycle_gan": (CycleGAN, CycleGANConfig(**TINY)), "cut": (CUT, CUTConfig(**TINY_CUT)),
+               "fastcut": (CUT, CUTConfig(mode="fastcut", **TINY_CUT))}
 
 
 def step_with_gradients(trainer, x, y, monkeypatch) -> tuple[dict, dict]:
@@ -1833,8 +2887,8 @@ def step_with_gradients(trainer, x, y, monkeypatch) -> tuple[dict, dict]:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("model", list(MODELS))
-def test_a_float32_step_on_the_device_computes_the_float64_step_of_the_cpu(device, model, monkeypatch, request):
+@pytest.mark.parametrize("model", list(STEP_MODELS))
+def test_gpu_float32_step_on_the_device_computes_the_float64_step_of_the_cpu(device, model, monkeypatch, request):
     """One float32 step on the device against the same step in float64 on the CPU: the losses and each network's
     gradients agree to float32 rounding (relative 1e-4; the CPU's are 1e-6 to 4e-6 off, and TF32 arithmetic in
     H's matrix multiplies alone puts CUT's 1e-3 off). So TF32 is off (cuDNN's default turns it on for
@@ -1844,7 +2898,7 @@ def test_a_float32_step_on_the_device_computes_the_float64_step_of_the_cpu(devic
     matmul = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # no TF32 in matrix multiplies either
     request.addfinalizer(lambda: torch.set_float32_matmul_precision(matmul))
-    model_cls, config = MODELS[model]
+    model_cls, config = STEP_MODELS[model]
     torch.manual_seed(0)
     net = model_cls(copy.deepcopy(config))
     reference = copy.deepcopy(net)
@@ -1867,12 +2921,12 @@ def test_a_float32_step_on_the_device_computes_the_float64_step_of_the_cpu(devic
 @pytest.mark.gpu
 @pytest.mark.parametrize("device, precision", [on("cpu", "bf16"), on("cpu", "fp16"), on("cuda", "bf16"),
                                                on("cuda", "fp16")])
-@pytest.mark.parametrize("model", list(MODELS))
-def test_mixed_precision_trains_twenty_finite_steps_and_the_content_loss_falls(device, precision, model):
+@pytest.mark.parametrize("model", list(STEP_MODELS))
+def test_gpu_mixed_precision_trains_twenty_finite_steps_and_the_content_loss_falls(device, precision, model):
     """fp16's loss scale stays >= 1: with H's MLP in fp16, CUT's gradients overflowed at every scale (found on
     an H200), G never stepped. The command refuses fp16 on a CPU (real-size steps come out NaN); the tiny
     models here step, so the CPU checks the scaling too."""
-    model_cls, config = MODELS[model]
+    model_cls, config = STEP_MODELS[model]
     torch.manual_seed(0)
     trainer = Trainer(model_cls(copy.deepcopy(config)), device, precision)
     x, y = pair(32)
@@ -1885,7 +2939,29 @@ def test_mixed_precision_trains_twenty_finite_steps_and_the_content_loss_falls(d
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_run_on_the_device_with_loader_workers_resumes_and_translates_as_the_cpu_does(
+def test_gpu_compiled_run_trains_as_eager_does_and_saves_weights_plain_networks_load(dataset_root, tmp_path, device):
+    if device == "cpu" and not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")):
+        pytest.skip("torch.compile on a CPU needs a C++ compiler")
+    rows = {}
+    for mode in ("eager", "compiled"):
+        out = tmp_path / mode
+        try:
+            assert cli(cli_args(dataset_root, out, "--model", "fastcut", "--epochs", "1", "--epochs-decay", "0",
+                                "--device", device, *(["--compile"] if mode == "compiled" else []))) == 0
+        finally:
+            torch._dynamo.reset()
+        rows[mode] = [{k: float(v) for k, v in r.items()} for r in csv.DictReader((out / "run" / "losses.csv").open())]
+    state = torch.load(tmp_path / "compiled" / "run" / "latest.pt", weights_only=True)
+    assert state["step"] == 2 and not any("_orig_mod" in k for net in state["nets"].values() for k in net)
+    Trainer.load(state)  # uncompiled networks take the weights
+    # The same seed, the same first step: the compiled kernels compute it as eager does, to rounding.
+    assert rows["compiled"][0] == pytest.approx(rows["eager"][0], rel=1e-3)
+    assert len(rows["compiled"]) == 2 and all(math.isfinite(v) for v in rows["compiled"][1].values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("device", DEVICES)
+def test_gpu_run_with_loader_workers_resumes_and_translates_as_the_cpu_does(
         dataset_root, tmp_path, monkeypatch, device):
     pinned, loader_cls = [], torch.utils.data.DataLoader
 
@@ -1909,7 +2985,8 @@ def test_a_run_on_the_device_with_loader_workers_resumes_and_translates_as_the_c
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("device", DEVICES)
-def test_benchmark_reports_the_step_the_data_wait_and_the_devices_peak_memory(dataset_root, tmp_path, capsys, device):
+def test_gpu_benchmark_reports_the_step_the_data_wait_and_the_devices_peak_memory(dataset_root, tmp_path, capsys,
+                                                                                  device):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     assert cli(cli_args(dataset_root, tmp_path / "out", "--device", device, "--benchmark", "2", "--workers", "1")) == 0
@@ -1923,11 +3000,10 @@ def test_benchmark_reports_the_step_the_data_wait_and_the_devices_peak_memory(da
         assert 0 < result["peak_mem_mb"] <= round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-# ----------------------------------------------------------------------------- the reading guide
+# ============================================================================= the reading guide
+
 
 def test_guide_names_real_functions_that_cite_their_equations():
-    import importlib
-    import inspect
     guide = (Path(__file__).parent / "docs" / "GUIDE.md").read_text()
     rows = [line.split("|")[1:-1] for line in guide.splitlines() if line.startswith("| ") and "`" in line]
     checked = 0
@@ -1987,7 +3063,7 @@ def test_guide_traces_show_the_shapes_the_code_produces():
     assert nce_x.item() == pytest.approx(ns["NCE_X"].item(), rel=1e-6)
 
 
-def test_every_ablation_command_of_the_guide_builds_its_model(dataset_root):
+def test_guide_ablation_commands_each_build_their_model(dataset_root):
     """Each row of the guide's ablation table, run on tiny networks: its options parse, the model builds
     with the row's setting, and one step trains."""
     guide = (Path(__file__).parent / "docs" / "GUIDE.md").read_text()
@@ -2006,404 +3082,3 @@ def test_every_ablation_command_of_the_guide_builds_its_model(dataset_root):
                                    and "external" in what else "image"), what
         x, y = pair(32)
         trainer.train_step(x.repeat(args.batch_size, 1, 1, 1), y.repeat(args.batch_size, 1, 1, 1))
-
-
-# ----------------------------------------------------------------------------- official pretrained generators
-
-def official_files(folder: Path) -> dict[str, tuple[nn.Module, int]]:
-    """Generator files as the official codes save them (bare state_dicts in their key layout), each with
-    the network that wrote it and the side its test images need: the CycleGAN zoo's ResNet (9 blocks),
-    a latest_net_G_A.pth of 6 blocks saved from DataParallel (module. keys), U-Nets 128 and 256, a CUT
-    latest_net_G.pth (blur-pool), and an old file whose instance norms carry running statistics."""
-    torch.manual_seed(0)
-    nets = {"horse2zebra.pth": (ResnetGenerator(ngf=4, n_blocks=9), 36),
-            "latest_net_G_A.pth": (ResnetGenerator(ngf=4, n_blocks=6), 36),
-            "unet128_net_G.pth": (UnetGenerator(num_downs=7, ngf=4), 128),
-            "unet256_net_G.pth": (UnetGenerator(num_downs=8, ngf=4), 256),
-            "cut_latest_net_G.pth": (ResnetGenerator(ngf=4, n_blocks=9, antialias=True), 36),
-            "cut_no_antialias_net_G.pth": (ResnetGenerator(ngf=4, n_blocks=9, antialias=False, antialias_up=True), 36),
-            "cut_no_antialias_up_net_G.pth": (ResnetGenerator(ngf=4, n_blocks=9, antialias=True, antialias_up=False),
-                                              36),
-            "old_style_monet.pth": (ResnetGenerator(ngf=4, n_blocks=9), 36)}
-    folder.mkdir(parents=True)
-    for name, (net, _) in nets.items():
-        state = net.state_dict()
-        if name == "latest_net_G_A.pth":
-            state = {f"module.{k}": v for k, v in state.items()}
-        if name.startswith("old_"):  # PyTorch 0.3 saved running stats for every instance norm
-            for i, layer in enumerate(net.model):
-                if isinstance(layer, nn.InstanceNorm2d):
-                    state[f"model.{i}.running_mean"] = torch.zeros(layer.num_features)
-                    state[f"model.{i}.running_var"] = torch.ones(layer.num_features)
-        torch.save(state, folder / name)
-    return nets
-
-
-def test_cli_translates_with_each_kind_of_official_generator_file_as_the_network_does(tmp_path):
-    nets = official_files(tmp_path / "official")
-    for name, (net, side) in nets.items():
-        inputs = tmp_path / f"in_{side}"
-        if not inputs.exists():
-            inputs.mkdir()
-            rng = np.random.default_rng(side)
-            Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(inputs / "photo.png")
-        out = tmp_path / f"out_{name}"
-        assert translate_cli(["--checkpoint", str(tmp_path / "official" / name), "--input", str(inputs),
-                              "--output", str(out), "--device", "cpu"]) == 0, name
-        with torch.no_grad():
-            expected = du.to_image(net.eval()(du.to_tensor(Image.open(inputs / "photo.png"))[None])[0])
-        got = np.asarray(Image.open(out / "photo.png"), dtype=int)
-        assert np.abs(got - np.asarray(expected, dtype=int)).max() <= 1, name
-    grid = tmp_path / "zoo.png"  # compare takes official files too: input | CycleGAN zoo | CUT
-    assert translate_cli(["--checkpoint", str(tmp_path / "official" / "horse2zebra.pth"),
-                          str(tmp_path / "official" / "cut_latest_net_G.pth"), "--input", str(tmp_path / "in_36"),
-                          "--grid", str(grid), "--size", "36", "--device", "cpu"]) == 0
-    assert Image.open(grid).size == (3 * 38 + 2, 38 + 2)
-
-
-# Where the official CUT code (taesungp/contrastive-unpaired-translation, models/networks.py) puts the blur
-# filters of a ResnetGenerator(ngf=4, n_blocks=2) under each of its two flags, and the index of its last
-# conv: {filt index: kernel side} (3: blur-pool down, 4: blur up), as read off the official code.
-OFFICIAL_BLUR_LAYOUTS = {  # (--no_antialias, --no_antialias_up)
-    (False, False): ({7: 3, 11: 3, 14: 4, 18: 4}, 23), (True, False): ({12: 4, 16: 4}, 21),
-    (False, True): ({7: 3, 11: 3}, 21), (True, True): ({}, 19)}
-
-
-@pytest.mark.parametrize("flags", list(OFFICIAL_BLUR_LAYOUTS))
-def test_each_official_antialias_flag_has_its_official_layout_and_is_read_back_from_a_file(flags):
-    no_antialias, no_antialias_up = flags
-    torch.manual_seed(0)
-    net = ResnetGenerator(ngf=4, n_blocks=2, antialias=not no_antialias, antialias_up=not no_antialias_up).eval()
-    state = net.state_dict()
-    filters = {int(k.split(".")[1]): t.shape[-1] for k, t in state.items() if k.endswith(".filt")}
-    assert (filters, int(next(reversed(state)).split(".")[1])) == OFFICIAL_BLUR_LAYOUTS[flags]
-    built = official_generator(state).eval()
-    x = torch.rand(1, 3, 32, 32) * 2 - 1
-    with torch.no_grad():
-        assert torch.equal(built(x), net(x))
-    cut = CUT(CUTConfig(**TINY_CUT, antialias=not no_antialias, antialias_up=not no_antialias_up))
-    assert [type(m).__name__ for m in cut.G.modules() if "Blur" in type(m).__name__] == \
-        ["BlurDownsample"] * 2 * (not no_antialias) + ["BlurUpsample"] * 2 * (not no_antialias_up)
-    assert any(isinstance(m, BlurDownsample) for m in cut.D.modules()) == (not no_antialias)  # D: the first flag
-
-
-def test_official_generator_is_read_from_the_file_alone():
-    for net in (ResnetGenerator(1, 3, ngf=8, n_blocks=6, norm="batch", dropout=True),
-                ResnetGenerator(3, 1, ngf=4, n_blocks=2, norm="none", antialias=True),
-                UnetGenerator(1, 1, num_downs=6, ngf=4, norm="batch")):
-        built = official_generator(net.state_dict())
-        assert type(built) is type(net) and n_params(built) == n_params(net)
-        assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), net.state_dict().values()))
-
-
-def test_wrong_files_given_to_translate_get_one_line(dataset_root, tmp_path, capsys):
-    opt = torch.optim.Adam(ResnetGenerator(ngf=4, n_blocks=1).parameters())
-    files = {"optimizer.pth": (opt.state_dict(), "not all of them tensors"),
-             "latest_net_D.pth": (PatchDiscriminator(ndf=4).state_dict(), "a PatchGAN discriminator"),
-             "noise.pth": ({"w": torch.randn(3, 3)}, r"the first 'w' \(3, 3\)"),
-             "tensor.pth": (torch.randn(3), "it holds a Tensor, not a state_dict")}
-    for name, (state, pattern) in files.items():
-        torch.save(state, tmp_path / name)
-        code, err = run_cli(["--checkpoint", str(tmp_path / name), "--input", str(dataset_root / "testA"),
-                             "--output", str(tmp_path / "out"), "--device", "cpu"], capsys, translate_cli)
-        assert_one_line_error(code, err, "neither a checkpoint of train_gan.py nor an official generator.*" + pattern)
-    official_files(tmp_path / "official")
-    code, err = run_cli(["--checkpoint", str(tmp_path / "official" / "horse2zebra.pth"), "--input",
-                         str(dataset_root / "testB"), "--output", str(tmp_path / "out"), "--direction", "BtoA"],
-                        capsys, translate_cli)
-    assert_one_line_error(code, err, "one generator, which translates its own way: drop --direction")
-    assert not (tmp_path / "out").exists()
-
-
-def test_pretrained_is_one_command_downloading_once_atomically_and_failing_offline_in_one_line(
-        dataset_root, tmp_path, capsys, monkeypatch):
-    import urllib.error
-    source = tmp_path / "server" / "horse2zebra.pth"
-    source.parent.mkdir()
-    torch.manual_seed(0)
-    net = ResnetGenerator(ngf=4, n_blocks=9)
-    torch.save(net.state_dict(), source)
-    monkeypatch.setattr(du, "PRETRAINED_URL", (tmp_path / "server").as_uri() + "/{}.pth")  # a file:// server
-    cache, photos = tmp_path / "cache", tmp_path / "photos"
-    photos.mkdir()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(photos / "img0.png")
-    argv = ["--pretrained", "horse2zebra", "--input", photos, "--cache", cache, "--device", "cpu"]
-    code, err = run_cli(argv + ["--output", tmp_path / "zebras"], capsys, translate_cli)
-    assert code == 0 and "downloading the official horse2zebra generator" in err[0], err
-    assert (cache / "horse2zebra.pth").read_bytes() == source.read_bytes() and len(list(cache.iterdir())) == 1
-    with torch.no_grad():  # the downloaded network's own output
-        expected = du.to_image(net.eval()(du.to_tensor(du.load_image(photos / "img0.png"))[None])[0])
-    got = np.asarray(Image.open(tmp_path / "zebras" / "img0.png"), dtype=int)
-    assert np.abs(got - np.asarray(expected, dtype=int)).max() <= 1
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("Name or service not known")
-    monkeypatch.setattr(du.urllib.request, "urlopen", offline)
-    code, err = run_cli(argv + ["--output", tmp_path / "again"], capsys, translate_cli)  # cached: no network
-    assert code == 0 and not any("downloading" in line for line in err), err
-    code, err = run_cli(["--pretrained", "zebra2horse", "--input", photos, "--output", tmp_path / "horses",
-                         "--cache", cache], capsys, translate_cli)
-    assert_one_line_error(code, err[-1:], "could not download .*zebra2horse.pth.*offline")
-    assert sorted(p.name for p in cache.iterdir()) == ["horse2zebra.pth"] and not (tmp_path / "horses").exists()
-    code, err = run_cli(["--pretrained", "zebra2horse", "--input", photos, "--output", tmp_path / "horses",
-                         "--cache", source], capsys, translate_cli)  # a cache under a file
-    assert_one_line_error(code, err[-1:], "could not download")
-    code, err = run_cli(["--pretrained", "pears2plums", "--input", photos, "--output", tmp_path / "p"], capsys,
-                        translate_cli)
-    assert_one_line_error(code, err, "unknown pretrained model 'pears2plums': choose one of apple2orange, .*"
-                                     "iphone2dslr_flower")
-    assert len(du.OFFICIAL_PRETRAINED) == 18
-
-
-# ----------------------------------------------------------------------------- real faults
-
-def one_epoch(root, out, *extra):
-    """A run of one epoch of one step (next_epoch: its resume for a second)."""
-    return cli_args(root, out, "--epochs", "1", "--epochs-decay", "0", "--max-steps", "1", *extra)
-
-
-def next_epoch(root, out):
-    return one_epoch(root, out, "--epochs-decay", "1", "--resume")
-
-
-def assert_run_error(code, err, pattern):
-    """Exit 1 and one error line, the last, matching `pattern`; no traceback (the progress bar may stand before)."""
-    assert code == 1 and "Traceback" not in "".join(err), err
-    assert [line for line in err if line.startswith("error:")] == err[-1:] and re.search(pattern, err[-1]), err
-
-
-def assert_no_temporaries(folder: Path):
-    assert not [p for p in folder.rglob("*") if p.name.endswith((".tmp", ".part"))]
-
-
-def test_an_output_path_that_is_a_file_is_refused_in_one_line(dataset_root, tmp_path, capsys):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    code, err = run_cli(one_epoch(dataset_root, blocker), capsys)
-    assert_one_line_error(code, err, "cannot be made a folder.*choose another --output-dir")
-    assert cli(one_epoch(dataset_root, tmp_path / "out")) == 0
-    code, err = run_cli(["--checkpoint", str(tmp_path / "out" / "run" / "latest.pt"), "--input",
-                         str(dataset_root / "testA"), "--output", str(blocker / "sub")], capsys, translate_cli)
-    assert_one_line_error(code, err, "--output .* cannot be made a folder")
-    assert blocker.read_text() == "not a folder"
-
-
-@pytest.mark.parametrize("where", ["latest.pt", "epoch_002.png"])
-def test_a_full_disk_ends_the_run_in_one_line_and_keeps_what_was_saved(dataset_root, tmp_path, capsys, monkeypatch,
-                                                                       where):
-    """ENOSPC injected into the checkpoint write (torch.save) or into the epoch's grid."""
-    import errno
-    out = tmp_path / "out"
-    assert cli(one_epoch(dataset_root, out)) == 0
-    run = out / "run"
-    saved = (run / "latest.pt").read_bytes()
-    torch_save, save_image = torch.save, du.save_image
-
-    def full(obj, f):
-        Path(f).write_bytes(b"the first bytes of a check")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
-    if where == "latest.pt":
-        monkeypatch.setattr(torch, "save", full)
-    else:
-        def no_space(img, path):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        monkeypatch.setattr(du, "save_image", no_space)
-    code, err = run_cli(next_epoch(dataset_root, out), capsys)
-    assert_run_error(code, err, rf"could not write {re.escape(str(run / where))} \(.*\): free some disk space.*"
-                                rf"--resume --name run")
-    assert_no_temporaries(out)
-    if where == "latest.pt":
-        assert (run / "latest.pt").read_bytes() == saved  # the previous checkpoint, intact
-    else:  # the epoch's checkpoint was written before its grid
-        assert torch.load(run / "latest.pt", weights_only=True)["epoch"] == 2
-    monkeypatch.setattr(torch, "save", torch_save)
-    monkeypatch.setattr(du, "save_image", save_image)
-    assert cli(next_epoch(dataset_root, out)) == 0  # the cause fixed, it goes on
-
-
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a small tmpfs needs root")
-def test_a_real_full_disk_keeps_the_previous_checkpoint_and_resumes_when_freed(dataset_root, tmp_path, capsys):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("this machine does not allow mounting a tmpfs")
-    try:
-        assert cli(one_epoch(dataset_root, disk)) == 0
-        run = disk / "run"
-        saved = (run / "latest.pt").read_bytes()
-        free = shutil.disk_usage(disk).free
-        (disk / "filler").write_bytes(b"\0" * (free - len(saved) // 2))  # room for half a checkpoint
-        code, err = run_cli(next_epoch(dataset_root, disk), capsys)
-        assert_run_error(code, err, rf"could not write {re.escape(str(run))}/(latest\.pt|losses\.csv)")
-        assert (run / "latest.pt").read_bytes() == saved and not list(run.glob("*.tmp"))
-        (disk / "filler").unlink()
-        assert cli(next_epoch(dataset_root, disk)) == 0
-        assert torch.load(run / "latest.pt", weights_only=True)["epoch"] == 2
-    finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
-
-
-HOLD_LOCK = """
-import sys, time
-from pathlib import Path
-sys.path.insert(0, sys.argv[1])
-import data_utility
-lock = data_utility.RunFolder(Path(sys.argv[2])).hold(new=True)
-print("locked", flush=True)
-time.sleep(120)
-"""
-
-
-def test_one_run_per_folder_and_a_killed_holder_never_blocks(dataset_root, tmp_path, capsys):
-    run = tmp_path / "out" / "run"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(Path(__file__).parent), str(run)],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        for extra in ((), ("--resume",)):  # a second run, or a resume, into the held folder
-            code, err = run_cli(one_epoch(dataset_root, tmp_path / "out", *extra), capsys)
-            assert_one_line_error(code, err, rf"in use by another run \(process {holder.pid}\)")
-        holder.kill()  # kill -9: no chance to clean up
-        holder.wait()
-        assert cli(one_epoch(dataset_root, tmp_path / "out")) == 0  # the dead holder's lock is gone with it
-        assert (run / "latest.pt").exists()
-    finally:
-        holder.kill()
-        holder.wait()
-
-
-def exif_rotated_jpeg(path: Path, size=(40, 24)) -> Image.Image:
-    """A JPEG stored sideways with EXIF orientation 6 (turn it 90 degrees clockwise to view it): stored red on
-    the left, blue on the right, it shows red on top. Returns the upright picture."""
-    stored = np.zeros((size[1], size[0], 3), dtype=np.uint8)
-    stored[:, :size[0] // 2, 0] = stored[:, size[0] // 2:, 2] = 255
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.fromarray(stored).save(path, exif=exif, quality=95)
-    upright = np.zeros((size[0], size[1], 3), dtype=np.uint8)
-    upright[:size[0] // 2, :, 0] = upright[size[0] // 2:, :, 2] = 255
-    return Image.fromarray(upright)
-
-
-def test_exif_orientation_is_applied_on_every_read(dataset_root, tmp_path):
-    photos = tmp_path / "phone"
-    photos.mkdir()
-    upright = exif_rotated_jpeg(photos / "IMG_0001.jpg")
-    loaded = du.load_image(photos / "IMG_0001.jpg")
-    assert loaded.size == (24, 40) == upright.size
-    assert np.abs(np.asarray(loaded, dtype=int) - np.asarray(upright, dtype=int)).mean() < 8  # JPEG rounding
-    assert du.load_fixed_images(photos, 1, 16).shape == (1, 3, 16, 16)
-    out = tmp_path / "out"
-    assert cli(one_epoch(dataset_root, out)) == 0
-    assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(photos),
-                          "--output", str(tmp_path / "res"), "--device", "cpu"]) == 0
-    assert Image.open(tmp_path / "res" / "IMG_0001.png").size == (24, 40)  # upright, at its upright size
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("device", DEVICES)
-def test_out_of_memory_is_one_line_naming_the_size_and_the_flag(dataset_root, tmp_path, capsys, monkeypatch, device):
-    """On a GPU, a real out of memory: the allocator capped to 8 MB, a step at crop 256 needs more. On a
-    CPU the allocator's own error is raised in the step (a real one would take the machine's memory)."""
-    out = tmp_path / "out"
-    assert cli(one_epoch(dataset_root, out, "--device", device)) == 0
-    saved = (out / "run" / "latest.pt").read_bytes()
-    if device == "cpu":
-        oom = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9663676416 bytes.")
-        monkeypatch.setattr(Trainer, "train_step", lambda self, x, y: (_ for _ in ()).throw(oom))
-    else:
-        torch.cuda.empty_cache()  # 8 MB more than what this process's earlier tests still hold
-        torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 8 * 2 ** 20)
-                                                   / torch.cuda.get_device_properties(0).total_memory)
-    try:
-        code, err = run_cli(next_epoch(dataset_root, out) + ["--device", device, "--crop-size", "256",
-                                                             "--load-size", "256"], capsys)
-    finally:
-        if device == "cuda":
-            torch.cuda.set_per_process_memory_fraction(1.0)
-            torch.cuda.empty_cache()
-    assert_run_error(code, err, r"out of memory at crop 256x256, batch 1: lower --crop-size or "
-                                r"--batch-size, then continue with: python train_gan.py --resume --name run")
-    assert (out / "run" / "latest.pt").read_bytes() == saved
-
-    def translate(self, x):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    import translate as translate_py
-    monkeypatch.setattr(translate_py.Translator, "__call__", translate)
-    code, err = run_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input",
-                         str(dataset_root / "testA"), "--output", str(tmp_path / "res")], capsys, translate_cli)
-    assert_run_error(code, err, r"out of memory translating img0.jpg \(40x30, batch 1\): pass --max-side")
-
-
-def test_out_of_memory_outside_a_step_is_one_line_and_the_epochs_checkpoint_is_kept(
-        dataset_root, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "out"
-    assert cli(one_epoch(dataset_root, out)) == 0
-    oom = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(CycleGAN, "visuals", lambda self, x, y: (_ for _ in ()).throw(oom))  # the epoch's grid
-    code, err = run_cli(next_epoch(dataset_root, out), capsys)
-    assert_run_error(code, err, r"out of memory at crop 32x32, batch 1: lower --crop-size or --batch-size, then "
-                                r"continue with: python train_gan.py --resume --name run")
-    assert torch.load(out / "run" / "latest.pt", weights_only=True)["epoch"] == 2  # saved before the grid
-    monkeypatch.setattr(Trainer, "load", classmethod(lambda cls, *args, **kw: (_ for _ in ()).throw(oom)))
-    code, err = run_cli(["--resume", "--name", "run", "--output-dir", out, "--device", "cpu"], capsys)
-    assert_run_error(code, err, r"out of memory setting up the run: free the device's memory")  # no sizes known yet
-    import translate as translate_py
-    monkeypatch.setattr(translate_py.Translator, "of", classmethod(lambda cls, *a: (_ for _ in ()).throw(oom)))
-    code, err = run_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
-                         "--output", str(tmp_path / "res"), "--device", "cpu"], capsys, translate_cli)
-    assert_run_error(code, err, r"out of memory loading the model\(s\) onto cpu: free its memory, or pass --device cpu")
-
-
-def test_translate_max_side_scales_down_keeping_the_aspect_ratio_and_size_squares(dataset_root, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert cli(one_epoch(dataset_root, out)) == 0
-    assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
-                          "--output", str(tmp_path / "res"), "--max-side", "20", "--device", "cpu"]) == 0
-    assert Image.open(tmp_path / "res" / "img0.png").size == (20, 15)  # from 40x30
-    assert Image.open(tmp_path / "res" / "img1.png").size == (14, 20)  # from 33x47
-    argv = ["--checkpoint", out / "run" / "latest.pt", "--input", dataset_root / "testA", "--output", tmp_path / "sq"]
-    assert translate_cli([str(a) for a in argv] + ["--size", "24"]) == 0  # the official test.py's square resize
-    assert {Image.open(p).size for p in (tmp_path / "sq").iterdir()} == {(24, 24)}
-    code, err = run_cli(argv + ["--size", "24", "--max-side", "20"], capsys, translate_cli)
-    assert_one_line_error(code, err, "--size and --max-side both set the size: pass one")
-    (dataset_root / "testA" / "broken.png").write_text("not an image")  # skipped, named once; the rest written
-    code, err = run_cli(argv[:-1] + [tmp_path / "with_broken"], capsys, translate_cli)
-    assert code == 0 and [line for line in err if "warning" in line] == \
-        [f"warning: skipping unreadable image {dataset_root / 'testA' / 'broken.png'}"], err
-    assert sorted(p.name for p in (tmp_path / "with_broken").iterdir()) == ["img0.png", "img1.png"]
-
-
-def test_ctrl_c_inside_a_save_leaves_the_previous_checkpoint_and_no_temporary(dataset_root, tmp_path, capsys,
-                                                                             monkeypatch):
-    out = tmp_path / "out"
-    assert cli(one_epoch(dataset_root, out)) == 0
-    saved = (out / "run" / "latest.pt").read_bytes()
-
-    def interrupted(obj, f):
-        Path(f).write_bytes(b"half a checkp")
-        raise KeyboardInterrupt
-    monkeypatch.setattr(torch, "save", interrupted)
-    code, err = run_cli(next_epoch(dataset_root, out), capsys)
-    assert code == 130 and "Traceback" not in "".join(err)
-    assert (out / "run" / "latest.pt").read_bytes() == saved
-    assert_no_temporaries(out)
-
-
-@pytest.mark.parametrize("delay", [0.3, 1.5, 3.0])
-def test_ctrl_c_at_start_up_ends_cleanly(dataset_root, tmp_path, delay):
-    """SIGINT while torch loads, while the folders are scanned or the workers start, or in the first steps."""
-    write_mixed_images(dataset_root / "trainA" / "more", 300)  # a slower scan
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "train_gan.py", *cli_args(dataset_root, out, "--workers", "2",
-                                                                        "--max-steps", "5")],
-                            cwd=Path(__file__).parent, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    time.sleep(delay)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode in (0, 130), stderr
-    assert "Traceback" not in stderr and "Error" not in stderr, stderr
-    if out.exists():
-        assert_no_temporaries(out)
