@@ -1,8 +1,8 @@
 """Mutation check of the five model files: does a wrong line fail the tests, and its own component's tests?
 
-    python .ci/mutants.py list                          # every mutant: id, place, component, change
-    python .ci/mutants.py run --own --out own.jsonl     # each mutant against its own component's -k run
-    python .ci/mutants.py run --whole --ids 3,17 --out whole.jsonl   # ... against the whole suite
+    python .ci/mutants.py list                                  # every mutant: id, place, component, change
+    python .ci/mutants.py run --sample 120 --out own.jsonl      # a seeded draw, each against its component's -k
+    python .ci/mutants.py run --whole --ids 3,17 --out whole.jsonl   # ... or against the whole suite
 
 A mutant is one small change to one line (an operator, a comparison, a constant, a boolean, a dropped `not`, a
 dropped .detach() or .flip()), applied in a scratch copy of the repository; it is killed when the tests fail.
@@ -152,7 +152,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("action", choices=("list", "run"))
     p.add_argument("--whole", action="store_true", help="the whole suite, not the mutant's component")
-    p.add_argument("--own", action="store_true", help="each mutant's own component's -k run (the default)")
     p.add_argument("--ids", help="comma-separated mutant ids (default: all)")
     p.add_argument("--sample", type=int, help="a seeded draw of about this many, in proportion to each component")
     p.add_argument("--tests", type=Path, default=ROOT / "test_components.py", help="the test file to run")
