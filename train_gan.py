@@ -693,11 +693,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["download"]:
             return download_command(argv[1:])
         args = parse_options(argv)
-        try:
-            benchmark(args) if args.benchmark else train(args)
-        except RuntimeError:  # out of memory before the run's sizes are known (its networks onto the device)
+        try:  # out of memory before the run's sizes are known (its networks onto the device)
             with memory_or_stopped("setting up the run", "free the device's memory, or pass --device cpu"):
-                raise
+                benchmark(args) if args.benchmark else train(args)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
