@@ -2520,6 +2520,14 @@ def test_faults_checkpoint_problems_are_named(dataset_root, tmp_path, capsys):
     torch.save(ResnetGenerator(ngf=4, n_blocks=1).state_dict(), out / "run" / "latest.pt")
     code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
     assert_error(code, err, "not a checkpoint of a train_gan.py run.*translate")
+    state = Trainer(CycleGAN(CycleGANConfig(**TINY))).state()
+    torch.save({k: state[k] for k in ("model", "config", "nets")}, out / "run" / "latest.pt")  # weights to use only
+    code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
+    assert_error(code, err, "lacks epoch, epoch_step, extra, optimizers, options, rng, step, which a resume needs")
+    state["nets"]["G"]["model.1.weight"] = torch.zeros(5, 3, 7, 7)
+    torch.save(state, out / "run" / "latest.pt")
+    code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
+    assert_error(code, err, "latest.pt does not match a cycle_gan of its own config: size mismatch for model.1.weight")
 
 
 def test_faults_a_new_run_never_overwrites_an_old_one(dataset_root, tmp_path, capsys):

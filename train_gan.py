@@ -399,7 +399,7 @@ class Trainer:
                     group.update(kernel)
         except (RuntimeError, KeyError, ValueError) as e:
             raise UsageError(f"{source} does not match a {state['model']} of its own config: "
-                             f"{str(e).splitlines()[0]}") from None
+                             f"{str(e).strip().splitlines()[-1].strip()}") from None
         trainer.epoch, trainer.global_step, rng = state["epoch"], state["step"], state["rng"]
         if state["extra"]:
             trainer.model.load_extra_state(state["extra"], trainer.device)
@@ -431,7 +431,7 @@ def load_model(state, source: Path | None = None) -> Model:
             getattr(model, name).eval().load_state_dict(state["nets"][name])
     except (RuntimeError, KeyError, ValueError) as e:
         raise UsageError(f"{source} does not match a {state['model']} of its own config: "
-                         f"{str(e).splitlines()[0]}") from None
+                         f"{str(e).strip().splitlines()[-1].strip()}") from None
     return model
 
 
