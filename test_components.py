@@ -47,6 +47,7 @@ import threading
 import time
 import urllib.error
 import warnings
+import zipfile
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -1681,6 +1682,8 @@ def test_dataset_broken_images_give_way_when_loaded_and_each_is_named_in_one_war
     assert sorted(str(w.message) for w in record) == [f"skipping unreadable image {p}: another image of its domain "
                                                       f"takes its place" for p in broken]  # once each
     assert len(waits) == 3 and all(w > 0 for w in waits)
+    with pytest.warns(UserWarning, match=r"skipping 2 unreadable image\(s\) in .*trainA: text.png, truncated.jpg"):
+        assert du.load_fixed_images(tmp_path / "trainA", 5, 16).shape == (3, 3, 16, 16)  # the grid's: all it can
 
 
 def exif_rotated_jpeg(path: Path, size=(40, 24)) -> Image.Image:
@@ -1729,6 +1732,27 @@ def test_dataset_download_fails_offline_with_a_clear_message(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []  # no partial file left
     with pytest.raises(du.UsageError, match="unknown dataset"):
         du.download("pears2plums", tmp_path)
+
+
+def test_dataset_download_unzips_an_official_zip_into_root_name_once(tmp_path, capsys, monkeypatch):
+    server = tmp_path / "server"
+    server.mkdir()
+    with zipfile.ZipFile(server / "apple2orange.zip", "w") as z:  # laid out as the official zips are
+        for split in ("trainA", "trainB", "testA", "testB"):
+            z.writestr(f"apple2orange/{split}/0.jpg", b"jpeg bytes")
+    (server / "facades.zip").write_bytes(b"not a zip")
+    monkeypatch.setattr(du, "DATASET_URL", server.as_uri() + "/{}.zip")  # a file:// server
+    root = tmp_path / "data"
+    du.download_command(["apple2orange", "--root", str(root)])  # train_gan.py download apple2orange --root ROOT
+    assert capsys.readouterr().out.strip() == str(root / "apple2orange")
+    assert sorted(p.name for p in (root / "apple2orange").iterdir()) == ["testA", "testB", "trainA", "trainB"]
+    assert sorted(p.name for p in root.iterdir()) == ["apple2orange"]  # no .part left
+    with monkeypatch.context() as offline:  # there already: no download
+        offline.setattr(du.urllib.request, "urlopen", None)
+        assert du.download("apple2orange", root) == root / "apple2orange"
+    with pytest.raises(du.UsageError, match="could not unzip .*facades.zip .*unzip it into .*facades"):
+        du.download("facades", root)
+    assert sorted(p.name for p in root.iterdir()) == ["apple2orange"]
 
 
 # ============================================================================= the run folder
@@ -1805,6 +1829,9 @@ def test_run_folder_log_edited_by_hand_is_read_for_what_parses_and_appended_to_a
     with pytest.warns(UserWarning):
         du.plot(du.read_table(path), "step", {"D": ["D"]}, tmp_path / "losses.png")
     assert Image.open(tmp_path / "losses.png").size[0] > 100
+    path.write_bytes(b"step,epoch,D\n1,1,\xff\xfe\n")  # saved by an editor in another encoding
+    with pytest.warns(UserWarning, match="holds cells that are not numbers"):
+        assert du.read_table(path) == [{}]
 
 
 def test_run_folder_checkpoint_is_written_atomically_and_a_copy_kept(tmp_path, monkeypatch):
@@ -2495,6 +2522,16 @@ def test_faults_bad_options_are_refused_in_one_line(dataset_root, tmp_path, caps
     assert not (tmp_path / "out" / "run" / "latest.pt").exists()
 
 
+def test_faults_a_device_this_machine_lacks_is_refused_in_one_line(dataset_root, tmp_path, capsys):
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    missing = next((name for name, there in available.items() if not there), None)
+    if missing is None:
+        pytest.skip("this machine has both CUDA and MPS")
+    code, err = run_cli(cli_args(dataset_root, tmp_path / "out", "--device", missing), capsys)
+    assert_error(code, err, f"--device {missing} is not available on this machine: use --device auto or cpu")
+    assert not (tmp_path / "out").exists()
+
+
 def test_faults_bad_data_folders_are_refused_in_one_line(tmp_path, capsys):
     code, err = run_cli(cli_args(tmp_path / "nowhere", tmp_path / "out"), capsys)
     assert_error(code, err, "nowhere does not exist")
@@ -2528,6 +2565,11 @@ def test_faults_checkpoint_problems_are_named(dataset_root, tmp_path, capsys):
     torch.save(state, out / "run" / "latest.pt")
     code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
     assert_error(code, err, "latest.pt does not match a cycle_gan of its own config: size mismatch for model.1.weight")
+    state = Trainer(CycleGAN(CycleGANConfig(**TINY))).state()
+    state["optimizers"]["G"] = state["optimizers"]["D"]  # D's Adam where G's belongs
+    torch.save(state, out / "run" / "latest.pt")
+    code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
+    assert_error(code, err, "latest.pt does not match a cycle_gan of its own config: .* parameter group")
 
 
 def test_faults_a_new_run_never_overwrites_an_old_one(dataset_root, tmp_path, capsys):
@@ -2722,6 +2764,9 @@ def test_faults_out_of_memory_is_one_line_naming_the_size_and_the_flag(dataset_r
     code, err = run_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input",
                          str(dataset_root / "testA"), "--output", str(tmp_path / "res")], capsys, translate_cli)
     assert_error(code, err, r"out of memory translating img0.jpg \(40x30, batch 1\): pass --max-side", 1)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # another error is not taken for memory
+        with du.memory_or_stopped("translating", "lower --size"):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (1x2 and 3x4)")
 
 
 def test_faults_out_of_memory_outside_a_step_is_one_line_and_the_epochs_checkpoint_is_kept(
