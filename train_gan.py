@@ -391,15 +391,12 @@ class Trainer:
         need(not missing, f"{source} lacks {', '.join(sorted(missing))}, which a resume needs: train it again with "
              f"this train_gan.py")
         trainer = cls(model, device, precision or state["options"].get("precision", "fp32"))
-        try:
+        with fitting(state, source):
             for k, opt in trainer.optimizers.items():
                 kernel = {key: opt.defaults[key] for key in ("fused", "foreach")}
                 opt.load_state_dict(state["optimizers"][k])
                 for group in opt.param_groups:  # a checkpoint carries its machine's Adam kernel: use this one's
                     group.update(kernel)
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise UsageError(f"{source} does not match a {state['model']} of its own config: "
-                             f"{str(e).strip().splitlines()[-1].strip()}") from None
         trainer.epoch, trainer.global_step, rng = state["epoch"], state["step"], state["rng"]
         if state["extra"]:
             trainer.model.load_extra_state(state["extra"], trainer.device)
@@ -416,6 +413,17 @@ def is_checkpoint(state) -> bool:
     return isinstance(state, dict) and state.get("model") in MODELS and {"config", "nets"} <= set(state)
 
 
+@contextmanager
+def fitting(state, source: Path | None):
+    """Where a checkpoint's tensors go into the model (or the optimisers) its own config builds: one that does not
+    fit is a UsageError naming `source` and, in torch's last line, the tensor."""
+    try:
+        yield
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UsageError(f"{source} does not match a {state['model']} of its own config: "
+                         f"{str(e).strip().splitlines()[-1].strip()}") from None
+
+
 def load_model(state, source: Path | None = None) -> Model:
     """The model a checkpoint holds (as `load_torch` returns it, on the CPU), to use: built from its own config, with
     its weights, in eval mode. No optimiser is built, and the global random state is left as it was (the
@@ -426,12 +434,9 @@ def load_model(state, source: Path | None = None) -> Model:
     model_cls, config_cls, _ = MODELS[state["model"]]
     with torch.random.fork_rng(devices=[]):
         model = model_cls(config_cls(**state["config"]))
-    try:
+    with fitting(state, source):
         for name in (name for members in model.groups.values() for name in members):
             getattr(model, name).eval().load_state_dict(state["nets"][name])
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise UsageError(f"{source} does not match a {state['model']} of its own config: "
-                         f"{str(e).strip().splitlines()[-1].strip()}") from None
     return model
 
 
