@@ -2547,29 +2547,25 @@ def test_faults_bad_data_folders_are_refused_in_one_line(tmp_path, capsys):
 
 
 def test_faults_checkpoint_problems_are_named(dataset_root, tmp_path, capsys):
-    out = tmp_path / "out"
-    code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
-    assert_error(code, err, "latest.pt does not exist")
-    (out / "run").mkdir(parents=True, exist_ok=True)
-    (out / "run" / "latest.pt").write_bytes(b"garbage")
-    code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
-    assert_error(code, err, "is not a readable checkpoint")
-    torch.save(ResnetGenerator(ngf=4, n_blocks=1).state_dict(), out / "run" / "latest.pt")
-    code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
-    assert_error(code, err, "not a checkpoint of a train_gan.py run.*translate")
-    state = Trainer(CycleGAN(CycleGANConfig(**TINY))).state()
-    torch.save({k: state[k] for k in ("model", "config", "nets")}, out / "run" / "latest.pt")  # weights to use only
-    code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
-    assert_error(code, err, "lacks epoch, epoch_step, extra, optimizers, options, rng, step, which a resume needs")
-    state["nets"]["G"]["model.1.weight"] = torch.zeros(5, 3, 7, 7)
-    torch.save(state, out / "run" / "latest.pt")
-    code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
-    assert_error(code, err, "latest.pt does not match a cycle_gan of its own config: size mismatch for model.1.weight")
-    state = Trainer(CycleGAN(CycleGANConfig(**TINY))).state()
-    state["optimizers"]["G"] = state["optimizers"]["D"]  # D's Adam where G's belongs
-    torch.save(state, out / "run" / "latest.pt")
-    code, err = run_cli(cli_args(dataset_root, out, "--resume"), capsys)
-    assert_error(code, err, "latest.pt does not match a cycle_gan of its own config: .* parameter group")
+    latest = tmp_path / "out" / "run" / "latest.pt"
+    fresh = Trainer(CycleGAN(CycleGANConfig(**TINY))).state
+    weights_only, unfit, wrong_adam = fresh(), fresh(), fresh()
+    unfit["nets"]["G"]["model.1.weight"] = torch.zeros(5, 3, 7, 7)
+    wrong_adam["optimizers"]["G"] = wrong_adam["optimizers"]["D"]  # D's Adam where G's belongs
+    fit = "latest.pt does not match a cycle_gan of its own config: "
+    for held, pattern in [
+            (None, "latest.pt does not exist"),
+            (b"garbage", "is not a readable checkpoint"),
+            (ResnetGenerator(ngf=4, n_blocks=1).state_dict(), "not a checkpoint of a train_gan.py run.*translate"),
+            ({k: weights_only[k] for k in ("model", "config", "nets")},  # the weights, to use only
+             "lacks epoch, epoch_step, extra, optimizers, options, rng, step, which a resume needs"),
+            (unfit, fit + "size mismatch for model.1.weight"),
+            (wrong_adam, fit + ".* parameter group")]:
+        if held is not None:
+            latest.parent.mkdir(parents=True, exist_ok=True)
+            latest.write_bytes(held) if isinstance(held, bytes) else torch.save(held, latest)
+        code, err = run_cli(cli_args(dataset_root, tmp_path / "out", "--resume"), capsys)
+        assert_error(code, err, pattern)
 
 
 def test_faults_a_new_run_never_overwrites_an_old_one(dataset_root, tmp_path, capsys):
