@@ -7,8 +7,8 @@
 A mutant is one small change to one line (an operator, a comparison, a constant, a boolean, a dropped `not`, a
 dropped .detach() or .flip()), applied in a scratch copy of the repository; it is killed when the tests fail.
 The whole suite leaves out the compile test (it compiles the mutated networks and compares them with themselves,
-and each mutant would cost minutes of compiling). Not run by CI: a development check (README, "Check your own
-implementation").
+and each mutant would cost minutes of compiling). Not run by CI: a development check, whose figures are in
+docs/GUIDE.md, "How well the tests catch a wrong line".
 """
 import argparse
 import ast
