@@ -7,9 +7,8 @@ official pretrained CycleGAN in one command. Mirrors test.py of the official cod
     python translate.py --checkpoint output/h2z/latest.pt output/h2z_cut/latest.pt --pretrained horse2zebra \
         --input data/horse2zebra/testA --grid h2z.jpg                             # a row per image, a column per model
 
-A model is a run's checkpoint (latest.pt, epoch_NNN.pt: it carries its config), an official generator
-file (a zoo .pth, an official run's latest_net_G_A.pth, a CUT latest_net_G.pth: the file itself tells the
-architecture), or an official CycleGAN zoo name, downloaded into --cache the first time.
+A model is a run's checkpoint (it carries its config), an official generator file (the file tells its
+architecture: a zoo .pth, latest_net_G_A.pth, a CUT latest_net_G.pth) or a zoo name, downloaded once.
 """
 import signal
 import sys
@@ -76,44 +75,43 @@ def translate(args) -> None:
     device = pick_device(args.device)
     paths = [*args.checkpoint, *(download_pretrained(name, args.cache) for name in args.pretrained)]
     with memory_or_stopped(f"loading the model(s) onto {device}", "free its memory, or pass --device cpu"):
-        translators = [Translator.of(path, device, args.direction) for path in paths]
+        generators = [generator(path, device, args.direction) for path in paths]
     if args.grid:
-        write_grid(translators, args)
+        write_grid(generators, args)
     else:
-        translate_folder(translators[0], files, args)
+        translate_folder(generators[0], files, args)
 
 
-class Translator:
-    """A generator that translates (B, C, H, W) images in [-1, 1] of any size, in eval mode and without
-    gradients: the sides are reflect-padded to the generator's multiple and the result cropped back."""
+def generator(path: Path, device: torch.device, direction: str | None) -> torch.nn.Module:
+    """The generator of a file that translates `direction` (AtoB, BtoA; None: the model's own way), on `device` in
+    eval mode: from a run's checkpoint, or from an official generator file, whose architecture the file tells."""
+    state = load_torch(path)
+    if not is_checkpoint(state):
+        try:
+            net = official_generator(state)
+        except ValueError as e:
+            raise UsageError(f"{path} is neither a checkpoint of train_gan.py nor an official generator: "
+                             f"{str(e).splitlines()[0]}") from None
+        need(not direction, f"{path} holds one generator, which translates its own way: drop --direction")
+        return net.to(device).eval()
+    model, trained = load_model(state, path), state.get("options", {}).get("direction", "AtoB")
+    way = "x2y" if direction in (None, trained) else "y2x"  # the run's X is the folder it trained from
+    need(way in model.directions, f"{path} is a {model.name} model, which translates its own way only "
+         f"({trained}): drop --direction {direction}")
+    return getattr(model, model.directions[way]).to(device)  # in eval mode, as load_model returns it
 
-    def __init__(self, net: torch.nn.Module, device: torch.device):
-        self.net, self.device = net.to(device).eval(), device
-        self.channels = next(net.parameters()).shape[1]  # of its input: its first conv's
 
-    @classmethod
-    def of(cls, path: Path, device: torch.device, direction: str | None) -> "Translator":
-        """The generator of a file that translates `direction` (AtoB, BtoA; None: the model's own way):
-        from a run's checkpoint, or from an official generator file, whose architecture the file tells."""
-        state = load_torch(path)
-        if not is_checkpoint(state):
-            try:
-                net = official_generator(state)
-            except ValueError as e:
-                raise UsageError(f"{path} is neither a checkpoint of train_gan.py nor an official generator: "
-                                 f"{str(e).splitlines()[0]}") from None
-            need(not direction, f"{path} holds one generator, which translates its own way: drop --direction")
-            return cls(net, device)
-        model, trained = load_model(state, path), state.get("options", {}).get("direction", "AtoB")
-        way = "x2y" if direction in (None, trained) else "y2x"  # the run's X is the folder it trained from
-        need(way in model.directions, f"{path} is a {model.name} model, which translates its own way only "
-             f"({trained}): drop --direction {direction}")
-        return cls(getattr(model, model.directions[way]), device)
+def channels(net: torch.nn.Module) -> int:
+    """The channels a generator's images have: its first conv's inputs."""
+    return next(net.parameters()).shape[1]
 
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.net(pad_to_multiple(x.to(self.device), self.net.side_multiple))
-        return y[..., :x.shape[-2], :x.shape[-1]].cpu()
+
+@torch.no_grad()
+def run(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """net(x) on the CPU for (B, C, H, W) images in [-1, 1] of any size: the sides reflect-padded to the
+    generator's multiple, the result cropped back."""
+    y = net(pad_to_multiple(x.to(next(net.parameters()).device), net.side_multiple))
+    return y[..., :x.shape[-2], :x.shape[-1]].cpu()
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -124,38 +122,38 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode)
 
 
-def translate_folder(translator: Translator, files: list[Path], args) -> None:
+def translate_folder(net: torch.nn.Module, files: list[Path], args) -> None:
     """Each image at its own size (or scaled to --max-side, or resized to --size), written as OUTPUT/NAME.png."""
     output, written = make_folder(args.output, "--output"), 0
     for f in tqdm(files, desc="translate", leave=False):
-        img = first_readable([f], translator.channels)[0]
+        img = first_readable([f], channels(net))[0]
         if img is None:
             warnings.warn(f"skipping unreadable image {f}")
             continue
         img = img.resize((args.size, args.size), Image.BICUBIC) if args.size else fit_within(img, args.max_side)
         with memory_or_stopped(f"translating {f.name} ({img.width}x{img.height}, batch 1)",
                                "pass --max-side N to scale images down first (e.g. --max-side 1024)"):
-            y = translator(to_tensor(img)[None])
+            y = run(net, to_tensor(img)[None])
         with written_or_stopped(output, "run the same command again; the images written before it are complete"):
             save_image(to_image(y[0]), output / f"{f.stem}.png")
         written += 1
     print(f"translated {written} images into {output}")
 
 
-def write_grid(translators: list[Translator], args) -> None:
+def write_grid(generators: list[torch.nn.Module], args) -> None:
     """One picture: a row per input image, the input then every model's translation of it."""
-    channels = {t.channels for t in translators}
-    need(len(channels) == 1, f"the models take {' and '.join(map(str, sorted(channels)))}-channel inputs: compare "
+    taken = {channels(net) for net in generators}
+    need(len(taken) == 1, f"the models take {' and '.join(map(str, sorted(taken)))}-channel inputs: compare "
          f"models of the same domains")
     size = args.size or 256
-    x = load_fixed_images(args.input, args.count, size, channels.pop())
+    x = load_fixed_images(args.input, args.count, size, taken.pop())
     with memory_or_stopped(f"translating {len(x)} images of {size}x{size} at once (batch {len(x)})",
                            "lower --count or --size"):
-        outputs = [translator(x) for translator in translators]
+        outputs = [run(net, x) for net in generators]
     make_folder(args.grid.parent, "--grid")
     with written_or_stopped(args.grid.parent, "run the same command again"):
         save_grid([[x[i], *(y[i] for y in outputs)] for i in range(len(x))], args.grid)
-    print(f"wrote {args.grid}: {len(x)} rows of the input and {len(translators)} translation(s)")
+    print(f"wrote {args.grid}: {len(x)} rows of the input and {len(generators)} translation(s)")
 
 
 if __name__ == "__main__":
