@@ -50,10 +50,8 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def find_domains(root: Path, direction: str = "AtoB") -> dict[str, Path | None]:
-    """{'train_x', 'train_y', 'test_x', 'test_y'} folders of a dataset root; BtoA swaps X and Y.
-
-    Test folders may be missing (None); the training folders must exist.
-    """
+    """{'train_x', 'train_y', 'test_x', 'test_y'} folders of a dataset root, BtoA swapping X and Y; the test
+    folders may be missing (None)."""
     root = Path(root)
     need(root.is_dir(), f"dataroot {root} does not exist: pass --dataroot with a folder holding trainA/ and trainB/ "
          f"(or x_train/ and y_train/)")
@@ -68,13 +66,9 @@ def find_domains(root: Path, direction: str = "AtoB") -> dict[str, Path | None]:
 
 
 def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Image.Image:
-    """Open any image as 8-bit RGB (channels=3) or grayscale (channels=1).
-
-    The image is turned upright as its EXIF orientation says (a phone photo), as every viewer shows it.
-    Palette, RGBA, CMYK and grayscale convert directly; 16-bit and float images are rescaled
-    to 0..255 first, since Pillow's own conversion would clip them. With `min_side`, a large
-    JPEG is decoded at the smallest power-of-2 reduction that keeps both sides >= min_side.
-    """
+    """Open any image as 8-bit RGB (channels=3) or grayscale (1), upright as its EXIF orientation says (a phone
+    photo). 16-bit and float images are rescaled to 0..255 first (Pillow's own conversion would clip them). With
+    `min_side`, a large JPEG is decoded at the smallest power-of-2 reduction keeping both sides >= min_side."""
     with Image.open(path) as opened:  # closed even when the file turns out broken
         if min_side:
             opened.draft(opened.mode, (min_side, min_side))
@@ -88,8 +82,7 @@ def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Im
 
 
 def first_readable(paths, channels: int = 3, min_side: int | None = None) -> tuple[Image.Image | None, list[Path]]:
-    """The first of `paths` that loads as an image (load_image; None when none does), and the paths before
-    it that did not: broken, truncated, vanished or replaced files."""
+    """The first of `paths` that loads (load_image; None if none does), and those before it that did not."""
     skipped = []
     for path in paths:
         try:
@@ -129,17 +122,14 @@ def jitter(img: Image.Image, load_size: int, crop_size: int, rng: np.random.Gene
 
 
 class UnpairedDataset(torch.utils.data.Dataset):
-    """Images of domains X and Y, indexed by (i_x, i_y, aug_seed, epoch) from `PairSampler`.
+    """Images of domains X and Y, indexed by (i_x, i_y, aug_seed, epoch) keys from `PairSampler`, each item's
+    randomness from its key (a run is the same with any number of workers). Returns (x, y, skipped): (C_x, crop,
+    crop) and (C_y, crop, crop) in [-1, 1], and the unreadable paths passed over (one per line, '' for none). From
+    epoch `no_crop_from_epoch` (counted from 0) images are resized to the crop size and only flipped, as the
+    official CUT dataset does in the lr-decay epochs.
 
-    Returns (x, y, skipped): (C_x, crop, crop) and (C_y, crop, crop) tensors in [-1, 1], and the
-    paths of images that could not be read (one per line, '' when none). Each item's randomness comes
-    from its key, so a run is the same with any number of workers. From epoch `no_crop_from_epoch` on
-    (counted from 0), images are resized to the crop size and only flipped, as the official CUT dataset
-    does in the lr-decay epochs.
-
-    Start-up lists the files and opens none but the first readable one of each domain, as the official
-    code does, so it costs what listing costs. An image that cannot be read when an item needs it (broken,
-    or deleted or replaced while the run goes on) gives way to the next readable one of its domain.
+    Start-up lists the files and opens only the first readable one of each domain, as officially. An image that
+    cannot be read when an item needs it (broken, deleted or replaced meanwhile) gives way to the next readable one.
     """
 
     def __init__(self, folder_x: Path, folder_y: Path, load_size: int = 286, crop_size: int = 256,
@@ -173,16 +163,12 @@ class UnpairedDataset(torch.utils.data.Dataset):
 
 
 class PairSampler(torch.utils.data.Sampler):
-    """Yields (i_x, i_y, aug_seed, epoch) keys: X in a shuffled order, a random y for each x.
-
-    The order is a function of (seed, epoch) alone, so resuming at step k of an epoch
-    replays exactly what an uninterrupted run would have seen. With `world_size` > 1 each
-    rank takes every world_size-th key (a DistributedSampler over the same order).
-    """
+    """Yields (i_x, i_y, aug_seed, epoch) keys: X in a shuffled order, a random y for each x. The order is a
+    function of (seed, epoch) alone, so a resume at step k of an epoch replays what an uninterrupted run saw. With
+    `world_size` > 1 each rank takes every world_size-th key (a DistributedSampler over the same order)."""
 
     def __init__(self, n_x: int, n_y: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.n_x, self.n_y, self.seed = n_x, n_y, seed
-        self.rank, self.world_size = rank, world_size
+        self.n_x, self.n_y, self.seed, self.rank, self.world_size = n_x, n_y, seed, rank, world_size
         self.epoch, self.start, self.stop = 0, 0, None
 
     def set_epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> None:
@@ -223,18 +209,14 @@ def batches(loader: torch.utils.data.DataLoader, warned: set | None = None):
     """(x, y, waited): the batches of an UnpairedDataset's loader, each with the seconds spent waiting for it.
     Each image the loader could not read is named in one warning, the first time: `warned` holds the ones
     named so far (None: warn of none, as ranks other than 0 do)."""
-    for_batch = iter(loader)
-    while True:
-        start = time.perf_counter()
-        try:
-            x, y, skipped = next(for_batch)
-        except StopIteration:
-            return
+    start = time.perf_counter()
+    for x, y, skipped in loader:
         waited = time.perf_counter() - start
         for path in sorted({p for item in skipped for p in item.splitlines()} - warned) if warned is not None else ():
             warned.add(path)
             warnings.warn(f"skipping unreadable image {path}: another image of its domain takes its place")
         yield x, y, waited
+        start = time.perf_counter()  # the step is done: from here, waiting for the next batch
 
 
 def load_fixed_images(folder: Path, n: int, size: int, channels: int = 3) -> torch.Tensor:
@@ -264,13 +246,11 @@ class RunFolder:
         latest.pt          the checkpoint to resume from, written after every epoch and where a run stops
         epoch_NNN.pt       a copy of it kept every --save-every epochs
         losses.csv         each loss term as it enters the objective, a row per --log-every steps
-        epochs.csv         a row per epoch: its mean losses; the balance, D's mean verdict on the fixed real
-                           test images and on their translations (D_real, D_fake; D_Y_real ...); its time,
-                           speed and wait for data
+        epochs.csv         a row per epoch: mean losses; the balance, D's mean verdict on the fixed real test
+                           images and their translations (D_real, D_fake; D_Y_real ...); time, speed, data wait
         losses.png         the plot of losses.csv; balance.png, that of the balance
         epoch_NNN.png      the epoch's grid of the fixed test images
-        nce_epoch_NNN.png  a model with similarity maps (CUT, FastCUT): where query points on G(x) find their input
-                           patches
+        nce_epoch_NNN.png  a model with similarity maps (CUT): where query points on G(x) find their input patches
         d_epoch_NNN.png    what D decides of each patch of real and translated test images
         index.html         the page to follow the run by, made from the files above (so a resume keeps it)
 
@@ -357,10 +337,9 @@ class RunFolder:
 
     def end_epoch(self, epoch: int, losses: dict[str, float], grid: list[list], nce: tuple | None = None,
                   verdicts: dict | None = None, **timing: float) -> str:
-        """Epoch `epoch` (counted from 1) ended: its row of epochs.csv (its mean `losses`, the balance of
-        `verdicts` and its `timing`, the keys of TIMING), its grid (rows of images), the similarity maps (`nce`: x,
-        G(x) (B, C, H, W), the maps (B, Q, h, w) and their Q query points), D's map (`verdicts`, as the models'
-        `verdicts` return them), the plots and the page. Returns the row in words, as the page says it."""
+        """Epoch `epoch` (from 1) ended: its row of epochs.csv (mean `losses`, the balance of `verdicts`, `timing` as
+        TIMING names it), its grid (rows of images), the similarity maps (`nce`: x, G(x) (B, C, H, W), the maps (B, Q,
+        h, w), their Q points), D's map (the models' `verdicts`), the plots, the page. Returns the row in words."""
         balance = {f"{name}_{side}": verdict.float().mean().item() for name, (*_, on_real, on_fake) in
                    (verdicts or {}).items() for side, verdict in (("real", on_real), ("fake", on_fake))}
         self.done, row = epoch, {"epoch": epoch, **losses, **balance, **timing}
@@ -439,23 +418,18 @@ section { border-top: 1px solid #ddd; } .plots { display: flex; gap: 1em; align-
 
 
 def append_row(path: Path, row: dict[str, float]) -> None:
-    """Append one row to a CSV log (losses.csv, epochs.csv), its header written with the first row. The
-    columns follow the file's own header, which a user may have edited in a spreadsheet: a resumed run
-    whose step lists its losses in another order still lines up, a value whose column the file lacks is
-    left out (one warning), and a column the row lacks stays empty."""
-    new = not path.exists() or path.stat().st_size == 0
-    if new:
-        names = list(row)
-    else:
-        with open(path, newline="") as f:
-            names = next(csv.reader(f), [])
-    if set(row) - set(names):
-        warnings.warn(f"{path} has no column for some of the values logged (its header was edited, or written by "
-                      f"an older version): they are left out of it")
-    with open(path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
+    """Append a row to a CSV log (losses.csv, epochs.csv), the header with the first. The columns follow the file's
+    own header, which a user may have edited: a resume logging its losses in another order still lines up, a
+    value without a column is left out (one warning), and a column the row lacks stays empty."""
+    with open(path, "a+", newline="") as f:  # read from the start; every write goes to the end
+        f.seek(0)
+        names, writer = next(csv.reader(f), None), csv.writer(f)
+        if names is None:
+            names = list(row)
             writer.writerow(names)
+        elif set(row) - set(names):
+            warnings.warn(f"{path} has no column for some of the values logged (its header was edited, or written "
+                          f"by an older version): they are left out of it")
         writer.writerow([(str(row[k]) if isinstance(row[k], int) else f"{row[k]:.5g}") if k in row else ""
                          for k in names])
 
@@ -534,11 +508,9 @@ MARKS = ("red", "lime", "cyan", "yellow", "magenta")
 
 
 def save_similarity_grid(x: torch.Tensor, fake: torch.Tensor, maps: torch.Tensor, points, path: Path) -> None:
-    """Write CUT's learned similarity as a picture: a row per image, x and G(x) with the query points
-    marked, then for each query point its map (B, Q, h, w) over x as a heat map (bright: likely).
-
-    x, fake: (B, C, H, W) in [-1, 1]; points: Q (row, col) fractions, drawn as squares in MARKS' colours.
-    """
+    """CUT's learned similarity as a picture: a row per image, x and G(x) (B, C, H, W) in [-1, 1] with the Q query
+    `points` ((row, col) fractions) marked as squares in MARKS' colours, then each point's map (B, Q, h, w) over x
+    as a heat map (bright: likely)."""
     from PIL import ImageDraw
 
     def marked(img: Image.Image, which) -> Image.Image:
@@ -629,7 +601,8 @@ def peak_memory_mb(device: torch.device) -> float | None:
         import resource
     except ImportError:
         return None
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 1024),
+                 1)  # macOS reports bytes, Linux KiB
 
 
 @contextmanager
@@ -664,11 +637,8 @@ def run_command(command) -> int:
 
 
 class StopFlag:
-    """Set by SIGINT / SIGTERM; the loop saves and stops after the current step.
-
-    A second signal quits at once, without the save, except under torchrun: its launcher passes a
-    Ctrl-C on to ranks that the terminal has already signalled (and kills them if they linger).
-    """
+    """Set by SIGINT / SIGTERM: the loop saves and stops after the current step. A second signal quits at once,
+    without the save, but under torchrun, whose launcher passes a Ctrl-C on to ranks already signalled."""
 
     def __init__(self, world: int = 1, lead: bool = True):
         self.requested, self.world, self.lead, self.pid = False, world, lead, os.getpid()
@@ -697,12 +667,9 @@ def quiet_worker(_: int) -> None:
 
 
 def write_atomically(path: Path, write) -> None:
-    """write(tmp) into a temporary file beside `path`, then rename it over `path`: a full disk, a crash or
-    Ctrl-C leaves `path` as it was and no temporary file. Every file the commands write goes through here.
-
-    A failed write raises OSError naming `path`, not the temporary; that includes a RuntimeError of the
-    writer, which is how torch.save reports a short write (a full disk).
-    """
+    """write(tmp) into a temporary file beside `path`, then rename it over `path`: a full disk, a crash or Ctrl-C
+    leaves `path` as it was and no temporary file. Every file the commands write goes through here. A failure is
+    an OSError naming `path` (not the temporary), a RuntimeError of the writer too: torch.save's short write."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -764,9 +731,8 @@ def save_image(img: Image.Image, path: Path) -> None:
 
 
 def save_grid(rows: list[list[torch.Tensor | Image.Image]], path: Path, pad: int = 2) -> None:
-    """Write rows of equally sized images as one picture, `pad` white pixels apart, e.g. x | G(x) | F(G(x))
-    per row. A cell is a PIL image or a (C, H, W) tensor in [-1, 1]; one channel is shown as gray.
-    Written with Pillow: no torchvision."""
+    """Rows of equally sized images as one picture, `pad` white pixels apart (x | G(x) | F(G(x)) per row); a cell is
+    a PIL image or a (C, H, W) tensor in [-1, 1] (one channel: gray). Written with Pillow: no torchvision."""
     rows = [[(to_image(img) if isinstance(img, torch.Tensor) else img).convert("RGB") for img in row] for row in rows]
     w, h = rows[0][0].size
     grid = Image.new("RGB", (max(map(len, rows)) * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
