@@ -7,12 +7,9 @@
     torchrun --nproc_per_node=4 train_gan.py --name h2z   # one process per GPU; rank 0 writes
     python train_gan.py download horse2zebra              # an official dataset into data/
 
-Top to bottom: the options, what the commands use of a model (`Model`), and `resolve_options`, the one
-place that decides each option of a run (a model's config holds its paper's defaults; presets, the
-device's); the Trainer, what training adds to a model's step (Adam per group, lr schedule, precision, the
-ranks' gradient average, compile), and the checkpoint, made by Trainer.state and read by `load_model`
-(translate.py's too) and Trainer.load alone; train(), set-up then the epoch loop, and below it what it
-calls, in order; the benchmark; main. Runs go to output/NAME/ (see index.html).
+Top to bottom: the options, decided in `resolve_options` alone; the Trainer, all that training adds to a model's
+step, and the checkpoint; train(), set-up then the epoch loop, then what it calls; the benchmark; main. Runs go
+to output/NAME/ (its index.html).
 """
 import signal
 import sys
@@ -26,7 +23,6 @@ import itertools
 import json
 import math
 import os
-import random
 import shlex
 import statistics
 import time
@@ -36,7 +32,6 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -58,9 +53,8 @@ BUNDLED = Path(__file__).resolve().parent / "data" / "apple2orange_small"
 @runtime_checkable
 class Model(Protocol):
     """What the commands use of a model (cycle_gan.CycleGAN, cut_model.CUT), and all they use of it; optional:
-    `similarity_maps(source, target, points)`, where a model with PatchNCE finds each output patch's input patch
-    (drawn each epoch), and `extra_state()` / `load_extra_state(state, device)`, its state beyond the weights (the
-    image pools) for an exact resume."""
+    `similarity_maps(source, target, points)` (where a model with PatchNCE finds each output patch's input patch,
+    drawn each epoch), and `extra_state()` / `load_extra_state(state, device)` (the image pools, for a resume)."""
     name: str  # 'cycle_gan', 'cut', 'fastcut': as the CLI and the checkpoint call it
     config: object  # the dataclass that built it, with its paper's defaults (lr, beta1, epochs, channels, ...)
     groups: dict  # one Adam per group: {'G': ('G', 'F'), ...}, the networks by attribute name
@@ -178,12 +172,10 @@ OPTION_OF = {"channels_x": "input_nc", "channels_y": "output_nc"}  # a config fi
 
 
 def resolve_options(args: argparse.Namespace, device: torch.device, run: dict | None = None) -> argparse.Namespace:
-    """The run's options, each decided here and nowhere else; `args`, as parsed, is left as it is.
-
-    A new run: the flag given (or the parser's fixed default), else the device's preset, else the model's config
-    default (its paper's; CUT's and FastCUT's by mode). A resume, `run` holding the options its checkpoint keeps:
-    the run's own, except this machine's (MACHINE_OPTIONS: the flag given, else the preset) and those given that a
-    resume may change (RESUME_MAY_CHANGE); a flag given that would change anything else is refused."""
+    """The run's options, each decided here and nowhere else (`args`, as parsed, is left as it is). A new run: the
+    flag given (or the parser's fixed default), else the device's preset, else the model's config default. A resume
+    (`run`: the options its checkpoint keeps): the run's, but for MACHINE_OPTIONS and the RESUME_MAY_CHANGE given;
+    a flag given that would change anything else is refused."""
     opts = argparse.Namespace(**vars(args))
     if run is None:
         vars(opts).update({k: v for k, v in presets(device).items() if getattr(opts, k) is None})
@@ -207,16 +199,14 @@ def resolve_options(args: argparse.Namespace, device: torch.device, run: dict | 
 
 
 def config_of(opts: argparse.Namespace):
-    """The config of the options' model: each field the option of its name sets, or, where that is None, the
-    config's default."""
+    """The config of the options' model: each field as its option sets it, or where that is None its default."""
     _, config_cls, fixed = MODELS[opts.model]
     values = {f.name: getattr(opts, OPTION_OF.get(f.name, f.name), None) for f in dataclasses.fields(config_cls)}
     return config_cls(**{k: v for k, v in values.items() if v is not None}, **fixed)
 
 
 def saved_options(opts: argparse.Namespace) -> dict:
-    """Every option of the run's model, as the checkpoint and options.json keep them (paths as text, tuples as
-    lists)."""
+    """Every option of the run's model as the checkpoint and options.json keep them (paths as text, tuples as lists)."""
     return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
             for k, v in vars(opts).items() if k not in NOT_OF_THE_RUN | NOT_FOR[opts.model]}
 
@@ -267,26 +257,26 @@ def adam(params: list[torch.nn.Parameter], config) -> torch.optim.Adam:
 
 
 class Trainer:
-    """All of training that is not the paper: a model's networks on the device, training (`nets`, unwrapped), one
-    Adam per group (`model.groups`: CycleGAN's G and F, D_X and D_Y; CUT's D, G and H), the lr schedule, precision,
-    the ranks' gradient average under torchrun, compile (`wrap`), the checkpoint. `model.train_step(x, y, trainer)`
-    calls autocast, backward and step."""
+    """All of training that is not the paper: the model's networks on the device (`nets`, unwrapped), one Adam per
+    group (`model.groups`), the lr schedule, precision, the ranks' gradient average under torchrun, compile, the
+    checkpoint. `model.train_step(x, y, trainer)` calls autocast, backward and step."""
 
-    def __init__(self, model: Model, device: torch.device | str = "cpu", precision: str = "fp32"):
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    def __init__(self, model: Model, device: torch.device | str = "cpu", precision: str = "fp32",
+                 compiled: bool = False):
         self.model, self.device, self.precision = model, torch.device(device), precision
         self.nets = {name: getattr(model, name).to(self.device).train()
                      for members in model.groups.values() for name in members}
+        if compiled:  # the step calls torch.compile's wrappers; `nets` keeps the plain networks
+            for name, net in self.nets.items():
+                setattr(model, name, torch.compile(net))
         self.optimizers = {group: adam([p for n in members for p in self.nets[n].parameters()], model.config)
                            for group, members in model.groups.items()}
-        # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 does not.
-        self.scalers = {group: torch.amp.GradScaler(self.device.type) for group in model.groups} \
-            if precision == "fp16" else {}
+        # fp16 needs loss scaling to keep small gradients from flushing to zero; for bf16 and fp32 the scalers are off.
+        self.scalers = {group: torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+                        for group in model.groups}
         self.epoch = 0  # epochs finished
         self.global_step = 0  # optimisation steps taken in all
-        # Under torchrun, one of `world` ranks: each starts from the same weights (the same seed, or the same
-        # checkpoint) and steps on the gradients averaged over all of them.
+        # Ranks under torchrun: each starts from the same weights and steps on their averaged gradients.
         self.world = dist.get_world_size() if dist.is_initialized() else 1
 
     def autocast(self):
@@ -296,26 +286,21 @@ class Trainer:
 
     def backward(self, loss: torch.Tensor, group: str) -> None:
         """Back-propagate `loss` into the gradients of `group`; several calls add up (fp16: scaled)."""
-        (self.scalers[group].scale(loss) if group in self.scalers else loss).backward()
+        self.scalers[group].scale(loss).backward()
 
     def step(self, group: str) -> None:
-        """One Adam step of `group` on the gradients summed so far (under torchrun, averaged over the ranks first),
-        which are then freed: kept until the next backward, they would sit in memory through the next forward
-        passes."""
+        """One Adam step of `group` on the gradients summed so far (under torchrun, first averaged over the ranks),
+        which are then freed: kept until the next backward, they would fill memory through the next forward passes."""
         optimizer = self.optimizers[group]
         if self.world > 1:
             self.average_over_ranks(optimizer)
-        if group in self.scalers:
-            self.scalers[group].step(optimizer)
-            self.scalers[group].update()
-        else:
-            optimizer.step()
+        self.scalers[group].step(optimizer)
+        self.scalers[group].update()
         optimizer.zero_grad(set_to_none=True)
 
     def average_over_ranks(self, optimizer: torch.optim.Optimizer) -> None:
-        """Replace each gradient of the optimiser's parameters by its mean over the ranks, in one all-reduce (a
-        parameter without a gradient counts as zero): every rank then takes the same step, the one a single process
-        takes on all the ranks' images at once, and the ranks' weights stay identical."""
+        """Each gradient of the optimiser's parameters becomes its mean over the ranks, in one all-reduce (none counts
+        as zero): every rank takes the step one process takes on all their images, and their weights stay identical."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
         dist.all_reduce(flat)
@@ -330,11 +315,6 @@ class Trainer:
                                        self)
         self.global_step += 1
         return {k: v.detach() for k, v in losses.items()}
-
-    def wrap(self, fn) -> None:
-        """Replace the networks the step calls by fn(network): torch.compile's wrapper (`nets` keeps the plain ones)."""
-        for name in self.nets:
-            setattr(self.model, name, fn(getattr(self.model, name)))
 
     @contextmanager
     def evaluating(self):
@@ -356,8 +336,7 @@ class Trainer:
         self.set_schedule()
 
     def set_schedule(self, **changes) -> None:
-        """Change the config's epochs, epochs_decay or lr (a resume may lengthen the schedule, or lower
-        the lr after a divergence), then set the current epoch's lr from the schedule."""
+        """Change the config's epochs, epochs_decay or lr (at a resume), then set this epoch's lr from the schedule."""
         c = self.model.config
         for key, value in changes.items():
             setattr(c, key, value)
@@ -368,29 +347,26 @@ class Trainer:
     def state(self, epoch_step: int = 0, options: dict | None = None) -> dict:
         """The checkpoint, which `load` reads: the model's name and config (what builds the networks), the run's
         options, the position (epochs finished, steps taken, steps into this epoch), the weights, the optimisers,
-        the model's own state (CycleGAN's image pools) and every random generator's state."""
+        the model's own state (CycleGAN's image pools) and torch's random states, which every draw of a step uses."""
         return {"model": self.model.name, "config": dataclasses.asdict(self.model.config),
                 "options": options or {}, "epoch": self.epoch, "step": self.global_step, "epoch_step": epoch_step,
                 "nets": {k: v.state_dict() for k, v in self.nets.items()},
                 "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
                 "extra": getattr(self.model, "extra_state", dict)(),
-                "rng": {"python": random.getstate(), "numpy_pos": int(np.random.get_state()[2]),
-                        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),  # not uint32: torch 2.3
-                        "torch": torch.get_rng_state(),
+                "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}}
 
     @classmethod
     def load(cls, state, device: torch.device | str = "cpu", precision: str | None = None,
-             source: Path | None = None) -> tuple["Trainer", int]:
+             source: Path | None = None, compiled: bool = False) -> tuple["Trainer", int]:
         """Read back a checkpoint `state` wrote (as `load_torch` returns it) to go on training: its model
-        (`load_model`), its optimisers, its position and every random generator's state. Returns (trainer, steps
-        into the current epoch); precision defaults to the run's. A file of another kind is a UsageError naming
-        `source`."""
+        (`load_model`), optimisers, position and random states. Returns (trainer, steps into the current epoch);
+        precision defaults to the run's. A file of another kind is a UsageError naming `source`."""
         model = load_model(state, source)
         missing = {"options", "epoch", "step", "epoch_step", "optimizers", "extra", "rng"} - set(state)
         need(not missing, f"{source} lacks {', '.join(sorted(missing))}, which a resume needs: train it again with "
              f"this train_gan.py")
-        trainer = cls(model, device, precision or state["options"].get("precision", "fp32"))
+        trainer = cls(model, device, precision or state["options"].get("precision", "fp32"), compiled)
         with fitting(state, source):
             for k, opt in trainer.optimizers.items():
                 kernel = {key: opt.defaults[key] for key in ("fused", "foreach")}
@@ -400,8 +376,6 @@ class Trainer:
         trainer.epoch, trainer.global_step, rng = state["epoch"], state["step"], state["rng"]
         if state["extra"]:
             trainer.model.load_extra_state(state["extra"], trainer.device)
-        random.setstate(rng["python"])
-        np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
         torch.set_rng_state(rng["torch"])
         if trainer.device.type == "cuda" and rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"])
@@ -425,10 +399,9 @@ def fitting(state, source: Path | None):
 
 
 def load_model(state, source: Path | None = None) -> Model:
-    """The model a checkpoint holds (as `load_torch` returns it, on the CPU), to use: built from its own config, with
-    its weights, in eval mode. No optimiser is built, and the global random state is left as it was (the
-    initialisation that the weights replace is drawn in a fork of it). A file of another kind is a UsageError
-    naming `source`."""
+    """The model a checkpoint holds (as `load_torch` returns it), to use: built from its own config, with its weights,
+    in eval mode; no optimiser, and the global random state left as it was (the initialisation the weights replace
+    is drawn in a fork of it). A file of another kind is a UsageError naming `source`."""
     need(is_checkpoint(state), f"{source} is not a checkpoint of a train_gan.py run (an official generator .pth "
          f"can be used with translate.py, not resumed): pass a latest.pt of train_gan.py")
     model_cls, config_cls, _ = MODELS[state["model"]]
@@ -456,8 +429,6 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Trainer:
                                              f"lower --crop-size or --batch-size, then {folder.again}"))
         folders = find_domains(opts.dataroot, opts.direction)
         data, sampler, loader = make_loader(opts, trainer, folders, rank, world)
-        if opts.compile:
-            trainer.wrap(torch.compile)
         if world > 1:
             torch.manual_seed(opts.seed + 1_000 * rank + trainer.global_step)  # each rank its own pools, patches, flips
         cfg, options = trainer.model.config, saved_options(opts)
@@ -524,7 +495,7 @@ def resume_run(args: argparse.Namespace, folder: RunFolder, device: torch.device
     schedule. Returns (trainer, options, steps into the current epoch)."""
     state = load_torch(folder.latest)
     trainer, epoch_step = Trainer.load(state, device, args.precision if "precision" in args.given else None,
-                                       folder.latest)
+                                       folder.latest, args.compile)
     opts = resolve_options(args, device, state["options"])
     trainer.set_schedule(epochs=opts.epochs, epochs_decay=opts.epochs_decay, lr=opts.lr)
     return trainer, opts, epoch_step
@@ -534,14 +505,12 @@ def start_run(args: argparse.Namespace, device: torch.device) -> tuple[Trainer, 
     """A new run (or a benchmark): its options (`resolve_options`), and its model, the weights drawn after seeding
     with --seed. Returns (trainer, options, 0 steps into the first epoch)."""
     opts = resolve_options(args, device)
-    random.seed(opts.seed)
-    np.random.seed(opts.seed)
     torch.manual_seed(opts.seed)
     try:
         model = MODELS[opts.model][0](config_of(opts))
     except ValueError as e:  # an option combination the model cannot build
         raise UsageError(str(e)) from None
-    return Trainer(model, device, opts.precision), opts, 0
+    return Trainer(model, device, opts.precision, opts.compile), opts, 0
 
 
 def make_loader(opts: argparse.Namespace, trainer: Trainer, folders: dict, rank: int = 0, world: int = 1):
@@ -586,8 +555,7 @@ def announce(args, opts, trainer: Trainer, folder: RunFolder, where: str, images
 
 
 def any_rank(flag: bool, group) -> bool:
-    """Whether `flag` is set on any rank (without a group, one process: `flag`), by an all-reduce over a CPU
-    (gloo) group, which never waits for a GPU."""
+    """Whether `flag` is set on any rank (no group: here), by an all-reduce on a CPU group: it never waits for a GPU."""
     if group is None:
         return flag
     votes = torch.tensor([int(flag)])
@@ -633,8 +601,7 @@ class EpochMeter(tqdm):
                 "images_per_sec": self.steps * images_per_step / seconds}
 
 
-# Where the picture of a model's similarity maps asks: (row, col) fractions of G(x), the centre, upper right and
-# lower left.
+# Where the picture of a model's similarity maps asks: (row, col) fractions of G(x), centre, upper right, lower left.
 QUERY_POINTS = ((0.5, 0.5), (0.3, 0.7), (0.8, 0.2))
 
 
@@ -660,8 +627,6 @@ def benchmark(args: argparse.Namespace) -> dict:
     rank, world, device = init_distributed(pick_device(args.device))
     trainer, opts, _ = start_run(args, device)
     _, sampler, loader = make_loader(opts, trainer, find_domains(opts.dataroot, opts.direction), rank, world)
-    if opts.compile:
-        trainer.wrap(torch.compile)
 
     def epochs():  # the loader's batches, epoch after epoch
         for epoch in itertools.count():
@@ -679,10 +644,9 @@ def benchmark(args: argparse.Namespace) -> dict:
                 times.append(time.perf_counter() - start)
                 waits.append(waited)
     sec = statistics.median(times)
-    result = {"model": opts.model, "device": str(device), "processes": world, "precision": opts.precision,
-              "compile": opts.compile, "crop_size": opts.crop_size, "batch_size": opts.batch_size,
-              "netG": trainer.model.config.netG, "workers": opts.workers, "sec_per_iter": round(sec, 4),
-              "data_wait_sec": round(statistics.median(waits), 4),
+    result = {"model": opts.model, "device": str(device), "processes": world,
+              **{k: getattr(opts, k) for k in ("precision", "compile", "crop_size", "batch_size", "netG", "workers")},
+              "sec_per_iter": round(sec, 4), "data_wait_sec": round(statistics.median(waits), 4),
               "images_per_sec": round(opts.batch_size * world / sec, 3), "peak_mem_mb": peak_memory_mb(device),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     if rank == 0:
