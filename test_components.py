@@ -24,6 +24,7 @@ The sections, and the -k word of each component (a test's name starts with test_
     on a GPU         gpu (also -m gpu; the device's step against the CPU's, precision, compile, loaders)
     the guide        guide (docs/GUIDE.md's map, traces and ablations run as code)
 """
+import argparse
 import ast
 import contextlib
 import copy
@@ -2238,6 +2239,15 @@ def test_train_cli_and_translate_import_where_fcntl_and_resource_do_not_exist():
     assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
 
 
+def test_train_cli_peak_memory_reads_megabytes_on_linux_and_on_macos(monkeypatch):
+    """The benchmark's CPU peak: ru_maxrss counts KiB on Linux and bytes on macOS."""
+    import resource
+    monkeypatch.setattr(resource, "getrusage", lambda who: argparse.Namespace(ru_maxrss=3 * 2 ** 20))
+    for platform, mb in (("linux", 3 * 1024), ("darwin", 3)):
+        monkeypatch.setattr(du.sys, "platform", platform)
+        assert du.peak_memory_mb(torch.device("cpu")) == mb, platform
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_train_cli_bf16_on_a_cpu_without_native_bf16_warns_and_still_runs(dataset_root, tmp_path, capsys, monkeypatch,
                                                                           native):
@@ -2351,16 +2361,16 @@ def test_translate_cli_direction_names_the_domain_folders_as_training_does(datas
     translating AtoB is its F."""
     out = tmp_path / "out"
     assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0", "--direction", trained)) == 0
-    used, load = [], translate.Translator.of
+    used, load = [], translate.generator
 
     def spy(path, device, direction):
-        t = load(path, device, direction)
-        used.append(next(name for name, net in t_nets(path).items() if net_equal(net, t.net)))
-        return t
+        g = load(path, device, direction)
+        used.append(next(name for name, net in t_nets(path).items() if net_equal(net, g)))
+        return g
     t_nets = lambda path: Trainer.load(du.load_torch(path))[0].nets  # noqa: E731
     net_equal = lambda a, b: all(torch.equal(p, q) for p, q in zip(a.state_dict().values(),  # noqa: E731
                                                                     b.state_dict().values()))
-    monkeypatch.setattr(translate.Translator, "of", staticmethod(spy))
+    monkeypatch.setattr(translate, "generator", spy)
     for direction in ("AtoB", "BtoA"):
         assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
                               "--output", str(tmp_path / direction), "--direction", direction]) == 0
@@ -2754,9 +2764,9 @@ def test_faults_out_of_memory_is_one_line_naming_the_size_and_the_flag(dataset_r
                             r"--batch-size, then continue with: python train_gan.py --resume --name run", 1)
     assert (out / "run" / "latest.pt").read_bytes() == saved
 
-    def out_of_memory(self, x):
+    def out_of_memory(net, x):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    monkeypatch.setattr(translate.Translator, "__call__", out_of_memory)
+    monkeypatch.setattr(translate, "run", out_of_memory)
     code, err = run_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input",
                          str(dataset_root / "testA"), "--output", str(tmp_path / "res")], capsys, translate_cli)
     assert_error(code, err, r"out of memory translating img0.jpg \(40x30, batch 1\): pass --max-side", 1)
@@ -2778,7 +2788,7 @@ def test_faults_out_of_memory_outside_a_step_is_one_line_and_the_epochs_checkpoi
     monkeypatch.setattr(Trainer, "load", classmethod(lambda cls, *args, **kw: (_ for _ in ()).throw(oom)))
     code, err = run_cli(["--resume", "--name", "run", "--output-dir", out, "--device", "cpu"], capsys)
     assert_error(code, err, r"out of memory setting up the run: free the device's memory", 1)  # no sizes known yet
-    monkeypatch.setattr(translate.Translator, "of", classmethod(lambda cls, *a: (_ for _ in ()).throw(oom)))
+    monkeypatch.setattr(translate, "generator", lambda *a: (_ for _ in ()).throw(oom))
     code, err = run_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
                          "--output", str(tmp_path / "res"), "--device", "cpu"], capsys, translate_cli)
     assert_error(code, err, r"out of memory loading the model\(s\) onto cpu: free its memory, or pass --device cpu", 1)
