@@ -17,8 +17,8 @@ xavier init with gain 0.02, Adam lr 2e-4 with betas (0.5, 0.999) for G, D and H,
 layer, temperature 0.07; each step updates D first, then G and H together; in the lr-decay epochs
 the training images are resized to the crop size, not cropped (flips stay).
 
-This file is the paper only. The optimisation (Adam, the lr schedule, precision, several GPUs,
-checkpoints) is train_gan.py's `Trainer`, handed to `train_step`.
+This file is the paper only: the optimisation (Adam, the lr schedule, precision) is train_gan.py's `Trainer`,
+handed to `train_step`.
 """
 from dataclasses import dataclass
 

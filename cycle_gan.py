@@ -14,8 +14,8 @@ junyanz's details kept (the CUT repository's copy of this model has xavier init,
 200 + 200 epochs): D's loss halved (appendix 7.1), a 50-image history of fakes for D (Sec. 4), N(0, 0.02)
 init; Adam lr 2e-4, betas (0.5, 0.999), constant for `epochs`, then linear decay over `epochs_decay`.
 
-This file is the paper only. The optimisation (Adam, the lr schedule, precision, several GPUs,
-checkpoints) is train_gan.py's `Trainer`, handed to `train_step`.
+This file is the paper only: the optimisation (Adam, the lr schedule, precision) is train_gan.py's `Trainer`,
+handed to `train_step`.
 """
 from dataclasses import dataclass
 

@@ -1,12 +1,6 @@
-"""The networks of CycleGAN (arXiv 1703.10593) and CUT (arXiv 2007.15651), parameter for parameter.
-
-- ResnetGenerator: Johnson et al.'s ResNet generator (CycleGAN's G and F, CUT's G).
-- UnetGenerator: the pix2pix U-Net (arXiv 1611.07004), selectable as CycleGAN's generator.
-- PatchDiscriminator: the 70x70 PatchGAN (CycleGAN's D_X and D_Y; CUT's D, 84x84 with blur-pool).
-- PatchSampleMLP: CUT's H, which samples patches of G's encoder features and projects them.
-- load_official_state_dict: loads `latest_net_G.pth` / `latest_net_D.pth` of the official code.
-- official_generator: builds the generator an official `.pth` file holds, from the file alone.
-- frozen: what a training step does to the networks it does not update (D while G steps).
+"""The networks of CycleGAN (arXiv 1703.10593) and CUT (arXiv 2007.15651), parameter for parameter: Johnson et al.'s
+ResNet generator (CycleGAN's G and F, CUT's G), the pix2pix U-Net (arXiv 1611.07004), the PatchGAN (D_X, D_Y; CUT's
+D), CUT's patch-sampling MLP H; the loaders of official files; `frozen`, D held fixed while G steps.
 
 Mirrors models/networks.py of junyanz/pytorch-CycleGAN-and-pix2pix and of
 taesungp/contrastive-unpaired-translation: every network keeps the official flat `model`
@@ -70,10 +64,9 @@ class ResnetGenerator(nn.Module):
         return [self.tap(t)[1] for t in taps]
 
     def forward(self, x: torch.Tensor, taps: Sequence[str | int] | None = None, encode_only: bool = False):
-        """(B, C, H, W) -> (B, out, H, W). With `taps`: (output, features at the taps) from one
-        pass: the layers l of CUT's Eq. 3. With encode_only, the features alone, running only as
-        deep as the deepest tap. Going through forward lets DDP and torch.compile see the encoder
-        passes too."""
+        """(B, C, H, W) -> (B, out, H, W). With `taps`: (output, features at the taps) from one pass: the layers l
+        of CUT's Eq. 3. With encode_only, the features alone, running only as deep as the deepest tap. Going through
+        forward lets torch.compile see the encoder passes too."""
         if taps is None:
             return self.model(x)
         wanted = [self.tap(t)[0] for t in taps]
