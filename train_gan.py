@@ -11,18 +11,18 @@ Top to bottom: the options, decided in `resolve_options` alone; the Trainer, all
 step, and the checkpoint; train(), set-up then the epoch loop, then what it calls; the benchmark; main. Runs go
 to output/NAME/ (its index.html).
 """
+import os
 import signal
 import sys
 
-if __name__ == "__main__":  # a Ctrl-C while torch loads ends quietly too, as one at any later moment
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+if __name__ == "__main__":  # a Ctrl-C while torch loads ends quietly too (at once: an import may catch SystemExit)
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 import argparse
 import dataclasses
 import itertools
 import json
 import math
-import os
 import shlex
 import statistics
 import time

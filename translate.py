@@ -10,11 +10,12 @@ official pretrained CycleGAN in one command. Mirrors test.py of the official cod
 A model is a run's checkpoint (it carries its config), an official generator file (the file tells its
 architecture: a zoo .pth, latest_net_G_A.pth, a CUT latest_net_G.pth) or a zoo name, downloaded once.
 """
+import os
 import signal
 import sys
 
-if __name__ == "__main__":  # a Ctrl-C while torch loads ends quietly too, as one at any later moment
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+if __name__ == "__main__":  # a Ctrl-C while torch loads ends quietly too (at once: an import may catch SystemExit)
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 import warnings
 from pathlib import Path
