@@ -601,8 +601,8 @@ def peak_memory_mb(device: torch.device) -> float | None:
         import resource
     except ImportError:
         return None
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 1024),
-                 1)  # macOS reports bytes, Linux KiB
+    per_mb = 2 ** 20 if sys.platform == "darwin" else 2 ** 10  # ru_maxrss: bytes on macOS, KiB on Linux
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_mb, 1)
 
 
 @contextmanager

@@ -125,9 +125,9 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 def translate_folder(net: torch.nn.Module, files: list[Path], args) -> None:
     """Each image at its own size (or scaled to --max-side, or resized to --size), written as OUTPUT/NAME.png."""
-    output, written = make_folder(args.output, "--output"), 0
+    output, written, taken = make_folder(args.output, "--output"), 0, channels(net)
     for f in tqdm(files, desc="translate", leave=False):
-        img = first_readable([f], channels(net))[0]
+        img = first_readable([f], taken)[0]
         if img is None:
             warnings.warn(f"skipping unreadable image {f}")
             continue
