@@ -4,18 +4,20 @@ taesungp/contrastive-unpaired-translation.
 
 One generator G: X->Y, one discriminator D, and H, an MLP on patches of G's encoder features.
 Objective (Eq. 5): L_GAN(G, D, X, Y) + lambda_X * L_PatchNCE(G, H, X) + lambda_Y * L_PatchNCE(G, H, Y)
-    L_GAN (Eq. 1): least squares, weight lambda_GAN = 1, as the official code.
+    L_GAN (Eq. 1): least squares (the official --gan_mode lsgan, where Eq. 1 is written as the log-likelihood),
+        times lambda_GAN = 1 (the official --lambda_GAN: Eq. 5 puts no weight on L_GAN).
     L_PatchNCE (Eq. 3): at each tapped layer l, each sampled output patch of G(x) must pick out
         the input patch of x at the same place among the other patches of x (Eq. 2). The paper
         sums over places and layers; the official code averages over both (losses.PatchNCELoss).
-    CUT: lambda_X = lambda_Y = 1; the Y term is the identity loss (G(y) against y) and the
-        official code averages the two terms. FastCUT: lambda_X = 10, no Y term, and
-        flip-equivariance: half the time G sees the input mirrored and its features are
-        mirrored back before they are compared with the input's.
+    CUT: lambda_X = lambda_Y = 1 (Sec. 3.3); the Y term is the identity loss (G(y) against y) and
+        the official code averages the two terms. FastCUT: lambda_X = 10, lambda_Y = 0 (Sec. 3.3),
+        and flip-equivariance (the paper's appendix, training details): half the time G sees the
+        input mirrored and its features are mirrored back before they are compared with the input's.
 Official details kept: anti-aliased G and D (blur-pool down, blur up: two switches, as officially),
 xavier init with gain 0.02, Adam lr 2e-4 with betas (0.5, 0.999) for G, D and H, 256 patches per
-layer, temperature 0.07; each step updates D first, then G and H together; in the lr-decay epochs
-the training images are resized to the crop size, not cropped (flips stay).
+layer (also the appendix's), temperature 0.07; 200 + 200 epochs for CUT, 150 + 50 for FastCUT; each
+step updates D first, then G and H together, with D fixed; in the lr-decay epochs the training images
+are resized to the crop size, not cropped (flips stay).
 
 This file is the paper only: the optimisation (Adam, the lr schedule, precision) is train_gan.py's `Trainer`,
 handed to `train_step`.
@@ -36,7 +38,7 @@ MODES = {"cut": dict(lambda_nce=1.0, nce_idt=True, flip_equivariance=False, epoc
 @dataclass
 class CUTConfig:
     mode: str = "cut"  # 'cut' or 'fastcut': sets the options left None (MODES)
-    lambda_nce: float | None = None  # lambda_X of Eq. 5: CUT 1, FastCUT 10
+    lambda_nce: float | None = None  # lambda_X of Eq. 5: CUT 1, FastCUT 10 (Sec. 3.3)
     nce_idt: bool | None = None  # the lambda_Y identity term: CUT yes, FastCUT no
     flip_equivariance: bool | None = None  # CUT no, FastCUT yes
     netG: str = "resnet_9blocks"
@@ -51,8 +53,8 @@ class CUTConfig:
     channels_y: int = 3
     gan_mode: str = "lsgan"
     real_label: float = 1.0
-    lambda_gan: float = 1.0
-    nce_layers: tuple = DEFAULT_TAPS  # the paper's layers; official indices 0, 4, 8, 12 and 16 when antialiased
+    lambda_gan: float = 1.0  # the official --lambda_GAN: Eq. 5 has no weight on L_GAN
+    nce_layers: tuple = DEFAULT_TAPS  # the appendix's layers; official indices 0, 4, 8, 12, 16 when antialiased
     num_patches: int = 256
     nce_temperature: float = 0.07
     nce_negatives: str = "image"  # internal negatives (the paper's choice); 'batch', 'others': its ablation
@@ -103,8 +105,8 @@ class CUT:
         return self.config.flip_equivariance and bool(torch.rand(()) < 0.5)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, trainer) -> dict[str, torch.Tensor]:
-        """One step of Eq. 5 on x (B, C, H, W) from X and y (B, C, H, W) from Y. Returns each loss
-        term as it enters the objective: G_gan + NCE_X (+ NCE_Y) is Eq. 5, D is D's loss.
+        """One step of Eq. 5 on x (B, C, H, W) from X and y (B, C, H, W) from Y. Returns each loss term as
+        it enters the objective: G_gan + NCE_X (+ NCE_Y) is Eq. 5 as the official code weighs it, D is D's.
 
         `trainer` optimises: autocast() sets the precision, backward(loss, group) adds gradients,
         step(group) takes an Adam step. D steps first, then G and H, as officially. G(x)'s terms
@@ -122,9 +124,9 @@ class CUT:
         trainer.backward(loss["D"], "D")
         trainer.step("D")
 
-        # 2. G and H, with D fixed: the terms of G(x).
+        # 2. G and H, with D fixed (the official set_requires_grad): the terms of G(x).
         with frozen(self.D), trainer.autocast():
-            loss["G_gan"] = c.lambda_gan * gan(self.D(fake_y), True)  # Eq. 1: G fools D
+            loss["G_gan"] = c.lambda_gan * gan(self.D(fake_y), True)  # Eq. 1: G fools D (weight: official)
             if c.lambda_nce > 0:  # Eq. 5's lambda_X term: G(x) keeps the patches of x (Eq. 3)
                 loss["NCE_X"] = nce_weight * c.lambda_nce * self.patch_nce(keys, fake_y, flipped)
         trainer.backward(loss["G_gan"] + loss.get("NCE_X", 0), "G")

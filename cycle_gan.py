@@ -4,15 +4,17 @@ junyanz/pytorch-CycleGAN-and-pix2pix.
 
 Names: the paper's G: X->Y is the official G_A, F: Y->X is G_B, D_Y is D_A and D_X is D_B.
 
-Objective (Eq. 3), minimised by G and F, maximised by D_X and D_Y:
-    L = L_GAN(G, D_Y, X, Y) + L_GAN(F, D_X, Y, X) + lambda * L_cyc(G, F)
-    L_GAN (Eq. 1): least squares, as the paper's Sec. 4 and the official code train (more stable
-        than the log-likelihood form Eq. 1 is written in)
-    L_cyc (Eq. 2): ||F(G(x)) - x||_1 + ||G(F(y)) - y||_1, lambda = 10
-    + the identity loss of Sec. 5.2, ||G(y) - y||_1 + ||F(x) - x||_1, weighted 0.5 * lambda (appendix 7.1).
-junyanz's details kept (the CUT repository's copy of this model has xavier init, anti-aliased networks,
-200 + 200 epochs): D's loss halved (appendix 7.1), a 50-image history of fakes for D (Sec. 4), N(0, 0.02)
-init; Adam lr 2e-4, betas (0.5, 0.999), constant for `epochs`, then linear decay over `epochs_decay`.
+Objective (Eq. 3), minimised by G and F, maximised by D_X and D_Y (Eq. 4):
+    L = L_GAN(G, D_Y, X, Y) + L_GAN(F, D_X, Y, X) + lambda * L_cyc(G, F), lambda = 10 (Sec. 4)
+    L_GAN (Eq. 1): least squares, as Sec. 4 trains it (more stable than the log-likelihood Eq. 1 is written in)
+    L_cyc (Eq. 2): ||F(G(x)) - x||_1 + ||G(F(y)) - y||_1, each taken as a per-pixel mean, as both official
+        codes (nn.L1Loss) take it, where Eq. 2's norm sums over the pixels
+G and F also minimise the identity loss of Sec. 5.2, ||G(y) - y||_1 + ||F(x) - x||_1, weight 0.5 * lambda
+(appendix 7.1); it is not part of Eq. 3, and junyanz's code turns it on by default.
+From the paper: D's loss halved (appendix 7.1), a history of 50 fakes for D (Sec. 4), N(0, 0.02) init
+(appendix 7.1), Adam at lr 2e-4, constant for `epochs`, then a linear decay over `epochs_decay` (Sec. 4).
+From junyanz's code: Adam's beta1 0.5, the history's fill-and-swap rule (ImagePool), D held fixed while G and
+F step. (The CUT repository's copy of this model has xavier init, anti-aliased networks, 200 + 200 epochs.)
 
 This file is the paper only: the optimisation (Adam, the lr schedule, precision) is train_gan.py's `Trainer`,
 handed to `train_step`.
@@ -39,7 +41,7 @@ class CycleGANConfig:
     channels_y: int = 3
     gan_mode: str = "lsgan"  # the paper's Sec. 4 and the official default
     real_label: float = 1.0  # < 1 for one-sided label smoothing
-    lambda_cycle: float = 10.0  # lambda of Eq. 3, both directions
+    lambda_cycle: float = 10.0  # lambda of Eq. 3, both directions (Sec. 4)
     lambda_identity: float = 0.5  # identity loss weight, as a fraction of lambda_cycle
     pool_size: int = 50
     lr: float = 2e-4
@@ -52,8 +54,9 @@ class CycleGANConfig:
 class ImagePool:
     """History of generated images (Sec. 4, after Shrivastava et al. 2017), so D does not forget old fakes.
 
-    query(fakes): (B, C, H, W) -> (B, C, H, W). Until the pool is full each fake is stored and
-    returned; then each fake is, with probability 1/2, swapped for a random stored one.
+    query(fakes): (B, C, H, W) -> (B, C, H, W). The paper keeps the 50 latest fakes; how D draws from them is
+    the official util/image_pool.py's: until the pool is full each fake is stored and returned; then each
+    fake is, with probability 1/2, swapped for a random stored one.
     """
 
     def __init__(self, size: int = 50):
@@ -100,14 +103,15 @@ class CycleGAN:
         self.pool_X, self.pool_Y = ImagePool(c.pool_size), ImagePool(c.pool_size)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, trainer) -> dict[str, torch.Tensor]:
-        """One step of Eq. 3 on x (B, C_x, H, W) from X and y (B, C_y, H, W) from Y. Returns each loss
-        term as it enters the objective: G's terms sum to Eq. 3, D's to the discriminators' loss.
+        """One step on x (B, C_x, H, W) from X and y (B, C_y, H, W) from Y. Returns each loss term as it
+        enters the objective: G's and F's terms sum to Eq. 3 plus the identity loss, D's to the discriminators'.
 
         `trainer` optimises: autocast() sets the precision, backward(loss, group) adds gradients,
-        step(group) takes an Adam step. The min-max of Eq. 4 alternates a step of G and F with
-        D_X, D_Y fixed, and a step of D_X and D_Y.
+        step(group) takes an Adam step. Eq. 4 states the min-max; the step alternates, as junyanz's
+        code does: a step of G and F with D_X and D_Y fixed, then a step of D_X and D_Y.
         """
-        # 1. G and F minimise Eq. 3, with D_X and D_Y fixed. The terms that start from x and those that
+        # 1. G and F minimise Eq. 3 and the identity loss, with D_X and D_Y fixed (the official set_requires_grad).
+        # The terms that start from x and those that
         # start from y have separate graphs: each half is back-propagated as soon as it is built, so one
         # half's graph is in memory at a time, and the gradients add up to those of the whole sum.
         with frozen(self.D_X, self.D_Y):
@@ -128,7 +132,7 @@ class CycleGAN:
 
     def generator_half(self, real: torch.Tensor, forward, back, judge,
                        trainer) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The terms of Eq. 3 that start from `real`, back-propagated into G and F at once. The networks
+        """G's and F's terms that start from `real`, back-propagated into both at once. The networks
         come by role: from x, `forward` is G, `back` is F and `judge` is D_Y; from y, F, G and D_X.
         Returns the terms [GAN, cycle, identity (when weighted)] and forward(real) (B, C, H, W),
         detached, for the discriminators' step."""

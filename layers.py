@@ -81,7 +81,9 @@ def norm_act(channels: int, norm: str, act: str) -> list[nn.Module]:
 class ResnetBlock(nn.Module):
     """x + [pad, conv3x3, norm, ReLU, (dropout), pad, conv3x3, norm](x); (B, C, H, W) -> same.
 
-    The attribute name `conv_block` and its layer order match the official checkpoints.
+    CycleGAN appendix 7.2's Rk: two 3x3 convs, reflection-padded. Nothing follows the sum: no ReLU there, as in
+    the official ResnetBlock (He et al.'s block has one). The attribute name `conv_block` and its layer order
+    match the official checkpoints.
     """
 
     def __init__(self, channels: int, norm: str = "instance", dropout: bool = False,
@@ -159,8 +161,9 @@ def upsample(in_ch: int, out_ch: int, norm: str, antialias: bool) -> list[nn.Mod
 def init_weights(net: nn.Module, kind: str = "normal", gain: float = 0.02) -> nn.Module:
     """Initialise conv and linear weights in place; biases to 0.
 
-    normal: N(0, gain), the CycleGAN default. xavier: xavier_normal with `gain`, the CUT
-    default. Batch-norm scales get N(1, gain). Blur filters are buffers and stay untouched.
+    normal: N(0, gain), CycleGAN's (appendix 7.1: N(0, 0.02)). xavier: xavier_normal with `gain`, the CUT
+    repository's default (its paper names no init). Batch-norm scales get N(1, gain). Blur filters are buffers
+    and stay untouched.
     """
     if kind not in ("normal", "xavier"):
         raise ValueError(f"unknown init {kind!r}: use 'normal' or 'xavier'")

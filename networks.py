@@ -142,8 +142,10 @@ class PatchDiscriminator(nn.Module):
     receptive field is 70x70 pixels (84x84 with blur-pool: each blur widens it), though its instance norms make
     it depend a little on the whole image.
 
-    C64-C128-C256-C512 (4x4 convs, LeakyReLU 0.2, no norm on the first) then a 1-channel conv.
-    With antialias=True (the CUT default) each stride-2 conv becomes stride 1 plus blur-pool.
+    C64-C128-C256-C512 (4x4 convs, LeakyReLU 0.2, no norm on the first) then a 1-channel conv: CycleGAN appendix
+    7.2, but with C512 at stride 1, as the official code (the appendix gives every Ck stride 2, which would see
+    94x94). No sigmoid: the output is a logit. With antialias=True (the CUT default) each stride-2 conv becomes
+    stride 1 plus blur-pool.
     """
 
     def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3, norm: str = "instance",
@@ -167,7 +169,7 @@ class PatchDiscriminator(nn.Module):
 
 
 class PatchSampleMLP(nn.Module):
-    """CUT's H: per tapped layer, sample patch locations, project with a 2-layer MLP, L2-normalise.
+    """CUT's H: per tapped layer, sample patch locations, project with a 2-layer MLP, L2-normalise (Sec. 3.2).
 
     Built eagerly from the tap channels, so that it exists, and is optimised, before the first batch
     (the official code builds it lazily on the first batch). The same locations are used for every

@@ -69,8 +69,8 @@ from cycle_gan import CycleGAN, CycleGANConfig, ImagePool
 from layers import (BlurDownsample, BlurUpsample, ResnetBlock, activation, binomial_filter, conv_bias, conv_norm_act,
                     downsample, full_precision, init_weights, norm_layer, padding, upsample)
 from losses import GAN_MODES, GANLoss, PatchNCELoss
-from networks import (DEFAULT_TAPS, GENERATORS, PatchDiscriminator, PatchSampleMLP, ResnetGenerator, UnetGenerator,
-                      define_G, frozen, load_official_state_dict, official_generator, size_multiple)
+from networks import (DEFAULT_TAPS, GENERATORS, PatchDiscriminator, PatchSampleMLP, ResnetGenerator, UnetBlock,
+                      UnetGenerator, define_G, frozen, load_official_state_dict, official_generator, size_multiple)
 from train_gan import Trainer, adam, lr_factor
 from train_gan import main as cli
 from translate import main as translate_cli
@@ -120,6 +120,17 @@ def test_index_words_select_exactly_their_components_tests(tmp_path):
         assert not stray, f"-k {word} also selects {sorted(stray)}"
 
 
+def test_index_every_assert_of_the_model_file_sections_says_the_rule_it_checks():
+    """A learner who rewrites a component reads the failure's message: a bare assert prints numbers alone."""
+    source = Path(__file__).read_text()
+    lines = source.splitlines()
+    first, last = (next(i for i, line in enumerate(lines, 1) if line.startswith("# ====") and line.endswith(title))
+                   for title in (" layers.py", " data"))
+    bare = [node.lineno for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Assert) and first < node.lineno < last and node.msg is None]
+    assert not bare, f"asserts without a message at lines {bare}"
+
+
 # ============================================================================= layers.py
 
 @pytest.mark.parametrize("kind, layer", [("instance", nn.InstanceNorm2d), ("batch", nn.BatchNorm2d),
@@ -162,8 +173,10 @@ def test_conv_norm_act_pads_by_reflection_replication_or_zeros():
 def test_conv_norm_act_lays_out_pad_conv_norm_activation_as_flat_lists():
     reflect = conv_norm_act(3, 8, 7, pad=3, pad_mode="reflect")
     assert [type(m).__name__ for m in reflect] == ["ReflectionPad2d", "Conv2d", "InstanceNorm2d", "ReLU"], \
-        "c7s1-k (CycleGAN appendix 7.2): reflection pad 3, 7x7 conv, instance norm, ReLU, as a flat list"
-    assert reflect[0].padding == (3, 3, 3, 3) and reflect[1].padding == (0, 0) and reflect[1].kernel_size == (7, 7)
+        "c7s1-k (CycleGAN appendix 7.2): reflection pad 3, 7x7 conv, instance norm, ReLU; as a flat list, whose " \
+        "indices the official checkpoints name"
+    assert reflect[0].padding == (3, 3, 3, 3) and reflect[1].padding == (0, 0) and reflect[1].kernel_size == (7, 7), \
+        "c7s1-k: a reflection pad of 3 keeps H and W through the unpadded 7x7 conv"
     assert reflect[1].bias is not None, "a conv before instance norm has a bias, as officially"
     zeros = conv_norm_act(8, 16, 4, stride=2, pad=1, norm="batch", act="lrelu")
     assert [type(m).__name__ for m in zeros] == ["Conv2d", "BatchNorm2d", "LeakyReLU"], \
@@ -187,10 +200,20 @@ def test_residual_block_adds_its_input_to_two_reflect_padded_3x3_convs():
     torch.manual_seed(0)
     block = ResnetBlock(4)
     x = torch.randn(2, 4, 8, 8)
-    assert torch.allclose(block(x), x + block.conv_block(x)), "a residual block R returns x + F(x) (He et al. 2016)"
+    out, residual = block(x), block.conv_block(x)
+    assert not torch.allclose(out, residual), \
+        "a residual block keeps its skip: it returns x + F(x), not F(x) (He et al. 2016; CycleGAN appendix 7.2's Rk)"
+    assert torch.allclose(out, x + residual), \
+        "a residual block returns x + F(x) with nothing after the sum: no ReLU there (the official ResnetBlock)"
+    pads = [m for m in block.conv_block if isinstance(m, (nn.ReflectionPad2d, nn.ReplicationPad2d, nn.ZeroPad2d))]
+    convs = [m for m in block.conv_block if isinstance(m, nn.Conv2d)]
+    assert [type(m) for m in pads] == [nn.ReflectionPad2d] * 2 and all(c.padding == (0, 0) for c in convs), \
+        "each 3x3 conv of a residual block is reflection-padded, not zero-padded (CycleGAN appendix 7.2: " \
+        "reflection padding reduces artifacts; the official ResnetBlock's padding_type 'reflect')"
     assert [type(m).__name__ for m in block.conv_block] == ["ReflectionPad2d", "Conv2d", "InstanceNorm2d", "ReLU",
                                                             "ReflectionPad2d", "Conv2d", "InstanceNorm2d"], \
-        "R256 (CycleGAN appendix 7.2): two 3x3 convs with instance norm, ReLU between, no ReLU after the sum"
+        "Rk (CycleGAN appendix 7.2): two 3x3 convs, each with instance norm, a ReLU between them only " \
+        "(the official ResnetBlock's order)"
     for pad, conv in ((block.conv_block[0], block.conv_block[1]), (block.conv_block[4], block.conv_block[5])):
         assert pad.padding == (1, 1, 1, 1) and conv.kernel_size == (3, 3) and conv.stride == (1, 1), \
             "each conv of a residual block is 3x3, stride 1, after a reflection pad of 1: H and W are kept"
@@ -248,35 +271,41 @@ def test_blur_sampling_halves_and_doubles_and_keeps_constants():
 
 
 @pytest.mark.parametrize("antialias", [False, True])
-def test_resampling_halves_and_doubles_as_each_paper_does(antialias):
+def test_resampling_halves_and_doubles_as_each_official_code_does(antialias):
     down, up = downsample(4, 8, "instance", antialias), upsample(8, 4, "instance", antialias)
     x = torch.randn(1, 4, 8, 8)
-    assert nn.Sequential(*down)(x).shape == (1, 8, 4, 4) and nn.Sequential(*up)(torch.randn(1, 8, 4, 4)).shape == \
-        (1, 4, 8, 8), "d_k halves H and W, u_k doubles them (CycleGAN appendix 7.2)"
+    how = "a stride-1 conv and a blur-pool halve H and W once, blur up-sampling and a stride-1 conv double them " \
+        "(the CUT repository's anti-aliased sampling)" if antialias else "d_k halves H and W, u_k doubles them " \
+        "exactly (CycleGAN appendix 7.2; a stride-2 3x3 transposed conv needs output_padding 1 to give 2H, not 2H - 1)"
+    assert nn.Sequential(*down)(x).shape == (1, 8, 4, 4), how
+    assert nn.Sequential(*up)(torch.randn(1, 8, 4, 4)).shape == (1, 4, 8, 8), how
     if antialias:
         assert [type(m).__name__ for m in down] == ["Conv2d", "InstanceNorm2d", "ReLU", "BlurDownsample"], \
             "CUT: conv3x3 stride 1, norm, ReLU, then blur-pool (the official antialiased down-sampling)"
         assert [type(m).__name__ for m in up] == ["BlurUpsample", "Conv2d", "InstanceNorm2d", "ReLU"], \
             "CUT: blur up-sampling, then conv3x3 stride 1, norm, ReLU"
-        assert down[0].stride == (1, 1) and up[1].stride == (1, 1) and up[1].padding == (1, 1)
+        assert down[0].stride == (1, 1) and up[1].stride == (1, 1) and up[1].padding == (1, 1), \
+            "CUT's convs keep the size: the blurs alone halve and double it"
     else:
         assert [type(m).__name__ for m in down] == ["Conv2d", "InstanceNorm2d", "ReLU"] and down[0].stride == (2, 2), \
             "CycleGAN's d_k: a 3x3 conv of stride 2, instance norm, ReLU"
         assert [type(m).__name__ for m in up] == ["ConvTranspose2d", "InstanceNorm2d", "ReLU"], \
             "CycleGAN's u_k: a 3x3 fractionally-strided conv (stride 1/2), instance norm, ReLU"
         t = up[0]
-        assert (t.kernel_size, t.stride, t.padding, t.output_padding) == ((3, 3), (2, 2), (1, 1), (1, 1))
+        assert (t.kernel_size, t.stride, t.padding, t.output_padding) == ((3, 3), (2, 2), (1, 1), (1, 1)), \
+            "u_k: a 3x3 transposed conv, stride 2, padding 1 and output padding 1, which doubles H and W exactly"
         assert t.bias is not None and down[0].bias is not None, "biases before instance norm, as officially"
     assert down[0].kernel_size == (3, 3) and down[0].padding == (1, 1), "the conv comes first: CUT taps its output"
 
 
 @pytest.mark.parametrize("kind", ["normal", "xavier"])
-def test_init_weights_gives_each_papers_statistics(kind):
+def test_init_weights_gives_each_official_codes_statistics(kind):
     torch.manual_seed(0)
     net = init_weights(nn.Sequential(nn.Conv2d(64, 128, 3), nn.BatchNorm2d(128), nn.Linear(256, 256)), kind)
     conv, bn, lin = net
     expected = 0.02 if kind == "normal" else 0.02 * math.sqrt(2 / (64 * 9 + 128 * 9))
-    rule = "CycleGAN: N(0, 0.02)" if kind == "normal" else "CUT: xavier_normal with gain 0.02"
+    rule = "CycleGAN (appendix 7.1): N(0, 0.02)" if kind == "normal" else \
+        "the CUT repository: xavier_normal with gain 0.02"
     assert conv.weight.std().item() == pytest.approx(expected, rel=0.05), f"{rule} for convs"
     assert abs(conv.weight.mean().item()) < 0.1 * expected, f"{rule}: zero mean"
     assert lin.weight.std().item() == pytest.approx(0.02 if kind == "normal" else 0.02 / 16, rel=0.05), \
@@ -290,7 +319,8 @@ def test_init_weights_gives_each_papers_statistics(kind):
 
 def test_init_weights_takes_the_gain_and_leaves_the_fixed_filters_alone():
     torch.manual_seed(0)
-    assert init_weights(nn.Conv2d(64, 64, 3), "normal", 0.5).weight.std().item() == pytest.approx(0.5, rel=0.05)
+    assert init_weights(nn.Conv2d(64, 64, 3), "normal", 0.5).weight.std().item() == pytest.approx(0.5, rel=0.05), \
+        "normal init draws N(0, gain): the gain given, not a fixed 0.02"
     G = init_weights(ResnetGenerator(ngf=4, n_blocks=1, antialias=True), "normal")
     assert torch.equal(G.model[7].filt[0, 0], binomial_filter(3)), "the blur filters are fixed buffers, not weights"
 
@@ -299,7 +329,7 @@ def test_init_weights_takes_the_gain_and_leaves_the_fixed_filters_alone():
 
 @pytest.mark.parametrize("n_blocks, antialias, expected",
                          [(9, False, 11_378_179), (6, False, 7_837_699), (9, True, 11_378_179)])
-def test_resnet_generator_has_the_papers_parameter_count(n_blocks, antialias, expected):
+def test_resnet_generator_has_the_official_parameter_count(n_blocks, antialias, expected):
     assert n_params(ResnetGenerator(n_blocks=n_blocks, antialias=antialias)) == expected, \
         f"the official ResNet generator, ngf 64, {n_blocks} blocks, has {expected:,} parameters"
 
@@ -329,12 +359,15 @@ def test_resnet_generator_is_c7s1_d_d_n_times_R_u_u_c7s1_tanh():
     blocks = [b for b in G.model if isinstance(b, ResnetBlock)]
     assert len(blocks) == 3 and all(b.conv_block[1].in_channels == 16 for b in blocks), "n_blocks R blocks of 4 ngf"
     assert kinds[-3:] == ["ReflectionPad2d", "Conv2d", "Tanh"] and G.model[-2].out_channels == 3 and \
-        G.model[-2].bias is not None, "c7s1-3 then tanh last, with a bias: there is no norm after it"
+        G.model[-2].bias is not None and G.model[-3].padding == (3, 3, 3, 3), \
+        "c7s1-3 last: a reflection pad of 3, a 7x7 conv to the output channels (CycleGAN appendix 7.2), with a " \
+        "bias, as no norm follows, then tanh (the official ResnetGenerator)"
     assert G.model[1].in_channels == 1 and G.side_multiple == 4, "two stride-2 levels: sides a multiple of 4"
     follows = [type(m).__name__ for m in ResnetGenerator(ngf=4, n_blocks=1, antialias=True).modules()]
     assert "BlurUpsample" in follows, "antialias_up left None follows antialias (the official default)"
     strided_up = ResnetGenerator(ngf=4, n_blocks=1, antialias=True, antialias_up=False)
-    assert "BlurUpsample" not in [type(m).__name__ for m in strided_up.modules()]
+    assert "BlurUpsample" not in [type(m).__name__ for m in strided_up.modules()], \
+        "antialias_up False (the official --no_antialias_up): transposed convs up, blur-pool down only"
 
 
 def test_resnet_generator_accepts_one_channel_images():
@@ -346,8 +379,11 @@ def test_resnet_generator_taps_have_cuts_shapes_at_256():
     G = ResnetGenerator(antialias=True)
     shapes = [tuple(f.shape) for f in G(torch.randn(1, 3, 256, 256), DEFAULT_TAPS, encode_only=True)]
     assert shapes == [(1, 3, 262, 262), (1, 128, 256, 256), (1, 256, 128, 128), (1, 256, 64, 64), (1, 256, 64, 64)], \
-        "CUT Sec. 3: the taps are the (padded) input, the two down-sampling convs, residual blocks 1 and 5"
-    assert [G.tap(t)[0] for t in DEFAULT_TAPS] == [0, 4, 8, 12, 16], "the official nce_layers 0,4,8,12,16"
+        "the CUT paper's appendix (training details): the taps are the (padded) input, the two down-sampling " \
+        "convs, residual blocks 1 and 5"
+    assert [G.tap(t)[0] for t in DEFAULT_TAPS] == [0, 4, 8, 12, 16], \
+        "the official nce_layers 0,4,8,12,16: down1 and down2 are the down-sampling convs themselves (layers 4 and " \
+        "8), read before their norm"
     assert G.tap_channels() == [3, 128, 256, 256, 256] and G.tap(12) == G.tap("res1") == (12, 256), \
         "a tap by name or by official index: (layer, channels)"
 
@@ -356,7 +392,7 @@ def test_resnet_generator_taps_are_conv_outputs_before_norm():
     G = ResnetGenerator(ngf=4, n_blocks=2, antialias=True)
     x = torch.randn(1, 3, 32, 32)
     down1 = G(x, ["down1"], encode_only=True)[0]
-    assert isinstance(G.model[4], nn.Conv2d)
+    assert isinstance(G.model[4], nn.Conv2d), "official nce_layers 4 is the first down-sampling conv itself"
     assert torch.allclose(down1, G.model[4](G.model[:4](x))), "official nce_layers 4: the conv's output"
     assert down1.mean(dim=(2, 3)).abs().max() > 1e-4, "taken before the instance norm"
 
@@ -377,6 +413,11 @@ def test_resnet_generator_forward_with_taps_matches_the_plain_forward_and_the_en
     assert torch.allclose(y, G(x)), "taps only read the features: G(x) is unchanged"
     for a, b in zip(feats, G(x, DEFAULT_TAPS, encode_only=True)):
         assert torch.allclose(a, b), "one pass gives G(x) and the same features as the encoder alone"
+    assert all(f.requires_grad for f in feats[1:]), \
+        "the tapped features keep G's graph: PatchNCE trains G's encoder through them (CUT Sec. 3.2)"
+    sum(f.sum() for f in feats[1:]).backward()
+    assert G.model[1].weight.grad is not None and G.model[1].weight.grad.abs().sum() > 0, \
+        "the tapped features keep G's graph: PatchNCE trains G's encoder through them (CUT Sec. 3.2)"
 
 
 def test_resnet_generator_unknown_tap_names_the_valid_ones():
@@ -390,6 +431,20 @@ def test_unet_generator_has_the_pix2pix_parameter_count(num_downs, expected):
         f"the official U-Net, ngf 64, {num_downs} downs, has {expected:,} parameters"
 
 
+def test_unet_generator_levels_return_their_input_beside_their_output():
+    torch.manual_seed(0)
+    innermost = UnetBlock(8, 4)
+    assert [type(m).__name__ for m in innermost.model] == ["LeakyReLU", "Conv2d", "ReLU", "ConvTranspose2d",
+                                                           "InstanceNorm2d"], \
+        "the innermost level has no norm on its 1x1 bottleneck (pix2pix's official UnetSkipConnectionBlock): an " \
+        "instance norm of one value per channel would fail"
+    x = torch.randn(1, 8, 2, 2)
+    out = innermost(x)
+    assert out.shape == (1, 16, 2, 2) and torch.equal(out[:, :8], x), \
+        "each U-Net level but the outermost returns its input beside its output, (B, 2C, H, W): the skip " \
+        "connections of pix2pix (arXiv 1611.07004, Sec. 3.1.1)"
+
+
 def test_unet_generator_built_plainly_is_the_official_network():
     net = UnetGenerator()
     assert n_params(net) == 54_409_603, "the defaults: ngf 64, 8 downs (unet_256), RGB to RGB"
@@ -398,7 +453,8 @@ def test_unet_generator_built_plainly_is_the_official_network():
 
 @pytest.mark.parametrize("size", SIZES)
 def test_unet_generator_keeps_input_size(size):
-    assert UnetGenerator(num_downs=5, ngf=4)(torch.randn(1, 3, *size)).shape == (1, 3, *size)
+    assert UnetGenerator(num_downs=5, ngf=4)(torch.randn(1, 3, *size)).shape == (1, 3, *size), \
+        "the U-Net maps an image to an image of the same size"
 
 
 def test_unet_generator_rejects_sides_not_divisible_by_its_depth_and_too_few_levels():
@@ -414,7 +470,8 @@ def test_unet_generator_levels_are_the_pix2pix_ones_with_skips():
     outer = net.model.model
     assert [type(m).__name__ for m in outer] == ["Conv2d", "UnetBlock", "ReLU", "ConvTranspose2d", "Tanh"], \
         "the outermost level: down-conv, the inner levels, ReLU, up-conv, tanh; no skip around it"
-    assert outer[0].in_channels == 1 and outer[3].out_channels == 2 and outer[0].bias is not None
+    assert outer[0].in_channels == 1 and outer[3].out_channels == 2 and outer[0].bias is not None, \
+        "the outermost level maps in_channels down and back up to out_channels; its down-conv has a bias (no norm)"
     levels, block = [], outer[1]
     while block is not None:
         levels.append(block)
@@ -423,7 +480,11 @@ def test_unet_generator_levels_are_the_pix2pix_ones_with_skips():
     innermost = [type(m).__name__ for m in levels[-1].model]
     assert innermost == ["LeakyReLU", "Conv2d", "ReLU", "ConvTranspose2d", "InstanceNorm2d"], \
         "the innermost level has no norm on its 1x1 bottleneck"
-    assert all(m.negative_slope == 0.2 for m in net.modules() if isinstance(m, nn.LeakyReLU)), "LeakyReLU(0.2) down"
+    leaky = [m for m in net.modules() if isinstance(m, nn.LeakyReLU)]
+    assert len(leaky) == 5 and all(m.negative_slope == 0.2 for m in leaky) and \
+        all(isinstance(level.model[0], nn.LeakyReLU) for level in levels), \
+        "each inner level goes down through a LeakyReLU(0.2), the way up through a ReLU (pix2pix, arXiv " \
+        "1611.07004, appendix 6.1.1: the encoder's ReLUs are leaky, slope 0.2, the decoder's are not)"
     assert sum(isinstance(m, nn.Dropout) for m in net.modules()) == 1, "dropout in the ngf*8 levels between (6 - 5)"
     x = torch.randn(1, 4, 64, 64)
     assert levels[0](x).shape == (1, 8, 64, 64), "an inner level returns its input and its output side by side"
@@ -431,7 +492,7 @@ def test_unet_generator_levels_are_the_pix2pix_ones_with_skips():
 
 
 @pytest.mark.parametrize("antialias", [False, True])
-def test_patchgan_has_the_papers_parameter_count(antialias):
+def test_patchgan_has_the_official_parameter_count(antialias):
     assert n_params(PatchDiscriminator(ndf=64, n_layers=3, antialias=antialias)) == 2_764_737, \
         "the official 70x70 PatchGAN, ndf 64, 3 layers, has 2,764,737 parameters"
 
@@ -441,7 +502,9 @@ def test_patchgan_has_the_papers_parameter_count(antialias):
 def test_patchgan_gives_one_logit_per_overlapping_patch(size, antialias):
     D = PatchDiscriminator(ndf=4, antialias=antialias)
     h, w = size
-    assert D(torch.randn(2, 3, h, w)).shape == (2, 1, h // 8 - 2, w // 8 - 2), "(H/8 - 2) x (W/8 - 2) verdicts"
+    assert D(torch.randn(2, 3, h, w)).shape == (2, 1, h // 8 - 2, w // 8 - 2), \
+        "(H/8 - 2) x (W/8 - 2) verdicts: C64, C128 and C256 halve the sides, C512 and the last conv at stride 1 " \
+        "take 1 each (the official NLayerDiscriminator)"
 
 
 @pytest.mark.parametrize("antialias, field", [(False, 70), (True, 84)])
@@ -452,17 +515,26 @@ def test_patchgan_verdict_sees_a_70x70_patch_84x84_when_anti_aliased(antialias, 
     D(x)[0, 0, 10, 10].backward()
     seen = x.grad[0, 0].abs() > 0
     rows, cols = seen.any(1).nonzero(), seen.any(0).nonzero()
+    rule = "CycleGAN Sec. 4: the 70x70 PatchGAN" if field == 70 else \
+        "the CUT repository's anti-aliased PatchGAN: each blur-pool widens CycleGAN's 70x70 to 84x84"
     assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (field, field), \
-        f"CycleGAN Sec. 4: each verdict judges a {field}x{field} patch"
+        f"each verdict judges a {field}x{field} patch ({rule})"
 
 
 def test_patchgan_is_c64_c128_c256_c512_then_one_channel():
     D = PatchDiscriminator(in_channels=1, ndf=4, n_layers=3)
+    assert isinstance(D.model[-1], nn.Conv2d), \
+        f"the PatchGAN ends in its 1-channel conv, no {type(D.model[-1]).__name__} after it: its output is a logit " \
+        "(CycleGAN appendix 7.2: a convolution produces the 1-dimensional output; LSGAN's squares and vanilla's " \
+        "BCE with logits take it raw, and the official NLayerDiscriminator has no sigmoid)"
     convs = [m for m in D.modules() if isinstance(m, nn.Conv2d)]
-    assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == \
-        [(1, 4, 2), (4, 8, 2), (8, 16, 2), (16, 32, 1), (32, 1, 1)], \
-        "C64-C128-C256-C512 (4x4, stride 2, 2, 2, then 1), then a 1-channel conv (CycleGAN appendix 7.2)"
-    assert all(c.kernel_size == (4, 4) and c.padding == (1, 1) for c in convs)
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 4), (4, 8), (8, 16), (16, 32), (32, 1)], \
+        "C64-C128-C256-C512, then a conv to 1 channel (CycleGAN appendix 7.2)"
+    assert [c.stride[0] for c in convs] == [2, 2, 2, 1, 1], \
+        "C64, C128, C256 at stride 2, C512 and the last conv at stride 1: the official NLayerDiscriminator, whose " \
+        "verdicts see 70x70 patches (CycleGAN appendix 7.2 writes every Ck at stride 2, which would see 94x94)"
+    assert all(c.kernel_size == (4, 4) and c.padding == (1, 1) for c in convs), \
+        "every Ck is a 4x4 conv (CycleGAN appendix 7.2), padded by 1 (the official code)"
     kinds = [type(m).__name__ for m in D.model]
     assert kinds[:2] == ["Conv2d", "LeakyReLU"], "no norm on C64, the first layer"
     assert convs[0].bias is not None and convs[-1].bias is not None, "the first and last convs have biases"
@@ -475,13 +547,14 @@ def test_patchgan_is_c64_c128_c256_c512_then_one_channel():
 
 
 def test_patchgan_accepts_one_channel_images():
-    assert PatchDiscriminator(1, ndf=4)(torch.randn(1, 1, 64, 64)).shape == (1, 1, 6, 6)
+    assert PatchDiscriminator(1, ndf=4)(torch.randn(1, 1, 64, 64)).shape == (1, 1, 6, 6), \
+        "grayscale in: one logit per patch, 64 / 8 - 2 = 6 a side"
 
 
 def test_patch_sample_mlp_is_a_two_layer_mlp_per_tap():
     H = PatchSampleMLP([3, 8], nc=16)
     for mlp, c in zip(H.mlps, (3, 8)):
-        assert [type(m).__name__ for m in mlp] == ["Linear", "ReLU", "Linear"], "CUT Sec. 3: H is a 2-layer MLP"
+        assert [type(m).__name__ for m in mlp] == ["Linear", "ReLU", "Linear"], "CUT Sec. 3.2: H is a 2-layer MLP"
         assert (mlp[0].in_features, mlp[0].out_features, mlp[2].out_features) == (c, 16, 16), \
             "one MLP per tapped layer, from its channels to netF_nc (256) wide"
     with pytest.raises(ValueError, match="H has 2 MLPs but got 1 feature maps"):
@@ -495,7 +568,7 @@ def test_patch_sample_mlp_reuses_ids_and_normalises():
     out, ids = H(feats, num_patches=20)
     assert [tuple(f.shape) for f in out] == [(2, 20, 16), (2, 16, 16)], "P = min(num_patches, H*W) places a layer"
     assert all(torch.allclose(f.norm(dim=-1), torch.ones(f.shape[:2]), atol=1e-5) for f in out), \
-        "CUT Sec. 3: H's outputs are L2-normalised"
+        "CUT Sec. 3.2: H's outputs are L2-normalised, onto the unit sphere"
     assert len(set(ids[0].tolist())) == 20 and max(ids[0].tolist()) < 36 and sorted(ids[1].tolist()) == \
         list(range(16)), "places are drawn without repeats, inside the map"
     again, ids2 = H(feats, num_patches=20, patch_ids=ids)
@@ -533,7 +606,8 @@ def test_patch_sample_mlp_projects_in_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = H.project(0, feat.bfloat16(), ids)
     assert low.dtype == torch.float32, "H runs in float32 whatever the precision: its normalisation overflows fp16"
-    assert torch.allclose(low, H.project(0, feat.bfloat16().float(), ids), atol=1e-6)
+    assert torch.allclose(low, H.project(0, feat.bfloat16().float(), ids), atol=1e-6), \
+        "the same projection as from the float32 features"
 
 
 @pytest.mark.parametrize("name, kind, depth", [("resnet_9blocks", ResnetGenerator, 9),
@@ -549,7 +623,8 @@ def test_define_g_builds_each_official_generator_by_name(name, kind, depth):
         assert G.num_downs == depth and size_multiple(name) == 2 ** depth == G.side_multiple, \
             f"{name}: {depth} downs, sides a multiple of 2**{depth}"
     side = max(G.side_multiple, 16)
-    assert G(torch.zeros(1, 1, side, side)).shape == (1, 3, side, side)
+    assert G(torch.zeros(1, 1, side, side)).shape == (1, 3, side, side), \
+        f"{name} maps a 1-channel image to 3 channels at its size"
 
 
 def test_define_g_passes_its_options_on_and_names_the_valid_generators():
@@ -560,6 +635,11 @@ def test_define_g_passes_its_options_on_and_names_the_valid_generators():
     kinds = {type(m).__name__ for m in G.modules()}
     assert G.model[1].out_channels == 8 and {"BatchNorm2d", "Dropout", "BlurDownsample"} <= kinds and \
         "BlurUpsample" not in kinds, "ngf, norm, dropout and both blur switches reach the network"
+    for dropout, antialias in ((True, False), (False, True)):
+        built = define_G("resnet_6blocks", ngf=4, dropout=dropout, antialias=antialias)
+        kinds = {type(m).__name__ for m in built.modules()}
+        assert ("Dropout" in kinds, "BlurDownsample" in kinds) == (dropout, antialias), \
+            f"dropout={dropout}, antialias={antialias}: each reaches the ResnetGenerator in its own place"
     with pytest.raises(ValueError, match="unknown generator 'resnet_2'.*resnet_9blocks"):
         define_G("resnet_2")
 
@@ -589,8 +669,9 @@ PRED = torch.tensor([[[[0.5, -1.0]]]])
     ("nonsaturating", False, (math.log1p(math.exp(0.5)) + math.log1p(math.exp(-1.0))) / 2),
 ])
 def test_gan_loss_matches_hand_computed_values(mode, real, expected):
-    rule = {"lsgan": "LSGAN: mean (D - label)^2", "vanilla": "Eq. 1's log-likelihood: BCE on the logits",
-            "nonsaturating": "softplus(-D) for real, softplus(D) for fake"}[mode]
+    rule = {"lsgan": "LSGAN (CycleGAN Sec. 4, both official codes): mean (D - label)^2",
+            "vanilla": "Eq. 1's log-likelihood: BCE on the logits",
+            "nonsaturating": "the CUT repository's nonsaturating: softplus(-D) for real, softplus(D) for fake"}[mode]
     assert GANLoss(mode)(PRED, real).item() == pytest.approx(expected, rel=1e-6), \
         f"{rule}, target {'real (1)' if real else 'fake (0)'}: {expected:.6f}"
 
@@ -609,7 +690,8 @@ def test_gan_loss_verdict_is_lsgans_output_or_the_probability_of_real():
 
 
 def test_gan_loss_rejects_unknown_mode_and_smoothing_it_cannot_do():
-    assert GAN_MODES == ("lsgan", "vanilla", "nonsaturating")
+    assert GAN_MODES == ("lsgan", "vanilla", "nonsaturating"), \
+        "the three GAN losses of the official --gan_mode (wgangp is not here)"
     with pytest.raises(ValueError, match="unknown GAN mode"):
         GANLoss("wasserstein")
     with pytest.raises(ValueError, match="nonsaturating"):
@@ -618,9 +700,27 @@ def test_gan_loss_rejects_unknown_mode_and_smoothing_it_cannot_do():
         GANLoss("nonsaturating", fake_label=0.1)
 
 
+def test_patchnce_divides_each_similarity_by_the_temperature():
+    torch.manual_seed(0)
+    q, k = (F.normalize(torch.randn(2, 16, 8), dim=-1) for _ in range(2))
+    tau = 0.5
+    assert PatchNCELoss(tau)(q, k).item() == pytest.approx(PatchNCELoss(1.0)(q / tau, k).item(), rel=1e-4), \
+        "CUT Eq. 2 divides every similarity by the temperature tau: the loss at tau is the loss at tau = 1 of " \
+        "similarities 1/tau times larger"
+
+
+def test_patchnce_fills_the_positives_place_among_the_negatives_with_minus_10():
+    q = torch.tensor([[[0.6, 0.8]]])  # one patch: its only 'negative' is its own key again, on the diagonal
+    tau = 5.0  # a high temperature, where the filled value weighs
+    own = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + math.exp(-10 / tau)))
+    assert PatchNCELoss(tau)(q, q).item() == pytest.approx(own, rel=1e-6), \
+        "the positive's duplicate among the negatives is no negative: the official code fills its place with -10 " \
+        "(CUT Eq. 3 takes the negatives z^(S \\ s), the other places)"
+
+
 def test_patchnce_is_near_zero_for_matching_orthogonal_patches():
     feats = torch.eye(8)[None]  # (1, 8, 8): 8 orthogonal unit patches
-    assert PatchNCELoss(temperature=0.07)(feats, feats).item() < 1e-5, \
+    assert PatchNCELoss(temperature=0.07)(feats, feats).item() < 1e-4, \
         "CUT Eq. 2: a query identical to its positive and orthogonal to the negatives costs nothing"
 
 
@@ -632,15 +732,8 @@ def test_patchnce_matches_a_hand_computed_value():
     l0 = -math.log(math.exp(0.6 / tau) / (math.exp(0.6 / tau) + math.exp(1.0 / tau) + math.exp(-10 / tau)))
     l1 = -math.log(math.exp(0.0) / (math.exp(0.0) + math.exp(0.8 / tau) + math.exp(-10 / tau)))
     assert PatchNCELoss(tau)(q, k).item() == pytest.approx((l0 + l1) / 2, rel=1e-5), \
-        "CUT Eq. 2: -log exp(v.v+/tau) / (exp(v.v+/tau) + sum exp(v.v-/tau)), the positive the same place's key"
-
-
-def test_patchnce_fills_the_positives_place_among_the_negatives_with_minus_10():
-    q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
-    tau = 5.0  # a high temperature, where the filled value weighs
-    own = [-math.log(math.exp(1 / tau) / (math.exp(1 / tau) + math.exp(0.0) + math.exp(-10 / tau)))] * 2
-    assert PatchNCELoss(tau)(q, q).item() == pytest.approx(sum(own) / 2, rel=1e-6), \
-        "the positive's duplicate among the negatives is filled with -10, as the official code does"
+        "CUT Eq. 2: -log exp(v.v+/tau) / (exp(v.v+/tau) + sum exp(v.v-/tau)), the positive the same place's key; " \
+        "averaged over the queries, as the official code (Eq. 3 sums)"
 
 
 def test_patchnce_of_random_features_is_about_log_p():
@@ -649,7 +742,8 @@ def test_patchnce_of_random_features_is_about_log_p():
     q, k = unit(torch.randn(4, 64, 256)), unit(torch.randn(4, 64, 256))
     assert PatchNCELoss(temperature=1.0)(q, k).item() == pytest.approx(math.log(64), abs=0.05), \
         "unrelated features: picking the positive among P = 64 candidates costs log P"
-    assert math.log(64) < PatchNCELoss(temperature=0.07)(q, k).item() < math.log(64) + 1.0
+    assert math.log(64) < PatchNCELoss(temperature=0.07)(q, k).item() < math.log(64) + 1.0, \
+        "at tau = 0.07 the random similarities, divided by tau, spread the logits: a little above log P"
 
 
 def test_patchnce_uses_negatives_from_the_same_image_only():
@@ -657,9 +751,10 @@ def test_patchnce_uses_negatives_from_the_same_image_only():
     k = q.clone()
     k[1] = k[1].roll(1, dims=0)  # image 1's keys are shuffled; image 0 is a perfect match
     loss = PatchNCELoss(0.07)
-    assert loss(q[:1], k[:1]).item() < 1e-5
+    assert loss(q[:1], k[:1]).item() < 1e-5, "image 0's queries each match their own key, orthogonal to the rest"
     assert loss(q, k).item() == pytest.approx(loss(q[1:], k[1:]).item() / 2, rel=1e-4), \
-        "CUT Sec. 3.2: internal negatives, the other patches of the query's own image; averaged over all queries"
+        "CUT Sec. 3.2: internal negatives, the other patches of the query's own image; averaged over all the " \
+        "queries, as the official code (Eq. 3 sums)"
 
 
 def official_patchnce(feat_q, feat_k, batch_size, all_negatives_from_minibatch, temperature=0.07):
@@ -715,14 +810,16 @@ def test_patchnce_runs_in_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = PatchNCELoss()(q.bfloat16(), k.bfloat16())
     assert low.dtype == torch.float32, "similarities / 0.07 overflow half precision: PatchNCE runs in float32"
-    assert low.item() == pytest.approx(PatchNCELoss()(q.bfloat16().float(), k.bfloat16().float()).item(), abs=1e-5)
+    assert low.item() == pytest.approx(PatchNCELoss()(q.bfloat16().float(), k.bfloat16().float()).item(), abs=1e-5), \
+        "the same loss as from the float32 features"
 
 
 def test_patchnce_passes_gradcheck_in_float64():
     torch.manual_seed(0)
     q = F.normalize(torch.randn(2, 3, 4, dtype=torch.float64), dim=-1).requires_grad_()
     k = F.normalize(torch.randn(2, 3, 4, dtype=torch.float64), dim=-1)
-    assert torch.autograd.gradcheck(lambda t: PatchNCELoss(0.5)(t, k), (q,))
+    assert torch.autograd.gradcheck(lambda t: PatchNCELoss(0.5)(t, k), (q,)), \
+        "PatchNCE's gradient is the derivative of its value"
 
 
 def test_patchnce_rejects_a_temperature_and_negatives_it_cannot_use():
@@ -763,7 +860,12 @@ def test_official_weights_generator_weights_load_and_give_the_official_output():
     ref = official_resnet_generator()
     state = {f"module.{k}": v for k, v in ref.state_dict().items()}  # as saved from DataParallel
     state["model.2.running_mean"] = torch.zeros(4)  # PyTorch 0.4 checkpoints carried these
-    G = load_official_state_dict(ResnetGenerator(ngf=4, n_blocks=2), state)
+    try:
+        G = load_official_state_dict(ResnetGenerator(ngf=4, n_blocks=2), state)
+    except ValueError as e:
+        pytest.fail(f"a file saved from DataParallel prefixes each name with module., and an old one (PyTorch < 0.4) "
+                    f"carries running statistics of instance norms, which have none: both load, as the official "
+                    f"code's patch_instance_norm_state_dict lets them: {e}")
     x = torch.randn(1, 3, 32, 32)
     assert torch.allclose(G(x), ref.model(x), atol=1e-6), \
         "the official generator's weights give the official output here (module. prefixes, stale stats dropped)"
@@ -781,7 +883,7 @@ def test_official_weights_loader_round_trips_our_state_dict_and_keeps_stats_a_ne
     D = PatchDiscriminator(ndf=4, antialias=True)
     D2 = load_official_state_dict(PatchDiscriminator(ndf=4, antialias=True), D.state_dict())
     x = torch.randn(1, 3, 64, 64)
-    assert torch.equal(D(x), D2(x))
+    assert torch.equal(D(x), D2(x)), "our own state_dict loads back into the same network"
     torch.manual_seed(0)
     batch = ResnetGenerator(ngf=4, n_blocks=1, norm="batch")
     state = {k: v + 1 if k.endswith("running_mean") else v for k, v in batch.state_dict().items()}
@@ -812,7 +914,14 @@ def test_official_weights_generator_is_read_from_the_file_alone():
         assert type(built) is type(net) and n_params(built) == n_params(net), \
             f"{type(net).__name__}: the architecture is read from the names and shapes of the file's tensors"
         assert [type(m) for m in built.modules()] == [type(m) for m in net.modules()], "layer for layer"
-        assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), net.state_dict().values()))
+        assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), net.state_dict().values())), \
+            "with the file's weights, tensor for tensor"
+    parallel = {f"module.{k}": v for k, v in ResnetGenerator(ngf=4, n_blocks=2).state_dict().items()}
+    try:
+        official_generator(parallel)
+    except ValueError as e:
+        pytest.fail(f"a file saved from DataParallel (a multi-GPU run's latest_net_G_A.pth) prefixes every name with "
+                    f"module.: its architecture is read as that of the same file without the prefixes: {e}")
 
 
 # Where the official CUT code (taesungp/contrastive-unpaired-translation, models/networks.py) puts the blur
@@ -832,13 +941,18 @@ def test_official_weights_antialias_flags_have_the_cut_repositorys_layout_and_ar
     filters = {int(k.split(".")[1]): t.shape[-1] for k, t in state.items() if k.endswith(".filt")}
     assert (filters, int(next(reversed(state)).split(".")[1])) == OFFICIAL_BLUR_LAYOUTS[flags], \
         f"--no_antialias {no_antialias}, --no_antialias_up {no_antialias_up}: the official layer indices"
-    built = official_generator(state).eval()
+    try:
+        built = official_generator(state).eval()
+    except ValueError as e:
+        pytest.fail(f"the switches are read from the sizes of the filt buffers a file holds: 3x3 ones are blur-pool "
+                    f"down-sampling, 4x4 ones blur up-sampling; this file was read otherwise: {e}")
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         assert torch.equal(built(x), net(x)), "both switches read back from the filters a file holds"
     cut = CUT(CUTConfig(**TINY_CUT, antialias=not no_antialias, antialias_up=not no_antialias_up))
     assert [type(m).__name__ for m in cut.G.modules() if "Blur" in type(m).__name__] == \
-        ["BlurDownsample"] * 2 * (not no_antialias) + ["BlurUpsample"] * 2 * (not no_antialias_up)
+        ["BlurDownsample"] * 2 * (not no_antialias) + ["BlurUpsample"] * 2 * (not no_antialias_up), \
+        "CUTConfig's two switches reach G as the official flags do"
     assert any(isinstance(m, BlurDownsample) for m in cut.D.modules()) == (not no_antialias), \
         "D takes the first switch only, as officially"
 
@@ -891,7 +1005,8 @@ def test_official_weights_files_translate_as_the_networks_that_wrote_them(tmp_pa
             Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(inputs / "photo.png")
         out = tmp_path / f"out_{name}"
         assert translate_cli(["--checkpoint", str(tmp_path / "official" / name), "--input", str(inputs),
-                              "--output", str(out), "--device", "cpu"]) == 0, name
+                              "--output", str(out), "--device", "cpu"]) == 0, \
+            f"{name}: translate.py takes an official generator file as it is"
         with torch.no_grad():
             expected = du.to_image(net.eval()(du.to_tensor(Image.open(inputs / "photo.png"))[None])[0])
         got = np.asarray(Image.open(out / "photo.png"), dtype=int)
@@ -899,8 +1014,9 @@ def test_official_weights_files_translate_as_the_networks_that_wrote_them(tmp_pa
     grid = tmp_path / "zoo.png"  # compare takes official files too: input | CycleGAN zoo | CUT
     assert translate_cli(["--checkpoint", str(tmp_path / "official" / "horse2zebra.pth"),
                           str(tmp_path / "official" / "cut_latest_net_G.pth"), "--input", str(tmp_path / "in_36"),
-                          "--grid", str(grid), "--size", "36", "--device", "cpu"]) == 0
-    assert Image.open(grid).size == (3 * 38 + 2, 38 + 2)
+                          "--grid", str(grid), "--size", "36", "--device", "cpu"]) == 0, \
+        "a grid compares official files too"
+    assert Image.open(grid).size == (3 * 38 + 2, 38 + 2), "one row: the input, then each model's translation"
 
 
 # ============================================================================= cycle_gan.py
@@ -925,7 +1041,7 @@ class Recorder:
         return contextlib.nullcontext()
 
     def backward(self, loss, group):
-        self.backward_into.append((group, loss.detach()))
+        self.backward_into.append((group, loss))
 
     def step(self, group):
         pass
@@ -935,12 +1051,14 @@ def test_image_pool_fills_then_swaps_half_the_time():
     torch.manual_seed(0)
     pool = ImagePool(3)
     first = torch.arange(3.0).view(3, 1, 1, 1)
-    assert torch.equal(pool.query(first), first), "CycleGAN Sec. 4: while the history fills, D sees the new fakes"
+    assert torch.equal(pool.query(first), first), \
+        "while the history fills, D sees the new fakes (the official util/image_pool.py; CycleGAN Sec. 4 keeps 50)"
     queries = [torch.full((1, 1, 1, 1), 10.0 + i) for i in range(200)]
     answers = [pool.query(q) for q in queries]
     swapped = sum(not torch.equal(a, q) for a, q in zip(answers, queries))
-    assert 70 < swapped < 130, "once full, half the time D sees an older fake from the history instead"
-    assert len(pool.images) == 3, "the history holds pool_size images (50)"
+    assert 70 < swapped < 130, \
+        "once full, half the time D sees an older fake from the history instead (the official util/image_pool.py)"
+    assert len(pool.images) == 3, "the history holds pool_size images (CycleGAN Sec. 4: 50)"
     old = {a.item() for a, q in zip(answers, queries) if not torch.equal(a, q)}
     assert old <= {0.0, 1.0, 2.0, *(10.0 + i for i in range(200))} and len(old) > 3, "an older fake, from the pool"
 
@@ -956,15 +1074,17 @@ def test_image_pool_stores_each_fake_detached_and_size_0_passes_them_through():
 
 def test_cyclegan_config_is_the_papers_and_junyanzs():
     c = CycleGANConfig()
-    paper = {"lambda_cycle": (10.0, "Eq. 3: lambda = 10"), "lambda_identity": (0.5, "appendix 7.1: 0.5 lambda"),
+    paper = {"lambda_cycle": (10.0, "Sec. 4: lambda = 10 in Eq. 3"),
+             "lambda_identity": (0.5, "appendix 7.1: 0.5 lambda"),
              "pool_size": (50, "Sec. 4: a history of 50 generated images"), "lr": (2e-4, "Sec. 4: Adam, lr 0.0002"),
-             "beta1": (0.5, "Sec. 4: Adam's beta1 0.5 (junyanz's code)"), "epochs": (100, "Sec. 4: 100 epochs at lr"),
+             "beta1": (0.5, "junyanz's --beta1 0.5 (Sec. 4 names Adam and its lr)"),
+             "epochs": (100, "Sec. 4: 100 epochs at lr"),
              "epochs_decay": (100, "Sec. 4: then 100 of linear decay"), "gan_mode": ("lsgan", "Sec. 4: least squares"),
              "ngf": (64, "appendix 7.2: c7s1-64 first"), "ndf": (64, "appendix 7.2: C64 first"),
-             "n_layers_D": (3, "the 70x70 PatchGAN: C64-C128-C256-C512"),
+             "n_layers_D": (3, "the 70x70 PatchGAN: C64-C128-C256-C512 (appendix 7.2)"),
              "netG": ("resnet_9blocks", "junyanz's default (the paper: 9 blocks at 256)"),
              "norm": ("instance", "appendix 7.2: instance norm"), "dropout": (False, "junyanz's --no_dropout"),
-             "init_gain": (0.02, "junyanz's init: N(0, 0.02)"), "real_label": (1.0, "real is 1, no smoothing"),
+             "init_gain": (0.02, "appendix 7.1: N(0, 0.02)"), "real_label": (1.0, "real is 1, no smoothing"),
              "channels_x": (3, "RGB"), "channels_y": (3, "RGB")}
     assert {f.name for f in dataclasses.fields(c)} == set(paper), "every option of CycleGAN, checked here"
     for name, (value, rule) in paper.items():
@@ -975,12 +1095,12 @@ def test_cyclegan_config_is_the_papers_and_junyanzs():
         "junyanz's two Adams (G and F; D_X and D_Y); both directions; the jitter throughout"
     first = model.G.model[1].weight
     assert first.std().item() == pytest.approx(0.02, rel=0.05) and abs(first.mean().item()) < 2e-3, \
-        "junyanz's init: N(0, 0.02)"
+        "CycleGAN appendix 7.1, and junyanz's init: N(0, 0.02)"
     assert not any(isinstance(m, (BlurDownsample, BlurUpsample)) for m in model.G.modules()), \
         "junyanz's CycleGAN: strided and transposed convs, no blur-pool"
 
 
-def test_cyclegan_step_computes_each_term_of_eq_3_as_the_paper_writes_it():
+def test_cyclegan_step_computes_each_term_of_eq_3_and_of_the_identity_loss():
     torch.manual_seed(0)
     model = CycleGAN(CycleGANConfig(**TINY, lambda_cycle=3.0, lambda_identity=0.2, real_label=0.9, pool_size=0))
     x, y = pair(32)
@@ -992,21 +1112,26 @@ def test_cyclegan_step_computes_each_term_of_eq_3_as_the_paper_writes_it():
     with torch.no_grad():
         expected = {"G_gan": (ls(D_Y(G(x)), 0.9), "Eq. 1, LSGAN: G(x) fools D_Y, (D_Y(G(x)) - real)^2"),
                     "F_gan": (ls(D_X(F_(y)), 0.9), "Eq. 1 the other way: F(y) fools D_X"),
-                    "cycle_X": (3.0 * l1(F_(G(x)), x), "Eq. 2: lambda |F(G(x)) - x|_1"),
-                    "cycle_Y": (3.0 * l1(G(F_(y)), y), "Eq. 2: lambda |G(F(y)) - y|_1"),
+                    "cycle_X": (3.0 * l1(F_(G(x)), x), "Eq. 2 times lambda: |F(G(x)) - x|_1"),
+                    "cycle_Y": (3.0 * l1(G(F_(y)), y), "Eq. 2 times lambda: |G(F(y)) - y|_1"),
                     "idt_X": (0.6 * l1(F_(x), x), "Sec. 5.2: lambda_identity lambda |F(x) - x|_1"),
                     "idt_Y": (0.6 * l1(G(y), y), "Sec. 5.2: lambda_identity lambda |G(y) - y|_1"),
                     "D_Y": (0.5 * (ls(D_Y(y), 0.9) + ls(D_Y(G(x)), 0)), "Eq. 1 for D_Y, halved (appendix 7.1)"),
                     "D_X": (0.5 * (ls(D_X(x), 0.9) + ls(D_X(F_(y)), 0)), "Eq. 1 for D_X, halved (appendix 7.1)")}
-    assert set(losses) == set(expected), "Eq. 3's six terms for G and F, and each D's loss"
+    assert set(losses) == set(expected), \
+        "Eq. 3's four terms for G and F (two GAN, two cycle), Sec. 5.2's two identity terms, and each D's loss"
+    mean = " as a mean over the pixels, as both official codes (nn.L1Loss) take it: Eq. 2's norm, a sum, is " \
+        "C x H x W times larger"
     for name, (value, rule) in expected.items():
-        assert losses[name].item() == pytest.approx(value.item(), rel=1e-5), f"{name}: {rule}"
+        assert losses[name].item() == pytest.approx(value.item(), rel=1e-5), \
+            f"{name}: {rule}" + (mean if name.startswith(("cycle", "idt")) else "")
     sent = [(group, loss.item()) for group, loss in trainer.backward_into]
     halves = [sum(losses[k].item() for k in ks) for ks in (("G_gan", "cycle_X", "idt_X"), ("F_gan", "cycle_Y",
                                                                                            "idt_Y"))]
     assert [g for g, _ in sent] == ["G", "G", "D", "D"] and [v for _, v in sent] == pytest.approx(
         [*halves, losses["D_Y"].item(), losses["D_X"].item()], rel=1e-5), \
-        "Eq. 4's alternation: the terms from x, then from y, into G and F; then D_Y's and D_X's losses into D"
+        "junyanz's step order (Eq. 4 states the min-max; the code alternates): the terms from x, then from y, into " \
+        "G and F; then D_Y's and D_X's losses into D"
 
 
 def snapshot(nets):
@@ -1019,6 +1144,55 @@ def update(trainer, loss, group):
     trainer.step(group)
 
 
+def steps_checked(trainer, monkeypatch, rules: dict[str, str]) -> None:
+    """Make each trainer.step(group) first check that the networks of the other groups hold no gradient: `rules`
+    names, per group stepped, the rule that a gradient there breaks ({name}: the network that holds one). It fails
+    at the step itself, before a graph freed by the wrong backward ends the step in a torch error."""
+    step = trainer.step
+
+    def checked(group):
+        for name in (n for g, members in trainer.model.groups.items() if g != group for n in members):
+            assert all(p.grad is None for p in trainer.nets[name].parameters()), rules[group].format(name=name)
+        step(group)
+    monkeypatch.setattr(trainer, "step", checked)
+
+
+def test_cyclegan_step_holds_D_X_and_D_Y_fixed_while_G_and_F_step(monkeypatch):
+    torch.manual_seed(0)
+    trainer = Trainer(CycleGAN(CycleGANConfig(**TINY)))
+    steps_checked(trainer, monkeypatch, {
+        "G": "D_X and D_Y stay fixed while G and F step (the official set_requires_grad(netD, False), "
+             "networks.frozen): G's and F's terms left gradients in {name}, which its own step would add to its loss's",
+        "D": "the discriminators' losses judge fakes taken out of G's and F's graph (ImagePool.query detaches "
+             "them): D's losses sent gradients into {name}"})
+    trainer.train_step(*pair(32))
+
+
+def test_cyclegan_step_shows_D_the_fakes_its_history_of_fakes_returns(monkeypatch):
+    torch.manual_seed(0)
+    model = CycleGAN(CycleGANConfig(**TINY))
+    x, y = pair(32)
+    older = {"D_Y": torch.rand(1, 3, 32, 32) * 2 - 1, "D_X": torch.rand(1, 3, 32, 32) * 2 - 1}  # from the history
+    shown = {}
+
+    def from_history(fake, name):  # the pool keeps the new fake and returns an older one
+        shown[name] = fake
+        return older[name]
+    for name, pool in (("D_Y", model.pool_Y), ("D_X", model.pool_X)):
+        monkeypatch.setattr(pool, "query", functools.partial(from_history, name=name))
+    losses = model.train_step(x, y, Recorder())
+    gan = model.gan_loss
+    with torch.no_grad():
+        assert set(shown) == {"D_Y", "D_X"} and torch.equal(shown["D_Y"], model.G(x)) and \
+            torch.equal(shown["D_X"], model.F(y)), \
+            "each new fake goes into its image pool (CycleGAN Sec. 4): G(x) into D_Y's, F(y) into D_X's"
+        for name, D, real in (("D_Y", model.D_Y, y), ("D_X", model.D_X, x)):
+            expected = 0.5 * (gan(D(real), True) + gan(D(older[name]), False))
+            assert losses[name].item() == pytest.approx(expected.item(), rel=1e-5), \
+                f"{name} judges the fake its image pool returns, not the newest one alone (CycleGAN Sec. 4: D is " \
+                "updated with a history of generated images)"
+
+
 def test_cyclegan_step_changes_every_network_and_gives_finite_losses():
     torch.manual_seed(0)
     model = Trainer(CycleGAN(CycleGANConfig(**TINY)))
@@ -1027,12 +1201,12 @@ def test_cyclegan_step_changes_every_network_and_gives_finite_losses():
     assert all(math.isfinite(v) for v in losses.values()), losses
     for name, net in model.nets.items():
         assert all(not torch.equal(a, b) for a, b in zip(before[name], net.parameters())), \
-            f"one step of Eq. 4 updates {name}"
-    assert model.global_step == 1
+            f"one step updates {name}"
+    assert model.global_step == 1, "one step counted"
 
 
 def test_cyclegan_step_gives_the_weights_of_one_backward_through_the_whole_objective():
-    """The step back-propagates the x part and the y part of Eq. 3 separately; the official step
+    """The step back-propagates the x part and the y part of G's and F's terms separately; the official step
     builds the whole objective and back-propagates it once. Both must end with the same weights."""
     torch.manual_seed(0)
     split = Trainer(CycleGAN(CycleGANConfig(**TINY)))
@@ -1056,7 +1230,8 @@ def test_cyclegan_step_gives_the_weights_of_one_backward_through_the_whole_objec
     for name, net in split.nets.items():
         for (pname, a), b in zip(net.named_parameters(), whole.nets[name].parameters()):
             assert torch.allclose(a, b, atol=1e-6), \
-                f"{name}.{pname}: Eq. 4's step, G and F on all of Eq. 3 with D fixed, then D_X and D_Y"
+                f"{name}.{pname}: junyanz's step, G and F on Eq. 3 and the identity loss with D fixed, then D_X " \
+                "and D_Y"
 
 
 def saved_bytes_of(step) -> tuple[int, int]:
@@ -1075,7 +1250,7 @@ def saved_bytes_of(step) -> tuple[int, int]:
 
     with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.t):
         step()
-    assert live[0] == 0
+    assert live[0] == 0, "every tensor saved for backward was freed by the end of the step"
     return peak[0], total[0]
 
 
@@ -1084,13 +1259,15 @@ def test_cyclegan_step_holds_the_graph_of_one_domain_part_at_a_time():
     model = Trainer(CycleGAN(CycleGANConfig(**TINY)))
     peak, total = saved_bytes_of(lambda: model.train_step(torch.rand(1, 3, 64, 64) * 2 - 1,
                                                           torch.rand(1, 3, 64, 64) * 2 - 1))
-    assert 0.3 * total < peak < 0.6 * total, "the x half of Eq. 3 is back-propagated before the y half is built"
+    assert 0.3 * total < peak < 0.6 * total, \
+        "the terms from x are back-propagated before those from y are built"
 
 
 def test_cyclegan_step_names_its_networks_by_role():
     """generator_half runs for x (G, F, D_Y) and for y (F, G, D_X): it names its networks by role."""
     params = set(inspect.signature(CycleGAN.generator_half).parameters)
-    assert not params & {"G", "F", "D", "D_X", "D_Y"} and {"forward", "back", "judge"} <= params
+    assert not params & {"G", "F", "D", "D_X", "D_Y"} and {"forward", "back", "judge"} <= params, \
+        "a parameter is never named after a paper symbol it does not stand for in every call"
 
 
 def test_cyclegan_has_no_identity_loss_when_its_weight_is_zero():
@@ -1106,7 +1283,8 @@ def test_cyclegan_maps_grayscale_to_colour():
     model.train_step(torch.zeros(2, 1, 32, 32), torch.zeros(2, 3, 32, 32))
     assert model.model.G(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32), "G: X (1 channel) -> Y (3)"
     assert model.model.F(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32), "F: Y -> X"
-    assert model.model.D_X.model[0].in_channels == 1 and model.model.D_Y.model[0].in_channels == 3
+    assert model.model.D_X.model[0].in_channels == 1 and model.model.D_Y.model[0].in_channels == 3, \
+        "D_X judges X's 1-channel images, D_Y judges Y's 3-channel ones"
 
 
 def test_cyclegan_verdicts_are_each_Ds_output_on_real_images_and_on_translations():
@@ -1135,7 +1313,8 @@ def test_cyclegan_visuals_are_x_G_x_F_G_x_then_y_F_y_G_F_y():
     assert len(rows) == 4 and all(torch.allclose(a, b, atol=1e-6)
                                   for r, e in zip(rows, expected) for a, b in zip(r, e)), \
         "rows x | G(x) | F(G(x)) then y | F(y) | G(F(y)): the cycles of Eq. 2"
-    assert model.visuals_caption().startswith("rows of a test image x: x, G(x), F(G(x))")
+    assert model.visuals_caption().startswith("rows of a test image x: x, G(x), F(G(x))"), \
+        "the caption says what the rows show"
 
 
 def test_cyclegan_extra_state_carries_the_history_of_fakes():
@@ -1177,9 +1356,12 @@ TINY_CUT = dict(netG="resnet_6blocks", ngf=4, ndf=4, netF_nc=8, num_patches=32)
 def test_cut_model_presets_and_config_are_the_cut_repositorys():
     cut, fast = CUTConfig(mode="cut"), CUTConfig(mode="fastcut")
     assert (cut.lambda_nce, cut.nce_idt, cut.flip_equivariance, cut.epochs, cut.epochs_decay) == \
-        (1.0, True, False, 200, 200), "CUT: lambda_X = lambda_Y = 1 (Eq. 5), no flips, 200 + 200 epochs"
+        (1.0, True, False, 200, 200), \
+        "CUT: lambda_X = lambda_Y = 1 (Sec. 3.3, after Eq. 5); no flips, 200 + 200 epochs (the CUT repository's)"
     assert (fast.lambda_nce, fast.nce_idt, fast.flip_equivariance, fast.epochs, fast.epochs_decay) == \
-        (10.0, False, True, 150, 50), "FastCUT (Sec. 4): lambda_X = 10, no Y term, flip-equivariance, 150 + 50"
+        (10.0, False, True, 150, 50), \
+        "FastCUT: lambda_X = 10 and no Y term (Sec. 3.3, after Eq. 5); flip-equivariance (the paper's appendix, " \
+        "training details); 150 + 50 epochs (the CUT repository's)"
     assert CUTConfig(mode="fastcut", lambda_nce=3.0).lambda_nce == 3.0, "an option given wins over the preset"
     official = {"netG": "resnet_9blocks", "ngf": 64, "ndf": 64, "n_layers_D": 3, "norm": "instance",
                 "dropout": False, "antialias": True, "antialias_up": True, "gan_mode": "lsgan", "real_label": 1.0,
@@ -1200,19 +1382,51 @@ def test_cut_model_networks_are_the_cut_repositorys():
     assert (model.name, model.groups, model.directions, model.resize_crop_in_decay) == \
         ("cut", {"D": ("D",), "G": ("G", "H")}, {"x2y": "G"}, False), \
         "D steps alone, G and H together; one direction; the decay epochs resize to the crop (the CUT repository)"
-    assert CUT(CUTConfig(mode="fastcut", **TINY_CUT)).name == "fastcut"
+    assert CUT(CUTConfig(mode="fastcut", **TINY_CUT)).name == "fastcut", \
+        "the model is called by its mode, as the CLI and checkpoints call it"
     kinds = {type(m).__name__ for net in (model.G, model.D) for m in net.modules()}
     assert {"BlurDownsample", "BlurUpsample"} <= kinds, "the official anti-aliased G and D"
     assert [m[0].in_features for m in model.H.mlps] == [3, 128, 256, 256, 256] and model.H.mlps[0][2].out_features \
-        == 256, "H: an MLP per tap (Sec. 3), 256 wide, built from the taps' channels"
+        == 256, "H: an MLP per tap (Sec. 3.2), 256 wide (the appendix's), built from the taps' channels"
     conv, linear = model.G.model[1].weight, model.H.mlps[0][0].weight
     assert conv.std().item() == pytest.approx(0.02 * math.sqrt(2 / (3 * 49 + 64 * 49)), rel=0.05), \
         "xavier_normal init, gain 0.02 (the CUT repository's)"
-    assert linear.std().item() == pytest.approx(0.02 * math.sqrt(2 / (3 + 256)), rel=0.1)
-    assert (model.gan_loss.mode, model.nce_loss.temperature, model.nce_loss.negatives) == ("lsgan", 0.07, "image")
+    assert linear.std().item() == pytest.approx(0.02 * math.sqrt(2 / (3 + 256)), rel=0.1), \
+        "H's linear layers: xavier_normal, gain 0.02 too"
+    assert (model.gan_loss.mode, model.nce_loss.temperature, model.nce_loss.negatives) == ("lsgan", 0.07, "image"), \
+        "LSGAN, tau 0.07, internal negatives: the CUT repository's defaults"
 
 
-def test_cut_model_step_computes_each_term_of_eq_5_as_the_paper_writes_it():
+def test_cut_model_step_holds_D_fixed_while_G_and_H_step(monkeypatch):
+    for mode in ("cut", "fastcut"):
+        torch.manual_seed(0)
+        trainer = Trainer(CUT(CUTConfig(mode=mode, **TINY_CUT)))
+        steps_checked(trainer, monkeypatch, {
+            "D": "D's loss judges G(x) taken out of G's graph (the official compute_D_loss: fake_B.detach()): D's "
+                 "loss sent gradients into {name}",
+            "G": "D stays fixed while G and H step (the official set_requires_grad(netD, False), networks.frozen): "
+                 "G's adversarial term left gradients in {name}, which D's next step would add to its own loss's"})
+        trainer.train_step(*pair(32))
+
+
+def test_cut_model_queries_and_keys_are_sampled_at_the_same_places(monkeypatch):
+    model = CUT(CUTConfig(**TINY_CUT))
+    calls = []
+    forward = model.H.forward
+
+    def record(feats, num_patches=256, patch_ids=None):
+        out, ids = forward(feats, num_patches, patch_ids)
+        calls.append((patch_ids, ids))
+        return out, ids
+    monkeypatch.setattr(model.H, "forward", record)
+    Trainer(model).train_step(*pair())
+    assert len(calls) == 4, "keys then queries, for the X term and the Y term"
+    for (given_k, drawn), (given_q, used) in (calls[0:2], calls[2:4]):
+        assert given_k is None and given_q is drawn, "the keys' places are drawn, then given to the queries"
+        assert all(torch.equal(a, b) for a, b in zip(drawn, used)), "Eq. 3: z_l^s and its query at the same s"
+
+
+def test_cut_model_step_computes_each_term_of_eq_5_as_the_official_code_weighs_it():
     torch.manual_seed(0)
     model = CUT(CUTConfig(**TINY_CUT, lambda_gan=2.0, lambda_nce=3.0, real_label=0.9))
     x, y = pair(32)
@@ -1230,10 +1444,13 @@ def test_cut_model_step_computes_each_term_of_eq_5_as_the_paper_writes_it():
             q, _ = H(G(fake, taps, encode_only=True), 32, ids)
             nce.append(sum(PatchNCELoss(0.07)(qi, ki) for qi, ki in zip(q, k)) / len(q))
         expected = {"D": (0.5 * (ls(D(G(x)), 0) + ls(D(y), 0.9)), "Eq. 1 for D, real y against G(x), halved"),
-                    "G_gan": (2.0 * ls(D(G(x)), 0.9), "Eq. 5: lambda_GAN L_GAN, G(x) fools D"),
-                    "NCE_X": (3.0 * nce[0] / 2, "Eq. 5: lambda_X PatchNCE(G(x), x) (Eq. 3: mean over layers), "
-                                                "halved: the official code averages the X and Y terms"),
-                    "NCE_Y": (3.0 * nce[1] / 2, "Eq. 5: lambda_Y PatchNCE(G(y), y), the identity term, halved")}
+                    "G_gan": (2.0 * ls(D(G(x)), 0.9), "Eq. 1 for G, G(x) fools D, times lambda_GAN (the official "
+                                                      "--lambda_GAN; Eq. 5 has no weight there)"),
+                    "NCE_X": (3.0 * nce[0] / 2, "Eq. 5's lambda_X PatchNCE(G, H, X), Eq. 3 averaged over places and "
+                                                "layers as the official code does (Eq. 3 sums), halved: the official "
+                                                "code averages the X and Y terms"),
+                    "NCE_Y": (3.0 * nce[1] / 2, "Eq. 5's lambda_Y PatchNCE(G, H, Y), the identity term: G(y)'s "
+                                                "patches against y's, averaged and halved the same way")}
     for name, (value, rule) in expected.items():
         assert losses[name].item() == pytest.approx(value.item(), rel=1e-5), f"{name}: {rule}"
     sent = [(group, loss.item()) for group, loss in trainer.backward_into]
@@ -1271,7 +1488,8 @@ def test_cut_model_patch_nce_is_the_mean_over_layers_of_eq_2_at_places_shared_by
         q, _ = model.H(model.G(fake, model.config.nce_layers, encode_only=True), 32, ids)
         per_layer = [PatchNCELoss(0.07)(qi, ki).item() for qi, ki in zip(q, k)]
     assert len(per_layer) == 5 and loss.item() == pytest.approx(sum(per_layer) / 5, rel=1e-6), \
-        "Eq. 3: Eq. 2 at each tapped layer, the queries G(x)'s patches at the keys' places; averaged (officially)"
+        "Eq. 3: Eq. 2 at each tapped layer, the queries G(x)'s patches at the keys' places; where Eq. 3 sums over " \
+        "the layers, the official code averages them: the sum / 5"
 
 
 def test_cut_model_fastcut_flip_mirrors_the_input_not_the_target(monkeypatch):
@@ -1285,7 +1503,8 @@ def test_cut_model_fastcut_flip_mirrors_the_input_not_the_target(monkeypatch):
     assert torch.equal(seen["G"][0], x.flip(3)), "FastCUT: G translates x mirrored left to right"
     assert torch.equal(seen["G"][1], x), "the keys come from x as it is"
     assert any(torch.equal(d, y) for d in seen["D"]), "D sees the real y unmirrored"
-    assert not any(torch.equal(d, y.flip(3)) for d in seen["D"])
+    assert not any(torch.equal(d, y.flip(3)) for d in seen["D"]), \
+        "FastCUT mirrors G's input only: D never sees y mirrored"
 
 
 def test_cut_model_flipped_nce_compares_the_mirrored_back_queries_with_the_unmirrored_keys():
@@ -1340,23 +1559,6 @@ def test_cut_model_fresh_nce_is_near_log_num_patches():
     assert deep == pytest.approx([math.log(256)] * 2, abs=0.5), "a fresh H: Eq. 2 near log P, P = 256"
 
 
-def test_cut_model_queries_and_keys_are_sampled_at_the_same_places(monkeypatch):
-    model = CUT(CUTConfig(**TINY_CUT))
-    calls = []
-    forward = model.H.forward
-
-    def record(feats, num_patches=256, patch_ids=None):
-        out, ids = forward(feats, num_patches, patch_ids)
-        calls.append((patch_ids, ids))
-        return out, ids
-    monkeypatch.setattr(model.H, "forward", record)
-    Trainer(model).train_step(*pair())
-    assert len(calls) == 4, "keys then queries, for the X term and the Y term"
-    for (given_k, drawn), (given_q, used) in (calls[0:2], calls[2:4]):
-        assert given_k is None and given_q is drawn, "the keys' places are drawn, then given to the queries"
-        assert all(torch.equal(a, b) for a, b in zip(drawn, used)), "Eq. 3: z_l^s and its query at the same s"
-
-
 def test_cut_model_reuses_the_main_pass_for_keys_when_not_flipped():
     model = CUT(CUTConfig(**TINY_CUT))
     calls = []
@@ -1365,8 +1567,10 @@ def test_cut_model_reuses_the_main_pass_for_keys_when_not_flipped():
     Trainer(model).train_step(x, y)
     assert len(calls) == 4, "G(x) with taps, encode(G(x)) for the queries; the same for y"
     for real, (main_input, main_kw), (query_input, query_kw) in ((x, *calls[:2]), (y, *calls[2:])):
-        assert torch.equal(main_input, real) and not main_kw.get("encode_only")
-        assert query_kw.get("encode_only") and not torch.equal(query_input, real)
+        assert torch.equal(main_input, real) and not main_kw.get("encode_only"), \
+            "the main pass: G on the real image, whole"
+        assert query_kw.get("encode_only") and not torch.equal(query_input, real), \
+            "the queries' pass: G's encoder on G's output"
 
 
 def test_cut_model_step_gives_the_gradients_of_one_pass_of_G_over_x_and_y_together(monkeypatch):
@@ -1396,7 +1600,8 @@ def test_cut_model_step_gives_the_gradients_of_one_pass_of_G_over_x_and_y_togeth
     assert [losses[k] for k in ("G_gan", "NCE_X", "NCE_Y")] == \
         pytest.approx([g_gan.item(), nce[0].item() / 2, nce[1].item() / 2], rel=1e-5), \
         "the logged terms are those of the objective: the official code averages the two NCE terms"
-    assert len(grads["G"]) == len(expected)
+    assert len(grads["G"]) == len(expected), \
+        "the G group steps G's and H's parameters, as the official optimizer_G and optimizer_F do"
     # Equal up to float rounding (G ran on batches of 1, not 2), judged over all of G and H at once:
     # the biases before an instance norm have a zero gradient, made of rounding alone.
     got, want = torch.cat([g.flatten() for g in grads["G"]]), torch.cat([g.flatten() for g in expected])
@@ -1410,20 +1615,44 @@ def test_cut_model_step_frees_the_graph_of_G_x_before_it_builds_G_y():
     assert 0.3 * total < peak < 0.7 * total, "G(x)'s terms are back-propagated before G(y) is built"
 
 
-def test_cut_model_every_parameter_of_G_D_H_receives_a_finite_nonzero_gradient():
+def biases_before_instance_norm(net: nn.Module) -> set[str]:
+    """The names of the conv biases whose conv feeds an instance norm directly."""
+    found = set()
+    for prefix, module in net.named_modules():
+        children = list(module.named_children())
+        for (name, conv), (_, after) in zip(children, children[1:]):
+            if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) and conv.bias is not None and \
+                    isinstance(after, nn.InstanceNorm2d):
+                found.add(f"{prefix}.{name}.bias".lstrip("."))
+    return found
+
+
+def test_cut_model_gradients_reach_every_weight_but_the_biases_an_instance_norm_cancels():
+    """In float64, so that a gradient that is zero reads as zero, not as rounding."""
     torch.manual_seed(0)
-    G = init_weights(ResnetGenerator(ngf=4, n_blocks=5, antialias=True), "xavier")
-    D = init_weights(PatchDiscriminator(ndf=4, antialias=True), "xavier")
-    H = init_weights(PatchSampleMLP(G.tap_channels(), nc=8), "xavier")
-    x = torch.randn(2, 3, 32, 32)
+    G = init_weights(ResnetGenerator(ngf=4, n_blocks=5, antialias=True), "xavier").double()
+    D = init_weights(PatchDiscriminator(ndf=4, antialias=True), "xavier").double()
+    H = init_weights(PatchSampleMLP(G.tap_channels(), nc=8), "xavier").double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     y, feats_k = G(x, DEFAULT_TAPS)
     q, ids = H(G(y, DEFAULT_TAPS, encode_only=True), 16)
     k, _ = H(feats_k, 16, ids)
-    loss = GANLoss()(D(y), True) + sum(PatchNCELoss()(a, b) for a, b in zip(q, k))
-    loss.backward()
-    for name, p in [*G.named_parameters(), *D.named_parameters(), *H.named_parameters()]:
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, \
-            f"{name}: Eq. 5 reaches every weight of G, D and H"
+    (GANLoss()(D(y), True) + sum(PatchNCELoss()(a, b) for a, b in zip(q, k))).backward()
+    # down1 and down2 tap their conv's output before its norm: PatchNCE reaches those biases through the taps.
+    tapped = {f"model.{G.tap(t)[0]}.bias" for t in DEFAULT_TAPS}
+    for net_name, net in (("G", G), ("D", D), ("H", H)):
+        cancelled = biases_before_instance_norm(net) - (tapped if net is G else set())
+        largest = max(p.grad.abs().max() for p in net.parameters())
+        for name, p in net.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), f"{net_name}.{name}: Eq. 5 reaches it"
+            if name in cancelled:
+                assert p.grad.abs().max() <= 1e-9 * largest, \
+                    f"{net_name}.{name} feeds an instance norm, which subtracts each channel's mean and the bias " \
+                    "with it: its gradient is zero (the official code keeps the bias, so its checkpoints load)"
+            else:
+                assert p.grad.abs().max() >= 1e-7 * largest, \
+                    f"{net_name}.{name}: Eq. 5 reaches every other weight of G, D and H with a gradient far above " \
+                    "rounding"
 
 
 def test_cut_model_short_training_on_one_pair_drives_nce_down():
@@ -1445,7 +1674,8 @@ def test_cut_model_rejects_a_unet_and_channel_mismatches_clearly():
             CUT(CUTConfig(mode=mode, **TINY_CUT, channels_x=1))
     gray = Trainer(CUT(CUTConfig(mode="fastcut", **TINY_CUT, channels_x=1, channels_y=1)))
     gray.train_step(torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32))
-    assert gray.model.G(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+    assert gray.model.G(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32), \
+        "grayscale to grayscale: CUT needs the same channels in X and Y"
 
 
 def test_cut_model_similarity_map_of_an_image_with_itself_peaks_at_each_query_point():
@@ -1460,7 +1690,8 @@ def test_cut_model_similarity_map_of_an_image_with_itself_peaks_at_each_query_po
     assert peaks.tolist() == [[8 * 16 + 8, 1 * 16 + 12, 14 * 16 + 0, 15 * 16 + 15]] * 2, \
         "a patch is most like itself: each map peaks where its point is (a side's end is its last patch)"
     shallow = model.similarity_maps(x, x, points, layer=1)  # down1: 64x64
-    assert shallow.shape == (2, 4, 64, 64) and shallow.flatten(2).argmax(-1)[0, 0] == 32 * 64 + 32
+    assert shallow.shape == (2, 4, 64, 64) and shallow.flatten(2).argmax(-1)[0, 0] == 32 * 64 + 32, \
+        "at down1 (64x64 at 64x64) too, the centre point's map peaks at the centre"
 
 
 def test_cut_model_similarity_map_is_the_softmax_of_eq_2s_similarities_over_tau():
@@ -1497,11 +1728,13 @@ def test_cut_model_visuals_show_the_identity_path_when_it_is_trained():
         model = CUT(CUTConfig(mode=mode, **TINY_CUT))
         rows = model.visuals(x, y)
         with torch.no_grad():
-            assert len(rows) == 2 and all(len(r) == columns for r in rows) and torch.equal(rows[1][1], model.G(x)[1])
+            assert len(rows) == 2 and all(len(r) == columns for r in rows) and torch.equal(rows[1][1], model.G(x)[1]), \
+                f"{mode}: a row per test image, its x then G(x)"
             if mode == "cut":
                 assert torch.equal(rows[0][2], y[0]) and torch.equal(rows[0][3], model.G(y)[0]), \
                     "CUT: x | G(x) | y | G(y), the identity path of Eq. 5's lambda_Y term"
-        assert model.visuals_caption().startswith("each row: a test image x, G(x)")
+        assert model.visuals_caption().startswith("each row: a test image x, G(x)"), \
+            "the caption says what the rows show"
 
 
 def test_cut_model_file_imports_only_torch_the_standard_library_and_the_network_files():

@@ -3,9 +3,13 @@
     python .ci/mutants.py list                                  # every mutant: id, place, component, change
     python .ci/mutants.py run --sample 120 --out own.jsonl      # a seeded draw, each against its component's -k
     python .ci/mutants.py run --whole --ids 3,17 --out whole.jsonl   # ... or against the whole suite
+    python .ci/mutants.py run --slips .ci/slips.json --out slips.jsonl   # hand-written slips, each against its -k
 
 A mutant is one small change to one line (an operator, a comparison, a constant, a boolean, a dropped `not`, a
 dropped .detach() or .flip()), applied in a scratch copy of the repository; it is killed when the tests fail.
+A slip is a mistake a learner makes writing a component from the paper (a residual block without its skip, D not
+held fixed while G steps), written by hand in .ci/slips.json as a text to replace; each row of a run also keeps
+the first failure's message, to read whether it names the slip.
 The whole suite leaves out the compile test (it compiles the mutated networks and compares them with themselves,
 and each mutant would cost minutes of compiling). Not run by CI: a development check, whose figures are in
 docs/GUIDE.md, "How well the tests catch a wrong line".
@@ -112,6 +116,20 @@ def all_mutants() -> list[dict]:
     return mutants
 
 
+def slips(path: Path) -> list[dict]:
+    """The slips of a JSON list of {component, file, old, new, what}: `old`, found once in the file, becomes `new`."""
+    found = []
+    for i, slip in enumerate(json.loads(path.read_text())):
+        text = (ROOT / slip["file"]).read_text()
+        if text.count(slip["old"]) != 1:
+            sys.exit(f"slip {i} ({slip['what']}): its old text stands {text.count(slip['old'])} times in "
+                     f"{slip['file']}")
+        start = text.index(slip["old"])
+        found.append({**slip, "id": i, "line": text[:start].count("\n") + 1, "start": start,
+                      "end": start + len(slip["old"]), "owner": "slip"})
+    return found
+
+
 def run(mutants: list[dict], whole: bool, tests: Path, out: Path, keyword: dict | None, timeout: int) -> None:
     """Each mutant in a scratch copy: the file changed, the tests run (its component's -k, or the whole suite)."""
     scratch = Path(f"/tmp/cyclecut_mutants_{out.stem}")
@@ -136,16 +154,18 @@ def run(mutants: list[dict], whole: bool, tests: Path, out: Path, keyword: dict 
                 first = re.search(r"^FAILED test_components.py::(\S+)", done.stdout, flags=re.M)
                 by = first.group(1) if first else ("error: " + done.stdout.strip().splitlines()[-1]
                                                    if outcome == "killed" and done.stdout.strip() else None)
+                said = re.findall(r"^E\s+((?:\w*(?:Error|Exception)|Failed)\b.*)$", done.stdout, flags=re.M)
+                message = said[-1] if said else None  # the last: pytest shows a chained exception's cause first
             except subprocess.TimeoutExpired:  # neither: run it again on a quieter machine, or a longer --timeout
-                outcome, by = "timeout", None
+                outcome, by, message = "timeout", None, None
             finally:
                 path.write_text(original)
             row = {**{k: m[k] for k in ("id", "file", "line", "component", "owner", "what")}, "suite": select,
-                   "outcome": outcome, "by": by, "seconds": round(time.time() - began, 1)}
+                   "outcome": outcome, "by": by, "message": message, "seconds": round(time.time() - began, 1)}
             log.write(json.dumps(row) + "\n")
             log.flush()
             print(f"{m['id']:4d} {m['file']}:{m['line']} {m['component']:17s} {outcome:9s} {row['seconds']:6.1f}s "
-                  f"{m['what'][:60]}  {by or ''}", flush=True)
+                  f"{m['what'][:60]}  {by or ''}" + (f"\n     {message}" if message else ""), flush=True)
 
 
 def main() -> None:
@@ -156,10 +176,11 @@ def main() -> None:
     p.add_argument("--sample", type=int, help="a seeded draw of about this many, in proportion to each component")
     p.add_argument("--tests", type=Path, default=ROOT / "test_components.py", help="the test file to run")
     p.add_argument("--keywords", type=Path, help="JSON {component: -k expression}, for a test file of other names")
+    p.add_argument("--slips", type=Path, help="JSON list of hand-written slips to run in place of the mutants")
     p.add_argument("--out", type=Path, default=Path("mutants.jsonl"))
     p.add_argument("--timeout", type=int, default=1800, help="seconds a run may take")
     args = p.parse_args()
-    mutants = all_mutants()
+    mutants = slips(args.slips) if args.slips else all_mutants()
     if args.ids:
         wanted = {int(i) for i in args.ids.split(",")}
         mutants = [m for m in mutants if m["id"] in wanted]
