@@ -111,12 +111,11 @@ class CycleGAN:
         code does: a step of G and F with D_X and D_Y fixed, then a step of D_X and D_Y.
         """
         # 1. G and F minimise Eq. 3 and the identity loss, with D_X and D_Y fixed (the official set_requires_grad).
-        # The terms that start from x and those that
-        # start from y have separate graphs: each half is back-propagated as soon as it is built, so one
-        # half's graph is in memory at a time, and the gradients add up to those of the whole sum.
+        # The terms from x and those from y have separate graphs: each half is back-propagated as soon as it is
+        # built, so one half's graph is in memory at a time, and the gradients add up to those of the whole sum.
         with frozen(self.D_X, self.D_Y):
-            terms_x, fake_y = self.generator_half(x, forward=self.G, back=self.F, judge=self.D_Y, trainer=trainer)
-            terms_y, fake_x = self.generator_half(y, forward=self.F, back=self.G, judge=self.D_X, trainer=trainer)
+            terms_x, fake_y = self.generator_half(x, translate=self.G, back=self.F, judge=self.D_Y, trainer=trainer)
+            terms_y, fake_x = self.generator_half(y, translate=self.F, back=self.G, judge=self.D_X, trainer=trainer)
             trainer.step("G")
         loss = {**dict(zip(("G_gan", "cycle_X", "idt_X"), terms_x)),
                 **dict(zip(("F_gan", "cycle_Y", "idt_Y"), terms_y))}
@@ -130,15 +129,15 @@ class CycleGAN:
         trainer.step("D")
         return loss
 
-    def generator_half(self, real: torch.Tensor, forward, back, judge,
+    def generator_half(self, real: torch.Tensor, translate, back, judge,
                        trainer) -> tuple[list[torch.Tensor], torch.Tensor]:
         """G's and F's terms that start from `real`, back-propagated into both at once. The networks
-        come by role: from x, `forward` is G, `back` is F and `judge` is D_Y; from y, F, G and D_X.
-        Returns the terms [GAN, cycle, identity (when weighted)] and forward(real) (B, C, H, W),
+        come by role: from x, `translate` is G, `back` is F and `judge` is D_Y; from y, F, G and D_X.
+        Returns the terms [GAN, cycle, identity (when weighted)] and translate(real) (B, C, H, W),
         detached, for the discriminators' step."""
         c = self.config
         with trainer.autocast():
-            fake = forward(real)
+            fake = translate(real)
             terms = [self.gan_loss(judge(fake), True),  # Eq. 1: G(x) fools D_Y; from y, F(y) fools D_X
                      c.lambda_cycle * l1_loss(back(fake), real)]  # Eq. 2: F(G(x)) ~ x; from y, G(F(y)) ~ y
             if c.lambda_identity > 0:  # Sec. 5.2: a generator leaves its own output domain alone: F(x) ~ x, G(y) ~ y

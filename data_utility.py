@@ -1,11 +1,10 @@
 """Data and files for unpaired translation, in three parts, each for its own reader:
 
-1. The data, what a learner of the papers needs and can stop after: the images of the two domains, loaded,
-   jittered as the papers do and paired at random (the official data/unaligned_dataset.py: X walked in a
-   shuffled order, a random y for each x, an epoch as long as the larger domain), as tensors and back.
+1. The data, all a learner of the papers needs: the images of the two domains, loaded, jittered and paired at random
+   as the official data/unaligned_dataset.py does (X in a shuffled order, a random y for each x), as tensors and back.
 2. The run folder: `RunFolder` names and writes every file of output/NAME/ (the official Visualizer and HTML).
-3. What both commands (train_gan.py, translate.py) share: one-line errors, never a traceback; the option
-   parser; the device and its memory; Ctrl-C; atomic writes; downloads of the official data and models.
+3. What both commands share: one-line errors, the option parser, the device and its memory, Ctrl-C, atomic
+   writes, downloads of the official data and models.
 """
 import argparse
 import contextlib
@@ -35,14 +34,12 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 # Each layout: (train X, train Y, test X, test Y) folder names.
 LAYOUTS = {"trainA/trainB/testA/testB": ("trainA", "trainB", "testA", "testB"),
            "x_train/y_train/x_test/y_test": ("x_train", "y_train", "x_test", "y_test")}
-# Pillow refuses images over ~179 MP as possible decompression bombs; photos of a dataset the user
-# chose may be large, so allow up to 1 GP (about 4 GB decoded) and skip anything bigger.
+# Pillow refuses images over ~179 MP as possible decompression bombs; allow a dataset's photos up to 1 GP (4 GB).
 Image.MAX_IMAGE_PIXELS = 1 << 30
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Every image below `folder`, recursively, any letter case of the suffix, sorted. A folder that is
-    missing or holds no image is a UsageError naming it."""
+    """Every image below `folder`, recursively, sorted; a folder missing or without images is a UsageError."""
     need(folder is not None and Path(folder).is_dir(), f"image folder {folder} does not exist")
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     need(files, f"no images ({' '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
@@ -50,8 +47,7 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def find_domains(root: Path, direction: str = "AtoB") -> dict[str, Path | None]:
-    """{'train_x', 'train_y', 'test_x', 'test_y'} folders of a dataset root, BtoA swapping X and Y; the test
-    folders may be missing (None)."""
+    """{'train_x', 'train_y', 'test_x', 'test_y'}: a dataset's folders (test ones may be None), BtoA swapping X, Y."""
     root = Path(root)
     need(root.is_dir(), f"dataroot {root} does not exist: pass --dataroot with a folder holding trainA/ and trainB/ "
          f"(or x_train/ and y_train/)")
@@ -124,13 +120,10 @@ def jitter(img: Image.Image, load_size: int, crop_size: int, rng: np.random.Gene
 class UnpairedDataset(torch.utils.data.Dataset):
     """Images of domains X and Y, indexed by (i_x, i_y, aug_seed, epoch) keys from `PairSampler`, each item's
     randomness from its key (a run is the same with any number of workers). Returns (x, y, skipped): (C_x, crop,
-    crop) and (C_y, crop, crop) in [-1, 1], and the unreadable paths passed over (one per line, '' for none). From
-    epoch `no_crop_from_epoch` (counted from 0) images are resized to the crop size and only flipped, as the
-    official CUT dataset does in the lr-decay epochs.
-
-    Start-up lists the files and opens only the first readable one of each domain, as officially. An image that
-    cannot be read when an item needs it (broken, deleted or replaced meanwhile) gives way to the next readable one.
-    """
+    crop) and (C_y, crop, crop) in [-1, 1], and the unreadable paths passed over, one per line. From epoch
+    `no_crop_from_epoch` (from 0) images are resized to the crop size and only flipped, as the official CUT dataset
+    does in the lr-decay epochs. An image unreadable when an item needs it gives way to the next readable one;
+    `named` keeps those a warning has named (`batches`, in the main process)."""
 
     def __init__(self, folder_x: Path, folder_y: Path, load_size: int = 286, crop_size: int = 256,
                  channels_x: int = 3, channels_y: int = 3, no_crop_from_epoch: int | None = None):
@@ -142,6 +135,7 @@ class UnpairedDataset(torch.utils.data.Dataset):
             need(first_readable(files, channels, 64)[0] is not None,  # a JPEG decodes fast at reduced scale
                  f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
         self.load_size, self.crop_size, self.no_crop_from_epoch = load_size, crop_size, no_crop_from_epoch
+        self.named: set[str] = set()
 
     def __len__(self) -> int:
         return max(len(f) for f in self.files)
@@ -198,30 +192,26 @@ class PairSampler(torch.utils.data.Sampler):
 
 def data_loader(data: UnpairedDataset, sampler: torch.utils.data.Sampler, batch_size: int, workers: int,
                 pin_memory: bool) -> torch.utils.data.DataLoader:
-    """The loader of a dataset and its sampler: `workers` processes, persistent between epochs (none: the
-    main process loads), pinned memory to feed a GPU; its own generator, so the global RNG is untouched."""
+    """A loader of `workers` persistent processes (0: the main one), pinned for a GPU, with a generator of its own."""
     return torch.utils.data.DataLoader(data, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                                        persistent_workers=workers > 0, worker_init_fn=quiet_worker,
                                        generator=torch.Generator())
 
 
-def batches(loader: torch.utils.data.DataLoader, warned: set | None = None):
-    """(x, y, waited): the batches of an UnpairedDataset's loader, each with the seconds spent waiting for it.
-    Each image the loader could not read is named in one warning, the first time: `warned` holds the ones
-    named so far (None: warn of none, as ranks other than 0 do)."""
-    start = time.perf_counter()
+def batches(loader: torch.utils.data.DataLoader, warn: bool = True):
+    """(x, y, seconds waited): a loader's batches; an unreadable image is named once (the dataset keeps the names)."""
+    start, named = time.perf_counter(), loader.dataset.named
     for x, y, skipped in loader:
         waited = time.perf_counter() - start
-        for path in sorted({p for item in skipped for p in item.splitlines()} - warned) if warned is not None else ():
-            warned.add(path)
+        for path in sorted({p for item in skipped for p in item.splitlines()} - named) if warn else ():
+            named.add(path)
             warnings.warn(f"skipping unreadable image {path}: another image of its domain takes its place")
         yield x, y, waited
         start = time.perf_counter()  # the step is done: from here, waiting for the next batch
 
 
 def load_fixed_images(folder: Path, n: int, size: int, channels: int = 3) -> torch.Tensor:
-    """The first n readable images of a folder resized to size x size, the fixed grid inputs (n, C, size,
-    size); one warning names the unreadable ones passed over."""
+    """(n, C, size, size): a folder's first n readable images, resized; one warning names those passed over."""
     images, skipped, paths = [], [], iter(list_images(folder))
     while len(images) < n:
         img, bad = first_readable(paths, channels)
@@ -239,29 +229,15 @@ def load_fixed_images(folder: Path, n: int, size: int, channels: int = 3) -> tor
 # ============================================================================= 2. the run folder
 
 class RunFolder:
-    """OUTPUT/NAME/, the files of one run, each named and written here and nowhere else (rank 0 writes them):
-
-        .lock              held by the run writing here, naming its process; dropped when that process ends
-        options.json       every option of the run, those given, each start and resume (readable without torch)
-        latest.pt          the checkpoint to resume from, written after every epoch and where a run stops
-        epoch_NNN.pt       a copy of it kept every --save-every epochs
-        losses.csv         each loss term as it enters the objective, a row per --log-every steps
-        epochs.csv         a row per epoch: mean losses; the balance, D's mean verdict on the fixed real test
-                           images and their translations (D_real, D_fake; D_Y_real ...); time, speed, data wait
-        losses.png         the plot of losses.csv; balance.png, that of the balance
-        epoch_NNN.png      the epoch's grid of the fixed test images
-        nce_epoch_NNN.png  a model with similarity maps (CUT): where query points on G(x) find their input patches
-        d_epoch_NNN.png    what D decides of each patch of real and translated test images
-        index.html         the page to follow the run by, made from the files above (so a resume keeps it)
-
-    Every file is written whole or not at all; one that cannot be written (a full disk, a read-only folder)
-    ends the command in one line: the file, the cause, and `again`, how to go on.
-    """
-    LOCK = ".lock"
+    """OUTPUT/NAME/, the files of one run (the README's "What a run writes"), each named and written here and nowhere
+    else, by rank 0: .lock, options.json, latest.pt and epoch_NNN.pt, losses.csv and epochs.csv, their plots, each
+    epoch's pictures, index.html. Every file is written whole or not at all; one that cannot be written (a full
+    disk, a read-only folder) ends the command in one line: the file, the cause, and `how_to_continue`."""
+    LOCK, LATEST = ".lock", "latest.pt"
     TIMING = {"seconds": "{:.0f} s", "images_per_sec": "{:.2f} img/s", "data_wait": "{:.0%} of it waiting for data"}
 
-    def __init__(self, path: Path, again: str = ""):
-        self.path, self.again, self.latest = Path(path), again, Path(path) / "latest.pt"
+    def __init__(self, path: Path, how_to_continue: str = ""):
+        self.path, self.how_to_continue, self.latest = Path(path), how_to_continue, Path(path) / self.LATEST
         self.heading, self.done, self.total, self.given = "", 0, 0, {}
         self.captions = {"epoch": "", "nce_epoch": "where the model looks for each output patch's input patch: each "
                          "row a test image x and G(x) with query points marked, then for each point the similarity of "
@@ -275,9 +251,8 @@ class RunFolder:
         return self.path / f"{kind}_{epoch:03d}.png"
 
     def hold(self, new: bool):
-        """Make the folder and hold an OS lock on it (.lock) for this process's life: a second run or resume into
-        it is refused, and a `new` run into a folder that holds one. The lock dies with its process (kill -9, power
-        loss), so one left behind never blocks. Returns the held file; closing it lets go."""
+        """Make the folder and hold an OS lock on it (.lock) for this process's life, which refuses a second run into it
+        and a `new` run into a folder that holds one; it dies with the process (kill -9). Returns the held file."""
         handle = open(make_folder(self.path, "--output-dir") / self.LOCK, "a+")
         try:
             if os.name == "nt":  # Windows: a lock on the file's first byte
@@ -318,13 +293,13 @@ class RunFolder:
         record = {"options": options, "given": list(self.given),
                   "runs": runs + [{"started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command, "epoch": epoch,
                                    "step": step}]}
-        with written_or_stopped(self.path, self.again):
+        with failed_write_stops(self.path, self.how_to_continue):
             write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
             self.write_page(running=True)
 
     def save_checkpoint(self, state: dict, keep: bool = False) -> None:
         """latest.pt, and with `keep` a copy of it as epoch_NNN.pt (N: the epochs `state` has finished)."""
-        with written_or_stopped(self.path, self.again):
+        with failed_write_stops(self.path, self.how_to_continue):
             write_atomically(self.latest, lambda tmp: torch.save(state, tmp))
             if keep:
                 write_atomically(self.path / f"epoch_{state['epoch']:03d}.pt",
@@ -332,7 +307,7 @@ class RunFolder:
 
     def log_losses(self, step: int, epoch: int, losses: dict[str, float]) -> None:
         """A row of losses.csv: the mean of each loss over the steps up to `step`, in `epoch` (counted from 1)."""
-        with written_or_stopped(self.path, self.again):
+        with failed_write_stops(self.path, self.how_to_continue):
             append_row(self.path / "losses.csv", {"step": step, "epoch": epoch, **losses})
 
     def end_epoch(self, epoch: int, losses: dict[str, float], grid: list[list], nce: tuple | None = None,
@@ -343,7 +318,7 @@ class RunFolder:
         balance = {f"{name}_{side}": verdict.float().mean().item() for name, (*_, on_real, on_fake) in
                    (verdicts or {}).items() for side, verdict in (("real", on_real), ("fake", on_fake))}
         self.done, row = epoch, {"epoch": epoch, **losses, **balance, **timing}
-        with written_or_stopped(self.path, self.again):
+        with failed_write_stops(self.path, self.how_to_continue):
             append_row(self.path / "epochs.csv", row)
             save_grid(grid, self.picture("epoch", epoch))
             if nce is not None:
@@ -368,14 +343,14 @@ class RunFolder:
         return f"{losses}; " + ", ".join(text.format(row[k]) for k, text in cls.TIMING.items() if k in row)
 
     def finish(self) -> None:
-        """The page as the run ends, finished or stopped (saying how to go on); a failed write costs nothing now."""
-        with contextlib.suppress(OSError):
-            self.write_page(running=False)
+        """The page as a started run ends, finished or stopped (saying how to go on); a failed write costs nothing."""
+        if self.heading:
+            with contextlib.suppress(OSError):
+                self.write_page(running=False)
 
     def write_page(self, running: bool) -> None:
-        """index.html (the official web/index.html): the options given, the loss and balance plots, then each epoch of
-        epochs.csv, newest first, in words and pictures; it reloads every minute while `running`. Plain HTML,
-        images by relative path: the folder can be copied, or served as it is (python -m http.server)."""
+        """index.html (the official web/index.html): the options given, the plots, each epoch newest first, in words
+        and pictures, reloading every minute while `running`. Plain HTML, images by relative path."""
         def image(path: Path) -> str:  # the file's time in the address, so a browser shows a rewritten one
             return f'<img src="{path.name}?t={path.stat().st_mtime_ns}" alt="{path.name}">' if path.exists() else ""
         sections = []
@@ -387,7 +362,7 @@ class RunFolder:
                             f'</p>{pictures}</section>')
         status = (f"training: {self.done} of {self.total} epochs done; this page reloads every minute" if running
                   else f"finished: {self.total} of {self.total} epochs done" if self.done >= self.total
-                  else f"stopped with {self.done} of {self.total} epochs done; {self.again}")
+                  else f"stopped with {self.done} of {self.total} epochs done; {self.how_to_continue}")
         plots = (image(self.path / "losses.png") + image(self.path / "balance.png")
                  or '<p>plotted as each epoch ends; until then, <a href="losses.csv">losses.csv</a></p>')
         rows = "".join(f"<tr><td>--{html.escape(k.replace('_', '-'))}</td><td>{html.escape(str(v))}</td></tr>"
@@ -408,19 +383,16 @@ class RunFolder:
 
 
 PAGE_STYLE = """body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em;
-       color: #222; }
-h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.15em; margin: 1.6em 0 0.3em; }
-.status { color: #555; } .caption { color: #555; font-size: 0.9em; }
-table { border-collapse: collapse; font-size: 0.9em; } td { padding: 1px 12px 1px 0; }
-img { max-width: 100%; display: block; margin: 0.4em 0; image-rendering: pixelated; }
-section { border-top: 1px solid #ddd; } .plots { display: flex; gap: 1em; align-items: flex-start; }
-.plots img { min-width: 0; }"""
+color: #222; } h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.15em; margin: 1.6em 0 0.3em; }
+.status { color: #555; } .caption { color: #555; font-size: 0.9em; } td { padding: 1px 12px 1px 0; }
+table { border-collapse: collapse; font-size: 0.9em; } section { border-top: 1px solid #ddd; }
+img { max-width: 100%; display: block; margin: 0.4em 0; image-rendering: pixelated; } .plots img { min-width: 0; }
+.plots { display: flex; gap: 1em; align-items: flex-start; }"""
 
 
 def append_row(path: Path, row: dict[str, float]) -> None:
-    """Append a row to a CSV log (losses.csv, epochs.csv), the header with the first. The columns follow the file's
-    own header, which a user may have edited: a resume logging its losses in another order still lines up, a
-    value without a column is left out (one warning), and a column the row lacks stays empty."""
+    """Append a row to a CSV log, the header with the first. The columns follow the file's own header, which a user
+    may have edited: a value without a column is left out (one warning), a column the row lacks stays empty."""
     with open(path, "a+", newline="") as f:  # read from the start; every write goes to the end
         f.seek(0)
         names, writer = next(csv.reader(f), None), csv.writer(f)
@@ -428,15 +400,14 @@ def append_row(path: Path, row: dict[str, float]) -> None:
             names = list(row)
             writer.writerow(names)
         elif set(row) - set(names):
-            warnings.warn(f"{path} has no column for some of the values logged (its header was edited, or written "
-                          f"by an older version): they are left out of it")
+            warnings.warn(f"{path} has no column for some of the values logged (its header was edited): they are "
+                          f"left out of it")
         writer.writerow([(str(row[k]) if isinstance(row[k], int) else f"{row[k]:.5g}") if k in row else ""
                          for k in names])
 
 
 def read_table(path: Path) -> list[dict[str, float]]:
-    """The rows of a CSV log as {column: number}. A cell that is not a number is left out (one warning
-    for the file), so a log edited by hand never stops a run, its plot or its page."""
+    """The rows of a CSV log as {column: number}; a cell that is not a number is left out (one warning for the file)."""
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -462,8 +433,7 @@ def read_table(path: Path) -> list[dict[str, float]]:
 
 def plot(table: list[dict[str, float]], x: str, panels: dict[str, list[str]], path: Path,
          level: float | None = None) -> None:
-    """Plot each panel's columns of a log against its column `x`, one panel under another (what parses of it;
-    nothing until one has a point), with a dashed line at `level`."""
+    """Plot each panel's columns of a log against its column `x`, one panel under another, a dashed line at `level`."""
     import matplotlib
     matplotlib.use("Agg")  # no display server needed
     import matplotlib.pyplot as plt
@@ -495,8 +465,7 @@ def plot(table: list[dict[str, float]], x: str, panels: dict[str, list[str]], pa
 
 
 def heat_over(image: torch.Tensor, heat: torch.Tensor) -> Image.Image:
-    """A map over the image it is of: `image` (C, H, W) in [-1, 1], in gray, under `heat` (h, w) upsampled to
-    its size (bilinear) and coloured dark at 0 to bright at 1 (inferno)."""
+    """`image` (C, H, W) in [-1, 1], in gray, under `heat` (h, w), upsampled and coloured 0 dark to 1 bright."""
     import matplotlib
     heat = torch.nn.functional.interpolate(heat[None, None].float().cpu(), size=tuple(image.shape[-2:]),
                                            mode="bilinear", align_corners=False)[0, 0]
@@ -553,8 +522,7 @@ def need(ok: bool, message: str) -> None:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line ('error: ... (see --help)'), not the whole usage; the help
-    shows '(default: X)' where an option has a fixed default (presets and configs fill the others)."""
+    """argparse, but a bad option is one line ('error: ... (see --help)'); the help shows fixed defaults."""
 
     def __init__(self, **kw):
         super().__init__(formatter_class=HelpFormatter, **kw)
@@ -605,6 +573,20 @@ def peak_memory_mb(device: torch.device) -> float | None:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_mb, 1)
 
 
+def smallest_side(nets: list[torch.nn.Module], multiple: int, largest: int = 4096) -> int:
+    """The smallest multiple of `multiple` that `nets` (on the meta device, in the mode they will run in) take as the
+    side of one square image, each of those that takes images (its first weight a conv's). A pad, conv or norm needs
+    a large enough map; the meta device works out shapes alone, so trying a side costs nothing."""
+    for side in range(multiple, largest + 1, multiple):
+        try:
+            for net in (net for net in nets if next(net.parameters()).dim() == 4):
+                net(torch.empty(1, next(net.parameters()).shape[1], side, side, device="meta"))
+            return side
+        except (RuntimeError, ValueError):  # a layer's map is too small: torch says so in one of the two
+            continue
+    raise ValueError(f"no side up to {largest} fits these networks")
+
+
 @contextmanager
 def memory_or_stopped(what: str, advice: str):
     """Running out of memory inside the block ends the command with one line: `what` ran out, and `advice`."""
@@ -620,8 +602,7 @@ def memory_or_stopped(what: str, advice: str):
 # workers leave it to the main process (quiet_worker). Before torch loads, the scripts exit 130 themselves.
 
 def run_command(command) -> int:
-    """Run a command's body as a command: its exit code, and one line (never a traceback) for the errors
-    users meet: 2 for a UsageError, 1 for a RunError, 130 for Ctrl-C before a run could save."""
+    """A command's body run: its exit code; one line, no traceback, for a UsageError (2), RunError (1), Ctrl-C (130)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C from here on: KeyboardInterrupt, below
     # A warning gets a line of its own, above a progress bar if one is drawn.
     warnings.showwarning = lambda message, *rest, **kw: tqdm.write(f"warning: {message}", file=sys.stderr)
@@ -660,16 +641,14 @@ class StopFlag:
 
 
 def quiet_worker(_: int) -> None:
-    """A data-loading worker leaves Ctrl-C to the main process, which saves and then stops the workers
-    (a terminal sends SIGINT to every process of the group), and dies on SIGTERM as usual."""
+    """A data-loading worker leaves Ctrl-C to the main process, which saves, then stops it; SIGTERM kills it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def write_atomically(path: Path, write) -> None:
-    """write(tmp) into a temporary file beside `path`, then rename it over `path`: a full disk, a crash or Ctrl-C
-    leaves `path` as it was and no temporary file. Every file the commands write goes through here. A failure is
-    an OSError naming `path` (not the temporary), a RuntimeError of the writer too: torch.save's short write."""
+    """write(tmp) beside `path`, then rename it over `path`: a full disk, a crash or Ctrl-C leaves `path` as it was.
+    Every file the commands write goes through here. A failure (torch.save's short write too): an OSError on `path`."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -687,9 +666,7 @@ def write_atomically(path: Path, write) -> None:
 
 
 def load_torch(path: Path):
-    """What a .pt / .pth file holds (a checkpoint of ours or an official network file), read on the CPU,
-    tensors and plain containers only (weights_only: a file cannot run code). UsageError when it is
-    missing or unreadable."""
+    """What a .pt/.pth file holds, read on the CPU, tensors only (weights_only); a UsageError if missing or broken."""
     need(Path(path).is_file(), f"checkpoint {path} does not exist: check --name / --output-dir or --checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -699,9 +676,8 @@ def load_torch(path: Path):
 
 
 @contextmanager
-def written_or_stopped(where: Path, then: str):
-    """A write that fails inside the block (a full disk, a read-only or missing folder) ends the command
-    with one line: the file, the cause, and to free space or fix `where`, `then`."""
+def failed_write_stops(where: Path, then: str):
+    """A write failing inside the block ends the command in one line: the file, the cause, to fix `where`, `then`."""
     try:
         yield
     except OSError as e:
@@ -731,8 +707,7 @@ def save_image(img: Image.Image, path: Path) -> None:
 
 
 def save_grid(rows: list[list[torch.Tensor | Image.Image]], path: Path, pad: int = 2) -> None:
-    """Rows of equally sized images as one picture, `pad` white pixels apart (x | G(x) | F(G(x)) per row); a cell is
-    a PIL image or a (C, H, W) tensor in [-1, 1] (one channel: gray). Written with Pillow: no torchvision."""
+    """Rows of equal images (PIL, or (C, H, W) tensors in [-1, 1]) in one picture `pad` pixels apart: no torchvision."""
     rows = [[(to_image(img) if isinstance(img, torch.Tensor) else img).convert("RGB") for img in row] for row in rows]
     w, h = rows[0][0].size
     grid = Image.new("RGB", (max(map(len, rows)) * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
@@ -755,8 +730,7 @@ OFFICIAL_DATASETS = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "m
 
 
 def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
-    """Stream `url` into `dest` with a progress bar; a failure is a UsageError saying what failed and, for an
-    offline machine, `offline_hint`. The callers write `dest` as a temporary, removed on any failure."""
+    """Stream `url` into `dest` with a progress bar; a failure is a UsageError, ending in `offline_hint` if offline."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as f, \

@@ -57,12 +57,9 @@ def padding(mode: str, size: int) -> nn.Module:
 def conv_norm_act(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, pad: int = 0,
                   pad_mode: str = "zeros", norm: str = "instance", act: str = "relu",
                   bias: bool | None = None) -> list[nn.Module]:
-    """[pad] -> Conv2d -> norm -> activation, as a flat list of layers.
-
-    A flat list (not a Sequential) keeps every layer addressable by index, which is how the
-    official checkpoints name weights (`model.1.weight`) and how CUT taps features.
-    Zero padding is done inside the conv; reflect/replicate get their own layer, as officially.
-    """
+    """[pad] -> Conv2d -> norm -> activation, as a flat list of layers: each addressable by index, as the official
+    checkpoints name weights (`model.1.weight`) and CUT taps features. Zero padding is done inside the conv;
+    reflect/replicate get their own layer, as officially."""
     layers: list[nn.Module] = []
     if pad and pad_mode != "zeros":
         layers.append(padding(pad_mode, pad))
@@ -105,11 +102,8 @@ def binomial_filter(size: int) -> torch.Tensor:
 
 
 class BlurDownsample(nn.Module):
-    """Anti-aliased stride-2 down-sampling: reflect pad 1, blur [1,2,1]^2/16, subsample.
-
-    (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2)). The filter is a buffer named `filt`,
-    as in the official checkpoints.
-    """
+    """Anti-aliased stride-2 down-sampling: reflect pad 1, blur [1,2,1]^2/16, subsample. (B, C, H, W) -> (B, C,
+    ceil(H/2), ceil(W/2)). The filter is a buffer named `filt`, as in the official checkpoints."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -120,18 +114,15 @@ class BlurDownsample(nn.Module):
 
 
 class BlurUpsample(nn.Module):
-    """Anti-aliased x2 up-sampling: replicate pad 1, transposed blur [1,3,3,1]^2/64 * 4, crop.
-
-    (B, C, H, W) -> (B, C, 2H, 2W). The x4 gain keeps the mean intensity after zero-insertion.
-    """
+    """Anti-aliased x2 up-sampling: replicate pad 1, transposed blur [1,3,3,1]^2/64 * 4, crop. (B, C, H, W) ->
+    (B, C, 2H, 2W). The x4 gain keeps the mean intensity after zero-insertion."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.register_buffer("filt", (binomial_filter(4) * 4)[None, None].repeat(channels, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Replicate-pad by 1, written with cat: torch.compile fails on replication_pad2d's
-        # backward (PyTorch 2.13, CPU); the values are the same as F.pad(mode="replicate").
+        # Replicate-pad by 1 with cat: the values of F.pad(mode="replicate"), whose backward inductor cannot compile.
         x = torch.cat([x[:, :, :1], x, x[:, :, -1:]], 2)
         x = torch.cat([x[..., :1], x, x[..., -1:]], 3)
         y = F.conv_transpose2d(x, self.filt,
@@ -140,11 +131,8 @@ class BlurUpsample(nn.Module):
 
 
 def downsample(in_ch: int, out_ch: int, norm: str, antialias: bool) -> list[nn.Module]:
-    """Halve H and W while mapping in_ch -> out_ch channels.
-
-    CycleGAN: conv3x3 stride 2. CUT: conv3x3 stride 1, norm, ReLU, then blur-pool.
-    The conv is always the first layer (CUT taps its output).
-    """
+    """Halve H and W while mapping in_ch -> out_ch channels. CycleGAN: conv3x3 stride 2. CUT: conv3x3 stride 1, norm,
+    ReLU, then blur-pool. The conv is always the first layer (CUT taps its output)."""
     if antialias:
         return conv_norm_act(in_ch, out_ch, 3, 1, 1, norm=norm) + [BlurDownsample(out_ch)]
     return conv_norm_act(in_ch, out_ch, 3, 2, 1, norm=norm)
@@ -159,12 +147,9 @@ def upsample(in_ch: int, out_ch: int, norm: str, antialias: bool) -> list[nn.Mod
 
 
 def init_weights(net: nn.Module, kind: str = "normal", gain: float = 0.02) -> nn.Module:
-    """Initialise conv and linear weights in place; biases to 0.
-
-    normal: N(0, gain), CycleGAN's (appendix 7.1: N(0, 0.02)). xavier: xavier_normal with `gain`, the CUT
-    repository's default (its paper names no init). Batch-norm scales get N(1, gain). Blur filters are buffers
-    and stay untouched.
-    """
+    """Initialise conv and linear weights in place, biases to 0. normal: N(0, gain), CycleGAN's (appendix 7.1: N(0,
+    0.02)). xavier: xavier_normal with `gain`, the CUT repository's default (its paper names no init). Batch-norm
+    scales get N(1, gain). Blur filters are buffers and stay untouched."""
     if kind not in ("normal", "xavier"):
         raise ValueError(f"unknown init {kind!r}: use 'normal' or 'xavier'")
     for m in net.modules():

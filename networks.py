@@ -81,10 +81,8 @@ class ResnetGenerator(nn.Module):
 
 
 class UnetBlock(nn.Module):
-    """One level of the U-Net: down-conv, the inner levels, up-conv, then the skip concat.
-
-    (B, outer_ch, H, W) -> (B, 2*outer_ch, H, W) (the outermost level returns the image itself).
-    """
+    """One level of the U-Net: down-conv, the inner levels, up-conv, then the skip concat: (B, outer_ch, H, W) ->
+    (B, 2*outer_ch, H, W) (the outermost level returns the image itself)."""
 
     def __init__(self, outer_ch: int, inner_ch: int, in_ch: int | None = None, inner: nn.Module | None = None,
                  outermost: bool = False, norm: str = "instance", dropout: bool = False):
@@ -110,10 +108,8 @@ class UnetBlock(nn.Module):
 
 
 class UnetGenerator(nn.Module):
-    """The pix2pix U-Net: num_downs stride-2 levels with skips; 8 for 256x256, 7 for 128x128.
-
-    (B, in_channels, H, W) -> (B, out_channels, H, W), H and W multiples of 2**num_downs.
-    """
+    """The pix2pix U-Net: num_downs stride-2 levels with skips, 8 for 256x256, 7 for 128x128: (B, in_channels, H, W)
+    -> (B, out_channels, H, W), H and W multiples of 2**num_downs."""
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, num_downs: int = 8, ngf: int = 64,
                  norm: str = "instance", dropout: bool = False):
@@ -170,11 +166,8 @@ class PatchDiscriminator(nn.Module):
 
 class PatchSampleMLP(nn.Module):
     """CUT's H: per tapped layer, sample patch locations, project with a 2-layer MLP, L2-normalise (Sec. 3.2).
-
-    Built eagerly from the tap channels, so that it exists, and is optimised, before the first batch
-    (the official code builds it lazily on the first batch). The same locations are used for every
-    image of the batch.
-    """
+    Built eagerly from the tap channels, so it is optimised from the first batch (the official code builds it lazily
+    on that batch). The same locations are used for every image of the batch."""
 
     def __init__(self, in_channels: Sequence[int], nc: int = 256):
         super().__init__()
@@ -182,12 +175,9 @@ class PatchSampleMLP(nn.Module):
 
     def forward(self, feats: Sequence[torch.Tensor], num_patches: int = 256,
                 patch_ids: Sequence[torch.Tensor] | None = None):
-        """feats[l]: (B, C_l, H_l, W_l) -> (features, ids): features[l] (B, P, nc), ids[l] (P,).
-
-        These are the z_l^s of CUT's Eq. 3: location s of tapped layer l, projected and normalised.
-
-        P = min(num_patches, H_l * W_l); pass the ids of an earlier call to sample the same places.
-        """
+        """feats[l]: (B, C_l, H_l, W_l) -> (features, ids): features[l] (B, P, nc), ids[l] (P,), the z_l^s of CUT's
+        Eq. 3 (location s of tapped layer l, projected and normalised). P = min(num_patches, H_l * W_l); pass the ids
+        of an earlier call to sample the same places."""
         if len(feats) != len(self.mlps):
             raise ValueError(f"H has {len(self.mlps)} MLPs but got {len(feats)} feature maps")
         out, ids_out = [], []
@@ -214,11 +204,8 @@ _STALE_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def load_official_state_dict(net: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Load an official `latest_net_*.pth` into `net`, tensor by tensor in registration order.
-
-    Our networks register their weights in the official order, so the i-th official tensor
-    goes to the i-th of ours; names and shapes are checked and the first mismatch is named.
-    """
+    """Load an official `latest_net_*.pth` into `net`, tensor by tensor in registration order (ours is the official
+    one): names and shapes are checked, and the first mismatch is named."""
     ours = net.state_dict()
     theirs = {k.removeprefix("module."): v for k, v in state_dict.items()}
     if not any(k.endswith(_STALE_SUFFIXES) for k in ours):
@@ -239,16 +226,12 @@ def load_official_state_dict(net: nn.Module, state_dict: Mapping[str, torch.Tens
 
 
 def official_generator(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """The generator an official file (`latest_net_G.pth`, `horse2zebra.pth`, ...) holds, built from the
-    names and shapes of its tensors alone, with its weights loaded.
-
-    ResNet (`model.1.weight` is the first 7x7 conv): ngf and channels from the first and last convs,
-    the blocks counted, blur-pool down-sampling where 3x3 `filt` buffers are there and blur up-sampling
-    where 4x4 ones are (CUT, each switched off by its own official flag), dropout when the blocks'
-    second conv sits at index 6. U-Net (`model.model.0.weight`): depth from the nesting of the names. The norm
-    from the first conv's bias (instance) or the first norm's weight (batch), else none. Raises
-    ValueError saying what the file holds when it is no generator of either kind.
-    """
+    """The generator an official file (`latest_net_G.pth`, `horse2zebra.pth`, ...) holds, built from the names and
+    shapes of its tensors alone, its weights loaded. ResNet (`model.1.weight`, a 7x7 conv): ngf and channels from the
+    first and last convs, the blocks counted, blur-pool down where 3x3 `filt` buffers are, blur up where 4x4 ones are,
+    dropout where a block's second conv sits at index 6. U-Net (`model.model.0.weight`): depth from the names' nesting.
+    The norm from the first conv's bias (instance) or the first norm's weight (batch), else none. No generator: a
+    ValueError saying what the file holds."""
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"it holds a {type(state_dict).__name__}, not a state_dict of named tensors")
     tensors = {k.removeprefix("module."): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
@@ -280,11 +263,6 @@ def official_generator(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
 
 
 GENERATORS = ("resnet_9blocks", "resnet_6blocks", "unet_256", "unet_128")
-
-
-def size_multiple(netG: str) -> int:
-    """What image sides must be a multiple of: 4 for a ResNet (two stride-2 levels), 2**num_downs for a U-Net."""
-    return {"unet_256": 2 ** 8, "unet_128": 2 ** 7}.get(netG, 4)
 
 
 def define_G(netG: str, in_channels: int = 3, out_channels: int = 3, ngf: int = 64, norm: str = "instance",

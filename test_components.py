@@ -70,13 +70,13 @@ from layers import (BlurDownsample, BlurUpsample, ResnetBlock, activation, binom
                     downsample, full_precision, init_weights, norm_layer, padding, upsample)
 from losses import GAN_MODES, GANLoss, PatchNCELoss
 from networks import (DEFAULT_TAPS, GENERATORS, PatchDiscriminator, PatchSampleMLP, ResnetGenerator, UnetBlock,
-                      UnetGenerator, define_G, frozen, load_official_state_dict, official_generator, size_multiple)
+                      UnetGenerator, define_G, frozen, load_official_state_dict, official_generator)
 from train_gan import Trainer, adam, lr_factor
 from train_gan import main as cli
 from translate import main as translate_cli
 
-# The `gpu` marker selects the tests of what runs differently on CUDA (-m gpu). The design card allows no
-# conftest.py or pytest.ini at the root to register it, so its unknown-marker warning is silenced here.
+# The `gpu` marker selects the tests of what runs differently on CUDA (-m gpu). This file is the suite's only
+# configuration, so the marker is not registered and its unknown-marker warning is silenced here.
 warnings.filterwarnings("ignore", category=pytest.PytestUnknownMarkWarning, message=".*gpu")
 
 
@@ -618,9 +618,9 @@ def test_define_g_builds_each_official_generator_by_name(name, kind, depth):
     assert type(G) is kind and name in GENERATORS, f"--netG {name}: the official generator of that name"
     if kind is ResnetGenerator:
         assert sum(isinstance(m, ResnetBlock) for m in G.model) == depth, f"{name}: {depth} residual blocks"
-        assert size_multiple(name) == 4 == G.side_multiple, "a ResNet's sides are multiples of 4"
+        assert G.side_multiple == 4, "a ResNet's sides are multiples of 4: its two stride-2 levels"
     else:
-        assert G.num_downs == depth and size_multiple(name) == 2 ** depth == G.side_multiple, \
+        assert G.num_downs == depth and G.side_multiple == 2 ** depth, \
             f"{name}: {depth} downs, sides a multiple of 2**{depth}"
     side = max(G.side_multiple, 16)
     assert G(torch.zeros(1, 1, side, side)).shape == (1, 3, side, side), \
@@ -1266,7 +1266,7 @@ def test_cyclegan_step_holds_the_graph_of_one_domain_part_at_a_time():
 def test_cyclegan_step_names_its_networks_by_role():
     """generator_half runs for x (G, F, D_Y) and for y (F, G, D_X): it names its networks by role."""
     params = set(inspect.signature(CycleGAN.generator_half).parameters)
-    assert not params & {"G", "F", "D", "D_X", "D_Y"} and {"forward", "back", "judge"} <= params, \
+    assert not params & {"G", "F", "D", "D_X", "D_Y"} and {"translate", "back", "judge"} <= params, \
         "a parameter is never named after a paper symbol it does not stand for in every call"
 
 
@@ -1828,10 +1828,16 @@ def cli_args(root, out, *extra):
             "--max-steps", "2", "--workers", "0", "--device", "cpu", "--log-every", "1", *extra]
 
 
+def started(argv):
+    """The trainer a new run of `argv` would start with on the CPU, and its options."""
+    opts, _ = train_gan.resolve_options(train_gan.parse_options(argv), torch.device("cpu"))
+    return train_gan.trainer_for(opts, torch.device("cpu"))[0], opts
+
+
 def loader_of(argv):
     """The options, the trainer and the training dataset a run of `argv` would start with."""
-    trainer, opts, _ = train_gan.start_run(train_gan.parse_options(argv), torch.device("cpu"))
-    data, _, _ = train_gan.make_loader(opts, trainer, du.find_domains(opts.dataroot))
+    trainer, opts = started(argv)
+    data, _, _, _ = train_gan.make_loader(opts, trainer, du.find_domains(opts.dataroot))
     return opts, trainer, data
 
 
@@ -1912,7 +1918,7 @@ def test_dataset_broken_images_give_way_when_loaded_and_each_is_named_in_one_war
     assert skipped.splitlines() == [str(p) for p in broken] and torch.equal(x, data[(0, 0, 0, 0)][0])
     loader = torch.utils.data.DataLoader(data, 1, sampler=[(i, 0, 0, 0), (i + 1, 1, 1, 0), (i, 2, 2, 0)])
     with pytest.warns(UserWarning) as record:
-        waits = [waited for _, _, waited in du.batches(loader, set())]
+        waits = [waited for _, _, waited in du.batches(loader)]
     assert sorted(str(w.message) for w in record) == [f"skipping unreadable image {p}: another image of its domain "
                                                       f"takes its place" for p in broken]  # once each
     assert len(waits) == 3 and all(w > 0 for w in waits)
@@ -2270,7 +2276,7 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import data_utility
-lock = data_utility.RunFolder(Path(sys.argv[2])).hold(new=True)
+lock = data_utility.RunFolder(Path(sys.argv[2])).hold(new=False)
 print("locked", flush=True)
 time.sleep(120)
 """
@@ -2278,17 +2284,18 @@ time.sleep(120)
 
 def test_run_folder_lock_keeps_one_run_per_folder_and_a_killed_holder_never_blocks(dataset_root, tmp_path, capsys):
     run = tmp_path / "out" / "run"
+    assert cli(one_epoch(dataset_root, tmp_path / "out")) == 0
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(Path(__file__).parent), str(run)],
-                              stdout=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, text=True)  # the run goes on training in another process
     try:
         assert holder.stdout.readline().strip() == "locked"
-        for extra in ((), ("--resume",)):  # a second run, or a resume, into the held folder
-            code, err = run_cli(one_epoch(dataset_root, tmp_path / "out", *extra), capsys)
+        for argv in (one_epoch(dataset_root, tmp_path / "out"), next_epoch(dataset_root, tmp_path / "out")):
+            code, err = run_cli(argv, capsys)  # a second run, or a resume, into the held folder
             assert_error(code, err, rf"in use by another run \(process {holder.pid}\)")
         holder.kill()  # kill -9: no chance to clean up
         holder.wait()
-        assert cli(one_epoch(dataset_root, tmp_path / "out")) == 0  # the dead holder's lock is gone with it
-        assert (run / "latest.pt").exists()
+        assert cli(next_epoch(dataset_root, tmp_path / "out")) == 0  # the dead holder's lock is gone with it
+        assert torch.load(run / "latest.pt", weights_only=True)["epoch"] == 2
     finally:
         holder.kill()
         holder.wait()
@@ -2303,7 +2310,7 @@ def test_trainer_step_returns_losses_out_of_the_graph_and_a_log_window_is_read_i
     assert all(v.dim() == 0 and not v.requires_grad for v in losses.values())
     stacks, stack = [], torch.stack
     monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(1) or stack(*a, **k))
-    with train_gan.EpochMeter(2, 0, "", False, None, "") as meter:
+    with train_gan.EpochMeter(2, 0, "", False) as meter:
         meter.add({"a": torch.tensor(1.0), "b": torch.tensor(0.5, dtype=torch.bfloat16)}, 0.0)
         meter.add({"a": torch.tensor(2.0), "b": torch.tensor(0.0, dtype=torch.bfloat16)}, 0.0)
         assert meter.read(2) == {"a": 1.5, "b": 0.25}
@@ -2448,13 +2455,65 @@ def test_train_cli_options_are_resolved_in_one_place_and_the_parsed_ones_left_as
     asked = copy.deepcopy(vars(args))
     trainer = train_gan.train(args)
     assert vars(args) == asked  # nothing wrote to the options as parsed
-    opts = train_gan.resolve_options(args, torch.device("cpu"), torch.load(
-        tmp_path / "out" / "run" / "latest.pt", weights_only=True)["options"] if resume else None)
+    opts, _ = train_gan.resolve_options(args, torch.device("cpu"))
     assert vars(args) == asked and opts is not args
     # preset (crop 128) < the model's default (200 + 200 epochs) < the flags given < the run's own
     assert (opts.crop_size, opts.netG, opts.lambda_nce, opts.nce_idt, opts.epochs, opts.lr) == \
         (128, "resnet_6blocks", 1.0, True, 1, 1e-3 if resume else 2e-4)
     assert trainer.model.config.lr == opts.lr
+
+
+def test_train_cli_each_models_own_values_live_in_its_config_dataclass_alone(
+        dataset_root, tmp_path, capsys, monkeypatch):
+    """The parser holds no model default: --help reads each model's from its config, and a default changed there
+    is what a run of the command uses (a learner's first ablation: fewer patches, in cut_model.py)."""
+    options = {o for defaults in train_gan.model_defaults().values() for o in defaults}
+    parser = train_gan.train_parser()
+    written = {a.dest: a.default for a in parser._actions if a.dest in options and a.default is not None}
+    assert not written, f"model defaults written in the parser, not read from the config dataclasses: {written}"
+
+    @dataclasses.dataclass
+    class FewerPatches(CUTConfig):
+        num_patches: int = 64
+    monkeypatch.setitem(train_gan.MODELS, "cut", (CUT, FewerPatches, {"mode": "cut"}))
+    with pytest.raises(SystemExit):
+        cli(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "patches sampled per layer (P - 1 negatives per query) (default: cut 64; fastcut 256)" in help_text
+    assert "epochs at the initial lr (default: cycle_gan 100; cut 200; fastcut 150)" in help_text
+    assert "weight of PatchNCE (default: cut 1; fastcut 10)" in help_text
+    assert "generator (default: resnet_9blocks; on a CPU resnet_6blocks)" in help_text
+    assert cli(cli_args(dataset_root, tmp_path / "out", "--model", "cut", "--max-steps", "1", "--epochs", "1",
+                        "--epochs-decay", "0")) == 0
+    saved = torch.load(tmp_path / "out" / "run" / "latest.pt", weights_only=True)
+    assert saved["config"]["num_patches"] == saved["options"]["num_patches"] == 64
+
+
+SMALLEST_CROPS = [("cycle_gan", netG, []) for netG in GENERATORS] + \
+    [("cut", netG, [down, up]) for netG in ("resnet_9blocks", "resnet_6blocks")
+     for down in ("--antialias", "--no-antialias") for up in ("--antialias-up", "--no-antialias-up")]
+
+
+@pytest.mark.parametrize("model, netG, blur", SMALLEST_CROPS, ids=[" ".join((m, g, *b)) for m, g, b in SMALLEST_CROPS])
+def test_train_cli_crop_smaller_than_its_networks_take_is_refused_naming_the_smallest(
+        dataset_root, tmp_path, capsys, model, netG, blur):
+    """The smallest crop comes from the networks: at it a step trains; a crop below it is refused in one line that
+    names it; and one side multiple below it, the networks themselves fail (so it is the smallest, not a guess)."""
+    multiple = int(netG[5:]) if netG.startswith("unet") else 4  # a U-Net's 2 ** downs: unet_128, unet_256
+    argv = [*cli_args(dataset_root, tmp_path / "out", "--model", model, "--netG", netG, *blur), "--load-size", "300",
+            "--epochs", "0", "--epochs-decay", "0"]  # accepted, it trains nothing
+    code, err = run_cli(argv + ["--crop-size", multiple], capsys)
+    smallest = int(re.search(r"crops of at least (\d+) pixels", err[-1]).group(1)) if code else multiple
+    below = multiple if code else multiple // 2
+    code, err = run_cli(argv + ["--crop-size", below, "--name", "below"], capsys)
+    assert_error(code, err, rf"--netG {netG} trains on crops of at least {smallest} pixels, a multiple of {multiple}; "
+                            rf"got --crop-size {below}: use --crop-size {smallest}")
+    trainer, _ = started(argv + ["--crop-size", str(smallest)])
+    losses = trainer.train_step(*(torch.rand(1, 3, smallest, smallest) * 2 - 1 for _ in range(2)))
+    assert all(math.isfinite(v) for v in losses.values()), f"a step at the smallest crop, {smallest}"
+    if smallest > multiple:
+        with pytest.raises((RuntimeError, ValueError)):  # a map too small for a pad or a norm
+            trainer.train_step(*(torch.rand(1, 3, smallest - multiple, smallest - multiple) for _ in range(2)))
 
 
 def test_train_cli_options_only_some_models_read_are_those_their_configs_alone_hold():
@@ -2540,7 +2599,8 @@ def test_resume_cli_takes_every_option_not_given_from_the_run(dataset_root, tmp_
     advice = re.search(r"continue with: (.*)", capsys.readouterr().out).group(1).split()
     assert advice[:2] == ["python", "train_gan.py"] and "--model" not in advice
     args = train_gan.parse_options(advice[2:] + ["--lr", "5e-4"])
-    resumed, opts, epoch_step = train_gan.resume_run(args, du.RunFolder(out / "run"), torch.device("cpu"))
+    opts, checkpoint = train_gan.resolve_options(args, torch.device("cpu"))
+    resumed, epoch_step = train_gan.trainer_for(opts, torch.device("cpu"), checkpoint, out / "run" / "latest.pt")
     assert (opts.model, opts.ngf, opts.crop_size, opts.max_steps, epoch_step) == ("cut", 8, 24, 2, 1)
     assert resumed.optimizers["G"].param_groups[0]["lr"] == 5e-4  # epoch 1 of 1 + 1: the full lr, the new one
     assert train_gan.train(train_gan.parse_options(advice[2:])).global_step == 4
@@ -2595,6 +2655,31 @@ def test_translate_cli_keeps_each_image_size_and_name(dataset_root, tmp_path):
         for p in inputs:
             result = Image.open(target / f"{p.stem}.png")
             assert result.size == Image.open(p).size and result.mode == "RGB"
+
+
+def test_translate_cli_names_and_skips_images_too_small_for_the_generator_and_translates_the_rest(
+        dataset_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(cli_args(dataset_root, out, "--model", "fastcut", "--epochs", "1", "--epochs-decay", "0")) == 0
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(du.list_images(dataset_root / "testA")[0], inputs / "photo.jpg")
+    for name, (w, h) in (("icon.png", (5, 3)), ("dot.png", (1, 1))):
+        Image.new("RGB", (w, h), "orange").save(inputs / name)
+    checkpoint = str(out / "run" / "latest.pt")
+    code, err = run_cli(["--checkpoint", checkpoint, "--input", inputs, "--output", tmp_path / "res", "--device",
+                         "cpu"], capsys, translate_cli)
+    assert code == 0 and "Traceback" not in "".join(err), err
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["photo.png"], "the photo is translated"
+    for name, size in (("icon.png", "5x3"), ("dot.png", "1x1")):
+        assert any(f"skipping {inputs / name} ({size}): the generator needs at least 5 pixels a side" in line
+                   for line in err), err
+    for flag in ("--size", "--max-side"):  # options that would shrink every image below that: refused before work
+        code, err = run_cli(["--checkpoint", checkpoint, "--input", inputs, "--output", tmp_path / "res2", flag, "4",
+                             "--device", "cpu"], capsys, translate_cli)
+        assert_error(code, err, rf"{flag} 4 makes images smaller than the 5 pixels a side the model needs: pass "
+                                rf"{flag} 5 or more")
+        assert not (tmp_path / "res2").exists()
 
 
 @pytest.mark.parametrize("trained", ["AtoB", "BtoA"])
@@ -3009,7 +3094,7 @@ def test_faults_out_of_memory_is_one_line_naming_the_size_and_the_flag(dataset_r
 
     def out_of_memory(net, x):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    monkeypatch.setattr(translate, "run", out_of_memory)
+    monkeypatch.setattr(translate, "translated", out_of_memory)
     code, err = run_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input",
                          str(dataset_root / "testA"), "--output", str(tmp_path / "res")], capsys, translate_cli)
     assert_error(code, err, r"out of memory translating img0.jpg \(40x30, batch 1\): pass --max-side", 1)
@@ -3415,8 +3500,7 @@ def test_guide_ablation_commands_each_build_their_model(dataset_root):
     assert len(rows) == 7
     for what, identity, command in rows:
         argv = command.replace("data/horse2zebra", str(dataset_root)).split()
-        args = train_gan.parse_options(argv + ["--ngf", "4", "--ndf", "4", "--crop-size", "32", "--load-size", "36"])
-        trainer, _, _ = train_gan.start_run(args, torch.device("cpu"))
+        trainer, opts = started(argv + ["--ngf", "4", "--ndf", "4", "--crop-size", "32", "--load-size", "36"])
         c = trainer.model.config
         assert c.nce_idt == (identity == "yes"), what
         assert (c.nce_layers, c.num_patches) == ((("res5",) if "last" in what else DEFAULT_TAPS),
@@ -3424,4 +3508,4 @@ def test_guide_ablation_commands_each_build_their_model(dataset_root):
         assert c.nce_negatives == ("batch" if "internal and" in what else "others" if "only" in what
                                    and "external" in what else "image"), what
         x, y = pair(32)
-        trainer.train_step(x.repeat(args.batch_size, 1, 1, 1), y.repeat(args.batch_size, 1, 1, 1))
+        trainer.train_step(x.repeat(opts.batch_size, 1, 1, 1), y.repeat(opts.batch_size, 1, 1, 1))

@@ -1,11 +1,4 @@
-"""Train CycleGAN, CUT or FastCUT on unpaired images; translate.py then uses what a run trained.
-
-    python train_gan.py                                   # FastCUT on the bundled apples -> oranges, any device
-    python train_gan.py --model cycle_gan --dataroot data/horse2zebra --name h2z
-    python train_gan.py --resume --name h2z               # go on exactly where it stopped, with its options
-    python train_gan.py --benchmark 20                    # time 20 steps, write nothing
-    torchrun --nproc_per_node=4 train_gan.py --name h2z   # one process per GPU; rank 0 writes
-    python train_gan.py download horse2zebra              # an official dataset into data/
+"""Train CycleGAN, CUT or FastCUT on unpaired images (the README's Usage); translate.py then uses what a run trained.
 
 Top to bottom: the options, decided in `resolve_options` alone; the Trainer, all that training adds to a model's
 step, and the checkpoint; train(), set-up then the epoch loop, then what it calls; the benchmark; main. Runs go
@@ -20,6 +13,7 @@ if __name__ == "__main__":  # a Ctrl-C while torch loads ends quietly too (at on
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -27,7 +21,6 @@ import shlex
 import statistics
 import time
 import warnings
-from argparse import Namespace
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -40,10 +33,10 @@ from cut_model import CUT, CUTConfig
 from cycle_gan import CycleGAN, CycleGANConfig
 from data_utility import (PairSampler, Parser, RunError, RunFolder, StopFlag, UnpairedDataset, UsageError, at_least,
                           batches, cpu_has_native_bf16, data_loader, download_command, find_domains, load_fixed_images,
-                          load_torch, memory_or_stopped, need, peak_memory_mb, pick_device, run_command)
+                          load_torch, memory_or_stopped, need, peak_memory_mb, pick_device, run_command, smallest_side)
 from layers import NORMS
 from losses import GAN_MODES, NEGATIVES
-from networks import GENERATORS, size_multiple
+from networks import GENERATORS
 
 # ----------------------------------------------------------------------------- options
 
@@ -66,12 +59,12 @@ class Model(Protocol):
     def verdicts(self, x, y) -> dict: ...  # for each D: a real image, a translation, and its verdicts on both
 
 
-# Model name -> (model, its config, config values the name fixes).
+# Model name -> (model, its config, config values the name fixes). Each model's defaults live in its config alone.
 MODELS = {"cycle_gan": (CycleGAN, CycleGANConfig, {}), "cut": (CUT, CUTConfig, {"mode": "cut"}),
           "fastcut": (CUT, CUTConfig, {"mode": "fastcut"})}
-# Without a GPU the official 256x256 setting takes weeks; this shows results in minutes (a 150-step FastCUT
-# epoch: about 4 on 2 cores). Crop 128 with 6 residual blocks is the CycleGAN paper's own setting for 128x128.
-# The step keeps every core busy, so images load in the main process: a worker would compete (docs/SPEED.md).
+DEFAULT_MODEL = "fastcut"  # the one whose first grid comes within minutes on a CPU (docs/RESULTS.md)
+# Without a GPU the official 256x256 setting takes weeks; this shows results in minutes. Crop 128 with 6 residual
+# blocks is the CycleGAN paper's setting for 128x128; images load in the main process, as a worker would compete.
 CPU_PRESET = dict(crop_size=128, load_size=143, max_steps=150, netG="resnet_6blocks", workers=0)
 GPU_PRESET = dict(crop_size=256, load_size=286)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,74 +75,92 @@ RESUME_MAY_CHANGE = {"epochs", "epochs_decay", "lr", "device", "workers", "preci
                      "load_size", "batch_size", "max_steps", "log_every", "save_every", "nce_map", "d_map", "dataroot"}
 MACHINE_OPTIONS = {"device", "workers", "compile"}  # this machine's: a resume never takes them from the run
 NOT_OF_THE_RUN = {"resume", "name", "output_dir", "benchmark", "given", "command"}  # how this command is called
-# The options that some models alone read (--help groups them so): a run of another model refuses them, and its
-# options.json and checkpoint leave them out.
+# The options some models alone read (--help groups them): another model's run refuses them and keeps none of them.
 ONLY_FOR = {("cycle_gan",): {"lambda_cycle", "lambda_identity", "pool_size"},
             ("cut", "fastcut"): {"lambda_gan", "lambda_nce", "nce_idt", "flip_equivariance", "nce_layers",
                                  "num_patches", "nce_negatives", "nce_temperature", "nce_map", "antialias",
                                  "antialias_up"}}
 NOT_FOR = {model: set().union(*(own for models, own in ONLY_FOR.items() if model not in models)) for model in MODELS}
+OPTION_OF = {"channels_x": "input_nc", "channels_y": "output_nc"}  # a config field an option of another name sets
+
+
+def model_defaults() -> dict[str, dict]:
+    """Each model's defaults, read from its config: {model: {option name: value}}."""
+    return {model: {OPTION_OF.get(k, k): v for k, v in dataclasses.asdict(config_cls(**fixed)).items()}
+            for model, (_, config_cls, fixed) in MODELS.items()}
+
+
+def default_text(dest: str, defaults: dict[str, dict]) -> str:
+    """' (default: ...)' for --help: the value of each model that takes the option, then the devices' presets."""
+    def text(value):
+        return ",".join(value) if isinstance(value, tuple) else f"{value:g}" if type(value) is float else str(value)
+    by_model = {m: text(d[dest]) for m, d in defaults.items() if dest in d and dest not in NOT_FOR[m]}
+    said = [next(iter(by_model.values()))] if len(set(by_model.values())) == 1 else \
+        [f"{m} {v}" for m, v in by_model.items()]
+    said += [f"on a {name} {text(preset[dest])}" for name, preset in (("GPU", GPU_PRESET), ("CPU", CPU_PRESET))
+             if dest in preset]
+    return f" (default: {'; '.join(said)})" if said else ""
 
 
 def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
-    """The options; with defaults=False, parsing yields only the options given."""
+    """The options (defaults=False: only those given); a model's have no default here, resolve_options reads them."""
     p = Parser(prog="train_gan.py", description="Train CycleGAN, CUT or FastCUT on unpaired images. Also: "
                "'train_gan.py download NAME' (an official dataset); translating and comparing models: translate.py.")
-
     groups = {models: p.add_argument_group(f"{' and '.join(models)} only") for models in ONLY_FOR}
+    model_values = model_defaults()
 
     def a(*names, **kw):
         dest = names[0][2:].replace("-", "_")
         where = next((groups[models] for models, own in ONLY_FOR.items() if dest in own), p)
+        kw["help"] += default_text(dest, model_values) if kw.get("default") is None else ""
         where.add_argument(*names, **kw if defaults else {**kw, "default": argparse.SUPPRESS})
     on_off = dict(action=argparse.BooleanOptionalAction)
-    a("--model", choices=tuple(MODELS), help="what to train (default fastcut; with --resume, the run's)")
+    a("--model", choices=tuple(MODELS), help=f"what to train (default {DEFAULT_MODEL}; with --resume, the run's)")
     a("--dataroot", type=Path, default=BUNDLED, help="dataset folder: trainA/ trainB/ [testA/ testB/], or x_train/ ...")
     a("--name", help="run name: outputs go to OUTPUT_DIR/NAME (default: MODEL_DATASET)")
     a("--output-dir", type=Path, default=Path("output"), help="where runs are written")
     a("--resume", action="store_true", help="continue the run OUTPUT_DIR/NAME from its latest.pt, with its options")
     a("--direction", choices=("AtoB", "BtoA"), default="AtoB", help="BtoA learns B -> A: X is the B folder")
-    a("--epochs", type=at_least(0), help="epochs at the initial lr (official: 100 cycle_gan, 200 cut, 150 fastcut)")
-    a("--epochs-decay", type=at_least(0), help="then epochs of linear decay, to lr / (decay + 1) (official: 100, 200, "
-      "50)")
-    a("--max-steps", type=at_least(1), help="cap on steps per epoch (CPU default 150; GPU default: whole epoch)")
+    a("--epochs", type=at_least(0), help="epochs at the initial lr")
+    a("--epochs-decay", type=at_least(0), help="then epochs of linear decay, to lr / (decay + 1)")
+    a("--max-steps", type=at_least(1), help="cap on steps per epoch, else whole epochs")
     a("--batch-size", type=at_least(1), default=1, help="images per domain per step (the papers use 1)")
-    a("--lr", type=at_least(0, float, strict=True), default=2e-4, help="Adam learning rate")
-    a("--load-size", type=int, help="images are resized to this square size ... (GPU 286, CPU 143)")
-    a("--crop-size", type=int, help="... then randomly cropped to this size (GPU 256, CPU 128)")
-    a("--input-nc", type=int, choices=(1, 3), default=3, help="channels of domain X images (1 = grayscale)")
-    a("--output-nc", type=int, choices=(1, 3), default=3, help="channels of domain Y images")
-    a("--netG", choices=GENERATORS, help="generator (GPU default resnet_9blocks, CPU resnet_6blocks)")
-    a("--ngf", type=at_least(1), default=64, help="filters of the generator's first layer")
-    a("--ndf", type=at_least(1), default=64, help="filters of the discriminator's first layer")
-    a("--norm", choices=NORMS, default="instance", help="normalisation layers")
-    a("--gan-mode", choices=GAN_MODES, default="lsgan", help="least squares (official); vanilla: Eq. 1's "
-      "log-likelihood for D, non-saturating -log D(G(x)) for G; nonsaturating: the same, written with softplus")
-    a("--lambda-cycle", type=at_least(0, float), default=10.0, help="weight of the cycle loss, each way")
-    a("--lambda-identity", type=at_least(0, float), default=0.5, help="identity loss weight, x lambda-cycle")
-    a("--pool-size", type=at_least(0), default=50, help="history of fakes shown to D (0 = none)")
-    a("--lambda-gan", type=at_least(0, float), default=1.0, help="weight of the adversarial loss")
-    a("--lambda-nce", type=at_least(0, float), help="weight of PatchNCE (cut 1, fastcut 10)")
-    a("--nce-idt", **on_off, help="add the identity PatchNCE term on Y (cut on, fastcut off)")
-    a("--flip-equivariance", **on_off, help="mirror G's input half the time (cut off, fastcut on)")
+    a("--lr", type=at_least(0, float, strict=True), help="Adam learning rate")
+    a("--load-size", type=int, help="images are resized to this square size ...")
+    a("--crop-size", type=int, help="... then randomly cropped to this size")
+    a("--input-nc", type=int, choices=(1, 3), help="channels of domain X images (1 = grayscale)")
+    a("--output-nc", type=int, choices=(1, 3), help="channels of domain Y images")
+    a("--netG", choices=GENERATORS, help="generator")
+    a("--ngf", type=at_least(1), help="filters of the generator's first layer")
+    a("--ndf", type=at_least(1), help="filters of the discriminator's first layer")
+    a("--norm", choices=NORMS, help="normalisation layers")
+    a("--gan-mode", choices=GAN_MODES, help="least squares (official); vanilla: Eq. 1's log-likelihood for D, "
+      "non-saturating -log D(G(x)) for G; nonsaturating: the same, written with softplus")
+    a("--lambda-cycle", type=at_least(0, float), help="weight of the cycle loss, each way")
+    a("--lambda-identity", type=at_least(0, float), help="identity loss weight, x lambda-cycle")
+    a("--pool-size", type=at_least(0), help="history of fakes shown to D (0 = none)")
+    a("--lambda-gan", type=at_least(0, float), help="weight of the adversarial loss")
+    a("--lambda-nce", type=at_least(0, float), help="weight of PatchNCE")
+    a("--nce-idt", **on_off, help="add the identity PatchNCE term on Y")
+    a("--flip-equivariance", **on_off, help="mirror G's input half the time")
     a("--nce-layers", type=lambda text: tuple(int(t) if t.isdigit() else t for t in text.replace(" ", "").split(",")),
-      help="encoder taps by name or official index (default: the paper's input,down1,down2,res1,res5, "
-           "official 0,4,8,12,16; with --no-antialias the names keep those layers, the indices would not)")
-    a("--num-patches", type=at_least(1), default=256, help="patches sampled per layer (P - 1 negatives per query)")
-    a("--nce-negatives", choices=NEGATIVES, default="image", help="negatives from a query's image (the "
-      "paper's), the batch (official --nce_includes_all_negatives_from_minibatch), or the other images (batch > 1)")
-    a("--nce-temperature", type=at_least(0, float, strict=True), default=0.07, help="temperature tau of Eq. 2")
+      help="encoder taps by name or official index (0,4,8,12,16 are the same layers with blur-pool only; "
+           "with --no-antialias the names keep those layers, the indices would not)")
+    a("--num-patches", type=at_least(1), help="patches sampled per layer (P - 1 negatives per query)")
+    a("--nce-negatives", choices=NEGATIVES, help="negatives from a query's image (the paper's), the batch (official "
+      "--nce_includes_all_negatives_from_minibatch), or the other images (batch > 1)")
+    a("--nce-temperature", type=at_least(0, float, strict=True), help="temperature tau of Eq. 2")
     a("--nce-map", **on_off, default=True, help="write nce_epoch_NNN.png, where PatchNCE finds the patches")
-    a("--antialias", **on_off, help="blur-pool down-sampling in G and D (on; the official --no_antialias)")
-    a("--antialias-up", **on_off, help="blur up-sampling in G (on; the official --no_antialias_up)")
+    a("--antialias", **on_off, help="blur-pool down-sampling in G and D (the official --no_antialias turns it off)")
+    a("--antialias-up", **on_off, help="blur up-sampling in G (the official --no_antialias_up turns it off)")
     a("--d-map", **on_off, default=True, help="write d_epoch_NNN.png, D's verdict on each patch of real and "
       "translated test images, and the balance, its mean verdicts, to epochs.csv")
     a("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
     a("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda, then mps, then cpu")
-    a("--workers", type=at_least(0), help="data-loading processes (0 = in the main process; default: on a GPU half "
-      "the process's CPU cores, 1 to 8, the official default being 4; on a CPU 0)")
-    a("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast of the forward passes (fp16 "
-      "adds loss scaling); fp32 is the official math")
+    a("--workers", type=at_least(0), help="data-loading processes (0: in the main process; on a GPU, half this "
+      "process's CPU cores, 1 to 8, where the official code has 4)")
+    a("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast of the forward passes (fp16 adds "
+      "loss scaling); fp32 is the official math; a resume keeps the run's unless given")
     a("--compile", action="store_true", help="torch.compile the networks (slow first steps, faster later)")
     a("--benchmark", type=at_least(1), metavar="N", help="time N steps after 3 warm-up ones, print JSON, write nothing")
     a("--log-every", type=at_least(1), default=10, help="steps averaged into each row of losses.csv")
@@ -158,32 +169,32 @@ def train_parser(defaults: bool = True) -> argparse.ArgumentParser:
 
 
 def parse_options(argv: list[str]) -> argparse.Namespace:
-    """The options as asked: each one given, or the parser's default (None where a preset, a model or the run
-    decides), with `given` (the names set on the command line), the command, and the run's name."""
+    """The options as asked (None where resolve_options decides), with `given`, the names set, and the command."""
     args = train_parser().parse_args(argv)
     args.given = set(vars(train_parser(defaults=False).parse_args(argv)))
     args.command = ["python", "train_gan.py", *argv]
-    args.model = args.model or (None if args.resume else "fastcut")  # a resume's is the run's
-    args.name = args.name or f"{args.model or 'fastcut'}_{args.dataroot.name}"
     return args
 
 
-OPTION_OF = {"channels_x": "input_nc", "channels_y": "output_nc"}  # a config field an option of another name sets
-
-
-def resolve_options(args: argparse.Namespace, device: torch.device, run: dict | None = None) -> argparse.Namespace:
-    """The run's options, each decided here and nowhere else (`args`, as parsed, is left as it is). A new run: the
-    flag given (or the parser's fixed default), else the device's preset, else the model's config default. A resume
-    (`run`: the options its checkpoint keeps): the run's, but for MACHINE_OPTIONS and the RESUME_MAY_CHANGE given;
-    a flag given that would change anything else is refused."""
+def resolve_options(args: argparse.Namespace, device: torch.device) -> tuple[argparse.Namespace, dict | None]:
+    """The run's options, each decided here and nowhere else (`args`, as parsed, is left as it is), in this order:
+    the model (given, the run's on a resume, else DEFAULT_MODEL) and the run's name (given, else MODEL_DATASET); then
+    each option of a new run: given, else the device's preset, else the model's config default; of a resume: the
+    run's own, as its checkpoint keeps them, but for MACHINE_OPTIONS and the RESUME_MAY_CHANGE given (a flag given
+    that would change anything else is refused); last, `validate`. Returns (options, the checkpoint a resume goes
+    on from, else None)."""
     opts = argparse.Namespace(**vars(args))
-    if run is None:
-        vars(opts).update({k: v for k, v in presets(device).items() if getattr(opts, k) is None})
-        for field, value in dataclasses.asdict(config_of(opts)).items():
-            if getattr(opts, OPTION_OF.get(field, field), 0) is None:
-                setattr(opts, OPTION_OF.get(field, field), value)
+    opts.name = args.name or f"{args.model or DEFAULT_MODEL}_{args.dataroot.name}"
+    checkpoint = None
+    if not args.resume:
+        opts.model = args.model or DEFAULT_MODEL
+        vars(opts).update({k: v for k, v in presets(device).items() if k not in args.given})
+        vars(opts).update({k: v for k, v in model_defaults()[opts.model].items() if getattr(opts, k, 0) is None})
     else:
-        opts.model = opts.model or run["model"]  # (one given that differs is refused below)
+        source = opts.output_dir / opts.name / RunFolder.LATEST
+        checkpoint = load_torch(source)
+        run = run_options(checkpoint, source)
+        opts.model = args.model or run["model"]  # (one given that differs is refused below)
         asked = saved_options(opts)  # the options asked, as the run's are kept
         for key, value in run.items():
             if key not in args.given and key not in MACHINE_OPTIONS:  # as parsed: a path, a tuple
@@ -195,7 +206,7 @@ def resolve_options(args: argparse.Namespace, device: torch.device, run: dict | 
                                  f"drop {flag}, or start a new --name")
         opts.workers = presets(device)["workers"] if opts.workers is None else opts.workers
     validate(opts, device)
-    return opts
+    return opts, checkpoint
 
 
 def config_of(opts: argparse.Namespace):
@@ -212,8 +223,7 @@ def saved_options(opts: argparse.Namespace) -> dict:
 
 
 def presets(device: torch.device) -> dict:
-    """The defaults for the device: CPU_PRESET, or GPU_PRESET with data-loading workers, half of this
-    process's share of the CPU cores (1 to 8; the official default is 4)."""
+    """The device's defaults: CPU_PRESET, or GPU_PRESET with workers, half this process's CPU cores (1 to 8)."""
     if device.type == "cpu":
         return CPU_PRESET
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -232,24 +242,35 @@ def validate(opts: argparse.Namespace, device: torch.device) -> None:
     if opts.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         warnings.warn("this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 autocast runs far slower "
                       "than fp32 here (about 40x on an AVX2 CPU); use --precision fp32")
-    side = size_multiple(opts.netG)
-    need(opts.crop_size >= 16 and opts.crop_size % side == 0,
-         f"--netG {opts.netG} needs a crop size that is a multiple of {side} (and at least 16), got "
-         f"{opts.crop_size}: use --crop-size {max(side, 16)}" + (" or a resnet generator" if side > 4 else ""))
+    try:
+        with torch.device("meta"):  # shapes only: nothing is computed or allocated
+            model = MODELS[opts.model][0](config_of(opts))
+    except ValueError as e:  # an option combination the model cannot be built with
+        raise UsageError(str(e)) from None
+    multiple = getattr(model, model.directions["x2y"]).side_multiple
+    smallest = smallest_side([getattr(model, name) for name in model_networks(model)], multiple)
+    need(opts.crop_size >= smallest and opts.crop_size % multiple == 0,
+         f"--model {opts.model} with --netG {opts.netG} trains on crops of at least {smallest} pixels, a multiple of "
+         f"{multiple}; got --crop-size {opts.crop_size}: use --crop-size "
+         f"{max(smallest, -(-opts.crop_size // multiple) * multiple)}" + (" or a resnet generator" if multiple > 4
+                                                                          else ""))
+
+
+def model_networks(model) -> list[str]:
+    """The names of a model's networks, group by group."""
+    return [name for members in model.groups.values() for name in members]
 
 
 # ----------------------------------------------------------------------------- the Trainer
 
 def lr_factor(epoch: int, epochs: int, epochs_decay: int) -> float:
-    """The official 'linear' policy: 1 for `epochs` epochs (counted from 0), then down by 1/(epochs_decay+1)
-    each, the last at 1/(epochs_decay+1). Set after each epoch, as the CUT repository steps its scheduler;
-    the current CycleGAN repository steps it at an epoch's start, one epoch ahead, and ends at 0."""
+    """The official 'linear' policy, as the CUT repository sets it after each epoch: 1 for `epochs` epochs (counted
+    from 0), then down by 1/(epochs_decay+1) each, the last at 1/(epochs_decay+1) (docs/GUIDE.md: the departures)."""
     return 1.0 - max(0, epoch + 1 - epochs) / float(epochs_decay + 1)
 
 
 def adam(params: list[torch.nn.Parameter], config) -> torch.optim.Adam:
-    """Adam with the official lr and betas (beta1, 0.999), as one fused kernel where this torch has one for
-    the device (CUDA; CPU since torch 2.4): the same update, without a loop over the tensors."""
+    """Adam with the official lr and betas (beta1, 0.999), one fused kernel where torch has it for the device."""
     try:
         return torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, 0.999), fused=True)
     except RuntimeError:  # no fused kernel for this device in this torch
@@ -264,8 +285,7 @@ class Trainer:
     def __init__(self, model: Model, device: torch.device | str = "cpu", precision: str = "fp32",
                  compiled: bool = False):
         self.model, self.device, self.precision = model, torch.device(device), precision
-        self.nets = {name: getattr(model, name).to(self.device).train()
-                     for members in model.groups.values() for name in members}
+        self.nets = {name: getattr(model, name).to(self.device).train() for name in model_networks(model)}
         if compiled:  # the step calls torch.compile's wrappers; `nets` keeps the plain networks
             for name, net in self.nets.items():
                 setattr(model, name, torch.compile(net))
@@ -309,8 +329,7 @@ class Trainer:
             p.grad = grad.view_as(p)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One step of the model's objective on x (B, C_x, H, W) and y (B, C_y, H, W): each loss as a 0-dim
-        device tensor, out of the graph (reading it waits for the step: `EpochMeter.read` does, once a window)."""
+        """One step on x (B, C_x, H, W) and y (B, C_y, H, W): each loss a 0-dim device tensor, out of the graph."""
         losses = self.model.train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
                                        self)
         self.global_step += 1
@@ -318,8 +337,7 @@ class Trainer:
 
     @contextmanager
     def evaluating(self):
-        """The model with its plain networks (not their compiled wrappers), in eval mode and without
-        gradients: for the grids and CUT's similarity maps, which rank 0 alone draws."""
+        """The model with its plain networks (not compiled wrappers), in eval mode, without gradients: for pictures."""
         wrapped = {name: getattr(self.model, name) for name in self.nets}
         for name, net in self.nets.items():
             setattr(self.model, name, net.eval())
@@ -329,6 +347,11 @@ class Trainer:
         finally:
             for name, net in wrapped.items():
                 setattr(self.model, name, net.train())
+
+    @property
+    def total_epochs(self) -> int:
+        """The epochs of the whole schedule: at the initial lr, then of its decay."""
+        return self.model.config.epochs + self.model.config.epochs_decay
 
     def end_epoch(self) -> None:
         """Count a finished epoch and set the lr of the next one."""
@@ -345,9 +368,8 @@ class Trainer:
                 group["lr"] = c.lr * lr_factor(self.epoch, c.epochs, c.epochs_decay)
 
     def state(self, epoch_step: int = 0, options: dict | None = None) -> dict:
-        """The checkpoint, which `load` reads: the model's name and config (what builds the networks), the run's
-        options, the position (epochs finished, steps taken, steps into this epoch), the weights, the optimisers,
-        the model's own state (CycleGAN's image pools) and torch's random states, which every draw of a step uses."""
+        """The checkpoint, which `load` reads: the model's name and config, the run's options, the position (epochs,
+        steps, steps into this epoch), weights, optimisers, the model's own state (image pools), torch's RNG states."""
         return {"model": self.model.name, "config": dataclasses.asdict(self.model.config),
                 "options": options or {}, "epoch": self.epoch, "step": self.global_step, "epoch_step": epoch_step,
                 "nets": {k: v.state_dict() for k, v in self.nets.items()},
@@ -359,15 +381,11 @@ class Trainer:
     @classmethod
     def load(cls, state, device: torch.device | str = "cpu", precision: str | None = None,
              source: Path | None = None, compiled: bool = False) -> tuple["Trainer", int]:
-        """Read back a checkpoint `state` wrote (as `load_torch` returns it) to go on training: its model
-        (`load_model`), optimisers, position and random states. Returns (trainer, steps into the current epoch);
-        precision defaults to the run's. A file of another kind is a UsageError naming `source`."""
-        model = load_model(state, source)
-        missing = {"options", "epoch", "step", "epoch_step", "optimizers", "extra", "rng"} - set(state)
-        need(not missing, f"{source} lacks {', '.join(sorted(missing))}, which a resume needs: train it again with "
-             f"this train_gan.py")
-        trainer = cls(model, device, precision or state["options"].get("precision", "fp32"), compiled)
-        with fitting(state, source):
+        """(trainer, steps into its epoch) of a checkpoint `state` wrote: its model, optimisers, position and random
+        states, at the run's precision unless given. A file of another kind is a UsageError naming `source`."""
+        options = run_options(state, source)
+        trainer = cls(load_model(state, source), device, precision or options.get("precision", "fp32"), compiled)
+        with refused_unless_it_fits(state, source):
             for k, opt in trainer.optimizers.items():
                 kernel = {key: opt.defaults[key] for key in ("fused", "foreach")}
                 opt.load_state_dict(state["optimizers"][k])
@@ -387,10 +405,24 @@ def is_checkpoint(state) -> bool:
     return isinstance(state, dict) and state.get("model") in MODELS and {"config", "nets"} <= set(state)
 
 
+def need_checkpoint(state, source: Path | None) -> None:
+    """A UsageError naming `source` unless what it holds is a checkpoint of a run."""
+    need(is_checkpoint(state), f"{source} is not a checkpoint of a train_gan.py run (an official generator .pth "
+         f"can be used with translate.py, not resumed): pass a latest.pt of train_gan.py")
+
+
+def run_options(state, source: Path | None) -> dict:
+    """The options a checkpoint keeps of its run; a UsageError naming `source` if it cannot be resumed."""
+    need_checkpoint(state, source)
+    missing = {"options", "epoch", "step", "epoch_step", "optimizers", "extra", "rng"} - set(state)
+    need(not missing, f"{source} lacks {', '.join(sorted(missing))}, which a resume needs: train it again with "
+         f"this train_gan.py")
+    return state["options"]
+
+
 @contextmanager
-def fitting(state, source: Path | None):
-    """Where a checkpoint's tensors go into the model (or the optimisers) its own config builds: one that does not
-    fit is a UsageError naming `source` and, in torch's last line, the tensor."""
+def refused_unless_it_fits(state, source: Path | None):
+    """A checkpoint's tensor that does not fit the model its own config builds: a UsageError naming it and `source`."""
     try:
         yield
     except (RuntimeError, KeyError, ValueError) as e:
@@ -399,16 +431,14 @@ def fitting(state, source: Path | None):
 
 
 def load_model(state, source: Path | None = None) -> Model:
-    """The model a checkpoint holds (as `load_torch` returns it), to use: built from its own config, with its weights,
-    in eval mode; no optimiser, and the global random state left as it was (the initialisation the weights replace
-    is drawn in a fork of it). A file of another kind is a UsageError naming `source`."""
-    need(is_checkpoint(state), f"{source} is not a checkpoint of a train_gan.py run (an official generator .pth "
-         f"can be used with translate.py, not resumed): pass a latest.pt of train_gan.py")
+    """The model a checkpoint holds, to use: built from its own config, its weights loaded, in eval mode; no optimiser,
+    and the global random state left as it was. A file of another kind is a UsageError naming `source`."""
+    need_checkpoint(state, source)
     model_cls, config_cls, _ = MODELS[state["model"]]
     with torch.random.fork_rng(devices=[]):
         model = model_cls(config_cls(**state["config"]))
-    with fitting(state, source):
-        for name in (name for members in model.groups.values() for name in members):
+    with refused_unless_it_fits(state, source):
+        for name in model_networks(model):
             getattr(model, name).eval().load_state_dict(state["nets"][name])
     return model
 
@@ -416,43 +446,27 @@ def load_model(state, source: Path | None = None) -> Model:
 # ----------------------------------------------------------------------------- the run
 
 def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Trainer:
-    """Train as `args` (parse_options') ask: set-up, then the epoch loop. Under torchrun every rank trains; rank 0
-    alone prints, and writes the run's folder, which it holds for the whole run. Returns the trainer."""
+    """Train as `args` (parse_options') ask: the set-up, what a run needs in order, then the epoch loop. Under torchrun
+    every rank trains; rank 0 alone prints and writes the run's folder, held for the whole run. Returns the trainer."""
     rank, world, device = init_distributed(pick_device(args.device))
-    lead = rank == 0
-    folder = RunFolder(args.output_dir / args.name, f"continue with: {resume_command(args)}")  # works as printed
-    with ExitStack() as held:
-        if lead:
-            held.enter_context(folder.hold(new=not args.resume))
-        trainer, opts, epoch_step = resume_run(args, folder, device) if args.resume else start_run(args, device)
-        held.enter_context(memory_or_stopped(f"at crop {opts.crop_size}x{opts.crop_size}, batch {opts.batch_size}",
-                                             f"lower --crop-size or --batch-size, then {folder.again}"))
+    opts, checkpoint = resolve_options(args, device)
+    folder = RunFolder(opts.output_dir / opts.name, f"continue with: {resume_command(opts)}")  # works as printed
+    with guarded(folder, opts, lead=rank == 0):
+        trainer, epoch_step = trainer_for(opts, device, checkpoint, folder.latest)
         folders = find_domains(opts.dataroot, opts.direction)
-        data, sampler, loader = make_loader(opts, trainer, folders, rank, world)
-        if world > 1:
-            torch.manual_seed(opts.seed + 1_000 * rank + trainer.global_step)  # each rank its own pools, patches, flips
-        cfg, options = trainer.model.config, saved_options(opts)
-        steps = min(math.ceil(sampler.epoch_size() / opts.batch_size), opts.max_steps or math.inf)  # per epoch
-        total_epochs = cfg.epochs + cfg.epochs_decay
-        fixed = [load_fixed_images(folders[f"test_{d}"] or folders[f"train_{d}"], 4, opts.crop_size, channels)
-                 for d, channels in (("x", cfg.channels_x), ("y", cfg.channels_y))]
-        stop = stop or StopFlag(world, lead).install()
-        control = dist.new_group(backend="gloo") if world > 1 else None  # for the ranks' stop and NaN votes
-        warned = set() if lead else None  # the unreadable images named so far
-        diverged = f"{folder.latest} keeps the last good state; continue with: {resume_command(opts, lr=opts.lr / 2)}"
-        halt = False  # asked to stop, on every rank
+        data, sampler, loader, steps = make_loader(opts, trainer, folders, rank, world)
+        fixed = fixed_images(folders, opts.crop_size, trainer.model.config)
+        stop, lead = stop or StopFlag(world, rank == 0).install(), rank == 0
         if lead:
-            announce(args, opts, trainer, folder, f"{device} x {world}", f"{len(data.files[0])} X, "
-                     f"{len(data.files[1])} Y", f"{steps} steps/epoch x {total_epochs} epochs", epoch_step)
-            held.callback(folder.finish)  # the page says, as the run ends, whether it finished
-
-        for epoch in range(trainer.epoch, total_epochs):
+            record_start(opts, trainer, folder, data, steps, epoch_step, f"{device} x {world}")
+        halt = False  # asked to stop, on every rank
+        for epoch in range(trainer.epoch, trainer.total_epochs):
             sampler.set_epoch(epoch, epoch_step * opts.batch_size, steps * opts.batch_size)
-            with EpochMeter(steps, epoch_step, f"epoch {epoch + 1}/{total_epochs}", lead, control, diverged) as meter:
-                for x, y, waited in batches(loader, warned):
+            with EpochMeter(steps, epoch_step, f"epoch {epoch + 1}/{trainer.total_epochs}", lead) as meter:
+                for x, y, waited in batches(loader, warn=lead):
                     meter.add(trainer.train_step(x, y), waited)  # the losses stay on the device: nothing waits
                     epoch_step += 1
-                    halt = any_rank(stop.requested, control)  # every rank stops after the same step
+                    halt = any_rank(stop.requested)  # every rank stops after the same step
                     if epoch_step % opts.log_every == 0 or epoch_step == steps or halt:
                         losses = meter.read(trainer.global_step)  # waits for the device; a NaN stops the run
                         if lead:
@@ -464,63 +478,52 @@ def train(args: argparse.Namespace, stop: StopFlag | None = None) -> Trainer:
                 trainer.end_epoch()
                 epoch_step = 0
             if lead:  # the checkpoint first: a picture that cannot be written costs no training
-                folder.save_checkpoint(trainer.state(epoch_step, options),
+                folder.save_checkpoint(trainer.state(epoch_step, saved_options(opts)),
                                        keep=done and opts.save_every > 0 and trainer.epoch % opts.save_every == 0)
                 if done:
-                    print(f"epoch {trainer.epoch}/{total_epochs}: " + folder.end_epoch(
+                    print(f"epoch {trainer.epoch}/{trainer.total_epochs}: " + folder.end_epoch(
                         trainer.epoch, meter.means(), *pictures(opts, trainer, fixed),
                         **meter.timing(opts.batch_size * world)))  # the images of all ranks
                 if halt:
                     print(f"stopped at epoch {trainer.epoch + 1}, step {epoch_step}: saved {folder.latest}; "
-                          f"{folder.again}")
+                          f"{folder.how_to_continue}")
             if halt:
                 break
     return trainer
 
 
-def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world size, this rank's device) under torchrun; (0, 1, device) without it."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
-
-
-def resume_run(args: argparse.Namespace, folder: RunFolder, device: torch.device) -> tuple[Trainer, Namespace, int]:
-    """The run in `folder` as its checkpoint left it, with its options (`resolve_options`) and, where given, a new
-    schedule. Returns (trainer, options, steps into the current epoch)."""
-    state = load_torch(folder.latest)
-    trainer, epoch_step = Trainer.load(state, device, args.precision if "precision" in args.given else None,
-                                       folder.latest, args.compile)
-    opts = resolve_options(args, device, state["options"])
-    trainer.set_schedule(epochs=opts.epochs, epochs_decay=opts.epochs_decay, lr=opts.lr)
-    return trainer, opts, epoch_step
-
-
-def start_run(args: argparse.Namespace, device: torch.device) -> tuple[Trainer, Namespace, int]:
-    """A new run (or a benchmark): its options (`resolve_options`), and its model, the weights drawn after seeding
-    with --seed. Returns (trainer, options, 0 steps into the first epoch)."""
-    opts = resolve_options(args, device)
-    torch.manual_seed(opts.seed)
-    try:
-        model = MODELS[opts.model][0](config_of(opts))
-    except ValueError as e:  # an option combination the model cannot build
-        raise UsageError(str(e)) from None
-    return Trainer(model, device, opts.precision, opts.compile), opts, 0
+def trainer_for(opts: argparse.Namespace, device: torch.device, checkpoint: dict | None = None,
+                source: Path | None = None) -> tuple[Trainer, int]:
+    """(trainer on `device`, steps into its epoch): a resume's as its checkpoint (from `source`) left it, with its
+    options' precision and schedule; else a new one, the weights drawn on the CPU after seeding with --seed."""
+    with memory_or_stopped("setting up the run", "free the device's memory, or pass --device cpu"):
+        if checkpoint is None:
+            torch.manual_seed(opts.seed)
+            trainer, epoch_step = Trainer(MODELS[opts.model][0](config_of(opts)), device, opts.precision,
+                                          opts.compile), 0
+        else:
+            trainer, epoch_step = Trainer.load(checkpoint, device, opts.precision, source, opts.compile)
+            trainer.set_schedule(epochs=opts.epochs, epochs_decay=opts.epochs_decay, lr=opts.lr)
+    if dist.is_initialized():  # same weights on every rank; from here each rank its own draws (pools, patches, flips)
+        torch.manual_seed(opts.seed + 1_000 * dist.get_rank() + trainer.global_step)
+    return trainer, epoch_step
 
 
 def make_loader(opts: argparse.Namespace, trainer: Trainer, folders: dict, rank: int = 0, world: int = 1):
-    """(dataset, sampler, loader) over the training folders; each rank gets its share of every epoch."""
+    """(dataset, sampler, loader, steps an epoch, up to --max-steps) over the training folders, a share each rank."""
     model, cfg = trainer.model, trainer.model.config
     data = UnpairedDataset(folders["train_x"], folders["train_y"], opts.load_size, opts.crop_size,
                            cfg.channels_x, cfg.channels_y,
                            no_crop_from_epoch=None if model.resize_crop_in_decay else cfg.epochs)
     sampler = PairSampler(len(data.files[0]), len(data.files[1]), opts.seed, rank, world)
-    return data, sampler, data_loader(data, sampler, opts.batch_size, opts.workers, trainer.device.type == "cuda")
+    loader = data_loader(data, sampler, opts.batch_size, opts.workers, trainer.device.type == "cuda")
+    return data, sampler, loader, min(math.ceil(sampler.epoch_size() / opts.batch_size), opts.max_steps or math.inf)
+
+
+def fixed_images(folders: dict, size: int, config) -> list[torch.Tensor]:
+    """The x and the y every epoch's pictures show: each domain's first 4 test (else training) images, size x size."""
+    return [load_fixed_images(folders[f"test_{d}"] or folders[f"train_{d}"], 4, size, channels)
+            for d, channels in (("x", config.channels_x), ("y", config.channels_y))]
 
 
 def resume_command(opts: argparse.Namespace, **changes) -> str:
@@ -535,42 +538,65 @@ def resume_command(opts: argparse.Namespace, **changes) -> str:
     return shlex.join(words)
 
 
-def announce(args, opts, trainer: Trainer, folder: RunFolder, where: str, images: str, length: str, epoch_step: int):
-    """Rank 0's start: what runs where and how long, the presets it took, and the run folder's record and page; a new
-    run also writes its checkpoint at step 0, so that the --resume a failure advises works from the first step."""
-    c = trainer.model.config
+def record_start(opts, trainer: Trainer, folder: RunFolder, data: UnpairedDataset, steps: int, epoch_step: int,
+                 where: str) -> None:
+    """Rank 0's start: what runs where and how long, and the presets it took; the run folder's record (options.json)
+    and page; a new run's checkpoint at step 0, so that the --resume a failure advises works from the first step."""
     print(("resuming " if epoch_step or trainer.global_step else "") + f"{opts.model} on {where} | data "
-          f"{opts.dataroot} ({images}) | crop {opts.crop_size} (load {opts.load_size}) | batch {opts.batch_size} | "
-          f"{length} | at epoch {trainer.epoch + 1} step {epoch_step} | out {folder.path}")
-    filled = [f"{k}={v}" for k, v in presets(trainer.device).items() if not args.resume and getattr(args, k) is None]
+          f"{opts.dataroot} ({len(data.files[0])} X, {len(data.files[1])} Y) | crop {opts.crop_size} (load "
+          f"{opts.load_size}) | batch {opts.batch_size} | {steps} steps/epoch x {trainer.total_epochs} epochs | at "
+          f"epoch {trainer.epoch + 1} step {epoch_step} | out {folder.path}")
+    filled = [f"{k}={v}" for k, v in presets(trainer.device).items() if not opts.resume and k not in opts.given]
     if filled:
         print(f"defaults for {trainer.device.type}: {', '.join(filled)}")
-    if trainer.epoch >= c.epochs + c.epochs_decay:
+    if trainer.epoch >= trainer.total_epochs:
         print("this run has trained all its epochs: to train on, resume with more --epochs or --epochs-decay")
-    folder.start(saved_options(opts), args.given - NOT_OF_THE_RUN, args.command, trainer.epoch, epoch_step,
-                 f"{args.name}: {opts.model} on {opts.dataroot.name}", trainer.model.visuals_caption(),
-                 c.epochs + c.epochs_decay)
-    if not args.resume:
+    folder.start(saved_options(opts), opts.given - NOT_OF_THE_RUN, opts.command, trainer.epoch, epoch_step,
+                 f"{opts.name}: {opts.model} on {opts.dataroot.name}", trainer.model.visuals_caption(),
+                 trainer.total_epochs)
+    if not opts.resume:
         folder.save_checkpoint(trainer.state(0, saved_options(opts)))
 
 
-def any_rank(flag: bool, group) -> bool:
-    """Whether `flag` is set on any rank (no group: here), by an all-reduce on a CPU group: it never waits for a GPU."""
-    if group is None:
+# The ranks under torchrun: each process trains on its share of the images, with the same weights.
+
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device) under torchrun; (0, 1, device) without it."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is set on any rank, by a vote on a CPU group, which never waits for a GPU (alone: `flag`)."""
+    if not dist.is_initialized():
         return flag
     votes = torch.tensor([int(flag)])
-    dist.all_reduce(votes, dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(votes, dist.ReduceOp.MAX, group=vote_group(dist.group.WORLD))
     return bool(votes)
 
 
-class EpochMeter(tqdm):
-    """An epoch's progress bar (`show`: rank 0's) that keeps its bookkeeping: its time and wait for data, and its
-    losses, summed on the device and read to the host once a log window (`read`, which waits for the device); a loss
-    that is not finite there or on another rank stops the run, its message ending with `diverged`."""
+@functools.cache
+def vote_group(world) -> dist.ProcessGroup:
+    """The ranks' gloo group for their votes, made by every rank at its first vote in the process group `world`."""
+    return dist.new_group(backend="gloo")
 
-    def __init__(self, steps: int, first: int, title: str, show: bool, control, diverged: str):
+
+class Diverged(Exception):
+    """A loss that stopped being finite, here or on another rank: the command ends the run in one line (`guarded`)."""
+
+
+class EpochMeter(tqdm):
+    """An epoch's progress bar (`show`: rank 0's) and bookkeeping: time, wait for data, losses summed on the device."""
+
+    def __init__(self, steps: int, first: int, title: str, show: bool):
         super().__init__(total=steps, initial=first, desc=title, leave=False, dynamic_ncols=True, disable=not show)
-        self.control, self.diverged, self.began, self.waited = control, diverged, time.time(), 0.0
+        self.began, self.waited = time.time(), 0.0
         self.window, self.count, self.sums, self.steps = {}, 0, {}, 0
 
     def add(self, losses: dict[str, torch.Tensor], waited: float) -> None:
@@ -580,12 +606,12 @@ class EpochMeter(tqdm):
         self.update()
 
     def read(self, step: int) -> dict[str, float]:
-        """The mean of each loss over the window, read to the host in one copy."""
+        """Each loss's mean over the window, read to the host in one copy; one not finite on a rank raises Diverged."""
         mean = dict(zip(self.window, (torch.stack([v.float() for v in self.window.values()]) / self.count).tolist()))
         bad = [k for k, v in mean.items() if not math.isfinite(v)]
-        if any_rank(bool(bad), self.control):
-            what = f"loss {bad[0]} became {mean[bad[0]]}" if bad else "a loss on another rank diverged"
-            raise RunError(f"{what} by step {step}: {self.diverged}")
+        if any_rank(bool(bad)):
+            raise Diverged((f"loss {bad[0]} became {mean[bad[0]]}" if bad else "a loss on another rank diverged")
+                           + f" by step {step}")
         self.sums = {k: self.sums.get(k, 0.0) + v * self.count for k, v in mean.items()}
         self.steps, self.window, self.count = self.steps + self.count, {}, 0
         self.set_postfix({k: f"{v:.3f}" for k, v in mean.items()}, refresh=False)
@@ -606,9 +632,8 @@ QUERY_POINTS = ((0.5, 0.5), (0.3, 0.7), (0.8, 0.2))
 
 
 def pictures(opts: argparse.Namespace, trainer: Trainer, fixed: list[torch.Tensor]) -> tuple:
-    """What the networks make of the fixed test images (x, y): the grid's rows; for a model with similarity maps
-    (CUT), (x, G(x), the maps, QUERY_POINTS): which patches of x each query point on G(x) is taken for; and what D
-    decides of each patch of real and translated images (the model's `verdicts`)."""
+    """What the networks make of the fixed images (x, y): the grid's rows; a model's similarity maps (CUT's: x, G(x),
+    the maps, QUERY_POINTS); and D's verdicts on each patch of real and translated images (the model's `verdicts`)."""
     with trainer.evaluating() as model:
         x, y = (t.to(trainer.device) for t in fixed)
         maps = None
@@ -621,17 +646,17 @@ def pictures(opts: argparse.Namespace, trainer: Trainer, fixed: list[torch.Tenso
 # ----------------------------------------------------------------------------- benchmark, main
 
 def benchmark(args: argparse.Namespace) -> dict:
-    """Time --benchmark N training steps (after 3 warm-up ones) on the real data and step; rank 0 prints one
-    JSON line: the median step (sec_per_iter), beside it the median wait for its batch (data_wait_sec),
-    and the peak memory. Under torchrun every rank steps, and images/s counts all of them."""
+    """Time --benchmark N steps after 3 warm-up ones; rank 0 prints a JSON line: the median step, the median wait for
+    its batch, the peak memory (under torchrun every rank steps, and images/s counts them all)."""
     rank, world, device = init_distributed(pick_device(args.device))
-    trainer, opts, _ = start_run(args, device)
-    _, sampler, loader = make_loader(opts, trainer, find_domains(opts.dataroot, opts.direction), rank, world)
+    opts, _ = resolve_options(args, device)
+    trainer, _ = trainer_for(opts, device)
+    _, sampler, loader, _ = make_loader(opts, trainer, find_domains(opts.dataroot, opts.direction), rank, world)
 
     def epochs():  # the loader's batches, epoch after epoch
         for epoch in itertools.count():
             sampler.set_epoch(epoch)
-            yield from batches(loader, set())
+            yield from batches(loader, warn=rank == 0)
     warmup, times, waits = 3, [], []
     with memory_or_stopped(f"at crop {opts.crop_size}x{opts.crop_size}, batch {opts.batch_size}",
                            "lower --crop-size or --batch-size"):
@@ -654,6 +679,22 @@ def benchmark(args: argparse.Namespace) -> dict:
     return result
 
 
+@contextmanager
+def guarded(folder: RunFolder, opts: argparse.Namespace, lead: bool):
+    """Around a run: its folder locked (rank 0); out of memory or a diverged loss ended in one line; the page's end."""
+    with ExitStack() as held:
+        if lead:
+            held.enter_context(folder.hold(new=not opts.resume))
+            held.callback(folder.finish)
+        held.enter_context(memory_or_stopped(f"at crop {opts.crop_size}x{opts.crop_size}, batch {opts.batch_size}",
+                                             f"lower --crop-size or --batch-size, then {folder.how_to_continue}"))
+        try:
+            yield
+        except Diverged as e:
+            raise RunError(f"{e}: {folder.latest} keeps the last good state; continue with: "
+                           f"{resume_command(opts, lr=opts.lr / 2)}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """`train_gan.py [options]` trains (or benchmarks); `train_gan.py download NAME` fetches a dataset."""
     argv = sys.argv[1:] if argv is None else argv
@@ -662,9 +703,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["download"]:
             return download_command(argv[1:])
         args = parse_options(argv)
-        try:  # out of memory before the run's sizes are known (its networks onto the device)
-            with memory_or_stopped("setting up the run", "free the device's memory, or pass --device cpu"):
-                benchmark(args) if args.benchmark else train(args)
+        try:
+            benchmark(args) if args.benchmark else train(args)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()

@@ -1,11 +1,5 @@
-"""Use a model: translate a folder of images at full size, compare models side by side, or try an
-official pretrained CycleGAN in one command. Mirrors test.py of the official code (and nanoGPT's sample.py).
-
-    python translate.py --checkpoint output/h2z/latest.pt --input photos/ --output zebras/
-    python translate.py --pretrained horse2zebra --input photos/ --output zebras/     # fetched on first use
-    python translate.py --checkpoint output/h2z/latest.pt --direction BtoA --input zebras/ --output horses/
-    python translate.py --checkpoint output/h2z/latest.pt output/h2z_cut/latest.pt --pretrained horse2zebra \
-        --input data/horse2zebra/testA --grid h2z.jpg                             # a row per image, a column per model
+"""Use a model (the README's Usage): translate a folder of images at full size, compare models side by side, or try
+an official pretrained CycleGAN in one command. Mirrors test.py of the official code (and nanoGPT's sample.py).
 
 A model is a run's checkpoint (it carries its config), an official generator file (the file tells its
 architecture: a zoo .pth, latest_net_G_A.pth, a CUT latest_net_G.pth) or a zoo name, downloaded once.
@@ -17,6 +11,7 @@ import sys
 if __name__ == "__main__":  # a Ctrl-C while torch loads ends quietly too (at once: an import may catch SystemExit)
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -24,9 +19,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data_utility import (OFFICIAL_PRETRAINED, Parser, UsageError, at_least, download_pretrained, first_readable,
-                          fit_within, list_images, load_fixed_images, load_torch, make_folder, memory_or_stopped, need,
-                          pick_device, run_command, save_grid, save_image, to_image, to_tensor, written_or_stopped)
+from data_utility import (OFFICIAL_PRETRAINED, Parser, UsageError, at_least, download_pretrained, failed_write_stops,
+                          first_readable, fit_within, list_images, load_fixed_images, load_torch, make_folder,
+                          memory_or_stopped, need, pick_device, run_command, save_grid, save_image, smallest_side,
+                          to_image, to_tensor)
 from networks import official_generator
 from train_gan import is_checkpoint, load_model
 
@@ -77,10 +73,16 @@ def translate(args) -> None:
     paths = [*args.checkpoint, *(download_pretrained(name, args.cache) for name in args.pretrained)]
     with memory_or_stopped(f"loading the model(s) onto {device}", "free its memory, or pass --device cpu"):
         generators = [generator(path, device, args.direction) for path in paths]
+    # The smallest side an image can have: once padded to its generator's multiple, what that network runs on.
+    smallest = max(smallest_side([copy.deepcopy(net).to("meta")], net.side_multiple) - net.side_multiple + 1
+                   for net in generators)
+    for flag, side in (("--size", args.size), ("--max-side", args.max_side)):
+        need(not side or side >= smallest, f"{flag} {side} makes images smaller than the {smallest} pixels a side "
+             f"the model needs: pass {flag} {smallest} or more")
     if args.grid:
         write_grid(generators, args)
     else:
-        translate_folder(generators[0], files, args)
+        translate_folder(generators[0], files, args, smallest)
 
 
 def generator(path: Path, device: torch.device, direction: str | None) -> torch.nn.Module:
@@ -108,9 +110,9 @@ def channels(net: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def run(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """net(x) on the CPU for (B, C, H, W) images in [-1, 1] of any size: the sides reflect-padded to the
-    generator's multiple, the result cropped back."""
+def translated(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """net(x), run on the network's device and returned on the CPU, for (B, C, H, W) images in [-1, 1] of any size
+    from the smallest it takes: the sides reflect-padded to the generator's multiple, the result cropped back."""
     y = net(pad_to_multiple(x.to(next(net.parameters()).device), net.side_multiple))
     return y[..., :x.shape[-2], :x.shape[-1]].cpu()
 
@@ -123,8 +125,8 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode)
 
 
-def translate_folder(net: torch.nn.Module, files: list[Path], args) -> None:
-    """Each image at its own size (or scaled to --max-side, or resized to --size), written as OUTPUT/NAME.png."""
+def translate_folder(net: torch.nn.Module, files: list[Path], args, smallest: int) -> None:
+    """Each image at its own size (or per --max-side, --size) as OUTPUT/NAME.png; one under `smallest` is skipped."""
     output, written, taken = make_folder(args.output, "--output"), 0, channels(net)
     for f in tqdm(files, desc="translate", leave=False):
         img = first_readable([f], taken)[0]
@@ -132,10 +134,14 @@ def translate_folder(net: torch.nn.Module, files: list[Path], args) -> None:
             warnings.warn(f"skipping unreadable image {f}")
             continue
         img = img.resize((args.size, args.size), Image.BICUBIC) if args.size else fit_within(img, args.max_side)
+        if min(img.size) < smallest:
+            warnings.warn(f"skipping {f} ({img.width}x{img.height}): the generator needs at least {smallest} pixels "
+                          f"a side; scale it up first, or pass --size {max(smallest, 256)}")
+            continue
         with memory_or_stopped(f"translating {f.name} ({img.width}x{img.height}, batch 1)",
                                "pass --max-side N to scale images down first (e.g. --max-side 1024)"):
-            y = run(net, to_tensor(img)[None])
-        with written_or_stopped(output, "run the same command again; the images written before it are complete"):
+            y = translated(net, to_tensor(img)[None])
+        with failed_write_stops(output, "run the same command again; the images written before it are complete"):
             save_image(to_image(y[0]), output / f"{f.stem}.png")
         written += 1
     print(f"translated {written} images into {output}")
@@ -150,9 +156,9 @@ def write_grid(generators: list[torch.nn.Module], args) -> None:
     x = load_fixed_images(args.input, args.count, size, taken.pop())
     with memory_or_stopped(f"translating {len(x)} images of {size}x{size} at once (batch {len(x)})",
                            "lower --count or --size"):
-        outputs = [run(net, x) for net in generators]
+        outputs = [translated(net, x) for net in generators]
     make_folder(args.grid.parent, "--grid")
-    with written_or_stopped(args.grid.parent, "run the same command again"):
+    with failed_write_stops(args.grid.parent, "run the same command again"):
         save_grid([[x[i], *(y[i] for y in outputs)] for i in range(len(x))], args.grid)
     print(f"wrote {args.grid}: {len(x)} rows of the input and {len(generators)} translation(s)")
 
