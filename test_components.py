@@ -568,7 +568,7 @@ def test_patch_sample_mlp_reuses_ids_and_normalises():
     out, ids = H(feats, num_patches=20)
     assert [tuple(f.shape) for f in out] == [(2, 20, 16), (2, 16, 16)], "P = min(num_patches, H*W) places a layer"
     assert all(torch.allclose(f.norm(dim=-1), torch.ones(f.shape[:2]), atol=1e-5) for f in out), \
-        "CUT Sec. 3.2: H's outputs are L2-normalised, onto the unit sphere"
+        "CUT Sec. 3.2: H's outputs are L2-normalised onto the unit sphere: each patch's vector of nc numbers"
     assert len(set(ids[0].tolist())) == 20 and max(ids[0].tolist()) < 36 and sorted(ids[1].tolist()) == \
         list(range(16)), "places are drawn without repeats, inside the map"
     again, ids2 = H(feats, num_patches=20, patch_ids=ids)
@@ -1060,7 +1060,9 @@ def test_image_pool_fills_then_swaps_half_the_time():
         "once full, half the time D sees an older fake from the history instead (the official util/image_pool.py)"
     assert len(pool.images) == 3, "the history holds pool_size images (CycleGAN Sec. 4: 50)"
     old = {a.item() for a, q in zip(answers, queries) if not torch.equal(a, q)}
-    assert old <= {0.0, 1.0, 2.0, *(10.0 + i for i in range(200))} and len(old) > 3, "an older fake, from the pool"
+    assert old <= {0.0, 1.0, 2.0, *(10.0 + i for i in range(200))} and len(old) > 3, \
+        "a swap returns an older fake and keeps the new one in its place, so later swaps return later fakes (the " \
+        "official util/image_pool.py)"
 
 
 def test_image_pool_stores_each_fake_detached_and_size_0_passes_them_through():
