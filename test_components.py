@@ -1058,7 +1058,8 @@ def test_image_pool_fills_then_swaps_half_the_time():
     swapped = sum(not torch.equal(a, q) for a, q in zip(answers, queries))
     assert 70 < swapped < 130, \
         "once full, half the time D sees an older fake from the history instead (the official util/image_pool.py)"
-    assert len(pool.images) == 3, "the history holds pool_size images (CycleGAN Sec. 4: 50)"
+    assert len(pool.images) == 3 and ImagePool().size == 50, \
+        "the history holds pool_size images, by default CycleGAN Sec. 4's 50"
     old = {a.item() for a, q in zip(answers, queries) if not torch.equal(a, q)}
     assert old <= {0.0, 1.0, 2.0, *(10.0 + i for i in range(200))} and len(old) > 3, \
         "a swap returns an older fake and keeps the new one in its place, so later swaps return later fakes (the " \
