@@ -13,7 +13,7 @@ The sections, and the -k word of each component (a test's name starts with test_
                      H), define_g (generators by their official names), frozen (D fixed while G steps)
     losses.py        gan_loss, patchnce
     official files   official_weights (official checkpoints loaded, read from the file alone, translated with)
-    cycle_gan.py     image_pool, cyclegan (the config, Eq. 3's terms, the step, the pictures)
+    cycle_gan.py     image_pool, cyclegan (the config, the terms of Eq. 3 and the identity loss, the step, the pictures)
     cut_model.py     cut_model (the presets, Eq. 5's terms, the step, FastCUT's flip, the similarity maps)
     data             dataset (listing, loading, jitter, the sampler)
     the run folder   run_folder (logs, plots, grids, the page, checkpoints, the lock)
@@ -864,8 +864,8 @@ def test_official_weights_generator_weights_load_and_give_the_official_output():
         G = load_official_state_dict(ResnetGenerator(ngf=4, n_blocks=2), state)
     except ValueError as e:
         pytest.fail(f"a file saved from DataParallel prefixes each name with module., and an old one (PyTorch < 0.4) "
-                    f"carries running statistics of instance norms, which have none: both load, as the official "
-                    f"code's patch_instance_norm_state_dict lets them: {e}")
+                    f"carries running statistics of instance norms, which have none: both load, as junyanz's "
+                    f"BaseModel.__patch_instance_norm_state_dict lets them: {e}")
     x = torch.randn(1, 3, 32, 32)
     assert torch.allclose(G(x), ref.model(x), atol=1e-6), \
         "the official generator's weights give the official output here (module. prefixes, stale stats dropped)"
@@ -1164,7 +1164,7 @@ def test_cyclegan_step_holds_D_X_and_D_Y_fixed_while_G_and_F_step(monkeypatch):
     torch.manual_seed(0)
     trainer = Trainer(CycleGAN(CycleGANConfig(**TINY)))
     steps_checked(trainer, monkeypatch, {
-        "G": "D_X and D_Y stay fixed while G and F step (the official set_requires_grad(netD, False), "
+        "G": "D_X and D_Y stay fixed while G and F step (junyanz's set_requires_grad([netD_A, netD_B], False), "
              "networks.frozen): G's and F's terms left gradients in {name}, which its own step would add to its loss's",
         "D": "the discriminators' losses judge fakes taken out of G's and F's graph (ImagePool.query detaches "
              "them): D's losses sent gradients into {name}"})
