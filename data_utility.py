@@ -573,14 +573,20 @@ def peak_memory_mb(device: torch.device) -> float | None:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_mb, 1)
 
 
+def channels(net: torch.nn.Module) -> int:
+    """The channels of the images a network takes: its first conv's inputs."""
+    return next(net.parameters()).shape[1]
+
+
 def smallest_side(nets: list[torch.nn.Module], multiple: int, largest: int = 4096) -> int:
-    """The smallest multiple of `multiple` that `nets` (on the meta device, in the mode they will run in) take as the
-    side of one square image, each of those that takes images (its first weight a conv's). A pad, conv or norm needs
-    a large enough map; the meta device works out shapes alone, so trying a side costs nothing."""
+    """The smallest multiple of `multiple` that `nets`, in the mode they will run in, take as the side of one square
+    image, each of those that takes images (its first weight a conv's). A pad, conv or norm needs a large enough map;
+    each is tried with meta copies of its tensors, which work out shapes alone: it costs nothing, changes nothing."""
     for side in range(multiple, largest + 1, multiple):
         try:
             for net in (net for net in nets if next(net.parameters()).dim() == 4):
-                net(torch.empty(1, next(net.parameters()).shape[1], side, side, device="meta"))
+                shapes = {k: t.to("meta") for k, t in [*net.named_parameters(), *net.named_buffers()]}
+                torch.func.functional_call(net, shapes, torch.empty(1, channels(net), side, side, device="meta"))
             return side
         except (RuntimeError, ValueError):  # a layer's map is too small: torch says so in one of the two
             continue

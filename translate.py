@@ -11,7 +11,6 @@ import sys
 if __name__ == "__main__":  # a Ctrl-C while torch loads ends quietly too (at once: an import may catch SystemExit)
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
-import copy
 import warnings
 from pathlib import Path
 
@@ -19,10 +18,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data_utility import (OFFICIAL_PRETRAINED, Parser, UsageError, at_least, download_pretrained, failed_write_stops,
-                          first_readable, fit_within, list_images, load_fixed_images, load_torch, make_folder,
-                          memory_or_stopped, need, pick_device, run_command, save_grid, save_image, smallest_side,
-                          to_image, to_tensor)
+from data_utility import (OFFICIAL_PRETRAINED, Parser, UsageError, at_least, channels, download_pretrained,
+                          failed_write_stops, first_readable, fit_within, list_images, load_fixed_images, load_torch,
+                          make_folder, memory_or_stopped, need, pick_device, run_command, save_grid, save_image,
+                          smallest_side, to_image, to_tensor)
 from networks import official_generator
 from train_gan import is_checkpoint, load_model
 
@@ -74,8 +73,7 @@ def translate(args) -> None:
     with memory_or_stopped(f"loading the model(s) onto {device}", "free its memory, or pass --device cpu"):
         generators = [generator(path, device, args.direction) for path in paths]
     # The smallest side an image can have: once padded to its generator's multiple, what that network runs on.
-    smallest = max(smallest_side([copy.deepcopy(net).to("meta")], net.side_multiple) - net.side_multiple + 1
-                   for net in generators)
+    smallest = max(smallest_side([net], net.side_multiple) - net.side_multiple + 1 for net in generators)
     for flag, side in (("--size", args.size), ("--max-side", args.max_side)):
         need(not side or side >= smallest, f"{flag} {side} makes images smaller than the {smallest} pixels a side "
              f"the model needs: pass {flag} {smallest} or more")
@@ -102,11 +100,6 @@ def generator(path: Path, device: torch.device, direction: str | None) -> torch.
     need(way in model.directions, f"{path} is a {model.name} model, which translates its own way only "
          f"({trained}): drop --direction {direction}")
     return getattr(model, model.directions[way]).to(device)  # in eval mode, as load_model returns it
-
-
-def channels(net: torch.nn.Module) -> int:
-    """The channels a generator's images have: its first conv's inputs."""
-    return next(net.parameters()).shape[1]
 
 
 @torch.no_grad()
