@@ -233,11 +233,11 @@ class RunFolder:
     else, by rank 0: .lock, options.json, latest.pt and epoch_NNN.pt, losses.csv and epochs.csv, their plots, each
     epoch's pictures, index.html. Every file is written whole or not at all; one that cannot be written (a full
     disk, a read-only folder) ends the command in one line: the file, the cause, and `how_to_continue`."""
-    LOCK, LATEST = ".lock", "latest.pt"
+    LOCK = ".lock"
     TIMING = {"seconds": "{:.0f} s", "images_per_sec": "{:.2f} img/s", "data_wait": "{:.0%} of it waiting for data"}
 
     def __init__(self, path: Path, how_to_continue: str = ""):
-        self.path, self.how_to_continue, self.latest = Path(path), how_to_continue, Path(path) / self.LATEST
+        self.path, self.how_to_continue, self.latest = Path(path), how_to_continue, Path(path) / "latest.pt"
         self.heading, self.done, self.total, self.given = "", 0, 0, {}
         self.captions = {"epoch": "", "nce_epoch": "where the model looks for each output patch's input patch: each "
                          "row a test image x and G(x) with query points marked, then for each point the similarity of "

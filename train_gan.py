@@ -191,7 +191,7 @@ def resolve_options(args: argparse.Namespace, device: torch.device) -> tuple[arg
         vars(opts).update({k: v for k, v in presets(device).items() if k not in args.given})
         vars(opts).update({k: v for k, v in model_defaults()[opts.model].items() if getattr(opts, k, 0) is None})
     else:
-        source = opts.output_dir / opts.name / RunFolder.LATEST
+        source = RunFolder(opts.output_dir / opts.name).latest
         checkpoint = load_torch(source)
         run = run_options(checkpoint, source)
         opts.model = args.model or run["model"]  # (one given that differs is refused below)
