@@ -4,8 +4,9 @@ taesungp/contrastive-unpaired-translation.
 
 One generator G: X->Y, one discriminator D, and H, an MLP on patches of G's encoder features.
 Objective (Eq. 5): L_GAN(G, D, X, Y) + lambda_X * L_PatchNCE(G, H, X) + lambda_Y * L_PatchNCE(G, H, Y)
-    L_GAN (Eq. 1): least squares (the official --gan_mode lsgan, where Eq. 1 is written as the log-likelihood),
-        times lambda_GAN = 1 (the official --lambda_GAN: Eq. 5 puts no weight on L_GAN).
+    L_GAN (Eq. 1): least squares, as the paper's training details and the official --gan_mode lsgan train it
+        (Eq. 1 is written as the log-likelihood), times lambda_GAN = 1 (the official --lambda_GAN: Eq. 5 puts
+        no weight on L_GAN).
     L_PatchNCE (Eq. 3): at each tapped layer l, each sampled output patch of G(x) must pick out
         the input patch of x at the same place among the other patches of x (Eq. 2). The paper
         sums over places and layers; the official code averages over both (losses.PatchNCELoss).
@@ -30,7 +31,8 @@ from layers import init_weights
 from losses import GANLoss, PatchNCELoss
 from networks import DEFAULT_TAPS, PatchDiscriminator, PatchSampleMLP, ResnetGenerator, define_G, frozen
 
-# The official presets of each mode (its modify_commandline_options), schedule included.
+# The official presets of each mode: FastCUT's from modify_commandline_options, schedule included; CUT's schedule,
+# 200 + 200, is the official TrainOptions' default.
 MODES = {"cut": dict(lambda_nce=1.0, nce_idt=True, flip_equivariance=False, epochs=200, epochs_decay=200),
          "fastcut": dict(lambda_nce=10.0, nce_idt=False, flip_equivariance=True, epochs=150, epochs_decay=50)}
 
@@ -57,7 +59,7 @@ class CUTConfig:
     nce_layers: tuple = DEFAULT_TAPS  # the appendix's layers; official indices 0, 4, 8, 12, 16 when antialiased
     num_patches: int = 256
     nce_temperature: float = 0.07
-    nce_negatives: str = "image"  # internal negatives (the paper's choice); 'batch', 'others': its ablation
+    nce_negatives: str = "image"  # internal negatives, the paper's; 'batch', 'others': see losses.PatchNCELoss
     netF_nc: int = 256  # H's output width
     lr: float = 2e-4
     beta1: float = 0.5

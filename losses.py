@@ -1,9 +1,10 @@
 """Losses: the adversarial loss of both papers and CUT's PatchNCE loss.
 
-- GANLoss: CycleGAN Eq. 1 (arXiv 1703.10593) and CUT Eq. 1 (arXiv 2007.15651). Both official
-  codes replace the log-likelihood objective with least squares (LSGAN, Mao et al. 2017), which
-  trains more stably. `vanilla` is the log-likelihood for D, as Eq. 1 is written; G, told "real"
-  for its fakes, minimises -log D(G(x)), the non-saturating form, not Eq. 1's log(1 - D(G(x))).
+- GANLoss: CycleGAN Eq. 1 (arXiv 1703.10593) and CUT Eq. 1 (arXiv 2007.15651). Both papers write
+  Eq. 1 as the log-likelihood and train with least squares (LSGAN, Mao et al. 2017), more stable:
+  CycleGAN Sec. 4, CUT's training details; both official codes default to it. `vanilla` is the
+  log-likelihood for D, as Eq. 1 is written; G, told "real" for its fakes, minimises -log D(G(x)),
+  the non-saturating form, not Eq. 1's log(1 - D(G(x))).
 - PatchNCELoss: CUT Eq. 2 (the InfoNCE term l(v, v+, v-)), averaged over the sampled patches where
   Eq. 3 sums them (see its forward).
 
@@ -51,7 +52,7 @@ class GANLoss(nn.Module):
         return prediction if self.mode == "lsgan" else torch.sigmoid(prediction)
 
 
-# Where PatchNCE draws a query's negatives from (CUT Sec. 3.2 and its ablation of internal and external ones).
+# Where PatchNCE draws a query's negatives from: its own image (CUT's internal negatives), the batch, the other images.
 NEGATIVES = ("image", "batch", "others")
 
 
@@ -61,9 +62,10 @@ class PatchNCELoss(nn.Module):
     Query q_i (a patch of the output) should match key k_i (the same place in the input) rather than
     the negatives. `negatives`: 'image', the other P-1 patches of the same image (internal negatives,
     the CUT default); 'batch', every other patch of the batch, its own image's and the other images'
-    (the official --nce_includes_all_negatives_from_minibatch); 'others', the patches of the other
-    images only (the paper's external negatives, drawn here from the batch: needs B >= 2; the official
-    code has no switch for it). Keys are detached, as officially.
+    (the official --nce_includes_all_negatives_from_minibatch, which the CUT repository uses for
+    single-image training); 'others', the patches of the other images only (needs B >= 2; no official
+    switch). Neither is the paper's external-negatives ablation, which draws them from a memory bank.
+    Keys are detached, as officially.
     """
 
     def __init__(self, temperature: float = 0.07, negatives: str = "image"):

@@ -3,8 +3,10 @@ ResNet generator (CycleGAN's G and F, CUT's G), the pix2pix U-Net (arXiv 1611.07
 D), CUT's patch-sampling MLP H; the loaders of official files; `frozen`, D held fixed while G steps.
 
 Mirrors models/networks.py of junyanz/pytorch-CycleGAN-and-pix2pix and of
-taesungp/contrastive-unpaired-translation: every network keeps the official flat `model`
-layout, so checkpoint keys and CUT's tap indices (nce_layers 0,4,8,12,16) line up.
+taesungp/contrastive-unpaired-translation: every network keeps the official module layout (a flat `model` for
+the ResNet and the PatchGAN, nested levels for the U-Net), so checkpoint keys and CUT's tap indices (nce_layers
+0,4,8,12,16) line up. H's MLPs are
+`mlps.N` where the official PatchSampleF names them `mlp_N`: the loader maps them in order.
 """
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -25,8 +27,8 @@ class ResnetGenerator(nn.Module):
 
     (B, in_channels, H, W) -> (B, out_channels, H, W) for H, W multiples of 4.
     CycleGAN uses strided / transposed convs; CUT blur-pools on the way down (antialias, the official
-    --no_antialias turns it off) and blur-upsamples on the way up (antialias_up, official
-    --no_antialias_up; None: as antialias).
+    --no_antialias turns it off) and blur-upsamples on the way up (antialias_up, the official
+    --no_antialias_up: a switch of its own; left None, it follows antialias).
     """
     side_multiple = 4  # two stride-2 levels
 
@@ -165,9 +167,10 @@ class PatchDiscriminator(nn.Module):
 
 
 class PatchSampleMLP(nn.Module):
-    """CUT's H: per tapped layer, sample patch locations, project with a 2-layer MLP, L2-normalise (Sec. 3.2).
-    Built eagerly from the tap channels, so it is optimised from the first batch (the official code builds it lazily
-    on that batch). The same locations are used for every image of the batch."""
+    """CUT's H: per tapped layer, sample patch locations, project with a 2-layer MLP (Sec. 3.2), L2-normalise onto
+    the unit sphere (the paper; the official PatchSampleF's Normalize). Built eagerly from the tap channels (the
+    official code builds it from the first batch's shapes, in data_dependent_initialize). The same locations are
+    used for every image of the batch."""
 
     def __init__(self, in_channels: Sequence[int], nc: int = 256):
         super().__init__()
@@ -199,7 +202,7 @@ class PatchSampleMLP(nn.Module):
         return x / (x.norm(dim=-1, keepdim=True) + 1e-7)
 
 
-# Old official checkpoints (PyTorch 0.4) stored running stats of instance norms, which have none.
+# Official checkpoints saved before PyTorch 0.4 stored running stats of instance norms, which have none.
 _STALE_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 

@@ -225,10 +225,10 @@ def test_residual_block_adds_its_input_to_two_reflect_padded_3x3_convs():
 
 def test_blur_filters_are_the_binomial_ones():
     assert torch.equal(binomial_filter(3) * 16, torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]])), \
-        "blur-pool (Zhang 2019) down-samples with [1, 2, 1] x [1, 2, 1] / 16"
+        "blur-pool (Zhang 2019, as the CUT repository's Downsample) down-samples with [1, 2, 1] x [1, 2, 1] / 16"
     row = torch.tensor([1.0, 3, 3, 1])
     assert torch.equal(binomial_filter(4) * 64, torch.outer(row, row)), \
-        "and up-samples with [1, 3, 3, 1] x [1, 3, 3, 1] / 64"
+        "the CUT repository's Upsample up-samples with [1, 3, 3, 1] x [1, 3, 3, 1] / 64"
     for blur, side in ((BlurDownsample(5), 3), (BlurUpsample(5), 4)):
         assert blur.filt.shape == (5, 1, side, side) and "filt" in blur.state_dict(), \
             "one filter per channel, a buffer named filt, as in the official checkpoints"
@@ -364,7 +364,8 @@ def test_resnet_generator_is_c7s1_d_d_n_times_R_u_u_c7s1_tanh():
         "bias, as no norm follows, then tanh (the official ResnetGenerator)"
     assert G.model[1].in_channels == 1 and G.side_multiple == 4, "two stride-2 levels: sides a multiple of 4"
     follows = [type(m).__name__ for m in ResnetGenerator(ngf=4, n_blocks=1, antialias=True).modules()]
-    assert "BlurUpsample" in follows, "antialias_up left None follows antialias (the official default)"
+    assert "BlurUpsample" in follows, "antialias_up left None follows antialias, so one switch builds the official " \
+        "CUT generator (officially two independent flags, --no_antialias and --no_antialias_up, both off by default)"
     strided_up = ResnetGenerator(ngf=4, n_blocks=1, antialias=True, antialias_up=False)
     assert "BlurUpsample" not in [type(m).__name__ for m in strided_up.modules()], \
         "antialias_up False (the official --no_antialias_up): transposed convs up, blur-pool down only"
@@ -442,7 +443,7 @@ def test_unet_generator_levels_return_their_input_beside_their_output():
     out = innermost(x)
     assert out.shape == (1, 16, 2, 2) and torch.equal(out[:, :8], x), \
         "each U-Net level but the outermost returns its input beside its output, (B, 2C, H, W): the skip " \
-        "connections of pix2pix (arXiv 1611.07004, Sec. 3.1.1)"
+        "connections of pix2pix (arXiv 1611.07004, Sec. 3.2.1, \"Generator with skips\")"
 
 
 def test_unet_generator_built_plainly_is_the_official_network():
@@ -471,7 +472,8 @@ def test_unet_generator_levels_are_the_pix2pix_ones_with_skips():
     assert [type(m).__name__ for m in outer] == ["Conv2d", "UnetBlock", "ReLU", "ConvTranspose2d", "Tanh"], \
         "the outermost level: down-conv, the inner levels, ReLU, up-conv, tanh; no skip around it"
     assert outer[0].in_channels == 1 and outer[3].out_channels == 2 and outer[0].bias is not None, \
-        "the outermost level maps in_channels down and back up to out_channels; its down-conv has a bias (no norm)"
+        "the outermost level maps in_channels down and back up to out_channels; its down-conv has a bias where " \
+        "instance norm is used, as every level's (the official UnetSkipConnectionBlock: bias=use_bias)"
     levels, block = [], outer[1]
     while block is not None:
         levels.append(block)
@@ -568,7 +570,8 @@ def test_patch_sample_mlp_reuses_ids_and_normalises():
     out, ids = H(feats, num_patches=20)
     assert [tuple(f.shape) for f in out] == [(2, 20, 16), (2, 16, 16)], "P = min(num_patches, H*W) places a layer"
     assert all(torch.allclose(f.norm(dim=-1), torch.ones(f.shape[:2]), atol=1e-5) for f in out), \
-        "CUT Sec. 3.2: H's outputs are L2-normalised onto the unit sphere: each patch's vector of nc numbers"
+        "H's outputs are L2-normalised onto the unit sphere, each patch's vector of nc numbers (the CUT paper; the " \
+        "official PatchSampleF: Normalize(2))"
     assert len(set(ids[0].tolist())) == 20 and max(ids[0].tolist()) < 36 and sorted(ids[1].tolist()) == \
         list(range(16)), "places are drawn without repeats, inside the map"
     again, ids2 = H(feats, num_patches=20, patch_ids=ids)
@@ -792,7 +795,8 @@ def test_patchnce_external_negatives_are_the_other_images_patches_only():
             expected.append(-logits.log_softmax(0)[0])
     others = PatchNCELoss(0.07, "others")
     assert others(q, k).item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5), \
-        "CUT's external negatives: the patches of the other images of the batch, none of the query's own"
+        "'others': each query's negatives are the patches of the other images of the batch, none of its own " \
+        "(external negatives taken from the batch; the paper's ablation draws them from a memory bank)"
     with pytest.raises(ValueError, match="batch of 2 or more"):
         others(q[:1], k[:1])
 
@@ -858,14 +862,14 @@ def official_resnet_generator(ngf=4, n_blocks=2):
 def test_official_weights_generator_weights_load_and_give_the_official_output():
     torch.manual_seed(0)
     ref = official_resnet_generator()
-    state = {f"module.{k}": v for k, v in ref.state_dict().items()}  # as saved from DataParallel
-    state["model.2.running_mean"] = torch.zeros(4)  # PyTorch 0.4 checkpoints carried these
+    state = {f"module.{k}": v for k, v in ref.state_dict().items()}  # as the CUT repository saves on a CPU
+    state["model.2.running_mean"] = torch.zeros(4)  # as checkpoints saved before PyTorch 0.4 carried
     try:
         G = load_official_state_dict(ResnetGenerator(ngf=4, n_blocks=2), state)
     except ValueError as e:
-        pytest.fail(f"a file saved from DataParallel prefixes each name with module., and an old one (PyTorch < 0.4) "
-                    f"carries running statistics of instance norms, which have none: both load, as junyanz's "
-                    f"BaseModel.__patch_instance_norm_state_dict lets them: {e}")
+        pytest.fail(f"the CUT repository run on a CPU saves its DataParallel wrapper, so each name starts with "
+                    f"module.; a file saved before PyTorch 0.4 carries running statistics of instance norms, which "
+                    f"have none (the official BaseModel.__patch_instance_norm_state_dict drops them): both load: {e}")
     x = torch.randn(1, 3, 32, 32)
     assert torch.allclose(G(x), ref.model(x), atol=1e-6), \
         "the official generator's weights give the official output here (module. prefixes, stale stats dropped)"
@@ -920,8 +924,8 @@ def test_official_weights_generator_is_read_from_the_file_alone():
     try:
         official_generator(parallel)
     except ValueError as e:
-        pytest.fail(f"a file saved from DataParallel (a multi-GPU run's latest_net_G_A.pth) prefixes every name with "
-                    f"module.: its architecture is read as that of the same file without the prefixes: {e}")
+        pytest.fail(f"a file the CUT repository saved on a CPU holds its DataParallel wrapper, every name prefixed "
+                    f"with module.: its architecture is read as that of the same file without the prefixes: {e}")
 
 
 # Where the official CUT code (taesungp/contrastive-unpaired-translation, models/networks.py) puts the blur
@@ -969,7 +973,7 @@ def test_official_weights_generator_names_what_a_file_holds_when_it_is_no_genera
 def official_files(folder: Path) -> dict[str, tuple[nn.Module, int]]:
     """Generator files as the official codes save them (bare state_dicts in their key layout), each with
     the network that wrote it and the side its test images need: the CycleGAN zoo's ResNet (9 blocks),
-    a latest_net_G_A.pth of 6 blocks saved from DataParallel (module. keys), U-Nets 128 and 256, a CUT
+    a latest_net_G_A.pth of 6 blocks with module. keys (as the CUT repository saves on a CPU), U-Nets 128 and 256, a CUT
     latest_net_G.pth (blur-pool), and an old file whose instance norms carry running statistics."""
     torch.manual_seed(0)
     nets = {"horse2zebra.pth": (ResnetGenerator(ngf=4, n_blocks=9), 36),
@@ -1103,38 +1107,96 @@ def test_cyclegan_config_is_the_papers_and_junyanzs():
         "junyanz's CycleGAN: strided and transposed convs, no blur-pool"
 
 
-def test_cyclegan_step_computes_each_term_of_eq_3_and_of_the_identity_loss():
+def cyclegan_terms():
+    """A CycleGAN step through a Recorder, in float64 (the networks stay as they are), and each of its terms written
+    again from the paper on the same networks: {term: (the paper's value, the networks it trains, the rule)}."""
     torch.manual_seed(0)
     model = CycleGAN(CycleGANConfig(**TINY, lambda_cycle=3.0, lambda_identity=0.2, real_label=0.9, pool_size=0))
-    x, y = pair(32)
-    trainer = Recorder()
-    losses = model.train_step(x, y, trainer)
-    G, F_, D_X, D_Y = model.G, model.F, model.D_X, model.D_Y
+    nets = {"G": model.G.double(), "F": model.F.double(), "D_X": model.D_X.double(), "D_Y": model.D_Y.double()}
+    x, y = (t.double() for t in pair(32))
+    recorder = Recorder()
+    losses = model.train_step(x, y, recorder)
+    G, F_, D_X, D_Y = nets.values()
     ls = lambda d, label: ((d - label) ** 2).mean()  # noqa: E731  LSGAN, real label 0.9 (smoothed) and fake 0
     l1 = lambda a, b: (a - b).abs().mean()  # noqa: E731
-    with torch.no_grad():
-        expected = {"G_gan": (ls(D_Y(G(x)), 0.9), "Eq. 1, LSGAN: G(x) fools D_Y, (D_Y(G(x)) - real)^2"),
-                    "F_gan": (ls(D_X(F_(y)), 0.9), "Eq. 1 the other way: F(y) fools D_X"),
-                    "cycle_X": (3.0 * l1(F_(G(x)), x), "Eq. 2 times lambda: |F(G(x)) - x|_1"),
-                    "cycle_Y": (3.0 * l1(G(F_(y)), y), "Eq. 2 times lambda: |G(F(y)) - y|_1"),
-                    "idt_X": (0.6 * l1(F_(x), x), "Sec. 5.2: lambda_identity lambda |F(x) - x|_1"),
-                    "idt_Y": (0.6 * l1(G(y), y), "Sec. 5.2: lambda_identity lambda |G(y) - y|_1"),
-                    "D_Y": (0.5 * (ls(D_Y(y), 0.9) + ls(D_Y(G(x)), 0)), "Eq. 1 for D_Y, halved (appendix 7.1)"),
-                    "D_X": (0.5 * (ls(D_X(x), 0.9) + ls(D_X(F_(y)), 0)), "Eq. 1 for D_X, halved (appendix 7.1)")}
+    expected = {"G_gan": (ls(D_Y(G(x)), 0.9), {"G"}, "Eq. 1, LSGAN: G(x) fools D_Y, (D_Y(G(x)) - real)^2"),
+                "F_gan": (ls(D_X(F_(y)), 0.9), {"F"}, "Eq. 1 the other way: F(y) fools D_X"),
+                "cycle_X": (3.0 * l1(F_(G(x)), x), {"G", "F"}, "Eq. 2 times lambda: |F(G(x)) - x|_1"),
+                "cycle_Y": (3.0 * l1(G(F_(y)), y), {"G", "F"}, "Eq. 2 times lambda: |G(F(y)) - y|_1"),
+                "idt_X": (0.6 * l1(F_(x), x), {"F"}, "Sec. 5.2: lambda_identity lambda |F(x) - x|_1"),
+                "idt_Y": (0.6 * l1(G(y), y), {"G"}, "Sec. 5.2: lambda_identity lambda |G(y) - y|_1"),
+                "D_Y": (0.5 * (ls(D_Y(y), 0.9) + ls(D_Y(G(x).detach()), 0)), {"D_Y"},
+                        "Eq. 1 for D_Y, real y against G(x), halved (appendix 7.1)"),
+                "D_X": (0.5 * (ls(D_X(x), 0.9) + ls(D_X(F_(y).detach()), 0)), {"D_X"},
+                        "Eq. 1 for D_X, real x against F(y), halved (appendix 7.1)")}
+    return nets, losses, recorder, expected
+
+
+def test_cyclegan_step_computes_each_term_of_eq_3_and_of_the_identity_loss():
+    _, losses, _, expected = cyclegan_terms()
     assert set(losses) == set(expected), \
         "Eq. 3's four terms for G and F (two GAN, two cycle), Sec. 5.2's two identity terms, and each D's loss"
     mean = " as a mean over the pixels, as both official codes (nn.L1Loss) take it: Eq. 2's norm, a sum, is " \
         "C x H x W times larger"
-    for name, (value, rule) in expected.items():
-        assert losses[name].item() == pytest.approx(value.item(), rel=1e-5), \
+    for name, (value, _, rule) in expected.items():
+        assert losses[name].item() == pytest.approx(value.item(), rel=1e-9), \
             f"{name}: {rule}" + (mean if name.startswith(("cycle", "idt")) else "")
-    sent = [(group, loss.item()) for group, loss in trainer.backward_into]
-    halves = [sum(losses[k].item() for k in ks) for ks in (("G_gan", "cycle_X", "idt_X"), ("F_gan", "cycle_Y",
-                                                                                           "idt_Y"))]
-    assert [g for g, _ in sent] == ["G", "G", "D", "D"] and [v for _, v in sent] == pytest.approx(
-        [*halves, losses["D_Y"].item(), losses["D_X"].item()], rel=1e-5), \
-        "junyanz's step order (Eq. 4 states the min-max; the code alternates): the terms from x, then from y, into " \
-        "G and F; then D_Y's and D_X's losses into D"
+
+
+def gradient(loss, nets: dict) -> torch.Tensor:
+    """The gradient `loss` sends into the parameters of `nets`, flattened in their order (zeros where none reaches)."""
+    params = [p for net in nets.values() for p in net.parameters()]
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if loss.requires_grad else \
+        [None] * len(params)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
+
+
+def assert_each_term_sends_its_gradient_where_it_belongs(nets, groups, losses, recorder, expected, held):
+    """Each term alone: the gradient it sends into each network is its formula's (`expected`, relative to that
+    gradient's own size) where the term trains that network, and zero exactly where it does not (`held`: why a term
+    of one group reaches none of the other group's networks). Then each group's trainer.backward carries the
+    gradients of the group's terms, each once, and the groups step in the model's order (`groups`)."""
+    sizes = [sum(p.numel() for p in net.parameters()) for net in nets.values()]
+    group_of = {name: group for group, members in groups.items() for name in members}
+    term_group = {term: group_of[min(trains)] for term, (_, trains, _) in expected.items()}
+    got = {term: gradient(losses[term], nets) for term in expected}
+    for term, (formula, trains, rule) in expected.items():
+        want, where = dict(zip(nets, gradient(formula, nets).split(sizes))), " and ".join(sorted(trains))
+        for name, g in zip(nets, got[term].split(sizes)):
+            if name in trains:
+                assert g.any(), f"{term} sends no gradient into {name}, which it trains ({rule}): is what it is " \
+                    f"computed from detached, or taken through another network than {where}?"
+                apart = ((g - want[name]).norm() / want[name].norm()).item()
+                assert apart < 1e-6, f"{term}'s gradient into {name} is not that of {rule} ({apart:.2g} apart, " \
+                    "relative to its size)"
+            else:
+                assert not g.any(), f"{term} sends a gradient into {name}, where it should reach {where} alone " \
+                    f"({rule})" + (f": {held[term_group[term]]}" if group_of[name] != term_group[term] else "")
+    nothing = torch.zeros(sum(sizes), dtype=torch.float64)
+    for group in groups:
+        own = [term for term in expected if term_group[term] == group]
+        sent = sum((gradient(loss, nets) for g, loss in recorder.backward_into if g == group), nothing)
+        residual = sent - sum(got[term] for term in own)
+        for term in expected if residual.norm() > 1e-9 * sent.norm() else ():
+            assert (residual + got[term]).norm() > 1e-9 * got[term].norm(), \
+                f"{term} is logged but its gradient never reaches trainer.backward(..., {group!r}): it is left out " \
+                f"of what {group} steps on"
+            assert (residual - got[term]).norm() > 1e-9 * got[term].norm(), \
+                f"{term}'s gradient reaches trainer.backward(..., {group!r}) " + \
+                ("twice" if term in own else f"though it is a term of {term_group[term]}")
+        assert residual.norm() <= 1e-9 * sent.norm(), \
+            f"what trainer.backward(..., {group!r}) gets is not the sum of {group}'s terms, {', '.join(own)}"
+    stepped = list(dict.fromkeys(group for group, _ in recorder.backward_into))
+    assert stepped == list(groups), f"the groups back-propagate in the order {' then '.join(groups)}"
+
+
+def test_cyclegan_step_sends_each_terms_gradient_into_the_networks_it_trains_alone():
+    nets, losses, recorder, expected = cyclegan_terms()
+    assert_each_term_sends_its_gradient_where_it_belongs(
+        nets, {"G": ("G", "F"), "D": ("D_X", "D_Y")}, losses, recorder, expected,
+        {"G": "D_X and D_Y stay fixed while G and F step (junyanz's set_requires_grad([netD_A, netD_B], False), "
+              "networks.frozen)",
+         "D": "each D judges fakes taken out of G's and F's graph (ImagePool.query detaches them)"})
 
 
 def snapshot(nets):
@@ -1400,18 +1462,6 @@ def test_cut_model_networks_are_the_cut_repositorys():
         "LSGAN, tau 0.07, internal negatives: the CUT repository's defaults"
 
 
-def test_cut_model_step_holds_D_fixed_while_G_and_H_step(monkeypatch):
-    for mode in ("cut", "fastcut"):
-        torch.manual_seed(0)
-        trainer = Trainer(CUT(CUTConfig(mode=mode, **TINY_CUT)))
-        steps_checked(trainer, monkeypatch, {
-            "D": "D's loss judges G(x) taken out of G's graph (the official compute_D_loss: fake_B.detach()): D's "
-                 "loss sent gradients into {name}",
-            "G": "D stays fixed while G and H step (the official set_requires_grad(netD, False), networks.frozen): "
-                 "G's adversarial term left gradients in {name}, which D's next step would add to its own loss's"})
-        trainer.train_step(*pair(32))
-
-
 def test_cut_model_queries_and_keys_are_sampled_at_the_same_places(monkeypatch):
     model = CUT(CUTConfig(**TINY_CUT))
     calls = []
@@ -1422,44 +1472,70 @@ def test_cut_model_queries_and_keys_are_sampled_at_the_same_places(monkeypatch):
         calls.append((patch_ids, ids))
         return out, ids
     monkeypatch.setattr(model.H, "forward", record)
-    Trainer(model).train_step(*pair())
+    model.train_step(*pair(), Recorder())
     assert len(calls) == 4, "keys then queries, for the X term and the Y term"
     for (given_k, drawn), (given_q, used) in (calls[0:2], calls[2:4]):
         assert given_k is None and given_q is drawn, "the keys' places are drawn, then given to the queries"
         assert all(torch.equal(a, b) for a, b in zip(drawn, used)), "Eq. 3: z_l^s and its query at the same s"
 
 
-def test_cut_model_step_computes_each_term_of_eq_5_as_the_official_code_weighs_it():
+def cut_terms():
+    """A CUT step through a Recorder, in float64 (the networks stay as they are), and each of its terms written
+    again from the paper on the same networks, the same patches drawn: {term: (the paper's value, the networks it
+    trains, the rule)}."""
     torch.manual_seed(0)
     model = CUT(CUTConfig(**TINY_CUT, lambda_gan=2.0, lambda_nce=3.0, real_label=0.9))
-    x, y = pair(32)
-    trainer = Recorder()
+    nets = {"G": model.G.double(), "D": model.D.double(), "H": model.H.double()}
+    x, y = (t.double() for t in pair(32))
+    recorder = Recorder()
     torch.manual_seed(1)
-    losses = model.train_step(x, y, trainer)
+    losses = model.train_step(x, y, recorder)
     G, D, H, taps = model.G, model.D, model.H, model.config.nce_layers
     ls = lambda d, label: ((d - label) ** 2).mean()  # noqa: E731  LSGAN, real label 0.9 (smoothed)
-    with torch.no_grad():
-        torch.manual_seed(1)  # the same places as the step's, drawn in the same order
-        nce = []
-        for real in (x, y):
-            fake, keys = G(real, taps)
-            k, ids = H(keys, 32)
-            q, _ = H(G(fake, taps, encode_only=True), 32, ids)
-            nce.append(sum(PatchNCELoss(0.07)(qi, ki) for qi, ki in zip(q, k)) / len(q))
-        expected = {"D": (0.5 * (ls(D(G(x)), 0) + ls(D(y), 0.9)), "Eq. 1 for D, real y against G(x), halved"),
-                    "G_gan": (2.0 * ls(D(G(x)), 0.9), "Eq. 1 for G, G(x) fools D, times lambda_GAN (the official "
-                                                      "--lambda_GAN; Eq. 5 has no weight there)"),
-                    "NCE_X": (3.0 * nce[0] / 2, "Eq. 5's lambda_X PatchNCE(G, H, X), Eq. 3 averaged over places and "
-                                                "layers as the official code does (Eq. 3 sums), halved: the official "
-                                                "code averages the X and Y terms"),
-                    "NCE_Y": (3.0 * nce[1] / 2, "Eq. 5's lambda_Y PatchNCE(G, H, Y), the identity term: G(y)'s "
-                                                "patches against y's, averaged and halved the same way")}
-    for name, (value, rule) in expected.items():
-        assert losses[name].item() == pytest.approx(value.item(), rel=1e-5), f"{name}: {rule}"
-    sent = [(group, loss.item()) for group, loss in trainer.backward_into]
-    assert [g for g, _ in sent] == ["D", "G", "G"] and [v for _, v in sent] == pytest.approx(
-        [losses["D"].item(), losses["G_gan"].item() + losses["NCE_X"].item(), losses["NCE_Y"].item()], rel=1e-5), \
-        "D's loss into D first; then G(x)'s terms, then the identity term, into G and H"
+    torch.manual_seed(1)  # the same places as the step's, drawn in the same order
+    nce = []
+    for real in (x, y):
+        fake, keys = G(real, taps)
+        k, ids = H(keys, 32)
+        q, _ = H(G(fake, taps, encode_only=True), 32, ids)
+        nce.append(sum(PatchNCELoss(0.07)(qi, ki) for qi, ki in zip(q, k)) / len(q))
+    expected = {"D": (0.5 * (ls(D(G(x).detach()), 0) + ls(D(y), 0.9)), {"D"}, "Eq. 1 for D, real y against G(x), "
+                      "halved"),
+                "G_gan": (2.0 * ls(D(G(x)), 0.9), {"G"}, "Eq. 1 for G, G(x) fools D, times lambda_GAN (the official "
+                          "--lambda_GAN; Eq. 5 has no weight there)"),
+                "NCE_X": (3.0 * nce[0] / 2, {"G", "H"}, "Eq. 5's lambda_X PatchNCE(G, H, X), Eq. 3 averaged over "
+                          "places and layers as the official code does (Eq. 3 sums), halved: the official code "
+                          "averages the X and Y terms"),
+                "NCE_Y": (3.0 * nce[1] / 2, {"G", "H"}, "Eq. 5's lambda_Y PatchNCE(G, H, Y), the identity term: "
+                          "G(y)'s patches against y's, averaged and halved the same way")}
+    return nets, losses, recorder, expected
+
+
+def test_cut_model_step_computes_each_term_of_eq_5_as_the_official_code_weighs_it():
+    _, losses, _, expected = cut_terms()
+    assert set(losses) == set(expected), "D's loss, and Eq. 5's three terms: L_GAN, lambda_X and lambda_Y PatchNCE"
+    for name, (value, _, rule) in expected.items():
+        assert losses[name].item() == pytest.approx(value.item(), rel=1e-9), f"{name}: {rule}"
+
+
+def test_cut_model_step_sends_each_terms_gradient_into_the_networks_it_trains_alone():
+    nets, losses, recorder, expected = cut_terms()
+    assert_each_term_sends_its_gradient_where_it_belongs(
+        nets, {"D": ("D",), "G": ("G", "H")}, losses, recorder, expected,
+        {"G": "D stays fixed while G and H step (the official set_requires_grad(netD, False), networks.frozen)",
+         "D": "D's loss judges G(x) taken out of G's graph (the official compute_D_loss: fake_B.detach())"})
+
+
+def test_cut_model_step_holds_D_fixed_while_G_and_H_step(monkeypatch):
+    for mode in ("cut", "fastcut"):
+        torch.manual_seed(0)
+        trainer = Trainer(CUT(CUTConfig(mode=mode, **TINY_CUT)))
+        steps_checked(trainer, monkeypatch, {
+            "D": "D's loss judges G(x) taken out of G's graph (the official compute_D_loss: fake_B.detach()): D's "
+                 "loss sent gradients into {name}",
+            "G": "D stays fixed while G and H step (the official set_requires_grad(netD, False), networks.frozen): "
+                 "G's adversarial term left gradients in {name}, which D's next step would add to its own loss's"})
+        trainer.train_step(*pair(32))
 
 
 def test_cut_model_fastcut_has_no_identity_term_and_weighs_nce_x_whole():
