@@ -20,60 +20,71 @@ layer (also the appendix's), temperature 0.07; 200 + 200 epochs for CUT, 150 + 5
 step updates D first, then G and H together, with D fixed; in the lr-decay epochs the training images
 are resized to the crop size, not cropped (flips stay).
 
-This file is the paper only: the optimisation (Adam, the lr schedule, precision) is train_gan.py's `Trainer`,
-handed to `train_step`.
+As cycle_gan.py, this file is its paper alone: train_gan.py's `Trainer`, handed to `train_step`, optimises
+(Adam, the lr schedule, precision).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from layers import init_weights
-from losses import GANLoss, PatchNCELoss
-from networks import DEFAULT_TAPS, PatchDiscriminator, PatchSampleMLP, ResnetGenerator, define_G, frozen
-
-# The official presets of each mode: FastCUT's from modify_commandline_options, schedule included; CUT's schedule,
-# 200 + 200, is the official TrainOptions' default.
-MODES = {"cut": dict(lambda_nce=1.0, nce_idt=True, flip_equivariance=False, epochs=200, epochs_decay=200),
-         "fastcut": dict(lambda_nce=10.0, nce_idt=False, flip_equivariance=True, epochs=150, epochs_decay=50)}
+from layers import NORMS, init_weights
+from losses import GAN_MODES, NEGATIVES, GANLoss, PatchNCELoss
+from networks import DEFAULT_TAPS, GENERATORS, PatchDiscriminator, PatchSampleMLP, ResnetGenerator, define_G, frozen
 
 
 @dataclass
 class CUTConfig:
-    mode: str = "cut"  # 'cut' or 'fastcut': sets the options left None (MODES)
-    lambda_nce: float | None = None  # lambda_X of Eq. 5: CUT 1, FastCUT 10 (Sec. 3.3)
-    nce_idt: bool | None = None  # the lambda_Y identity term: CUT yes, FastCUT no
-    flip_equivariance: bool | None = None  # CUT no, FastCUT yes
-    netG: str = "resnet_9blocks"
-    ngf: int = 64
-    ndf: int = 64
-    n_layers_D: int = 3
-    norm: str = "instance"
-    dropout: bool = False
-    antialias: bool = True  # blur-pool down-sampling in G and D (official --no_antialias turns it off)
-    antialias_up: bool = True  # blur up-sampling in G (official --no_antialias_up turns it off)
-    channels_x: int = 3
-    channels_y: int = 3
-    gan_mode: str = "lsgan"
-    real_label: float = 1.0
-    lambda_gan: float = 1.0  # the official --lambda_GAN: Eq. 5 has no weight on L_GAN
-    nce_layers: tuple = DEFAULT_TAPS  # the appendix's layers; official indices 0, 4, 8, 12, 16 when antialiased
-    num_patches: int = 256
-    nce_temperature: float = 0.07
-    nce_negatives: str = "image"  # internal negatives, the paper's; 'batch', 'others': see losses.PatchNCELoss
-    netF_nc: int = 256  # H's output width
-    lr: float = 2e-4
-    beta1: float = 0.5
-    epochs: int | None = None  # at the initial lr: CUT 200, FastCUT 150
-    epochs_decay: int | None = None  # then linearly down to lr / (epochs_decay + 1): CUT 200, FastCUT 50
-    init_gain: float = 0.02
+    """CUT's options, each default the CUT repository's, its help its source: the command's flags (--model cut)."""
+    lambda_nce: float = field(default=1.0, metadata=dict(help="lambda_X of Eq. 5, PatchNCE's weight (Sec. 3.3: CUT "
+                                                         "1, FastCUT 10)", at_least=0))
+    nce_idt: bool = field(default=True, metadata=dict(help="Eq. 5's lambda_Y term, PatchNCE on G(y) and y (Sec. "
+                                                      "3.3: CUT yes, FastCUT no)"))
+    flip_equivariance: bool = field(default=False, metadata=dict(help="mirror G's input half the time (the "
+                                                                 "appendix's training details: FastCUT)"))
+    nce_layers: tuple = field(default=DEFAULT_TAPS, metadata=dict(help="encoder taps by name or official index (the "
+                              "appendix's; 0,4,8,12,16 are the same layers with blur-pool only)"))
+    num_patches: int = field(default=256, metadata=dict(help="places sampled per layer (the appendix's; P - 1 "
+                                                         "negatives per query)", at_least=1))
+    nce_temperature: float = field(default=0.07, metadata=dict(help="tau of Eq. 2", above=0))
+    nce_negatives: str = field(default="image", metadata=dict(help="a query's negatives: its own image's patches "
+                               "(the paper's), the batch's, or the other images' only (losses.PatchNCELoss)",
+                               choices=NEGATIVES))
+    lambda_gan: float = field(default=1.0, metadata=dict(help="weight of L_GAN (the official --lambda_GAN; Eq. 5 "
+                                                         "has none)", at_least=0))
+    gan_mode: str = field(default="lsgan", metadata=dict(help="the adversarial loss: least squares, as the paper "
+                                                         "trains it (losses.GANLoss)", choices=GAN_MODES))
+    real_label: float = field(default=1.0, metadata=dict(help="D's target for real images (< 1: one-sided label "
+                                                         "smoothing)"))
+    netG: str = field(default="resnet_9blocks", metadata=dict(help="G: a ResNet, whose encoder PatchNCE taps",
+                                                              choices=GENERATORS))
+    antialias: bool = field(default=True, metadata=dict(help="blur-pool down-sampling in G and D (the official "
+                                                        "--no_antialias turns it off)"))
+    antialias_up: bool = field(default=True, metadata=dict(help="blur up-sampling in G (the official "
+                                                           "--no_antialias_up turns it off)"))
+    ngf: int = field(default=64, metadata=dict(help="filters of G's first layer", at_least=1))
+    ndf: int = field(default=64, metadata=dict(help="filters of D's first layer", at_least=1))
+    n_layers_D: int = field(default=3, metadata=dict(help="D's down-sampling convs (3: the PatchGAN)", at_least=1))
+    netF_nc: int = field(default=256, metadata=dict(help="H's width (the appendix's 256)", at_least=1))
+    norm: str = field(default="instance", metadata=dict(help="the norm layers", choices=NORMS))
+    dropout: bool = field(default=False, metadata=dict(help="dropout in G's residual blocks"))
+    channels_x: int = field(default=3, metadata=dict(help="channels of X's images (1: grayscale), as many as Y's",
+                                                     choices=(1, 3)))
+    channels_y: int = field(default=3, metadata=dict(help="channels of Y's images", choices=(1, 3)))
+    init_gain: float = field(default=0.02, metadata=dict(help="gain of the xavier init (the CUT repository's)"))
+    lr: float = field(default=2e-4, metadata=dict(help="Adam's learning rate", above=0, resume="change"))
+    beta1: float = field(default=0.5, metadata=dict(help="Adam's beta1"))
+    epochs: int = field(default=200, metadata=dict(help="epochs at the initial lr (the official TrainOptions' 200)",
+                                                   at_least=0, resume="change"))
+    epochs_decay: int = field(default=200, metadata=dict(help="then epochs of linear decay to lr / (epochs_decay + "
+                                                         "1)", at_least=0, resume="change"))
 
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"unknown CUT mode {self.mode!r}: use 'cut' or 'fastcut'")
-        for key, value in MODES[self.mode].items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+    def __post_init__(self):  # a list, as a checkpoint may keep it
         self.nce_layers = tuple(self.nce_layers)
+
+
+# FastCUT (Sec. 3.3) is CUT with these defaults: PatchNCE on X alone, weighed 10, and flip-equivariance (the
+# appendix's training details), for 150 + 50 epochs (the official FastCUT preset, modify_commandline_options).
+FASTCUT = dict(lambda_nce=10.0, nce_idt=False, flip_equivariance=True, epochs=150, epochs_decay=50)
 
 
 class CUT:
@@ -86,11 +97,10 @@ class CUT:
 
     def __init__(self, config: CUTConfig | None = None):
         c = self.config = config or CUTConfig()
-        self.name = c.mode  # 'cut' or 'fastcut', as checkpoints and the CLI call it
         if c.channels_x != c.channels_y:
             raise ValueError(f"CUT encodes G(x) with G's own encoder, so X and Y need the same number of channels "
-                             f"(got {c.channels_x} and {c.channels_y}): give both domains the same --input-nc and "
-                             f"--output-nc, or use --model cycle_gan --lambda-identity 0")
+                             f"(got {c.channels_x} and {c.channels_y}): give both domains the same --channels-x and "
+                             f"--channels-y, or use --model cycle_gan --lambda-identity 0")
         self.G = define_G(c.netG, c.channels_x, c.channels_y, c.ngf, c.norm, c.dropout, c.antialias,
                           c.antialias_up)
         if not isinstance(self.G, ResnetGenerator):

@@ -19,36 +19,50 @@ F step. (The CUT repository's copy of this model has xavier init, anti-aliased n
 This file is the paper only: the optimisation (Adam, the lr schedule, precision) is train_gan.py's `Trainer`,
 handed to `train_step`.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn.functional import l1_loss
 
-from layers import init_weights
-from losses import GANLoss
-from networks import PatchDiscriminator, define_G, frozen
+from layers import NORMS, init_weights
+from losses import GAN_MODES, GANLoss
+from networks import GENERATORS, PatchDiscriminator, define_G, frozen
 
 
 @dataclass
 class CycleGANConfig:
-    netG: str = "resnet_9blocks"  # official default; the paper: 6 blocks at 128x128, 9 at 256x256
-    ngf: int = 64
-    ndf: int = 64
-    n_layers_D: int = 3
-    norm: str = "instance"
-    dropout: bool = False
-    channels_x: int = 3
-    channels_y: int = 3
-    gan_mode: str = "lsgan"  # the paper's Sec. 4 and the official default
-    real_label: float = 1.0  # < 1 for one-sided label smoothing
-    lambda_cycle: float = 10.0  # lambda of Eq. 3, both directions (Sec. 4)
-    lambda_identity: float = 0.5  # identity loss weight, as a fraction of lambda_cycle
-    pool_size: int = 50
-    lr: float = 2e-4
-    beta1: float = 0.5
-    epochs: int = 100  # at the initial lr
-    epochs_decay: int = 100  # then linearly down to lr / (epochs_decay + 1), as the CUT repository (junyanz's: 0)
-    init_gain: float = 0.02
+    """CycleGAN's options, each default junyanz's, its help its source: the command's flags (--model cycle_gan)."""
+    lambda_cycle: float = field(default=10.0, metadata=dict(help="lambda of Eq. 3, the cycle loss's weight each way "
+                                                            "(Sec. 4)", at_least=0))
+    lambda_identity: float = field(default=0.5, metadata=dict(help="the identity loss's weight, times lambda_cycle "
+                                                              "(appendix 7.1)", at_least=0))
+    pool_size: int = field(default=50, metadata=dict(help="fakes in D's history (Sec. 4; 0: none)", at_least=0))
+    gan_mode: str = field(default="lsgan", metadata=dict(help="the adversarial loss: least squares, as Sec. 4 trains "
+                                                         "it (losses.GANLoss)", choices=GAN_MODES))
+    real_label: float = field(default=1.0, metadata=dict(help="D's target for real images (< 1: one-sided label "
+                                                         "smoothing)"))
+    netG: str = field(default="resnet_9blocks", metadata=dict(help="G and F: junyanz's default; the paper uses 6 "
+                                                              "residual blocks at 128x128, 9 at 256x256",
+                                                              choices=GENERATORS))
+    ngf: int = field(default=64, metadata=dict(help="filters of G's first layer (appendix 7.2: c7s1-64)", at_least=1))
+    ndf: int = field(default=64, metadata=dict(help="filters of D's first layer (appendix 7.2: C64)", at_least=1))
+    n_layers_D: int = field(default=3, metadata=dict(help="D's down-sampling convs (3: the 70x70 PatchGAN)",
+                                                     at_least=1))
+    norm: str = field(default="instance", metadata=dict(help="the norm layers (appendix 7.2: instance norm)",
+                                                        choices=NORMS))
+    dropout: bool = field(default=False, metadata=dict(help="dropout in G's residual blocks (junyanz's --no_dropout)"))
+    channels_x: int = field(default=3, metadata=dict(help="channels of X's images (1: grayscale; the official "
+                                                     "--input_nc)", choices=(1, 3)))
+    channels_y: int = field(default=3, metadata=dict(help="channels of Y's images (the official --output_nc)",
+                                                     choices=(1, 3)))
+    init_gain: float = field(default=0.02, metadata=dict(help="std of the N(0, gain) init (appendix 7.1)"))
+    lr: float = field(default=2e-4, metadata=dict(help="Adam's learning rate (Sec. 4)", above=0, resume="change"))
+    beta1: float = field(default=0.5, metadata=dict(help="Adam's beta1 (junyanz's)"))
+    epochs: int = field(default=100, metadata=dict(help="epochs at the initial lr (Sec. 4)", at_least=0,
+                                                   resume="change"))
+    epochs_decay: int = field(default=100, metadata=dict(help="then epochs of linear decay to lr / (epochs_decay + "
+                                                         "1) (Sec. 4, as the CUT repository steps it)", at_least=0,
+                                                         resume="change"))
 
 
 class ImagePool:
@@ -83,7 +97,6 @@ class ImagePool:
 
 class CycleGAN:
     """G: X->Y and F: Y->X (generators), D_X and D_Y (PatchGAN discriminators)."""
-    name = "cycle_gan"
     groups = {"G": ("G", "F"), "D": ("D_X", "D_Y")}  # one Adam per group, as junyanz's code
     directions = {"x2y": "G", "y2x": "F"}
     resize_crop_in_decay = True  # the random resize-and-crop jitter stays on for the whole run

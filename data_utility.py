@@ -1,10 +1,10 @@
-"""Data and files for unpaired translation, in three parts, each for its own reader:
+"""Data and files for unpaired translation, in four parts, each name defined before the first line that uses it:
 
-1. The data, all a learner of the papers needs: the images of the two domains, loaded, jittered and paired at random
+1. The words every part uses: a command's one-line errors, `need`, writing a file whole or not at all.
+2. The data, all a learner of the papers needs: the images of the two domains, loaded, jittered and paired at random
    as the official data/unaligned_dataset.py does (X in a shuffled order, a random y for each x), as tensors and back.
-2. The run folder: `RunFolder` names and writes every file of output/NAME/ (the official Visualizer and HTML).
-3. What both commands share: one-line errors, the option parser, the device and its memory, Ctrl-C, atomic
-   writes, downloads of the official data and models.
+3. The run folder: `RunFolder` names and writes every file of output/NAME/ (the official Visualizer and HTML).
+4. The machine and the downloads: the option parser, the device and its memory, Ctrl-C, the official data and models.
 """
 import argparse
 import contextlib
@@ -22,13 +22,90 @@ import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
-# ============================================================================= 1. the data
+# ============================================================================= 1. the words every part uses
+
+
+class CommandError(Exception):
+    """What a command ends with: its message, one line for the user."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        # Raised in a data-loading worker, it comes back wrapped in the worker's traceback: its own last line.
+        return text.strip().splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in text else text
+
+
+class UsageError(CommandError):
+    """A bad option, file or dataset, found before any work: one line saying how to fix it, exit code 2."""
+
+
+class RunError(CommandError):
+    """A started command cannot go on (a loss diverged, a write failed, memory ran out): one line, exit code 1."""
+
+
+def need(ok: bool, message: str) -> None:
+    """A UsageError saying `message` unless `ok`."""
+    if not ok:
+        raise UsageError(message)
+
+
+def remove(path: Path) -> None:
+    """Delete a temporary file if it is there; a path that cannot hold one (under a file) is no error."""
+    with contextlib.suppress(OSError):
+        Path(path).unlink(missing_ok=True)
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(tmp) beside `path`, then rename it over `path`: a full disk, a crash or Ctrl-C leaves `path` as it was.
+    Every file the commands write goes through here; a failure (torch.save's short write too) is an OSError on it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        if isinstance(e, RuntimeError):
+            free = shutil.disk_usage(path.parent).free / 2 ** 20 if path.parent.is_dir() else 0
+            raise OSError(0, f"the write stopped short, {free:.0f} MB free on that disk: {str(e).splitlines()[0]}",
+                          str(path)) from None
+        raise
+
+
+@contextmanager
+def stop_if_a_write_fails(where: Path, then: str):
+    """A write failing inside the block ends the command in one line: the file, the cause, to fix `where`, `then`."""
+    try:
+        yield
+    except OSError as e:
+        raise RunError(f"could not write {e.filename or 'a file'} ({e.strerror or e}): free some disk space or "
+                       f"fix {where}, then {then}") from None
+
+
+def make_folder(folder: Path, flag: str) -> Path:
+    """Create `folder` (given by option `flag`), or end with one line saying why it cannot be one."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {folder} cannot be made a folder ({e.strerror}): choose another {flag}") from None
+    return folder
+
+
+def save_image(img: Image.Image, path: Path) -> None:
+    """Save a picture atomically, in the format its suffix names (.png, .jpg)."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    write_atomically(path, lambda tmp: img.save(tmp, format=fmt))
+
+
+# ============================================================================= 2. the data
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 # Each layout: (train X, train Y, test X, test Y) folder names.
@@ -117,80 +194,91 @@ def jitter(img: Image.Image, load_size: int, crop_size: int, rng: np.random.Gene
     return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
 
 
+class Pick(NamedTuple):
+    """One item of an epoch: an image of X, one of Y, the seed of their jitter, and the epoch (CUT's lr-decay
+    epochs only flip)."""
+    x: int
+    y: int
+    seed: int
+    epoch: int
+
+
 class UnpairedDataset(torch.utils.data.Dataset):
-    """Images of domains X and Y, indexed by (i_x, i_y, aug_seed, epoch) keys from `PairSampler`, each item's
-    randomness from its key (a run is the same with any number of workers). Returns (x, y, skipped): (C_x, crop,
-    crop) and (C_y, crop, crop) in [-1, 1], and the unreadable paths passed over, one per line. From epoch
+    """The training images of domains X and Y. Item `pick` is (x, y): (C_x, crop, crop) and (C_y, crop, crop) in
+    [-1, 1], its randomness the pick's alone, so a run is the same with any number of loader workers. From epoch
     `no_crop_from_epoch` (from 0) images are resized to the crop size and only flipped, as the official CUT dataset
-    does in the lr-decay epochs. An image unreadable when an item needs it gives way to the next readable one;
-    `named` keeps those a warning has named (`batches`, in the main process)."""
+    does in the lr-decay epochs. An image unreadable when it is needed gives way to the next readable one of its
+    domain and is marked in `unreadable`, memory the loader's workers share, for `batches` to name once."""
 
     def __init__(self, folder_x: Path, folder_y: Path, load_size: int = 286, crop_size: int = 256,
                  channels_x: int = 3, channels_y: int = 3, no_crop_from_epoch: int | None = None):
-        need(crop_size <= load_size, f"--crop-size {crop_size} is larger than --load-size {load_size}: lower one "
-             f"or raise the other")
         self.folders, self.channels = (folder_x, folder_y), (channels_x, channels_y)
         self.files = [list_images(folder) for folder in self.folders]
         for folder, files, channels in zip(self.folders, self.files, self.channels):
             need(first_readable(files, channels, 64)[0] is not None,  # a JPEG decodes fast at reduced scale
                  f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
         self.load_size, self.crop_size, self.no_crop_from_epoch = load_size, crop_size, no_crop_from_epoch
-        self.named: set[str] = set()
+        self.unreadable = [torch.zeros(len(files), dtype=torch.bool).share_memory_() for files in self.files]
+        self.named = [torch.zeros(len(files), dtype=torch.bool) for files in self.files]  # by `batches`
 
     def __len__(self) -> int:
         return max(len(f) for f in self.files)
 
-    def __getitem__(self, key: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor, str]:
-        i_x, i_y, seed, epoch = key
+    def __getitem__(self, pick: Pick) -> tuple[torch.Tensor, torch.Tensor]:
+        i_x, i_y, seed, epoch = pick
         rng = np.random.default_rng(seed)
         no_crop = self.no_crop_from_epoch is not None and epoch >= self.no_crop_from_epoch
         load = self.crop_size if no_crop else self.load_size
-        images, skipped = [], []
-        for folder, files, i, channels in zip(self.folders, self.files, (i_x, i_y), self.channels):
-            img, bad = first_readable((files[(i + j) % len(files)] for j in range(len(files))), channels, load)
-            if img is None:
-                raise RunError(f"none of the {len(files)} images listed in {folder} can be read any more: put them "
-                               f"back, then resume")
-            images.append(to_tensor(jitter(img, load, self.crop_size, rng)))
-            skipped += bad
-        return images[0], images[1], "\n".join(map(str, skipped))
+        return tuple(to_tensor(jitter(self.readable(domain, i, load), load, self.crop_size, rng))
+                     for domain, i in enumerate((i_x, i_y)))
+
+    def readable(self, domain: int, i: int, load: int) -> Image.Image:
+        """Image i of a domain (0: X, 1: Y), or the next one that reads; each that does not is marked unreadable."""
+        files = self.files[domain]
+        for k in ((i + j) % len(files) for j in range(len(files))):
+            try:
+                return load_image(files[k], self.channels[domain], load)
+            except Exception:  # Pillow raises many types for broken files; a vanished one, OSError
+                self.unreadable[domain][k] = True
+        raise RunError(f"none of the {len(files)} images listed in {self.folders[domain]} can be read any more: put "
+                       f"them back, then resume")
 
 
 class PairSampler(torch.utils.data.Sampler):
-    """Yields (i_x, i_y, aug_seed, epoch) keys: X in a shuffled order, a random y for each x. The order is a
-    function of (seed, epoch) alone, so a resume at step k of an epoch replays what an uninterrupted run saw. With
-    `world_size` > 1 each rank takes every world_size-th key (a DistributedSampler over the same order)."""
+    """The picks of an epoch: X in a shuffled order, a random y for each x, a seed for each jitter; a function of
+    (seed, epoch) alone, so a resume replays what an uninterrupted run saw. An epoch is every image of the larger
+    domain, at most `limit`. `set_epoch(epoch, start)` skips its first `start` picks (the images already trained, on
+    all ranks, whatever the batch size was); each of `world` ranks takes every world-th of the rest (a
+    DistributedSampler over the same order), as many each."""
 
-    def __init__(self, n_x: int, n_y: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.n_x, self.n_y, self.seed, self.rank, self.world_size = n_x, n_y, seed, rank, world_size
-        self.epoch, self.start, self.stop = 0, 0, None
+    def __init__(self, n_x: int, n_y: int, seed: int = 0, rank: int = 0, world: int = 1, limit: int | None = None):
+        self.n_x, self.n_y, self.seed, self.rank, self.world = n_x, n_y, seed, rank, world
+        self.size = min(max(n_x, n_y), limit or max(n_x, n_y))  # picks in an epoch
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> None:
-        """Select the epoch's order and yield this rank's keys[start:stop] of it."""
-        self.epoch, self.start, self.stop = epoch, start, stop
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
-    def keys(self) -> list[tuple[int, int, int, int]]:
+    def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = max(self.n_x, self.n_y)
         order = torch.randperm(n, generator=g) % self.n_x
         partners = torch.randint(0, self.n_y, (n,), generator=g)
         seeds = torch.randint(0, 2 ** 31 - 1, (n,), generator=g)
-        keys = [(i_x, i_y, seed, self.epoch)
-                for i_x, i_y, seed in zip(order.tolist(), partners.tolist(), seeds.tolist())]
-        return keys[self.rank::self.world_size]
-
-    def __iter__(self):
-        return iter(self.keys()[self.start:self.stop])
-
-    def epoch_size(self) -> int:
-        """Keys of this rank in a whole epoch, without drawing the order."""
-        return len(range(self.rank, max(self.n_x, self.n_y), self.world_size))
+        picks = [Pick(*p, self.epoch) for p in zip(order.tolist(), partners.tolist(), seeds.tolist())]
+        return iter(picks[self.start + self.rank:self.size:self.world][:len(self)])
 
     def __len__(self) -> int:
-        return len(range(self.epoch_size())[self.start:self.stop])
+        return max(0, self.size - self.start) // self.world
 
 
-def data_loader(data: UnpairedDataset, sampler: torch.utils.data.Sampler, batch_size: int, workers: int,
+def quiet_worker(_: int) -> None:
+    """A data-loading worker leaves Ctrl-C to the main process, which saves, then stops it; SIGTERM kills it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def data_loader(data: UnpairedDataset, sampler: PairSampler, batch_size: int, workers: int,
                 pin_memory: bool) -> torch.utils.data.DataLoader:
     """A loader of `workers` persistent processes (0: the main one), pinned for a GPU, with a generator of its own."""
     return torch.utils.data.DataLoader(data, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
@@ -198,14 +286,15 @@ def data_loader(data: UnpairedDataset, sampler: torch.utils.data.Sampler, batch_
                                        generator=torch.Generator())
 
 
-def batches(loader: torch.utils.data.DataLoader, warn: bool = True):
-    """(x, y, seconds waited): a loader's batches; an unreadable image is named once (the dataset keeps the names)."""
-    start, named = time.perf_counter(), loader.dataset.named
-    for x, y, skipped in loader:
+def batches(loader: torch.utils.data.DataLoader, rank0: bool = True):
+    """(x, y, seconds waited for it): a loader's batches; rank 0 names each image found unreadable, once."""
+    start, data = time.perf_counter(), loader.dataset
+    for x, y in loader:
         waited = time.perf_counter() - start
-        for path in sorted({p for item in skipped for p in item.splitlines()} - named) if warn else ():
-            named.add(path)
-            warnings.warn(f"skipping unreadable image {path}: another image of its domain takes its place")
+        for files, marked, named in zip(data.files, data.unreadable, data.named) if rank0 else ():
+            for k in (marked & ~named).nonzero().flatten().tolist():
+                named[k] = True
+                warnings.warn(f"skipping unreadable image {files[k]}: another image of its domain takes its place")
         yield x, y, waited
         start = time.perf_counter()  # the step is done: from here, waiting for the next batch
 
@@ -226,168 +315,18 @@ def load_fixed_images(folder: Path, n: int, size: int, channels: int = 3) -> tor
     return torch.stack(images)
 
 
-# ============================================================================= 2. the run folder
-
-class RunFolder:
-    """OUTPUT/NAME/, the files of one run (the README's "What a run writes"), each named and written here and nowhere
-    else, by rank 0: .lock, options.json, latest.pt and epoch_NNN.pt, losses.csv and epochs.csv, their plots, each
-    epoch's pictures, index.html. Every file is written whole or not at all; one that cannot be written (a full
-    disk, a read-only folder) ends the command in one line: the file, the cause, and `how_to_continue`."""
-    LOCK = ".lock"
-    TIMING = {"seconds": "{:.0f} s", "images_per_sec": "{:.2f} img/s", "data_wait": "{:.0%} of it waiting for data"}
-
-    def __init__(self, path: Path, how_to_continue: str = ""):
-        self.path, self.how_to_continue, self.latest = Path(path), how_to_continue, Path(path) / "latest.pt"
-        self.heading, self.done, self.total, self.given = "", 0, 0, {}
-        self.captions = {"epoch": "", "nce_epoch": "where the model looks for each output patch's input patch: each "
-                         "row a test image x and G(x) with query points marked, then for each point the similarity of "
-                         "its patch of G(x) to every patch of x (bright: taken for its input patch)",
-                         "d_epoch": "what D decides: each row, for each discriminator in turn, a real test image of "
-                         "its domain and a translation into it, under D's verdict on each patch of it: bright real "
-                         "(1), dark fake (0), red at 0.5, where neither network wins"}  # an epoch's, in page order
-
-    def picture(self, kind: str, epoch: int) -> Path:
-        """Epoch `epoch`'s picture of a kind of `captions`: epoch_NNN.png, nce_epoch_NNN.png, d_epoch_NNN.png."""
-        return self.path / f"{kind}_{epoch:03d}.png"
-
-    def hold(self, new: bool):
-        """Make the folder and hold an OS lock on it (.lock) for this process's life, which refuses a second run into it
-        and a `new` run into a folder that holds one; it dies with the process (kill -9). Returns the held file."""
-        handle = open(make_folder(self.path, "--output-dir") / self.LOCK, "a+")
-        try:
-            if os.name == "nt":  # Windows: a lock on the file's first byte
-                import msvcrt
-                handle.seek(0)
-                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = "unknown"
-            with contextlib.suppress(OSError):  # Windows does not let a locked byte be read
-                handle.seek(0)
-                holder = handle.read().strip() or holder
-            handle.close()
-            raise UsageError(f"{self.path} is in use by another run (process {holder}): wait for it to end, or pass "
-                             f"another --name") from None
-        if new and any(p.name != self.LOCK for p in self.path.iterdir()):
-            handle.close()
-            raise UsageError(f"{self.path} already holds a run: pass --resume to continue it, or a new --name")
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        return handle
-
-    def start(self, options: dict, given: set, command: list[str], epoch: int, step: int, heading: str,
-              caption: str, total: int) -> None:
-        """A start or resume at (`epoch`, `step`) of `total` epochs, added to options.json with the options ever
-        `given`; then the page, headed `heading`, whose grids have columns as `caption` says."""
-        self.heading, self.captions["epoch"], self.done, self.total = heading, caption, epoch, total
-        path = self.path / "options.json"
-        try:
-            before = json.loads(path.read_text())
-            runs, ever_given = list(before["runs"]), set(before["given"])
-        except (OSError, ValueError, KeyError, TypeError):  # none yet, or edited out of shape
-            runs, ever_given = [], set()
-        self.given = {k: options.get(k) for k in sorted(ever_given | given)}  # the page's table
-        record = {"options": options, "given": list(self.given),
-                  "runs": runs + [{"started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command, "epoch": epoch,
-                                   "step": step}]}
-        with failed_write_stops(self.path, self.how_to_continue):
-            write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
-            self.write_page(running=True)
-
-    def save_checkpoint(self, state: dict, keep: bool = False) -> None:
-        """latest.pt, and with `keep` a copy of it as epoch_NNN.pt (N: the epochs `state` has finished)."""
-        with failed_write_stops(self.path, self.how_to_continue):
-            write_atomically(self.latest, lambda tmp: torch.save(state, tmp))
-            if keep:
-                write_atomically(self.path / f"epoch_{state['epoch']:03d}.pt",
-                                 lambda tmp: shutil.copyfile(self.latest, tmp))
-
-    def log_losses(self, step: int, epoch: int, losses: dict[str, float]) -> None:
-        """A row of losses.csv: the mean of each loss over the steps up to `step`, in `epoch` (counted from 1)."""
-        with failed_write_stops(self.path, self.how_to_continue):
-            append_row(self.path / "losses.csv", {"step": step, "epoch": epoch, **losses})
-
-    def end_epoch(self, epoch: int, losses: dict[str, float], grid: list[list], nce: tuple | None = None,
-                  verdicts: dict | None = None, **timing: float) -> str:
-        """Epoch `epoch` (from 1) ended: its row of epochs.csv (mean `losses`, the balance of `verdicts`, `timing` as
-        TIMING names it), its grid (rows of images), the similarity maps (`nce`: x, G(x) (B, C, H, W), the maps (B, Q,
-        h, w), their Q points), D's map (the models' `verdicts`), the plots, the page. Returns the row in words."""
-        balance = {f"{name}_{side}": verdict.float().mean().item() for name, (*_, on_real, on_fake) in
-                   (verdicts or {}).items() for side, verdict in (("real", on_real), ("fake", on_fake))}
-        self.done, row = epoch, {"epoch": epoch, **losses, **balance, **timing}
-        with failed_write_stops(self.path, self.how_to_continue):
-            append_row(self.path / "epochs.csv", row)
-            save_grid(grid, self.picture("epoch", epoch))
-            if nce is not None:
-                save_similarity_grid(*nce, self.picture("nce_epoch", epoch))
-            if verdicts:  # a row per image: for each D, its real image and a translation, each under its verdict
-                judged = [(image, verdict) for real, fake, on_real, on_fake in verdicts.values()
-                          for image, verdict in ((real, on_real), (fake, on_fake))]
-                save_grid([[heat_over(image[b], verdict[b, 0]) for image, verdict in judged]
-                           for b in range(len(judged[0][0]))], self.picture("d_epoch", epoch))
-            log, per_epoch = read_table(self.path / "losses.csv"), read_table(self.path / "epochs.csv")
-            names = dict.fromkeys(k for r in log for k in r if k not in ("step", "epoch"))
-            plot(log, "step", {k: [k] for k in names}, self.path / "losses.png")
-            judges = dict.fromkeys(k.removesuffix("_real") for r in per_epoch for k in r if k.endswith("_real"))
-            plot(per_epoch, "epoch", {d: [f"{d}_real", f"{d}_fake"] for d in judges}, self.path / "balance.png", 0.5)
-            self.write_page(running=True)
-        return self.summary(row)
-
-    @classmethod
-    def summary(cls, row: dict[str, float]) -> str:
-        """A row of epochs.csv in words: the epoch's mean losses and D's balance; its time, speed and wait for data."""
-        losses = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in {"epoch", *cls.TIMING})
-        return f"{losses}; " + ", ".join(text.format(row[k]) for k, text in cls.TIMING.items() if k in row)
-
-    def finish(self) -> None:
-        """The page as a started run ends, finished or stopped (saying how to go on); a failed write costs nothing."""
-        if self.heading:
-            with contextlib.suppress(OSError):
-                self.write_page(running=False)
-
-    def write_page(self, running: bool) -> None:
-        """index.html (the official web/index.html): the options given, the plots, each epoch newest first, in words
-        and pictures, reloading every minute while `running`. Plain HTML, images by relative path."""
-        def image(path: Path) -> str:  # the file's time in the address, so a browser shows a rewritten one
-            return f'<img src="{path.name}?t={path.stat().st_mtime_ns}" alt="{path.name}">' if path.exists() else ""
-        sections = []
-        for epoch, row in sorted({int(r["epoch"]): r for r in read_table(self.path / "epochs.csv") if "epoch" in r}
-                                 .items(), reverse=True):
-            pictures = "".join(f'<p class="caption">{html.escape(caption)}</p>{image(self.picture(kind, epoch))}'
-                               for kind, caption in self.captions.items() if self.picture(kind, epoch).exists())
-            sections.append(f'<section id="epoch-{epoch}"><h2>epoch {epoch}</h2><p>{html.escape(self.summary(row))}'
-                            f'</p>{pictures}</section>')
-        status = (f"training: {self.done} of {self.total} epochs done; this page reloads every minute" if running
-                  else f"finished: {self.total} of {self.total} epochs done" if self.done >= self.total
-                  else f"stopped with {self.done} of {self.total} epochs done; {self.how_to_continue}")
-        plots = (image(self.path / "losses.png") + image(self.path / "balance.png")
-                 or '<p>plotted as each epoch ends; until then, <a href="losses.csv">losses.csv</a></p>')
-        rows = "".join(f"<tr><td>--{html.escape(k.replace('_', '-'))}</td><td>{html.escape(str(v))}</td></tr>"
-                       for k, v in self.given.items())
-        page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.heading)}'
-                '</title>' + ('<meta http-equiv="refresh" content="60">' if running else "")
-                + f"<style>{PAGE_STYLE}</style></head>"
-                f'<body><h1>{html.escape(self.heading)}</h1><p class="status">{html.escape(status)}</p>'
-                f'<h2>options given</h2><table id="options">{rows or "<tr><td>none: the defaults</td></tr>"}</table>'
-                '<p class="caption">every option of the run, and each start and resume: '
-                '<a href="options.json">options.json</a></p>'
-                f'<h2>losses, and the balance of D and G</h2><div class="plots">{plots}</div><p class="caption">left: '
-                "each loss term as it enters the objective, against the step; right, each epoch: D's mean verdict "
-                "on the fixed real test images (real) and on their translations (fake), 1 real and 0 fake; dashed, "
-                "0.5, where the two meet when neither network wins</p>"
-                + ("".join(sections) or "<p>no epoch finished yet</p>") + "</body></html>\n")
-        write_atomically(self.path / "index.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
+# ============================================================================= 3. the run folder
 
 
-PAGE_STYLE = """body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em;
-color: #222; } h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.15em; margin: 1.6em 0 0.3em; }
-.status { color: #555; } .caption { color: #555; font-size: 0.9em; } td { padding: 1px 12px 1px 0; }
-table { border-collapse: collapse; font-size: 0.9em; } section { border-top: 1px solid #ddd; }
-img { max-width: 100%; display: block; margin: 0.4em 0; image-rendering: pixelated; } .plots img { min-width: 0; }
-.plots { display: flex; gap: 1em; align-items: flex-start; }"""
+def save_grid(rows: list[list[torch.Tensor | Image.Image]], path: Path, pad: int = 2) -> None:
+    """Rows of equal images (PIL, or (C, H, W) tensors in [-1, 1]) in one picture `pad` pixels apart: no torchvision."""
+    rows = [[(to_image(img) if isinstance(img, torch.Tensor) else img).convert("RGB") for img in row] for row in rows]
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (max(map(len, rows)) * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            grid.paste(img, (pad + c * (w + pad), pad + r * (h + pad)))
+    save_image(grid, path)
 
 
 def append_row(path: Path, row: dict[str, float]) -> None:
@@ -480,8 +419,6 @@ def save_similarity_grid(x: torch.Tensor, fake: torch.Tensor, maps: torch.Tensor
     """CUT's learned similarity as a picture: a row per image, x and G(x) (B, C, H, W) in [-1, 1] with the Q query
     `points` ((row, col) fractions) marked as squares in MARKS' colours, then each point's map (B, Q, h, w) over x
     as a heat map (bright: likely)."""
-    from PIL import ImageDraw
-
     def marked(img: Image.Image, which) -> Image.Image:
         draw, (w, h) = ImageDraw.Draw(img), img.size
         for q in which:
@@ -496,44 +433,181 @@ def save_similarity_grid(x: torch.Tensor, fake: torch.Tensor, maps: torch.Tensor
                for b in range(len(x))], path)
 
 
-# ============================================================================= 3. what both commands share
-
-class CommandError(Exception):
-    """What a command ends with: its message, one line for the user."""
-
-    def __str__(self) -> str:
-        text = super().__str__()
-        # Raised in a data-loading worker, it comes back wrapped in the worker's traceback: its own last line.
-        return text.strip().splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in text else text
+PAGE_STYLE = """body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em;
+color: #222; } h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.15em; margin: 1.6em 0 0.3em; }
+.status, .caption { color: #555; } .caption { font-size: 0.9em; } td { padding: 1px 12px 1px 0; }
+table { border-collapse: collapse; font-size: 0.9em; } section { border-top: 1px solid #ddd; }
+img { max-width: 100%; display: block; margin: 0.4em 0; image-rendering: pixelated; }
+.plots { display: flex; gap: 1em; align-items: flex-start; }"""
 
 
-class UsageError(CommandError):
-    """A bad option, file or dataset, found before any work: one line saying how to fix it, exit code 2."""
+class RunFolder:
+    """OUTPUT/NAME/, the files of one run (the README's "What a run writes"), each named and written here and nowhere
+    else, by rank 0: .lock, options.json, latest.pt and epoch_NNN.pt, losses.csv and epochs.csv, their plots, each
+    epoch's pictures, index.html. Every file is written whole or not at all; one that cannot be written (a full
+    disk, a read-only folder) ends the command in one line: the file, the cause, and `resume_hint`."""
+    TIMING = {"seconds": "{:.0f} s", "images_per_sec": "{:.2f} img/s", "data_wait": "{:.0%} of it waiting for data"}
+
+    def __init__(self, path: Path, resume_hint: str = ""):
+        self.path, self.resume_hint, self.latest = Path(path), resume_hint, Path(path) / "latest.pt"
+        self.heading, self.done, self.total, self.shown = "", 0, 0, {}
+        self.captions = {"epoch": "", "nce_epoch": "where the model looks for each output patch's input patch: each "
+                         "row a test image x and G(x) with query points marked, then for each point the similarity of "
+                         "its patch of G(x) to every patch of x (bright: taken for its input patch)",
+                         "d_epoch": "what D decides: each row, for each discriminator in turn, a real test image of "
+                         "its domain and a translation into it, under D's verdict on each patch of it: bright real "
+                         "(1), dark fake (0), red at 0.5, where neither network wins"}  # an epoch's, in page order
+
+    def picture(self, kind: str, epoch: int) -> Path:
+        """Epoch `epoch`'s picture of a kind of `captions`: epoch_NNN.png, nce_epoch_NNN.png, d_epoch_NNN.png."""
+        return self.path / f"{kind}_{epoch:03d}.png"
+
+    @contextmanager
+    def held(self, new: bool):
+        """The folder, made and locked (.lock, an OS lock) inside the block, which refuses a second run into it, and a
+        `new` run into a folder that holds one; the lock dies with the process (kill -9). The page's last word is
+        written as the block ends, finished or stopped."""
+        with open(make_folder(self.path, "--output-dir") / ".lock", "a+") as handle:
+            try:
+                if os.name == "nt":  # Windows: a lock on the file's first byte
+                    import msvcrt
+                    handle.seek(0)
+                    msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+                else:
+                    import fcntl
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = "unknown"
+                with contextlib.suppress(OSError):  # Windows does not let a locked byte be read
+                    handle.seek(0)
+                    holder = handle.read().strip() or holder
+                raise UsageError(f"{self.path} is in use by another run (process {holder}): wait for it to end, or "
+                                 f"pass another --name") from None
+            need(not new or all(p.name == ".lock" for p in self.path.iterdir()),
+                 f"{self.path} already holds a run: pass --resume to continue it, or a new --name")
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            try:
+                yield self
+            finally:
+                if self.heading:  # a failed write of the page costs nothing more
+                    with contextlib.suppress(OSError):
+                        self.write_page(running=False)
+
+    def start(self, options: dict, shown: dict, command: list[str], epoch: int, images: int, heading: str,
+              caption: str, total: int) -> None:
+        """A start or resume at (`epoch`, `images` into it) of `total` epochs: options.json gets the run's `options`
+        and this start; then the page, headed `heading`, its options table `shown`, its grids' columns `caption`."""
+        self.heading, self.captions["epoch"], self.done, self.total, self.shown = heading, caption, epoch, total, shown
+        path = self.path / "options.json"
+        try:
+            runs = list(json.loads(path.read_text())["runs"])
+        except (OSError, ValueError, KeyError, TypeError):  # none yet, or edited out of shape
+            runs = []
+        runs.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command, "epoch": epoch,
+                     "images": images})
+        with stop_if_a_write_fails(self.path, self.resume_hint):
+            write_atomically(path, lambda tmp: tmp.write_text(json.dumps({**options, "runs": runs}, indent=1) + "\n"))
+            self.write_page(running=True)
+
+    def save_checkpoint(self, state: dict, keep: bool = False) -> None:
+        """latest.pt, and with `keep` a copy of it as epoch_NNN.pt (N: the epochs `state` has finished)."""
+        with stop_if_a_write_fails(self.path, self.resume_hint):
+            write_atomically(self.latest, lambda tmp: torch.save(state, tmp))
+            if keep:
+                write_atomically(self.path / f"epoch_{state['epoch']:03d}.pt",
+                                 lambda tmp: shutil.copyfile(self.latest, tmp))
+
+    def log_losses(self, step: int, epoch: int, losses: dict[str, float]) -> None:
+        """A row of losses.csv: the mean of each loss over the steps up to `step`, in `epoch` (counted from 1)."""
+        with stop_if_a_write_fails(self.path, self.resume_hint):
+            append_row(self.path / "losses.csv", {"step": step, "epoch": epoch, **losses})
+
+    def record_epoch(self, epoch: int, row: dict[str, float], grid: list[list], nce: tuple | None = None,
+                     verdicts: dict | None = None) -> str:
+        """Epoch `epoch` (from 1) ended: its row of epochs.csv (`row`: mean losses and timing as TIMING names it, then
+        the balance of `verdicts`), its grid (rows of images), the similarity maps (`nce`: x, G(x) (B, C, H, W), the
+        maps (B, Q, h, w), their Q points), D's map (the models' `verdicts`), the plots, the page. Returns the row in
+        words."""
+        balance = {f"{name}_{side}": verdict.float().mean().item() for name, (*_, on_real, on_fake) in
+                   (verdicts or {}).items() for side, verdict in (("real", on_real), ("fake", on_fake))}
+        self.done, row = epoch, {"epoch": epoch, **row, **balance}
+        with stop_if_a_write_fails(self.path, self.resume_hint):
+            append_row(self.path / "epochs.csv", row)
+            save_grid(grid, self.picture("epoch", epoch))
+            if nce is not None:
+                save_similarity_grid(*nce, self.picture("nce_epoch", epoch))
+            if verdicts:  # a row per image: for each D, its real image and a translation, each under its verdict
+                judged = [(image, verdict) for real, fake, on_real, on_fake in verdicts.values()
+                          for image, verdict in ((real, on_real), (fake, on_fake))]
+                save_grid([[heat_over(image[b], verdict[b, 0]) for image, verdict in judged]
+                           for b in range(len(judged[0][0]))], self.picture("d_epoch", epoch))
+            log, per_epoch = read_table(self.path / "losses.csv"), read_table(self.path / "epochs.csv")
+            plot(log, "step", {k: [k] for k in dict.fromkeys(k for r in log for k in r if k not in ("step", "epoch"))},
+                 self.path / "losses.png")
+            judges = dict.fromkeys(k.removesuffix("_real") for r in per_epoch for k in r if k.endswith("_real"))
+            plot(per_epoch, "epoch", {d: [f"{d}_real", f"{d}_fake"] for d in judges}, self.path / "balance.png", 0.5)
+            self.write_page(running=True)
+        return self.summary(row)
+
+    @classmethod
+    def summary(cls, row: dict[str, float]) -> str:
+        """A row of epochs.csv in words: the epoch's mean losses and D's balance; its time, speed and wait for data."""
+        losses = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in {"epoch", *cls.TIMING})
+        return f"{losses}; " + ", ".join(text.format(row[k]) for k, text in cls.TIMING.items() if k in row)
+
+    def write_page(self, running: bool) -> None:
+        """index.html (the official web/index.html): the run's options, the plots, each epoch newest first, in words
+        and pictures, reloading every minute while `running`. Plain HTML, images by relative path."""
+        def image(path: Path) -> str:  # the file's time in the address, so a browser shows a rewritten one
+            return f'<img src="{path.name}?t={path.stat().st_mtime_ns}" alt="{path.name}">' if path.exists() else ""
+        sections = "".join(
+            f'<section id="epoch-{epoch}"><h2>epoch {epoch}</h2><p>{html.escape(self.summary(row))}</p>'
+            + "".join(f'<p class="caption">{html.escape(caption)}</p>{image(self.picture(kind, epoch))}'
+                      for kind, caption in self.captions.items() if self.picture(kind, epoch).exists()) + "</section>"
+            for epoch, row in sorted({int(r["epoch"]): r for r in read_table(self.path / "epochs.csv") if "epoch" in r}
+                                     .items(), reverse=True))
+        status = (f"training: {self.done} of {self.total} epochs done; this page reloads every minute" if running
+                  else f"finished: {self.total} of {self.total} epochs done" if self.done >= self.total
+                  else f"stopped with {self.done} of {self.total} epochs done; {self.resume_hint}")
+        plots = (image(self.path / "losses.png") + image(self.path / "balance.png")
+                 or '<p>plotted as each epoch ends; until then, <a href="losses.csv">losses.csv</a></p>')
+        rows = "".join(f"<tr><td>--{html.escape(k.replace('_', '-'))}</td><td>{html.escape(str(v))}</td></tr>"
+                       for k, v in self.shown.items())
+        page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.heading)}'
+                '</title>' + ('<meta http-equiv="refresh" content="60">' if running else "")
+                + f"<style>{PAGE_STYLE}</style></head>"
+                f'<body><h1>{html.escape(self.heading)}</h1><p class="status">{html.escape(status)}</p>'
+                f'<h2>options</h2><table id="options">{rows or "<tr><td>none but the defaults</td></tr>"}</table>'
+                '<p class="caption">the options of this run that are not the defaults; every option, and each start '
+                'and resume: <a href="options.json">options.json</a></p>'
+                f'<h2>losses, and the balance of D and G</h2><div class="plots">{plots}</div><p class="caption">left: '
+                "each loss term as it enters the objective, against the step; right, each epoch: D's mean verdict "
+                "on the fixed real test images (real) and on their translations (fake), 1 real and 0 fake; dashed, "
+                "0.5, where the two meet when neither network wins</p>"
+                + (sections or "<p>no epoch finished yet</p>") + "</body></html>\n")
+        write_atomically(self.path / "index.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
 
 
-class RunError(CommandError):
-    """A started command cannot go on (a loss diverged, a write failed, memory ran out): one line, exit code 1."""
-
-
-def need(ok: bool, message: str) -> None:
-    """An option or input that cannot work, found before any work: a UsageError saying `message` unless `ok`."""
-    if not ok:
-        raise UsageError(message)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line ('error: ... (see --help)'); the help shows fixed defaults."""
-
-    def __init__(self, **kw):
-        super().__init__(formatter_class=HelpFormatter, **kw)
-
-    def error(self, message):
-        raise UsageError(f"{message} (see {self.prog} --help)")
+# ============================================================================= 4. the machine and the downloads
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help gives each option's default, but where there is none (None)."""
+
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line ('error: ... (see PROG --help)')."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=HelpFormatter, allow_abbrev=False, **kw)
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def at_least(low: float, kind: type = int, strict: bool = False):
@@ -548,12 +622,14 @@ def at_least(low: float, kind: type = int, strict: bool = False):
 
 
 def pick_device(name: str) -> torch.device:
-    """--device: 'auto' is CUDA, then Apple's MPS, then the CPU; one that is not there is a UsageError."""
+    """--device: 'auto' is CUDA, then Apple's MPS, then the CPU; one that is not there is a UsageError. Under
+    torchrun a CUDA device is this process's GPU (LOCAL_RANK)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {name} is not available on this machine: use --device auto or cpu")
-    return torch.device(name)
+    return torch.device(name, int(os.environ["LOCAL_RANK"])) if name == "cuda" and "LOCAL_RANK" in os.environ \
+        else torch.device(name)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -573,7 +649,7 @@ def peak_memory_mb(device: torch.device) -> float | None:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_mb, 1)
 
 
-def channels(net: torch.nn.Module) -> int:
+def input_channels(net: torch.nn.Module) -> int:
     """The channels of the images a network takes: its first conv's inputs."""
     return next(net.parameters()).shape[1]
 
@@ -586,7 +662,7 @@ def smallest_side(nets: list[torch.nn.Module], multiple: int, largest: int = 409
         try:
             for net in (net for net in nets if next(net.parameters()).dim() == 4):
                 shapes = {k: t.to("meta") for k, t in [*net.named_parameters(), *net.named_buffers()]}
-                torch.func.functional_call(net, shapes, torch.empty(1, channels(net), side, side, device="meta"))
+                torch.func.functional_call(net, shapes, torch.empty(1, input_channels(net), side, side, device="meta"))
             return side
         except (RuntimeError, ValueError):  # a layer's map is too small: torch says so in one of the two
             continue
@@ -594,7 +670,7 @@ def smallest_side(nets: list[torch.nn.Module], multiple: int, largest: int = 409
 
 
 @contextmanager
-def memory_or_stopped(what: str, advice: str):
+def stop_if_out_of_memory(what: str, advice: str):
     """Running out of memory inside the block ends the command with one line: `what` ran out, and `advice`."""
     try:
         yield
@@ -604,11 +680,9 @@ def memory_or_stopped(what: str, advice: str):
         raise RunError(f"out of memory {what}: {advice}") from None
 
 
-# Ctrl-C: a command's body ends in one line (run_command); training saves and stops (StopFlag); a loader's
-# workers leave it to the main process (quiet_worker). Before torch loads, the scripts exit 130 themselves.
-
 def run_command(command) -> int:
-    """A command's body run: its exit code; one line, no traceback, for a UsageError (2), RunError (1), Ctrl-C (130)."""
+    """A command's body run: its exit code; one line, no traceback, for a UsageError (2), RunError (1), Ctrl-C (130).
+    (Before torch has loaded, the scripts' own handler exits 130 at once.)"""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C from here on: KeyboardInterrupt, below
     # A warning gets a line of its own, above a progress bar if one is drawn.
     warnings.showwarning = lambda message, *rest, **kw: tqdm.write(f"warning: {message}", file=sys.stderr)
@@ -624,11 +698,12 @@ def run_command(command) -> int:
 
 
 class StopFlag:
-    """Set by SIGINT / SIGTERM: the loop saves and stops after the current step. A second signal quits at once,
+    """Set by SIGINT / SIGTERM: training saves and stops after the current step. A second signal quits at once,
     without the save, but under torchrun, whose launcher passes a Ctrl-C on to ranks already signalled."""
 
-    def __init__(self, world: int = 1, lead: bool = True):
-        self.requested, self.world, self.lead, self.pid = False, world, lead, os.getpid()
+    def __init__(self, world: int = 1, rank0: bool = True):
+        self.requested, self.world, self.rank0, self.pid = False, world, rank0, os.getpid()
+        self.agreed = False  # every rank stops: set by training's vote on `requested`, after each step
 
     def install(self) -> "StopFlag":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -640,35 +715,10 @@ class StopFlag:
             return
         if self.requested and self.world == 1:  # asked twice: stop now, without the save
             raise KeyboardInterrupt
-        if not self.requested and self.lead:
+        if not self.requested and self.rank0:
             print("\nstopping after this step" + (" (again to quit without saving)" if self.world == 1 else ""),
                   file=sys.stderr)
         self.requested = True
-
-
-def quiet_worker(_: int) -> None:
-    """A data-loading worker leaves Ctrl-C to the main process, which saves, then stops it; SIGTERM kills it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def write_atomically(path: Path, write) -> None:
-    """write(tmp) beside `path`, then rename it over `path`: a full disk, a crash or Ctrl-C leaves `path` as it was.
-    Every file the commands write goes through here. A failure (torch.save's short write too): an OSError on `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        remove(tmp)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-        if isinstance(e, RuntimeError):
-            free = shutil.disk_usage(path.parent).free / 2 ** 20 if path.parent.is_dir() else 0
-            raise OSError(0, f"the write stopped short, {free:.0f} MB free on that disk: {str(e).splitlines()[0]}",
-                          str(path)) from None
-        raise
 
 
 def load_torch(path: Path):
@@ -679,48 +729,6 @@ def load_torch(path: Path):
     except Exception as e:  # torch.load raises many types for foreign or broken files
         raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}): pass a latest.pt or "
                          f"epoch_NNN.pt written by train_gan.py, or an official generator .pth") from None
-
-
-@contextmanager
-def failed_write_stops(where: Path, then: str):
-    """A write failing inside the block ends the command in one line: the file, the cause, to fix `where`, `then`."""
-    try:
-        yield
-    except OSError as e:
-        raise RunError(f"could not write {e.filename or 'a file'} ({e.strerror or e}): free some disk space or "
-                       f"fix {where}, then {then}") from None
-
-
-def make_folder(folder: Path, flag: str) -> Path:
-    """Create `folder` (given by option `flag`), or end with one line saying why it cannot be one."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"{flag} {folder} cannot be made a folder ({e.strerror}): choose another {flag}") from None
-    return folder
-
-
-def remove(path: Path) -> None:
-    """Delete a temporary file if it is there; a path that cannot hold one (under a file) is no error."""
-    with contextlib.suppress(OSError):
-        Path(path).unlink(missing_ok=True)
-
-
-def save_image(img: Image.Image, path: Path) -> None:
-    """Save a picture atomically, in the format its suffix names (.png, .jpg)."""
-    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
-    write_atomically(path, lambda tmp: img.save(tmp, format=fmt))
-
-
-def save_grid(rows: list[list[torch.Tensor | Image.Image]], path: Path, pad: int = 2) -> None:
-    """Rows of equal images (PIL, or (C, H, W) tensors in [-1, 1]) in one picture `pad` pixels apart: no torchvision."""
-    rows = [[(to_image(img) if isinstance(img, torch.Tensor) else img).convert("RGB") for img in row] for row in rows]
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (max(map(len, rows)) * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            grid.paste(img, (pad + c * (w + pad), pad + r * (h + pad)))
-    save_image(grid, path)
 
 
 DATASET_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/datasets/{}.zip"
@@ -750,15 +758,6 @@ def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
                          f"{offline_hint}") from None
 
 
-def download_command(argv: list[str]) -> None:
-    """`train_gan.py download NAME [--root DIR]`: download an official dataset, and print where it went."""
-    p = Parser(prog="train_gan.py download", description="Download an official CycleGAN dataset.")
-    p.add_argument("name", help="e.g. apple2orange, horse2zebra, monet2photo (an unknown name lists them)")
-    p.add_argument("--root", type=Path, default=Path("data"), help="it goes to ROOT/NAME")
-    options = p.parse_args(argv)
-    print(download(options.name, options.root))
-
-
 def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:
     """Download and unzip an official CycleGAN dataset into root/name; returns that folder."""
     need(name in OFFICIAL_DATASETS, f"unknown dataset {name!r}: choose one of {', '.join(OFFICIAL_DATASETS)}")
@@ -778,6 +777,15 @@ def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:
         remove(part)
         shutil.rmtree(unzipped, ignore_errors=True)
     return target
+
+
+def download_command(argv: list[str]) -> None:
+    """`train_gan.py download NAME [--root DIR]`: download an official dataset, and print where it went."""
+    p = Parser(prog="train_gan.py download", description="Download an official CycleGAN dataset.")
+    p.add_argument("name", help="e.g. apple2orange, horse2zebra, monet2photo (an unknown name lists them)")
+    p.add_argument("--root", type=Path, default=Path("data"), help="it goes to ROOT/NAME")
+    options = p.parse_args(argv)
+    print(download(options.name, options.root))
 
 
 def download_pretrained(name: str, root: Path = Path("pretrained"), timeout: float = 30) -> Path:

@@ -64,7 +64,7 @@ from PIL import Image
 import data_utility as du
 import train_gan
 import translate
-from cut_model import CUT, MODES, CUTConfig
+from cut_model import CUT, FASTCUT, CUTConfig
 from cycle_gan import CycleGAN, CycleGANConfig, ImagePool
 from layers import (BlurDownsample, BlurUpsample, ResnetBlock, activation, binomial_filter, conv_bias, conv_norm_act,
                     downsample, full_precision, init_weights, norm_layer, padding, upsample)
@@ -1094,11 +1094,12 @@ def test_cyclegan_config_is_the_papers_and_junyanzs():
              "init_gain": (0.02, "appendix 7.1: N(0, 0.02)"), "real_label": (1.0, "real is 1, no smoothing"),
              "channels_x": (3, "RGB"), "channels_y": (3, "RGB")}
     assert {f.name for f in dataclasses.fields(c)} == set(paper), "every option of CycleGAN, checked here"
+    assert all(f.metadata["help"] for f in dataclasses.fields(c)), "each option says what it is, for --help"
     for name, (value, rule) in paper.items():
         assert getattr(c, name) == value, f"CycleGANConfig.{name}: {value!r} ({rule}), got {getattr(c, name)!r}"
     model = CycleGAN()
-    assert (model.name, model.groups, model.directions, model.resize_crop_in_decay) == \
-        ("cycle_gan", {"G": ("G", "F"), "D": ("D_X", "D_Y")}, {"x2y": "G", "y2x": "F"}, True), \
+    assert (model.groups, model.directions, model.resize_crop_in_decay) == \
+        ({"G": ("G", "F"), "D": ("D_X", "D_Y")}, {"x2y": "G", "y2x": "F"}, True), \
         "junyanz's two Adams (G and F; D_X and D_Y); both directions; the jitter throughout"
     first = model.G.model[1].weight
     assert first.std().item() == pytest.approx(0.02, rel=0.05) and abs(first.mean().item()) < 2e-3, \
@@ -1416,10 +1417,11 @@ def test_cyclegan_file_imports_only_torch_the_standard_library_and_the_network_f
 # ============================================================================= cut_model.py
 
 TINY_CUT = dict(netG="resnet_6blocks", ngf=4, ndf=4, netF_nc=8, num_patches=32)
+PRESETS = {"cut": {}, "fastcut": FASTCUT}  # what the names change in CUTConfig's defaults
 
 
 def test_cut_model_presets_and_config_are_the_cut_repositorys():
-    cut, fast = CUTConfig(mode="cut"), CUTConfig(mode="fastcut")
+    cut, fast = CUTConfig(), CUTConfig(**FASTCUT)
     assert (cut.lambda_nce, cut.nce_idt, cut.flip_equivariance, cut.epochs, cut.epochs_decay) == \
         (1.0, True, False, 200, 200), \
         "CUT: lambda_X = lambda_Y = 1 (Sec. 3.3, after Eq. 5); no flips, 200 + 200 epochs (the CUT repository's)"
@@ -1427,28 +1429,24 @@ def test_cut_model_presets_and_config_are_the_cut_repositorys():
         (10.0, False, True, 150, 50), \
         "FastCUT: lambda_X = 10 and no Y term (Sec. 3.3, after Eq. 5); flip-equivariance (the paper's appendix, " \
         "training details); 150 + 50 epochs (the CUT repository's)"
-    assert CUTConfig(mode="fastcut", lambda_nce=3.0).lambda_nce == 3.0, "an option given wins over the preset"
     official = {"netG": "resnet_9blocks", "ngf": 64, "ndf": 64, "n_layers_D": 3, "norm": "instance",
                 "dropout": False, "antialias": True, "antialias_up": True, "gan_mode": "lsgan", "real_label": 1.0,
                 "lambda_gan": 1.0, "nce_layers": DEFAULT_TAPS, "num_patches": 256, "nce_temperature": 0.07,
                 "nce_negatives": "image", "netF_nc": 256, "lr": 2e-4, "beta1": 0.5, "init_gain": 0.02,
-                "channels_x": 3, "channels_y": 3, "mode": "cut"}
+                "channels_x": 3, "channels_y": 3}
     for name, value in official.items():
         assert getattr(cut, name) == value, \
             f"CUTConfig.{name}: the CUT repository's {value!r}, got {getattr(cut, name)!r}"
-    assert {f.name for f in dataclasses.fields(cut)} == set(official) | set(MODES["cut"]), "every option checked"
-    with pytest.raises(ValueError, match="unknown CUT mode 'slowcut'"):
-        CUTConfig(mode="slowcut")
+    assert {f.name for f in dataclasses.fields(cut)} == set(official) | set(FASTCUT), "every option checked"
+    assert all(f.metadata["help"] for f in dataclasses.fields(cut)), "each option says what it is, for --help"
 
 
 def test_cut_model_networks_are_the_cut_repositorys():
     torch.manual_seed(0)
     model = CUT(CUTConfig(netG="resnet_6blocks"))
-    assert (model.name, model.groups, model.directions, model.resize_crop_in_decay) == \
-        ("cut", {"D": ("D",), "G": ("G", "H")}, {"x2y": "G"}, False), \
+    assert (model.groups, model.directions, model.resize_crop_in_decay) == \
+        ({"D": ("D",), "G": ("G", "H")}, {"x2y": "G"}, False), \
         "D steps alone, G and H together; one direction; the decay epochs resize to the crop (the CUT repository)"
-    assert CUT(CUTConfig(mode="fastcut", **TINY_CUT)).name == "fastcut", \
-        "the model is called by its mode, as the CLI and checkpoints call it"
     kinds = {type(m).__name__ for net in (model.G, model.D) for m in net.modules()}
     assert {"BlurDownsample", "BlurUpsample"} <= kinds, "the official anti-aliased G and D"
     assert [m[0].in_features for m in model.H.mlps] == [3, 128, 256, 256, 256] and model.H.mlps[0][2].out_features \
@@ -1529,7 +1527,7 @@ def test_cut_model_step_sends_each_terms_gradient_into_the_networks_it_trains_al
 def test_cut_model_step_holds_D_fixed_while_G_and_H_step(monkeypatch):
     for mode in ("cut", "fastcut"):
         torch.manual_seed(0)
-        trainer = Trainer(CUT(CUTConfig(mode=mode, **TINY_CUT)))
+        trainer = Trainer(CUT(CUTConfig(**PRESETS[mode], **TINY_CUT)))
         steps_checked(trainer, monkeypatch, {
             "D": "D's loss judges G(x) taken out of G's graph (the official compute_D_loss: fake_B.detach()): D's "
                  "loss sent gradients into {name}",
@@ -1540,7 +1538,7 @@ def test_cut_model_step_holds_D_fixed_while_G_and_H_step(monkeypatch):
 
 def test_cut_model_fastcut_has_no_identity_term_and_weighs_nce_x_whole():
     torch.manual_seed(0)
-    model = CUT(CUTConfig(mode="fastcut", **TINY_CUT, flip_equivariance=False))
+    model = CUT(CUTConfig(**{**FASTCUT, "flip_equivariance": False}, **TINY_CUT))
     x, y = pair(32)
     torch.manual_seed(1)
     losses = model.train_step(x, y, Recorder())
@@ -1572,7 +1570,7 @@ def test_cut_model_patch_nce_is_the_mean_over_layers_of_eq_2_at_places_shared_by
 
 
 def test_cut_model_fastcut_flip_mirrors_the_input_not_the_target(monkeypatch):
-    model = CUT(CUTConfig(mode="fastcut", **TINY_CUT))
+    model = CUT(CUTConfig(**FASTCUT, **TINY_CUT))
     monkeypatch.setattr(model, "flip_this_step", lambda: True)
     seen = {"G": [], "D": []}
     model.G.model[0].register_forward_pre_hook(lambda m, inp: seen["G"].append(inp[0].detach().clone()))
@@ -1588,7 +1586,7 @@ def test_cut_model_fastcut_flip_mirrors_the_input_not_the_target(monkeypatch):
 
 def test_cut_model_flipped_nce_compares_the_mirrored_back_queries_with_the_unmirrored_keys():
     torch.manual_seed(0)
-    model = CUT(CUTConfig(mode="fastcut", **TINY_CUT))
+    model = CUT(CUTConfig(**FASTCUT, **TINY_CUT))
     x = pair(32)[0]
     G, H, taps = model.G, model.H, model.config.nce_layers
     with torch.no_grad():
@@ -1607,7 +1605,7 @@ def test_cut_model_flipped_nce_compares_the_mirrored_back_queries_with_the_unmir
 
 def test_cut_model_flips_half_the_steps_only_when_flip_equivariance_is_on():
     torch.manual_seed(0)
-    fastcut = CUT(CUTConfig(mode="fastcut", **TINY_CUT))
+    fastcut = CUT(CUTConfig(**FASTCUT, **TINY_CUT))
     flips = [fastcut.flip_this_step() for _ in range(200)]
     assert 70 < sum(flips) < 130, "FastCUT mirrors G's input half the time"
     assert not any(CUT(CUTConfig(**TINY_CUT)).flip_this_step() for _ in range(20)), "CUT never does"
@@ -1616,7 +1614,7 @@ def test_cut_model_flips_half_the_steps_only_when_flip_equivariance_is_on():
 def test_cut_model_step_changes_G_D_H_and_gives_finite_losses():
     for mode, expected in (("cut", {"D", "G_gan", "NCE_X", "NCE_Y"}), ("fastcut", {"D", "G_gan", "NCE_X"})):
         torch.manual_seed(0)
-        model = Trainer(CUT(CUTConfig(mode=mode, **TINY_CUT)))
+        model = Trainer(CUT(CUTConfig(**PRESETS[mode], **TINY_CUT)))
         before = snapshot(model.nets)
         losses = model.train_step(*pair())
         assert set(losses) == expected and all(math.isfinite(v) for v in losses.values()), (mode, losses)
@@ -1750,8 +1748,8 @@ def test_cut_model_rejects_a_unet_and_channel_mismatches_clearly():
     # G(x) goes through G's own encoder, so CUT needs the same channels in X and Y, identity term or not.
     for mode in ("cut", "fastcut"):
         with pytest.raises(ValueError, match="same number of channels.*--model cycle_gan"):
-            CUT(CUTConfig(mode=mode, **TINY_CUT, channels_x=1))
-    gray = Trainer(CUT(CUTConfig(mode="fastcut", **TINY_CUT, channels_x=1, channels_y=1)))
+            CUT(CUTConfig(**PRESETS[mode], **TINY_CUT, channels_x=1))
+    gray = Trainer(CUT(CUTConfig(**FASTCUT, **TINY_CUT, channels_x=1, channels_y=1)))
     gray.train_step(torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32))
     assert gray.model.G(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32), \
         "grayscale to grayscale: CUT needs the same channels in X and Y"
@@ -1804,7 +1802,7 @@ def test_cut_model_visuals_show_the_identity_path_when_it_is_trained():
     torch.manual_seed(0)
     x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     for mode, columns in (("cut", 4), ("fastcut", 2)):
-        model = CUT(CUTConfig(mode=mode, **TINY_CUT))
+        model = CUT(CUTConfig(**PRESETS[mode], **TINY_CUT))
         rows = model.visuals(x, y)
         with torch.no_grad():
             assert len(rows) == 2 and all(len(r) == columns for r in rows) and torch.equal(rows[1][1], model.G(x)[1]), \
@@ -1885,9 +1883,9 @@ def test_dataset_gives_cropped_tensors_in_range(dataset_root, channels):
     data = du.UnpairedDataset(dataset_root / "trainA", dataset_root / "trainB", 36, 32, channels, 3)
     assert len(data) == 4  # the larger domain
     sampler = du.PairSampler(4, 3, seed=1)
-    for key in sampler:
-        x, y, skipped = data[key]
-        assert skipped == "" and x.shape == (channels, 32, 32) and y.shape == (3, 32, 32)
+    for pick in sampler:
+        x, y = data[pick]
+        assert x.shape == (channels, 32, 32) and y.shape == (3, 32, 32)
         assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.1
 
 
@@ -1908,16 +1906,9 @@ def cli_args(root, out, *extra):
 
 
 def started(argv):
-    """The trainer a new run of `argv` would start with on the CPU, and its options."""
-    opts, _ = train_gan.resolve_options(train_gan.parse_options(argv), torch.device("cpu"))
-    return train_gan.trainer_for(opts, torch.device("cpu"))[0], opts
-
-
-def loader_of(argv):
-    """The options, the trainer and the training dataset a run of `argv` would start with."""
-    trainer, opts = started(argv)
-    data, _, _, _ = train_gan.make_loader(opts, trainer, du.find_domains(opts.dataroot))
-    return opts, trainer, data
+    """The trainer a new run of `argv` would start with, and its run record."""
+    run, config, device, checkpoint = train_gan.decide(argv)
+    return train_gan.make_trainer(run, config, device, checkpoint), run
 
 
 @pytest.mark.parametrize("model, extra, no_crop_from", [
@@ -1925,23 +1916,28 @@ def loader_of(argv):
     ("cycle_gan", ["--epochs", "2"], None)])
 def test_dataset_resize_and_crop_stop_in_the_decay_epochs_of_cut_and_fastcut_only(
         dataset_root, tmp_path, model, extra, no_crop_from):
-    args, _, data = loader_of(cli_args(dataset_root, tmp_path, "--model", model, *extra))
-    assert data.no_crop_from_epoch == no_crop_from  # epochs counted from 0: the first decay epoch
-    if not extra:  # the model's own schedule fills the options left unset: FastCUT's 150 + 50
-        assert (args.epochs, args.epochs_decay) == (150, 50)
+    run, config, device, _ = train_gan.decide(cli_args(dataset_root, tmp_path, "--model", model, *extra))
+    assert train_gan.training_loader(run, config, device).dataset.no_crop_from_epoch == no_crop_from  # from 0
+    if not extra:  # the model's own schedule: FastCUT's 150 + 50
+        assert (config.epochs, config.epochs_decay) == (150, 50)
 
 
 def test_dataset_sampler_covers_x_each_epoch_and_depends_only_on_seed_and_epoch():
     s = du.PairSampler(5, 3, seed=7)
-    keys = list(s)
-    assert sorted(k[0] for k in keys) == [0, 1, 2, 3, 4] and all(0 <= k[1] < 3 for k in keys)
-    assert {k[3] for k in keys} == {0}  # the epoch travels with the key (the dataset's jitter depends on it)
+    picks = list(s)
+    assert sorted(p.x for p in picks) == [0, 1, 2, 3, 4] and all(0 <= p.y < 3 for p in picks)
+    assert {p.epoch for p in picks} == {0}  # the epoch travels with the pick (the dataset's jitter depends on it)
     s.set_epoch(1)
-    assert list(s) != keys and {k[3] for k in s} == {1}
-    s.set_epoch(0, start=2, stop=4)
-    assert list(s) == keys[2:4]
-    ranks = [list(du.PairSampler(5, 3, seed=7, rank=r, world_size=2)) for r in (0, 1)]
-    assert ranks[0] + ranks[1] != keys and sorted(ranks[0] + ranks[1]) == sorted(keys)
+    assert list(s) != picks and {p.epoch for p in s} == {1}
+    s.set_epoch(0, start=2)  # a resume's place: the images already trained are skipped
+    assert list(s) == picks[2:] and len(s) == 3 and list(du.PairSampler(5, 3, seed=7, limit=4)) == picks[:4]
+    ranks = [du.PairSampler(6, 3, seed=7, rank=r, world=2) for r in (0, 1)]
+    whole = list(du.PairSampler(6, 3, seed=7))
+    assert list(ranks[0]) + list(ranks[1]) != whole and sorted(list(ranks[0]) + list(ranks[1])) == sorted(whole)
+    for rank in ranks:
+        rank.set_epoch(0, start=3)
+    assert [len(r) for r in ranks] == [1, 1] and sorted(list(ranks[0]) + list(ranks[1])) == sorted(whole[3:5]), \
+        "after a resume each rank takes as many of the rest, the odd one left for the next epoch"
 
 
 def test_dataset_jitter_is_deterministic_per_seed_and_flips_sometimes():
@@ -1979,7 +1975,7 @@ def test_dataset_small_and_huge_images_become_crops(tmp_path):
         (tmp_path / split).mkdir()
         Image.new("RGB", size, (200, 30, 30)).save(tmp_path / split / "img.jpg", quality=50)
     data = du.UnpairedDataset(tmp_path / "trainA", tmp_path / "trainB", 72, 64)
-    x, y, _ = data[(0, 0, 0, 0)]
+    x, y = data[(0, 0, 0, 0)]
     assert x.shape == y.shape == (3, 64, 64)
     assert du.load_image(tmp_path / "trainB" / "img.jpg", 3, 72).size == (625, 375)  # decoded at 1/8 scale
 
@@ -1993,9 +1989,11 @@ def test_dataset_broken_images_give_way_when_loaded_and_each_is_named_in_one_war
     broken[1].write_bytes(jpg[:len(jpg) // 2])
     data = du.UnpairedDataset(tmp_path / "trainA", tmp_path / "trainB", 36, 32)  # lists; opens the first only
     i = data.files[0].index(broken[0])  # text.png, then truncated.jpg, are the last two: the first takes over
-    x, _, skipped = data[(i, 0, 0, 0)]
-    assert skipped.splitlines() == [str(p) for p in broken] and torch.equal(x, data[(0, 0, 0, 0)][0])
-    loader = torch.utils.data.DataLoader(data, 1, sampler=[(i, 0, 0, 0), (i + 1, 1, 1, 0), (i, 2, 2, 0)])
+    x, _ = data[(i, 0, 0, 0)]
+    assert data.unreadable[0].nonzero().flatten().tolist() == [i, i + 1] and torch.equal(x, data[(0, 0, 0, 0)][0])
+    data.unreadable[0][:] = False
+    loader = torch.utils.data.DataLoader(data, 1, sampler=[(i, 0, 0, 0), (i + 1, 1, 1, 0), (i, 2, 2, 0)],
+                                         num_workers=2)  # found by the workers, named by the main process
     with pytest.warns(UserWarning) as record:
         waits = [waited for _, _, waited in du.batches(loader)]
     assert sorted(str(w.message) for w in record) == [f"skipping unreadable image {p}: another image of its domain "
@@ -2037,7 +2035,7 @@ def test_dataset_applies_exif_orientation_on_every_read(dataset_root, tmp_path):
 def test_dataset_real_apple2orange_loads():
     data = du.UnpairedDataset(SHARED / "trainA", SHARED / "trainB", 286, 256)
     assert len(data) == 1019
-    x, y, _ = data[next(iter(du.PairSampler(995, 1019)))]
+    x, y = data[next(iter(du.PairSampler(995, 1019)))]
     assert x.shape == y.shape == (3, 256, 256)
 
 
@@ -2111,7 +2109,7 @@ class StopAfter:
     """A stop flag that is raised after n steps."""
 
     def __init__(self, n):
-        self.n = n
+        self.n, self.agreed = n, False
 
     @property
     def requested(self):
@@ -2184,7 +2182,7 @@ def test_run_folder_verdict_picture_lays_each_verdict_over_its_image_and_the_bal
     image = torch.zeros(2, 3, 32, 32)  # mid-gray
     on_real = torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(2, 1, 4, 1)  # (2, 1, 4, 4): left columns real
     folder = du.RunFolder(tmp_path)
-    said = folder.end_epoch(1, {"D": 0.25}, [[image[0]]], verdicts={"D": (image, image, on_real, on_real * 0)})
+    said = folder.record_epoch(1, {"D": 0.25}, [[image[0]]], verdicts={"D": (image, image, on_real, on_real * 0)})
     assert "D 0.250, D_real 0.500, D_fake 0.000" in said
     picture = np.asarray(Image.open(folder.picture("d_epoch", 1)).convert("L"), dtype=float)
     assert picture.shape == (2 * 34 + 2, 2 * 34 + 2)  # a row per image, the real one and the translation
@@ -2234,13 +2232,13 @@ def parse_page(path: Path) -> dict:
 def test_run_folder_page_shows_every_epoch_newest_first_and_reloads_only_while_the_run_goes(
         dataset_root, tmp_path, monkeypatch, model):
     out, pages = tmp_path / "out", []
-    end_epoch = du.RunFolder.end_epoch
+    record_epoch = du.RunFolder.record_epoch
 
     def keep_page(folder, *args, **kw):  # the page as it stands after each epoch
-        said = end_epoch(folder, *args, **kw)
+        said = record_epoch(folder, *args, **kw)
         pages.append(parse_page(folder.path / "index.html"))
         return said
-    monkeypatch.setattr(du.RunFolder, "end_epoch", keep_page)
+    monkeypatch.setattr(du.RunFolder, "record_epoch", keep_page)
     assert cli(cli_args(dataset_root, out, "--model", model, "--epochs", "1", "--epochs-decay", "0")) == 0
     argv = cli_args(dataset_root, out, "--model", model, "--epochs", "1", "--epochs-decay", "1", "--resume")
     assert cli(argv) == 0
@@ -2263,11 +2261,14 @@ def test_run_folder_page_shows_every_epoch_newest_first_and_reloads_only_while_t
     assert re.search(r"epoch 1 (\w+ -?[\d.]+, )*\w+ -?[\d.]+; \d+ s, [\d.]+ img/s, \d+% of it waiting for data",
                      page["text"])
     record = json.loads((run / "options.json").read_text())  # every option, readable without torch
-    assert record["options"]["model"] == model and record["options"]["crop_size"] == 32
+    assert record["run"]["model"] == model and record["run"]["crop_size"] == 32
     own, other = ("lambda_cycle", "lambda_nce") if model == "cycle_gan" else ("lambda_nce", "lambda_cycle")
-    for options in (record["options"], torch.load(run / "latest.pt", weights_only=True)["options"]):
-        assert own in options and other not in options and ("pool_size" in options) == (model == "cycle_gan")
-    assert [(r["epoch"], r["step"], r["command"][2:] == argv) for r in record["runs"]] == [(0, 0, False), (1, 0, True)]
+    checkpoint = torch.load(run / "latest.pt", weights_only=True)
+    assert checkpoint["run"] == record["run"] and checkpoint["config"] == {k: tuple(v) if isinstance(v, list) else v
+                                                                          for k, v in record["config"].items()}
+    assert own in record["config"] and other not in record["config"] and "lambda_cycle" not in record["run"]
+    assert [(r["epoch"], r["images"], r["command"][2:] == argv) for r in record["runs"]] == [(0, 0, False),
+                                                                                               (1, 0, True)]
 
 
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
@@ -2321,7 +2322,7 @@ def test_run_folder_page_shows_every_image_in_a_real_browser(dataset_root, tmp_p
 
 def test_run_folder_page_of_a_stopped_run_stops_reloading_and_says_how_to_go_on(dataset_root, tmp_path):
     argv = cli_args(dataset_root, tmp_path / "out", "--epochs", "2", "--epochs-decay", "0")
-    train_gan.train(train_gan.parse_options(argv), stop=StopAfter(3))
+    train_gan.train(argv, stop=StopAfter(3))
     page = parse_page(tmp_path / "out" / "run" / "index.html")
     assert not page["refresh"] and page["epochs"] == [1]
     assert "stopped with 1 of 2 epochs done; continue with: python train_gan.py --resume --name run" in page["text"]
@@ -2355,9 +2356,9 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import data_utility
-lock = data_utility.RunFolder(Path(sys.argv[2])).hold(new=False)
-print("locked", flush=True)
-time.sleep(120)
+with data_utility.RunFolder(Path(sys.argv[2])).held(new=False):
+    print("locked", flush=True)
+    time.sleep(120)
 """
 
 
@@ -2389,10 +2390,10 @@ def test_trainer_step_returns_losses_out_of_the_graph_and_a_log_window_is_read_i
     assert all(v.dim() == 0 and not v.requires_grad for v in losses.values())
     stacks, stack = [], torch.stack
     monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(1) or stack(*a, **k))
-    with train_gan.EpochMeter(2, 0, "", False) as meter:
+    with train_gan.EpochMeter(0, 2, Trainer(CycleGAN(CycleGANConfig(**TINY))), False, "") as meter:
         meter.add({"a": torch.tensor(1.0), "b": torch.tensor(0.5, dtype=torch.bfloat16)}, 0.0)
         meter.add({"a": torch.tensor(2.0), "b": torch.tensor(0.0, dtype=torch.bfloat16)}, 0.0)
-        assert meter.read(2) == {"a": 1.5, "b": 0.25}
+        assert meter.window_means() == {"a": 1.5, "b": 0.25}
     assert len(stacks) == 1  # every loss came over in one copy
 
 
@@ -2416,12 +2417,13 @@ def test_trainer_load_uses_this_machines_adam_kernel_and_continues_exactly(tmp_p
     model = Trainer(CycleGAN(CycleGANConfig(**TINY)))
     x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
     model.train_step(x, y)
-    du.RunFolder(tmp_path).save_checkpoint(model.state())
+    du.RunFolder(tmp_path).save_checkpoint(model.state(train_gan.Run()))
     state = du.load_torch(tmp_path / "latest.pt")
     for opt in state["optimizers"].values():  # as saved by the multi-tensor Adam of an older version
         for group in opt["param_groups"]:
             group.update(fused=None, foreach=True)
-    resumed, _ = Trainer.load(state)
+    resumed = Trainer(CycleGAN(CycleGANConfig(**TINY)))
+    resumed.load(state)
     assert all(g["fused"] == opt.defaults["fused"] and g["foreach"] == opt.defaults["foreach"]
                for opt in resumed.optimizers.values() for g in opt.param_groups)
     torch.manual_seed(1)
@@ -2438,9 +2440,9 @@ def test_trainer_lr_schedule_is_constant_then_linear(epoch, expected):
     assert lr_factor(epoch, 100, 100) == pytest.approx(expected)
 
 
-def test_trainer_end_epoch_sets_the_scheduled_lr():
+def test_trainer_finish_epoch_sets_the_scheduled_lr():
     model = Trainer(CycleGAN(CycleGANConfig(**TINY, epochs=1, epochs_decay=3)))
-    model.end_epoch()
+    model.finish_epoch()
     assert model.optimizers["G"].param_groups[0]["lr"] == pytest.approx(2e-4 * (1 - 1 / 4))
 
 
@@ -2492,11 +2494,11 @@ def test_train_cli_writes_grid_csv_plot_and_checkpoint_then_resumes(dataset_root
         assert Image.open(run / "nce_epoch_001.png").size == (5 * 34 + 2, 2 * 34 + 2)
     assert len((run / "losses.csv").read_text().splitlines()) == 3  # header + one row per step
     state = torch.load(run / "latest.pt", weights_only=True)
-    assert (state["model"], state["epoch"], state["step"], state["epoch_step"]) == (model, 1, 2, 0)
+    assert (state["run"]["model"], state["epoch"], state["step"], state["images"]) == (model, 1, 2, 0)
     # D's map: a row per fixed test image (testA holds 2), a real image and a translation for each D
     assert Image.open(run / "d_epoch_001.png").size == ((4 if model == "cycle_gan" else 2) * 34 + 2, 2 * 34 + 2)
     # the balance: each D's mean verdict (LSGAN: its output) on the fixed images and on their translations
-    net = Trainer.load(state)[0].model
+    net = train_gan.load_model(state)
     x, y = (du.load_fixed_images(dataset_root / split, 4, 32) for split in ("testA", "testB"))
     with torch.no_grad():
         judges = {"D_Y": (net.D_Y, y, net.G(x)), "D_X": (net.D_X, x, net.F(y))} if model == "cycle_gan" else \
@@ -2515,7 +2517,7 @@ def test_train_cli_writes_grid_csv_plot_and_checkpoint_then_resumes(dataset_root
 
 def test_train_cli_grayscale_runs_end_to_end(dataset_root, tmp_path):
     out = tmp_path / "out"
-    assert cli(cli_args(dataset_root, out, "--model", "fastcut", "--input-nc", "1", "--output-nc", "1",
+    assert cli(cli_args(dataset_root, out, "--model", "fastcut", "--channels-x", "1", "--channels-y", "1",
                         "--epochs", "1", "--epochs-decay", "0")) == 0
     config = torch.load(out / "run" / "latest.pt", weights_only=True)["config"]
     assert (config["channels_x"], config["channels_y"]) == (1, 1)
@@ -2525,47 +2527,44 @@ def test_train_cli_grayscale_runs_end_to_end(dataset_root, tmp_path):
 
 
 @pytest.mark.parametrize("resume", [False, True])
-def test_train_cli_options_are_resolved_in_one_place_and_the_parsed_ones_left_as_asked(dataset_root, tmp_path, resume):
+def test_train_cli_decide_gives_every_option_its_value_the_device_included(dataset_root, tmp_path, resume):
+    """A new run: the device's default (crop 128 on a CPU), then the model's (CUT's 200 + 200 epochs), then the flags
+    given. A resume: the run's own, then the flags given that may change it; this call's own: the machine."""
     argv = ["--model", "cut", "--dataroot", str(dataset_root), "--output-dir", str(tmp_path / "out"), "--name", "run",
-            "--ngf", "4", "--ndf", "4", "--max-steps", "1", "--device", "cpu", "--epochs", "1", "--epochs-decay", "1"]
+            "--ngf", "4", "--ndf", "4", "--max-steps", "1", "--epochs", "2"]
     if resume:
-        train_gan.train(train_gan.parse_options(argv), stop=StopAfter(1))
-    args = train_gan.parse_options(argv + (["--resume", "--lr", "1e-3"] if resume else []))
-    asked = copy.deepcopy(vars(args))
-    trainer = train_gan.train(args)
-    assert vars(args) == asked  # nothing wrote to the options as parsed
-    opts, _ = train_gan.resolve_options(args, torch.device("cpu"))
-    assert vars(args) == asked and opts is not args
-    # preset (crop 128) < the model's default (200 + 200 epochs) < the flags given < the run's own
-    assert (opts.crop_size, opts.netG, opts.lambda_nce, opts.nce_idt, opts.epochs, opts.lr) == \
-        (128, "resnet_6blocks", 1.0, True, 1, 1e-3 if resume else 2e-4)
-    assert trainer.model.config.lr == opts.lr
+        train_gan.train(argv + ["--crop-size", "24", "--load-size", "28"], stop=StopAfter(1))
+        argv = argv[4:8] + ["--resume", "--lr", "1e-3"]
+    run, config, device, checkpoint = train_gan.decide(argv)
+    assert (run.model, run.crop_size, config.netG, config.lambda_nce, config.epochs, config.epochs_decay,
+            config.lr) == ("cut", 24 if resume else 128, "resnet_6blocks", 1.0, 2, 200, 1e-3 if resume else 2e-4)
+    assert device == torch.device("cpu") and run.device == "cpu" and (checkpoint is not None) == resume
+    assert train_gan.make_trainer(run, config, device, checkpoint).optimizers["G"].param_groups[0]["lr"] == config.lr
 
 
-def test_train_cli_each_models_own_values_live_in_its_config_dataclass_alone(
+def test_train_cli_a_default_changed_in_a_dataclass_is_what_help_shows_and_a_run_uses(
         dataset_root, tmp_path, capsys, monkeypatch):
-    """The parser holds no model default: --help reads each model's from its config, and a default changed there
-    is what a run of the command uses (a learner's first ablation: fewer patches, in cut_model.py)."""
-    options = {o for defaults in train_gan.model_defaults().values() for o in defaults}
-    parser = train_gan.train_parser()
-    written = {a.dest: a.default for a in parser._actions if a.dest in options and a.default is not None}
-    assert not written, f"model defaults written in the parser, not read from the config dataclasses: {written}"
-
+    """Each default is written once, in its dataclass field: the run record's, or the model config's. Change one of
+    each (a learner's first ablation, fewer patches, in cut_model.py), and --help and a run both use them."""
     @dataclasses.dataclass
     class FewerPatches(CUTConfig):
-        num_patches: int = 64
-    monkeypatch.setitem(train_gan.MODELS, "cut", (CUT, FewerPatches, {"mode": "cut"}))
+        num_patches: int = dataclasses.field(default=64, metadata=dict(help="places sampled per layer", at_least=1))
+
+    @dataclasses.dataclass
+    class LogEveryStep(train_gan.Run):
+        log_every: int = train_gan.option(1, "steps averaged into each row of losses.csv", "change", at_least=1)
+    monkeypatch.setitem(train_gan.MODELS, "cut", (CUT, FewerPatches, {}))
+    monkeypatch.setattr(train_gan, "Run", LogEveryStep)
     with pytest.raises(SystemExit):
-        cli(["--help"])
+        cli(["--model", "cut", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "patches sampled per layer (P - 1 negatives per query) (default: cut 64; fastcut 256)" in help_text
-    assert "epochs at the initial lr (default: cycle_gan 100; cut 200; fastcut 150)" in help_text
-    assert "weight of PatchNCE (default: cut 1; fastcut 10)" in help_text
-    assert "generator (default: resnet_9blocks; on a CPU resnet_6blocks)" in help_text
-    assert cli(cli_args(dataset_root, tmp_path / "out", "--model", "cut", "--max-steps", "1", "--epochs", "1",
-                        "--epochs-decay", "0")) == 0
-    saved = torch.load(tmp_path / "out" / "run" / "latest.pt", weights_only=True)
-    assert saved["config"]["num_patches"] == saved["options"]["num_patches"] == 64
+    assert "places sampled per layer (default: 64)" in help_text and "losses.csv (default: 1)" in help_text
+    argv = cli_args(dataset_root, tmp_path, "--model", "cut", "--epochs", "1", "--epochs-decay", "0")
+    del argv[argv.index("--log-every"):argv.index("--log-every") + 2]
+    assert cli(argv) == 0
+    saved = torch.load(tmp_path / "run" / "latest.pt", weights_only=True)
+    assert (saved["config"]["num_patches"], saved["run"]["log_every"]) == (64, 1)
+    assert len((tmp_path / "run" / "losses.csv").read_text().splitlines()) == 1 + 2  # a row each step
 
 
 SMALLEST_CROPS = [("cycle_gan", netG, []) for netG in GENERATORS] + \
@@ -2595,19 +2594,17 @@ def test_train_cli_crop_smaller_than_its_networks_take_is_refused_naming_the_sma
             trainer.train_step(*(torch.rand(1, 3, smallest - multiple, smallest - multiple) for _ in range(2)))
 
 
-def test_train_cli_options_only_some_models_read_are_those_their_configs_alone_hold():
-    """ONLY_FOR, which keeps another model's options out of a run and its record, is what the configs say: the
-    fields one model's config has and the other's lacks, and CUT's PatchNCE picture."""
-    options = set(vars(train_gan.parse_options([])))
-    cycle, cut = ({f.name for f in dataclasses.fields(c)} & options for c in (CycleGANConfig, CUTConfig))
-    assert train_gan.ONLY_FOR == {("cycle_gan",): cycle - cut, ("cut", "fastcut"): cut - cycle | {"nce_map"}}
-
-
-def test_train_cli_help_names_every_command(capsys):
+def test_train_cli_help_lists_the_runs_options_and_its_models_alone(capsys):
+    for model, own, other in (("cycle_gan", "--lambda-cycle", "--lambda-nce"), ("cut", "--lambda-nce", "--pool-size")):
+        with pytest.raises(SystemExit):
+            cli(["--model", model, "--help"])
+        text = capsys.readouterr().out
+        assert own in text and other not in text and "--crop-size" in text, (model, own, other)
     with pytest.raises(SystemExit):
         cli(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "train_gan.py download NAME" in text and "comparing models: translate.py" in text
+    assert "--model cut --help lists CUT's" in text and "train_gan.py download NAME" in text and \
+        "comparing models: translate.py" in text and "--lambda-nce" in text  # FastCUT's, the default model
 
 
 def test_train_cli_and_translate_import_where_fcntl_and_resource_do_not_exist():
@@ -2674,15 +2671,26 @@ def test_resume_cli_takes_every_option_not_given_from_the_run(dataset_root, tmp_
     out = tmp_path / "out"
     argv = cli_args(dataset_root, out, "--model", "cut", "--epochs", "1", "--epochs-decay", "1", "--ngf", "8",
                     "--crop-size", "24", "--load-size", "28", "--lr", "1e-3")
-    train_gan.train(train_gan.parse_options(argv), stop=StopAfter(1))
+    train_gan.train(argv, stop=StopAfter(1))
     advice = re.search(r"continue with: (.*)", capsys.readouterr().out).group(1).split()
     assert advice[:2] == ["python", "train_gan.py"] and "--model" not in advice
-    args = train_gan.parse_options(advice[2:] + ["--lr", "5e-4"])
-    opts, checkpoint = train_gan.resolve_options(args, torch.device("cpu"))
-    resumed, epoch_step = train_gan.trainer_for(opts, torch.device("cpu"), checkpoint, out / "run" / "latest.pt")
-    assert (opts.model, opts.ngf, opts.crop_size, opts.max_steps, epoch_step) == ("cut", 8, 24, 2, 1)
+    run, config, device, checkpoint = train_gan.decide(advice[2:] + ["--lr", "5e-4"])
+    resumed = train_gan.make_trainer(run, config, device, checkpoint)
+    assert (run.model, config.ngf, run.crop_size, run.max_steps, resumed.seen) == ("cut", 8, 24, 2, 1)
     assert resumed.optimizers["G"].param_groups[0]["lr"] == 5e-4  # epoch 1 of 1 + 1: the full lr, the new one
-    assert train_gan.train(train_gan.parse_options(advice[2:])).global_step == 4
+    assert train_gan.train(advice[2:]).global_step == 4
+
+
+def test_resume_cli_with_another_batch_size_trains_each_image_of_the_epoch_once(dataset_root, tmp_path, monkeypatch):
+    """A run keeps its place in an epoch as the images trained, not the steps: resumed with another --batch-size
+    (the advice when memory runs out), the epoch goes on from the image it stopped at, each image once."""
+    picked, getitem = [], du.UnpairedDataset.__getitem__
+    monkeypatch.setattr(du.UnpairedDataset, "__getitem__", lambda data, pick: picked.append(pick) or getitem(data, pick))
+    argv = cli_args(dataset_root, tmp_path, "--max-steps", "0", "--epochs", "1", "--epochs-decay", "0")
+    train_gan.train(argv, stop=StopAfter(1))  # one image of the epoch's four
+    assert torch.load(tmp_path / "run" / "latest.pt", weights_only=True)["images"] == 1
+    assert train_gan.train(argv + ["--resume", "--batch-size", "3"]).global_step == 2  # the other three at once
+    assert picked == list(du.PairSampler(4, 3, seed=0)) and sorted(p.x for p in picked) == [0, 1, 2, 3]
 
 
 def test_resume_cli_refuses_another_model_network_or_seed(dataset_root, tmp_path, capsys):
@@ -2697,7 +2705,7 @@ def test_resume_cli_refuses_another_model_network_or_seed(dataset_root, tmp_path
     code, err = run_cli(plain + ["--pool-size", "10"], capsys)
     assert_error(code, err, "this run was started with --pool-size 50; --pool-size 10 would change it")
     code, err = run_cli(plain + ["--num-patches", "64"], capsys)
-    assert_error(code, err, "cycle_gan does not take --num-patches: drop it")
+    assert_error(code, err, r"unrecognized arguments: --num-patches 64 \(see train_gan.py --model cycle_gan --help\)")
 
 
 @pytest.mark.parametrize("model, stop_after, saved_at", [
@@ -2706,13 +2714,12 @@ def test_resume_cli_refuses_another_model_network_or_seed(dataset_root, tmp_path
 ])
 def test_resume_cli_after_a_stop_gives_the_same_weights_as_one_run(dataset_root, tmp_path, model, stop_after, saved_at):
     argv = ["--model", model, "--epochs", "1", "--epochs-decay", "1", "--max-steps", "3"]
-    train_gan.train(train_gan.parse_options(cli_args(dataset_root, tmp_path / "a", *argv)))
-    train_gan.train(train_gan.parse_options(cli_args(dataset_root, tmp_path / "b", *argv)),
-                    stop=StopAfter(stop_after))
+    train_gan.train(cli_args(dataset_root, tmp_path / "a", *argv))
+    train_gan.train(cli_args(dataset_root, tmp_path / "b", *argv), stop=StopAfter(stop_after))
     stopped = torch.load(tmp_path / "b" / "run" / "latest.pt", weights_only=True)
-    assert (stopped["epoch"], stopped["epoch_step"]) == saved_at
+    assert (stopped["epoch"], stopped["images"]) == saved_at
     assert (tmp_path / "b" / "run" / "epoch_001.png").exists()
-    train_gan.train(train_gan.parse_options(cli_args(dataset_root, tmp_path / "b", *argv, "--resume")))
+    train_gan.train(cli_args(dataset_root, tmp_path / "b", *argv, "--resume"))
     a, b = (torch.load(tmp_path / run / "run" / "latest.pt", weights_only=True) for run in "ab")
     assert a["step"] == b["step"] == 6
     for net in a["nets"]:
@@ -2772,9 +2779,9 @@ def test_translate_cli_direction_names_the_domain_folders_as_training_does(datas
 
     def spy(path, device, direction):
         g = load(path, device, direction)
-        used.append(next(name for name, net in t_nets(path).items() if net_equal(net, g)))
+        trained = train_gan.load_model(du.load_torch(path))
+        used.append(next(name for name in ("G", "F") if net_equal(getattr(trained, name), g)))
         return g
-    t_nets = lambda path: Trainer.load(du.load_torch(path))[0].nets  # noqa: E731
     net_equal = lambda a, b: all(torch.equal(p, q) for p, q in zip(a.state_dict().values(),  # noqa: E731
                                                                     b.state_dict().values()))
     monkeypatch.setattr(translate, "generator", spy)
@@ -2921,14 +2928,15 @@ BAD_OPTIONS = [
     (["--model", "cut", "--nce-layers", "0,5"], "unknown encoder tap 5"),
     # without blur-pool the official index 8 names no tap: the paper's down2 is layer 7 there
     (["--model", "cut", "--no-antialias", "--nce-layers", "0,4,8,12,16"], r"unknown encoder tap 8: .* down2 \(7\)"),
-    (["--input-nc", "1"], "--lambda-identity 0"),
-    (["--model", "fastcut", "--input-nc", "1"], "same number of channels"),
-    (["--model", "cut", "--output-nc", "1", "--no-nce-idt"], "same number of channels"),
+    (["--channels-x", "1"], "--lambda-identity 0"),
+    (["--model", "fastcut", "--channels-x", "1"], "same number of channels"),
+    (["--model", "cut", "--channels-y", "1", "--no-nce-idt"], "same number of channels"),
     (["--epochs", "x"], "invalid int value: 'x'"),
     (["--precision", "fp16"], "fp16 is for CUDA GPUs"),
     (["--model", "cut", "--nce-negatives", "others"], "other images of a batch: pass --batch-size 2 or more"),
-    (["--model", "fastcut", "--pool-size", "0"], "fastcut does not take --pool-size: drop it, or pick the --model"),
-    (["--no-nce-idt", "--nce-layers", "res5"], "cycle_gan does not take --nce-idt --nce-layers: drop it"),
+    (["--model", "fastcut", "--pool-size", "0"], r"unrecognized arguments: --pool-size 0 \(see train_gan.py --model "
+                                                 r"fastcut --help\)"),
+    (["--lambda-nce", "2"], r"unrecognized arguments: --lambda-nce 2 \(see train_gan.py --model cycle_gan --help\)"),
 ]
 
 
@@ -2965,7 +2973,7 @@ def test_faults_bad_data_folders_are_refused_in_one_line(tmp_path, capsys):
 
 def test_faults_checkpoint_problems_are_named(dataset_root, tmp_path, capsys):
     latest = tmp_path / "out" / "run" / "latest.pt"
-    fresh = Trainer(CycleGAN(CycleGANConfig(**TINY))).state
+    fresh = functools.partial(Trainer(CycleGAN(CycleGANConfig(**TINY))).state, train_gan.Run(model="cycle_gan"))
     weights_only, unfit, wrong_adam = fresh(), fresh(), fresh()
     unfit["nets"]["G"]["model.1.weight"] = torch.zeros(5, 3, 7, 7)
     wrong_adam["optimizers"]["G"] = wrong_adam["optimizers"]["D"]  # D's Adam where G's belongs
@@ -2974,8 +2982,10 @@ def test_faults_checkpoint_problems_are_named(dataset_root, tmp_path, capsys):
             (None, "latest.pt does not exist"),
             (b"garbage", "is not a readable checkpoint"),
             (ResnetGenerator(ngf=4, n_blocks=1).state_dict(), "not a checkpoint of a train_gan.py run.*translate"),
-            ({k: weights_only[k] for k in ("model", "config", "nets")},  # the weights, to use only
-             "lacks epoch, epoch_step, extra, optimizers, options, rng, step, which a resume needs"),
+            ({k: weights_only[k] for k in ("run", "config", "nets")},  # the weights, to use only
+             "lacks epoch, extra, images, optimizers, rng, step, which a resume needs"),
+            ({k: v for k, v in weights_only.items() if k != "run"} | {"model": "cycle_gan"},  # an earlier version's
+             "written by an earlier train_gan.py, which kept its place in steps: translate.py uses it"),
             (unfit, fit + "size mismatch for model.1.weight"),
             (wrong_adam, fit + ".* parameter group")]:
         if held is not None:
@@ -3012,21 +3022,29 @@ def test_faults_translating_problems_are_named(dataset_root, tmp_path, capsys):
     assert_error(code, err, "name a model: --checkpoint FILE or --pretrained NAME")
 
 
+def training_state(path: Path) -> tuple:
+    """What a checkpoint keeps of the training, apart from the options a start records: where, and the weights."""
+    state = torch.load(path, weights_only=True)
+    return state["epoch"], state["step"], state["images"], [t.tolist() for n in state["nets"].values() for t in
+                                                            n.values()]
+
+
 def test_faults_a_nan_loss_stops_the_run_naming_the_loss_and_step(dataset_root, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
-    saved = (out / "run" / "latest.pt").read_bytes()
+    saved = training_state(out / "run" / "latest.pt")
     step = Trainer.train_step
     monkeypatch.setattr(Trainer, "train_step",
                         lambda self, x, y: {**step(self, x, y), "cycle_X": torch.tensor(math.nan)})
     code, err = run_cli(cli_args(dataset_root, out, "--epochs", "2", "--epochs-decay", "0", "--resume"), capsys)
     assert code == 1 and re.search("loss cycle_X became nan by step 3", err[-1])
-    assert (out / "run" / "latest.pt").read_bytes() == saved
+    assert training_state(out / "run" / "latest.pt") == saved  # the resume's start rewrote its options alone
     advice = re.search(r"continue with: python train_gan.py (.*)", err[-1]).group(1).split()
-    assert advice[advice.index("--lr") + 1] == "0.0001" and advice[advice.index("--epochs") + 1] == "2"  # half the lr
+    assert advice[advice.index("--lr") + 1] == "0.0001"  # half the lr
     monkeypatch.setattr(Trainer, "train_step", step)
-    assert cli(advice) == 0  # the advice, as printed, goes on
-    assert torch.load(out / "run" / "latest.pt", weights_only=True)["options"]["lr"] == 1e-4
+    assert cli(advice) == 0  # the advice, as printed, goes on, with the two epochs the failed resume asked for
+    state = torch.load(out / "run" / "latest.pt", weights_only=True)
+    assert (state["config"]["lr"], state["config"]["epochs"], state["epoch"]) == (1e-4, 2, 2)
 
 
 def test_faults_a_nan_in_a_new_runs_first_step_prints_advice_that_works(dataset_root, tmp_path, capsys, monkeypatch):
@@ -3039,7 +3057,7 @@ def test_faults_a_nan_in_a_new_runs_first_step_prints_advice_that_works(dataset_
     monkeypatch.setattr(Trainer, "train_step", step)
     assert cli(advice) == 0
     state = torch.load(tmp_path / "out" / "run" / "latest.pt", weights_only=True)
-    assert (state["epoch"], state["step"], state["options"]["lr"]) == (1, 2, 1e-4)
+    assert (state["epoch"], state["step"], state["config"]["lr"]) == (1, 2, 1e-4)
 
 
 def test_faults_images_deleted_while_a_run_goes_on_give_way_and_a_domain_left_empty_stops_in_one_line(
@@ -3049,14 +3067,14 @@ def test_faults_images_deleted_while_a_run_goes_on_give_way_and_a_domain_left_em
     argv = cli_args(dataset_root, tmp_path / "out", "--workers", "2", "--max-steps", "4", "--epochs", "1",
                     "--epochs-decay", "1")  # 4 steps: every X image, each epoch
     gone = sorted(p for p in (dataset_root / "trainA").rglob("*") if p.is_file())[:2]
-    end_epoch = du.RunFolder.end_epoch
+    record_epoch = du.RunFolder.record_epoch
 
     def then_delete(*args, **kw):
-        said = end_epoch(*args, **kw)
+        said = record_epoch(*args, **kw)
         for p in gone:
             p.unlink(missing_ok=True)
         return said
-    monkeypatch.setattr(du.RunFolder, "end_epoch", then_delete)
+    monkeypatch.setattr(du.RunFolder, "record_epoch", then_delete)
     code, err = run_cli(argv, capsys)
     assert code == 0 and "Traceback" not in "".join(err), err
     warned = re.findall(r"^warning: skipping unreadable image (.*): another image of its domain takes its place$",
@@ -3152,7 +3170,7 @@ def test_faults_out_of_memory_is_one_line_naming_the_size_and_the_flag(dataset_r
     CPU the allocator's own error is raised in the step (a real one would take the machine's memory)."""
     out = tmp_path / "out"
     assert cli(one_epoch(dataset_root, out, "--device", device)) == 0
-    saved = (out / "run" / "latest.pt").read_bytes()
+    saved = training_state(out / "run" / "latest.pt")
     if device == "cpu":
         oom = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9663676416 bytes.")
         monkeypatch.setattr(Trainer, "train_step", lambda self, x, y: (_ for _ in ()).throw(oom))
@@ -3169,16 +3187,16 @@ def test_faults_out_of_memory_is_one_line_naming_the_size_and_the_flag(dataset_r
             torch.cuda.empty_cache()
     assert_error(code, err, r"out of memory at crop 256x256, batch 1: lower --crop-size or "
                             r"--batch-size, then continue with: python train_gan.py --resume --name run", 1)
-    assert (out / "run" / "latest.pt").read_bytes() == saved
+    assert training_state(out / "run" / "latest.pt") == saved
 
     def out_of_memory(net, x):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    monkeypatch.setattr(translate, "translated", out_of_memory)
+    monkeypatch.setattr(translate, "generate", out_of_memory)
     code, err = run_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input",
                          str(dataset_root / "testA"), "--output", str(tmp_path / "res")], capsys, translate_cli)
     assert_error(code, err, r"out of memory translating img0.jpg \(40x30, batch 1\): pass --max-side", 1)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # another error is not taken for memory
-        with du.memory_or_stopped("translating", "lower --size"):
+        with du.stop_if_out_of_memory("translating", "lower --size"):
             raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (1x2 and 3x4)")
 
 
@@ -3251,9 +3269,9 @@ def test_faults_sigint_saves_a_checkpoint_and_exits_cleanly(dataset_root, tmp_pa
     stdout, stderr = ended_after_ctrl_c(proc)
     assert proc.returncode == 0, stderr
     assert stderr.count("stopping after this step") == 1, stderr  # the main process alone answers
-    assert "stopped at epoch 1, step" in stdout
+    assert "stopped at epoch 1, image" in stdout
     state = torch.load(out / "run" / "latest.pt", weights_only=True)
-    assert state["epoch"] == 0 and 1 <= state["epoch_step"] < 600
+    assert state["epoch"] == 0 and 1 <= state["images"] < 600
 
 
 # ============================================================================= several GPUs (torchrun)
@@ -3276,7 +3294,7 @@ def ddp_worker(rank, world, port, argv, out, stop_after=None):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     stop = StopAfter(stop_after) if stop_after and rank == 1 else None
-    model = train_gan.train(train_gan.parse_options(argv), stop=stop)
+    model = train_gan.train(argv, stop=stop)
     torch.save({k: v.state_dict() for k, v in model.nets.items()}, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -3364,7 +3382,7 @@ def test_ddp_ranks_stop_together_after_the_step_one_rank_was_asked_to_stop(datas
                     "--log-every", "10")  # 2 steps an epoch per rank: no logged step but the epochs' ends
     ranks = train_two_ranks(argv, tmp_path, stop_after=3)
     stopped = torch.load(tmp_path / "out" / "run" / "latest.pt", weights_only=True)
-    assert (stopped["step"], stopped["epoch"], stopped["epoch_step"]) == (3, 1, 1)  # mid-way through epoch 2
+    assert (stopped["step"], stopped["epoch"], stopped["images"]) == (3, 1, 2)  # mid-way through epoch 2
     assert all(torch.equal(t, ranks[0]["G"][k]) for k, t in stopped["nets"]["G"].items())
 
 
@@ -3372,7 +3390,7 @@ def test_ddp_ranks_stop_together_after_the_step_one_rank_was_asked_to_stop(datas
 
 
 STEP_MODELS = {"cycle_gan": (CycleGAN, CycleGANConfig(**TINY)), "cut": (CUT, CUTConfig(**TINY_CUT)),
-               "fastcut": (CUT, CUTConfig(mode="fastcut", **TINY_CUT))}
+               "fastcut": (CUT, CUTConfig(**FASTCUT, **TINY_CUT))}
 
 
 def step_with_gradients(trainer, x, y, monkeypatch) -> tuple[dict, dict]:
@@ -3460,7 +3478,7 @@ def test_gpu_compiled_run_trains_as_eager_does_and_saves_weights_plain_networks_
         rows[mode] = [{k: float(v) for k, v in r.items()} for r in csv.DictReader((out / "run" / "losses.csv").open())]
     state = torch.load(tmp_path / "compiled" / "run" / "latest.pt", weights_only=True)
     assert state["step"] == 2 and not any("_orig_mod" in k for net in state["nets"].values() for k in net)
-    Trainer.load(state)  # uncompiled networks take the weights
+    train_gan.load_model(state)  # uncompiled networks take the weights
     # The same seed, the same first step: the compiled kernels compute it as eager does, to rounding.
     assert rows["compiled"][0] == pytest.approx(rows["eager"][0], rel=1e-3)
     assert len(rows["compiled"]) == 2 and all(math.isfinite(v) for v in rows["compiled"][1].values())
@@ -3539,7 +3557,7 @@ def test_guide_traces_show_the_shapes_the_code_produces():
     sections = {s.split("\n", 1)[0]: s for s in re.split(r"^### ", guide, flags=re.M)}
     torch.manual_seed(0)
     image = {"x": torch.rand(1, 3, 256, 256) * 2 - 1, "y": torch.rand(1, 3, 256, 256) * 2 - 1}
-    cg, cut, fast = CycleGAN(), CUT(), CUT(CUTConfig(mode="fastcut"))
+    cg, cut, fast = CycleGAN(), CUT(), CUT(CUTConfig(**FASTCUT))
     namespaces = {
         "One CycleGAN step, traced": (19, dict(model=cg, G=cg.G, F=cg.F, D_X=cg.D_X, D_Y=cg.D_Y, gan=cg.gan_loss)),
         "One CUT step, traced": (24, dict(model=cut, G=cut.G, D=cut.D, H=cut.H, gan=cut.gan_loss, nce=cut.nce_loss,

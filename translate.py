@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data_utility import (OFFICIAL_PRETRAINED, Parser, UsageError, at_least, channels, download_pretrained,
-                          failed_write_stops, first_readable, fit_within, list_images, load_fixed_images, load_torch,
-                          make_folder, memory_or_stopped, need, pick_device, run_command, save_grid, save_image,
-                          smallest_side, to_image, to_tensor)
+from data_utility import (OFFICIAL_PRETRAINED, Parser, UsageError, at_least, download_pretrained, first_readable,
+                          fit_within, input_channels, list_images, load_fixed_images, load_torch, make_folder, need,
+                          pick_device, run_command, save_grid, save_image, smallest_side, stop_if_a_write_fails,
+                          stop_if_out_of_memory, to_image, to_tensor)
 from networks import official_generator
-from train_gan import is_checkpoint, load_model
+from train_gan import is_checkpoint, load_model, run_record
 
 CACHE = Path(__file__).resolve().parent / "pretrained"
 
@@ -52,10 +52,10 @@ def parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(lambda: translate(parser().parse_args(sys.argv[1:] if argv is None else argv)))
+    return run_command(lambda: use_models(parser().parse_args(sys.argv[1:] if argv is None else argv)))
 
 
-def translate(args) -> None:
+def use_models(args) -> None:
     """Check the options, load every model, then write the translations or the grid."""
     models = [*args.checkpoint, *args.pretrained]
     need(models, "name a model: --checkpoint FILE or --pretrained NAME")
@@ -70,7 +70,7 @@ def translate(args) -> None:
     files = list_images(args.input)
     device = pick_device(args.device)
     paths = [*args.checkpoint, *(download_pretrained(name, args.cache) for name in args.pretrained)]
-    with memory_or_stopped(f"loading the model(s) onto {device}", "free its memory, or pass --device cpu"):
+    with stop_if_out_of_memory(f"loading the model(s) onto {device}", "free its memory, or pass --device cpu"):
         generators = [generator(path, device, args.direction) for path in paths]
     # The smallest side an image can have: once padded to its generator's multiple, what that network runs on.
     smallest = max(smallest_side([net], net.side_multiple) - net.side_multiple + 1 for net in generators)
@@ -80,7 +80,7 @@ def translate(args) -> None:
     if args.grid:
         write_grid(generators, args)
     else:
-        translate_folder(generators[0], files, args, smallest)
+        write_translations(generators[0], files, args, smallest)
 
 
 def generator(path: Path, device: torch.device, direction: str | None) -> torch.nn.Module:
@@ -95,15 +95,16 @@ def generator(path: Path, device: torch.device, direction: str | None) -> torch.
                              f"{str(e).splitlines()[0]}") from None
         need(not direction, f"{path} holds one generator, which translates its own way: drop --direction")
         return net.to(device).eval()
-    model, trained = load_model(state, path), state.get("options", {}).get("direction", "AtoB")
+    model, run = load_model(state, path), run_record(state)
+    trained = run.get("direction", "AtoB")
     way = "x2y" if direction in (None, trained) else "y2x"  # the run's X is the folder it trained from
-    need(way in model.directions, f"{path} is a {model.name} model, which translates its own way only "
+    need(way in model.directions, f"{path} is a {run['model']} model, which translates its own way only "
          f"({trained}): drop --direction {direction}")
     return getattr(model, model.directions[way]).to(device)  # in eval mode, as load_model returns it
 
 
 @torch.no_grad()
-def translated(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def generate(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """net(x), run on the network's device and returned on the CPU, for (B, C, H, W) images in [-1, 1] of any size
     from the smallest it takes: the sides reflect-padded to the generator's multiple, the result cropped back."""
     y = net(pad_to_multiple(x.to(next(net.parameters()).device), net.side_multiple))
@@ -118,11 +119,11 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode)
 
 
-def translate_folder(net: torch.nn.Module, files: list[Path], args, smallest: int) -> None:
+def write_translations(net: torch.nn.Module, files: list[Path], args, smallest: int) -> None:
     """Each image at its own size (or per --max-side, --size) as OUTPUT/NAME.png; one under `smallest` is skipped."""
-    output, written, taken = make_folder(args.output, "--output"), 0, channels(net)
+    output, written, channels = make_folder(args.output, "--output"), 0, input_channels(net)
     for f in tqdm(files, desc="translate", leave=False):
-        img = first_readable([f], taken)[0]
+        img = first_readable([f], channels)[0]
         if img is None:
             warnings.warn(f"skipping unreadable image {f}")
             continue
@@ -131,10 +132,10 @@ def translate_folder(net: torch.nn.Module, files: list[Path], args, smallest: in
             warnings.warn(f"skipping {f} ({img.width}x{img.height}): the generator needs at least {smallest} pixels "
                           f"a side; scale it up first, or pass --size {max(smallest, 256)}")
             continue
-        with memory_or_stopped(f"translating {f.name} ({img.width}x{img.height}, batch 1)",
-                               "pass --max-side N to scale images down first (e.g. --max-side 1024)"):
-            y = translated(net, to_tensor(img)[None])
-        with failed_write_stops(output, "run the same command again; the images written before it are complete"):
+        with stop_if_out_of_memory(f"translating {f.name} ({img.width}x{img.height}, batch 1)",
+                                   "pass --max-side N to scale images down first (e.g. --max-side 1024)"):
+            y = generate(net, to_tensor(img)[None])
+        with stop_if_a_write_fails(output, "run the same command again; the images written before it are complete"):
             save_image(to_image(y[0]), output / f"{f.stem}.png")
         written += 1
     print(f"translated {written} images into {output}")
@@ -142,16 +143,16 @@ def translate_folder(net: torch.nn.Module, files: list[Path], args, smallest: in
 
 def write_grid(generators: list[torch.nn.Module], args) -> None:
     """One picture: a row per input image, the input then every model's translation of it."""
-    taken = {channels(net) for net in generators}
-    need(len(taken) == 1, f"the models take {' and '.join(map(str, sorted(taken)))}-channel inputs: compare "
+    channels = {input_channels(net) for net in generators}
+    need(len(channels) == 1, f"the models take {' and '.join(map(str, sorted(channels)))}-channel inputs: compare "
          f"models of the same domains")
     size = args.size or 256
-    x = load_fixed_images(args.input, args.count, size, taken.pop())
-    with memory_or_stopped(f"translating {len(x)} images of {size}x{size} at once (batch {len(x)})",
-                           "lower --count or --size"):
-        outputs = [translated(net, x) for net in generators]
+    x = load_fixed_images(args.input, args.count, size, channels.pop())
+    with stop_if_out_of_memory(f"translating {len(x)} images of {size}x{size} at once (batch {len(x)})",
+                               "lower --count or --size"):
+        outputs = [generate(net, x) for net in generators]
     make_folder(args.grid.parent, "--grid")
-    with failed_write_stops(args.grid.parent, "run the same command again"):
+    with stop_if_a_write_fails(args.grid.parent, "run the same command again"):
         save_grid([[x[i], *(y[i] for y in outputs)] for i in range(len(x))], args.grid)
     print(f"wrote {args.grid}: {len(x)} rows of the input and {len(generators)} translation(s)")
 
