@@ -1,10 +1,10 @@
-"""Data and files for unpaired translation, in four parts, each name defined before the first line that uses it:
+"""Data and files for unpaired translation, in four parts, each name defined before its first use:
 
-1. The words every part uses: a command's one-line errors, `need`, writing a file whole or not at all.
-2. The data, all a learner of the papers needs: the images of the two domains, loaded, jittered and paired at random
-   as the official data/unaligned_dataset.py does (X in a shuffled order, a random y for each x), as tensors and back.
-3. The run folder: `RunFolder` names and writes every file of output/NAME/ (the official Visualizer and HTML).
-4. The machine and the downloads: the option parser, the device and its memory, Ctrl-C, the official data and models.
+1. The words every part uses: one-line errors, `need`, writing a file whole or not at all.
+2. The data, all a learner of the papers needs: the two domains' images, jittered and paired at random as the
+   official data/unaligned_dataset.py does.
+3. The run folder: `RunFolder` writes every file of output/NAME/.
+4. The machine and the downloads: the parser, the device, Ctrl-C, the official data and models.
 """
 import argparse
 import contextlib
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 
 class CommandError(Exception):
-    """What a command ends with: its message, one line for the user."""
+    """What a command ends with: one line for its user."""
 
     def __str__(self) -> str:
         text = super().__str__()
@@ -42,11 +42,11 @@ class CommandError(Exception):
 
 
 class UsageError(CommandError):
-    """A bad option, file or dataset, found before any work: one line saying how to fix it, exit code 2."""
+    """A bad option, file or dataset, found before any work (exit code 2)."""
 
 
 class RunError(CommandError):
-    """A started command cannot go on (a loss diverged, a write failed, memory ran out): one line, exit code 1."""
+    """A started command that cannot go on (exit code 1)."""
 
 
 def need(ok: bool, message: str) -> None:
@@ -55,34 +55,26 @@ def need(ok: bool, message: str) -> None:
         raise UsageError(message)
 
 
-def remove(path: Path) -> None:
-    """Delete a temporary file if it is there; a path that cannot hold one (under a file) is no error."""
-    with contextlib.suppress(OSError):
-        Path(path).unlink(missing_ok=True)
-
-
 def write_atomically(path: Path, write) -> None:
-    """write(tmp) beside `path`, then rename it over `path`: a full disk, a crash or Ctrl-C leaves `path` as it was.
-    Every file the commands write goes through here; a failure (torch.save's short write too) is an OSError on it."""
+    """Write `path` through a file renamed over it, so a full disk, a crash or Ctrl-C leaves it as it was. Every
+    file the commands write goes through here; a failure is an OSError naming `path`."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
     except BaseException as e:
-        remove(tmp)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-        if isinstance(e, RuntimeError):
-            free = shutil.disk_usage(path.parent).free / 2 ** 20 if path.parent.is_dir() else 0
-            raise OSError(0, f"the write stopped short, {free:.0f} MB free on that disk: {str(e).splitlines()[0]}",
+        with contextlib.suppress(OSError):  # a folder that cannot hold one (under a file) has none to remove
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save's short write is a RuntimeError
+            raise OSError(getattr(e, "errno", 0), getattr(e, "strerror", None) or str(e).splitlines()[0],
                           str(path)) from None
         raise
 
 
 @contextmanager
 def stop_if_a_write_fails(where: Path, then: str):
-    """A write failing inside the block ends the command in one line: the file, the cause, to fix `where`, `then`."""
+    """A failed write inside the block ends the command in one line: the file, the cause, what to do."""
     try:
         yield
     except OSError as e:
@@ -91,7 +83,7 @@ def stop_if_a_write_fails(where: Path, then: str):
 
 
 def make_folder(folder: Path, flag: str) -> Path:
-    """Create `folder` (given by option `flag`), or end with one line saying why it cannot be one."""
+    """Create `folder`, given by option `flag`, or say in one line why it cannot be one."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -100,7 +92,7 @@ def make_folder(folder: Path, flag: str) -> Path:
 
 
 def save_image(img: Image.Image, path: Path) -> None:
-    """Save a picture atomically, in the format its suffix names (.png, .jpg)."""
+    """Save a picture whole or not at all, in the format its suffix names (.png, .jpg)."""
     fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
     write_atomically(path, lambda tmp: img.save(tmp, format=fmt))
 
@@ -108,15 +100,13 @@ def save_image(img: Image.Image, path: Path) -> None:
 # ============================================================================= 2. the data
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-# Each layout: (train X, train Y, test X, test Y) folder names.
-LAYOUTS = {"trainA/trainB/testA/testB": ("trainA", "trainB", "testA", "testB"),
+LAYOUTS = {"trainA/trainB/testA/testB": ("trainA", "trainB", "testA", "testB"),  # train X, Y, test X, Y
            "x_train/y_train/x_test/y_test": ("x_train", "y_train", "x_test", "y_test")}
-# Pillow refuses images over ~179 MP as possible decompression bombs; allow a dataset's photos up to 1 GP (4 GB).
-Image.MAX_IMAGE_PIXELS = 1 << 30
+Image.MAX_IMAGE_PIXELS = 1 << 30  # Pillow's bomb check stops at ~179 MP; a dataset's photos may reach 1 GP
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Every image below `folder`, recursively, sorted; a folder missing or without images is a UsageError."""
+    """Every image below `folder`, sorted; none, or no folder, is a UsageError."""
     need(folder is not None and Path(folder).is_dir(), f"image folder {folder} does not exist")
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     need(files, f"no images ({' '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
@@ -124,24 +114,22 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def find_domains(root: Path, direction: str = "AtoB") -> dict[str, Path | None]:
-    """{'train_x', 'train_y', 'test_x', 'test_y'}: a dataset's folders (test ones may be None), BtoA swapping X, Y."""
+    """A dataset's folders: train_x, train_y, test_x, test_y (None where there is no test folder)."""
     root = Path(root)
     need(root.is_dir(), f"dataroot {root} does not exist: pass --dataroot with a folder holding trainA/ and trainB/ "
          f"(or x_train/ and y_train/)")
     for names in LAYOUTS.values():
         if (root / names[0]).is_dir() and (root / names[1]).is_dir():
             folders = [root / n if (root / n).is_dir() else None for n in names]
-            if direction == "BtoA":
-                folders = [folders[1], folders[0], folders[3], folders[2]]
-            return dict(zip(("train_x", "train_y", "test_x", "test_y"), folders))
+            order = (1, 0, 3, 2) if direction == "BtoA" else (0, 1, 2, 3)
+            return dict(zip(("train_x", "train_y", "test_x", "test_y"), (folders[i] for i in order)))
     found = ", ".join(sorted(p.name + "/" for p in root.iterdir() if p.is_dir())) or "no folders"
     raise UsageError(f"dataroot {root} has neither layout {' nor '.join(LAYOUTS)}; found {found}")
 
 
 def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Image.Image:
-    """Open any image as 8-bit RGB (channels=3) or grayscale (1), upright as its EXIF orientation says (a phone
-    photo). 16-bit and float images are rescaled to 0..255 first (Pillow's own conversion would clip them). With
-    `min_side`, a large JPEG is decoded at the smallest power-of-2 reduction keeping both sides >= min_side."""
+    """Any image as 8-bit RGB (channels 3) or gray (1), upright as its EXIF says, a 16-bit or float one rescaled
+    (Pillow would clip it). With `min_side`, a JPEG decodes at a cheaper, reduced scale."""
     with Image.open(path) as opened:  # closed even when the file turns out broken
         if min_side:
             opened.draft(opened.mode, (min_side, min_side))
@@ -149,28 +137,16 @@ def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Im
         img = ImageOps.exif_transpose(opened)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         a = np.asarray(img, dtype=np.float64)
-        a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255
-        img = Image.fromarray(a.round().astype(np.uint8), "L")
+        img = Image.fromarray(((a - a.min()) / max(a.max() - a.min(), 1e-12) * 255).round().astype(np.uint8), "L")
     return img.convert("RGB" if channels == 3 else "L")
 
 
-def first_readable(paths, channels: int = 3, min_side: int | None = None) -> tuple[Image.Image | None, list[Path]]:
-    """The first of `paths` that loads (load_image; None if none does), and those before it that did not."""
-    skipped = []
-    for path in paths:
-        try:
-            return load_image(path, channels, min_side), skipped
-        except Exception:  # Pillow raises many types for broken files; a vanished one, OSError
-            skipped.append(path)
-    return None, skipped
-
-
-def fit_within(img: Image.Image, max_side: int | None) -> Image.Image:
-    """`img` scaled down (bicubic, aspect ratio kept) so its longer side is at most max_side; None: as it is."""
-    if max_side is None or max(img.size) <= max_side:
-        return img
-    scale = max_side / max(img.size)
-    return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+def try_load(path: Path, channels: int = 3, min_side: int | None = None) -> Image.Image | None:
+    """load_image, or None for a file that is broken or gone."""
+    try:
+        return load_image(path, channels, min_side)
+    except Exception:  # Pillow raises many types for broken files; a vanished one, OSError
+        return None
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -195,8 +171,7 @@ def jitter(img: Image.Image, load_size: int, crop_size: int, rng: np.random.Gene
 
 
 class Pick(NamedTuple):
-    """One item of an epoch: an image of X, one of Y, the seed of their jitter, and the epoch (CUT's lr-decay
-    epochs only flip)."""
+    """One item of an epoch: an image of X, one of Y, their jitter's seed, and the epoch."""
     x: int
     y: int
     seed: int
@@ -204,18 +179,17 @@ class Pick(NamedTuple):
 
 
 class UnpairedDataset(torch.utils.data.Dataset):
-    """The training images of domains X and Y. Item `pick` is (x, y): (C_x, crop, crop) and (C_y, crop, crop) in
-    [-1, 1], its randomness the pick's alone, so a run is the same with any number of loader workers. From epoch
-    `no_crop_from_epoch` (from 0) images are resized to the crop size and only flipped, as the official CUT dataset
-    does in the lr-decay epochs. An image unreadable when it is needed gives way to the next readable one of its
-    domain and is marked in `unreadable`, memory the loader's workers share, for `batches` to name once."""
+    """The training images of X and Y. Item `pick` is (x, y), (C, crop, crop) each in [-1, 1], as random as the
+    pick says; from epoch `no_crop_from_epoch` they are only resized and flipped (the official CUT dataset's decay
+    epochs). An image that no longer reads gives way to the next of its domain, and is marked in `unreadable`,
+    memory the loader's workers share, for `batches` to name."""
 
     def __init__(self, folder_x: Path, folder_y: Path, load_size: int = 286, crop_size: int = 256,
                  channels_x: int = 3, channels_y: int = 3, no_crop_from_epoch: int | None = None):
         self.folders, self.channels = (folder_x, folder_y), (channels_x, channels_y)
         self.files = [list_images(folder) for folder in self.folders]
         for folder, files, channels in zip(self.folders, self.files, self.channels):
-            need(first_readable(files, channels, 64)[0] is not None,  # a JPEG decodes fast at reduced scale
+            need(any(try_load(f, channels, 64) for f in files),
                  f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
         self.load_size, self.crop_size, self.no_crop_from_epoch = load_size, crop_size, no_crop_from_epoch
         self.unreadable = [torch.zeros(len(files), dtype=torch.bool).share_memory_() for files in self.files]
@@ -233,23 +207,21 @@ class UnpairedDataset(torch.utils.data.Dataset):
                      for domain, i in enumerate((i_x, i_y)))
 
     def readable(self, domain: int, i: int, load: int) -> Image.Image:
-        """Image i of a domain (0: X, 1: Y), or the next one that reads; each that does not is marked unreadable."""
+        """Image i of a domain (0: X, 1: Y), or the next one that reads."""
         files = self.files[domain]
         for k in ((i + j) % len(files) for j in range(len(files))):
-            try:
-                return load_image(files[k], self.channels[domain], load)
-            except Exception:  # Pillow raises many types for broken files; a vanished one, OSError
-                self.unreadable[domain][k] = True
+            img = try_load(files[k], self.channels[domain], load)
+            if img is not None:
+                return img
+            self.unreadable[domain][k] = True
         raise RunError(f"none of the {len(files)} images listed in {self.folders[domain]} can be read any more: put "
                        f"them back, then resume")
 
 
 class PairSampler(torch.utils.data.Sampler):
-    """The picks of an epoch: X in a shuffled order, a random y for each x, a seed for each jitter; a function of
-    (seed, epoch) alone, so a resume replays what an uninterrupted run saw. An epoch is every image of the larger
-    domain, at most `limit`. `set_epoch(epoch, start)` skips its first `start` picks (the images already trained, on
-    all ranks, whatever the batch size was); each of `world` ranks takes every world-th of the rest (a
-    DistributedSampler over the same order), as many each."""
+    """An epoch's picks, from (seed, epoch) alone: X shuffled, a random y each; at most `limit` of them. set_epoch
+    skips the first `start`, the images all ranks have trained; each of `world` ranks takes every world-th of the
+    rest, as many each (a DistributedSampler)."""
 
     def __init__(self, n_x: int, n_y: int, seed: int = 0, rank: int = 0, world: int = 1, limit: int | None = None):
         self.n_x, self.n_y, self.seed, self.rank, self.world = n_x, n_y, seed, rank, world
@@ -260,8 +232,7 @@ class PairSampler(torch.utils.data.Sampler):
         self.epoch, self.start = epoch, start
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        n = max(self.n_x, self.n_y)
+        g, n = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch), max(self.n_x, self.n_y)
         order = torch.randperm(n, generator=g) % self.n_x
         partners = torch.randint(0, self.n_y, (n,), generator=g)
         seeds = torch.randint(0, 2 ** 31 - 1, (n,), generator=g)
@@ -273,21 +244,21 @@ class PairSampler(torch.utils.data.Sampler):
 
 
 def quiet_worker(_: int) -> None:
-    """A data-loading worker leaves Ctrl-C to the main process, which saves, then stops it; SIGTERM kills it."""
+    """A loader's worker leaves Ctrl-C to the main process, which saves, then stops it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def data_loader(data: UnpairedDataset, sampler: PairSampler, batch_size: int, workers: int,
                 pin_memory: bool) -> torch.utils.data.DataLoader:
-    """A loader of `workers` persistent processes (0: the main one), pinned for a GPU, with a generator of its own."""
+    """A loader of `workers` persistent processes (0: the main one)."""
     return torch.utils.data.DataLoader(data, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                                        persistent_workers=workers > 0, worker_init_fn=quiet_worker,
                                        generator=torch.Generator())
 
 
 def batches(loader: torch.utils.data.DataLoader, rank0: bool = True):
-    """(x, y, seconds waited for it): a loader's batches; rank 0 names each image found unreadable, once."""
+    """A loader's (x, y, seconds waited for them); rank 0 names each image found unreadable, once."""
     start, data = time.perf_counter(), loader.dataset
     for x, y in loader:
         waited = time.perf_counter() - start
@@ -300,14 +271,16 @@ def batches(loader: torch.utils.data.DataLoader, rank0: bool = True):
 
 
 def load_fixed_images(folder: Path, n: int, size: int, channels: int = 3) -> torch.Tensor:
-    """(n, C, size, size): a folder's first n readable images, resized; one warning names those passed over."""
-    images, skipped, paths = [], [], iter(list_images(folder))
-    while len(images) < n:
-        img, bad = first_readable(paths, channels)
-        skipped += [p.name for p in bad]
-        if img is None:
+    """(n, C, size, size): a folder's first n readable images; one warning names those passed over."""
+    images, skipped = [], []
+    for path in list_images(folder):
+        if len(images) == n:
             break
-        images.append(to_tensor(img.resize((size, size), Image.BICUBIC)))
+        img = try_load(path, channels)
+        if img is None:
+            skipped.append(path.name)
+        else:
+            images.append(to_tensor(img.resize((size, size), Image.BICUBIC)))
     if skipped:
         warnings.warn(f"skipping {len(skipped)} unreadable image(s) in {folder}: {', '.join(skipped[:3])}"
                       + (", ..." if len(skipped) > 3 else ""))
@@ -319,7 +292,7 @@ def load_fixed_images(folder: Path, n: int, size: int, channels: int = 3) -> tor
 
 
 def save_grid(rows: list[list[torch.Tensor | Image.Image]], path: Path, pad: int = 2) -> None:
-    """Rows of equal images (PIL, or (C, H, W) tensors in [-1, 1]) in one picture `pad` pixels apart: no torchvision."""
+    """Rows of images (PIL, or (C, H, W) in [-1, 1]) in one picture, `pad` pixels apart."""
     rows = [[(to_image(img) if isinstance(img, torch.Tensor) else img).convert("RGB") for img in row] for row in rows]
     w, h = rows[0][0].size
     grid = Image.new("RGB", (max(map(len, rows)) * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
@@ -330,8 +303,8 @@ def save_grid(rows: list[list[torch.Tensor | Image.Image]], path: Path, pad: int
 
 
 def append_row(path: Path, row: dict[str, float]) -> None:
-    """Append a row to a CSV log, the header with the first. The columns follow the file's own header, which a user
-    may have edited: a value without a column is left out (one warning), a column the row lacks stays empty."""
+    """Append a row to a CSV log, in the columns of its header, which a user may have edited (a value without a
+    column is left out, with a warning)."""
     with open(path, "a+", newline="") as f:  # read from the start; every write goes to the end
         f.seek(0)
         names, writer = next(csv.reader(f), None), csv.writer(f)
@@ -346,7 +319,7 @@ def append_row(path: Path, row: dict[str, float]) -> None:
 
 
 def read_table(path: Path) -> list[dict[str, float]]:
-    """The rows of a CSV log as {column: number}; a cell that is not a number is left out (one warning for the file)."""
+    """A CSV log's rows as {column: number}; a cell that is not one is left out, with a warning."""
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -372,7 +345,7 @@ def read_table(path: Path) -> list[dict[str, float]]:
 
 def plot(table: list[dict[str, float]], x: str, panels: dict[str, list[str]], path: Path,
          level: float | None = None) -> None:
-    """Plot each panel's columns of a log against its column `x`, one panel under another, a dashed line at `level`."""
+    """Plot each panel's columns of a log against column `x`, a dashed line at `level`."""
     import matplotlib
     matplotlib.use("Agg")  # no display server needed
     import matplotlib.pyplot as plt
@@ -404,7 +377,7 @@ def plot(table: list[dict[str, float]], x: str, panels: dict[str, list[str]], pa
 
 
 def heat_over(image: torch.Tensor, heat: torch.Tensor) -> Image.Image:
-    """`image` (C, H, W) in [-1, 1], in gray, under `heat` (h, w), upsampled and coloured 0 dark to 1 bright."""
+    """`image` (C, H, W) in gray under `heat` (h, w), coloured from 0 dark to 1 bright."""
     import matplotlib
     heat = torch.nn.functional.interpolate(heat[None, None].float().cpu(), size=tuple(image.shape[-2:]),
                                            mode="bilinear", align_corners=False)[0, 0]
@@ -416,9 +389,8 @@ MARKS = ("red", "lime", "cyan", "yellow", "magenta")
 
 
 def save_similarity_grid(x: torch.Tensor, fake: torch.Tensor, maps: torch.Tensor, points, path: Path) -> None:
-    """CUT's learned similarity as a picture: a row per image, x and G(x) (B, C, H, W) in [-1, 1] with the Q query
-    `points` ((row, col) fractions) marked as squares in MARKS' colours, then each point's map (B, Q, h, w) over x
-    as a heat map (bright: likely)."""
+    """A row per image: x and G(x) (B, C, H, W) with the query `points` ((row, col) fractions) marked, then each
+    point's similarity map (B, Q, h, w) as heat over x."""
     def marked(img: Image.Image, which) -> Image.Image:
         draw, (w, h) = ImageDraw.Draw(img), img.size
         for q in which:
@@ -427,51 +399,41 @@ def save_similarity_grid(x: torch.Tensor, fake: torch.Tensor, maps: torch.Tensor
         return img
 
     peak = maps.float().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)  # each map's peak is 1
-    save_grid([[marked(to_image(x[b]).convert("RGB"), range(len(points))),
-                marked(to_image(fake[b]).convert("RGB"), range(len(points)))]
+    save_grid([[marked(to_image(t[b]).convert("RGB"), range(len(points))) for t in (x, fake)]
                + [marked(heat_over(x[b], maps[b, q] / peak[b, q]), [q]) for q in range(len(points))]
                for b in range(len(x))], path)
 
 
-PAGE_STYLE = """body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em;
-color: #222; } h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.15em; margin: 1.6em 0 0.3em; }
-.status, .caption { color: #555; } .caption { font-size: 0.9em; } td { padding: 1px 12px 1px 0; }
-table { border-collapse: collapse; font-size: 0.9em; } section { border-top: 1px solid #ddd; }
-img { max-width: 100%; display: block; margin: 0.4em 0; image-rendering: pixelated; }
-.plots { display: flex; gap: 1em; align-items: flex-start; }"""
+PAGE_STYLE = """body { font: 15px/1.45 sans-serif; margin: 2em auto; max-width: 1100px; } .caption { color: #555; }
+img { max-width: 100%; display: block; image-rendering: pixelated; } .plots { display: flex; gap: 1em; }"""
 
 
 class RunFolder:
-    """OUTPUT/NAME/, the files of one run (the README's "What a run writes"), each named and written here and nowhere
-    else, by rank 0: .lock, options.json, latest.pt and epoch_NNN.pt, losses.csv and epochs.csv, their plots, each
-    epoch's pictures, index.html. Every file is written whole or not at all; one that cannot be written (a full
-    disk, a read-only folder) ends the command in one line: the file, the cause, and `resume_hint`."""
+    """OUTPUT/NAME/, a run's files (the README's "What a run writes"), each written here alone, whole or not at
+    all; a failure is an OSError (train_gan.py ends the run in one line, with `resume_hint`)."""
     TIMING = {"seconds": "{:.0f} s", "images_per_sec": "{:.2f} img/s", "data_wait": "{:.0%} of it waiting for data"}
 
     def __init__(self, path: Path, resume_hint: str = ""):
         self.path, self.resume_hint, self.latest = Path(path), resume_hint, Path(path) / "latest.pt"
         self.heading, self.done, self.total, self.shown = "", 0, 0, {}
-        self.captions = {"epoch": "", "nce_epoch": "where the model looks for each output patch's input patch: each "
-                         "row a test image x and G(x) with query points marked, then for each point the similarity of "
-                         "its patch of G(x) to every patch of x (bright: taken for its input patch)",
-                         "d_epoch": "what D decides: each row, for each discriminator in turn, a real test image of "
-                         "its domain and a translation into it, under D's verdict on each patch of it: bright real "
-                         "(1), dark fake (0), red at 0.5, where neither network wins"}  # an epoch's, in page order
+        self.captions = {"epoch": "", "nce_epoch": "where PatchNCE finds each output patch's input patch: x, G(x) "
+                         "with query points, then each point's similarity over x (bright: taken for it)",
+                         "d_epoch": "D's verdict on each patch of a real image and of a translation: bright real "
+                         "(1), dark fake (0), red at 0.5"}  # an epoch's pictures, in page order
 
     def picture(self, kind: str, epoch: int) -> Path:
-        """Epoch `epoch`'s picture of a kind of `captions`: epoch_NNN.png, nce_epoch_NNN.png, d_epoch_NNN.png."""
+        """An epoch's picture of a kind of `captions`, as epoch_NNN.png."""
         return self.path / f"{kind}_{epoch:03d}.png"
 
     @contextmanager
     def held(self, new: bool):
-        """The folder, made and locked (.lock, an OS lock) inside the block, which refuses a second run into it, and a
-        `new` run into a folder that holds one; the lock dies with the process (kill -9). The page's last word is
-        written as the block ends, finished or stopped."""
+        """The folder, made and locked (.lock: an OS lock, which dies with the process) against a second run, and
+        a `new` run refused where one stands; the page's last word is written as the block ends."""
         with open(make_folder(self.path, "--output-dir") / ".lock", "a+") as handle:
+            handle.seek(0)
             try:
                 if os.name == "nt":  # Windows: a lock on the file's first byte
                     import msvcrt
-                    handle.seek(0)
                     msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
                 else:
                     import fcntl
@@ -479,7 +441,6 @@ class RunFolder:
             except OSError:
                 holder = "unknown"
                 with contextlib.suppress(OSError):  # Windows does not let a locked byte be read
-                    handle.seek(0)
                     holder = handle.read().strip() or holder
                 raise UsageError(f"{self.path} is in use by another run (process {holder}): wait for it to end, or "
                                  f"pass another --name") from None
@@ -491,14 +452,13 @@ class RunFolder:
             try:
                 yield self
             finally:
-                if self.heading:  # a failed write of the page costs nothing more
+                if self.heading:  # the page's last word; one that cannot be written costs nothing more
                     with contextlib.suppress(OSError):
                         self.write_page(running=False)
 
     def start(self, options: dict, shown: dict, command: list[str], epoch: int, images: int, heading: str,
               caption: str, total: int) -> None:
-        """A start or resume at (`epoch`, `images` into it) of `total` epochs: options.json gets the run's `options`
-        and this start; then the page, headed `heading`, its options table `shown`, its grids' columns `caption`."""
+        """A start at `images` into `epoch` of `total`, in options.json with the run's `options`; then the page."""
         self.heading, self.captions["epoch"], self.done, self.total, self.shown = heading, caption, epoch, total, shown
         path = self.path / "options.json"
         try:
@@ -507,86 +467,72 @@ class RunFolder:
             runs = []
         runs.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command, "epoch": epoch,
                      "images": images})
-        with stop_if_a_write_fails(self.path, self.resume_hint):
-            write_atomically(path, lambda tmp: tmp.write_text(json.dumps({**options, "runs": runs}, indent=1) + "\n"))
-            self.write_page(running=True)
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps({**options, "runs": runs}, indent=1)))
+        self.write_page(running=True)
 
     def save_checkpoint(self, state: dict, keep: bool = False) -> None:
         """latest.pt, and with `keep` a copy of it as epoch_NNN.pt (N: the epochs `state` has finished)."""
-        with stop_if_a_write_fails(self.path, self.resume_hint):
-            write_atomically(self.latest, lambda tmp: torch.save(state, tmp))
-            if keep:
-                write_atomically(self.path / f"epoch_{state['epoch']:03d}.pt",
-                                 lambda tmp: shutil.copyfile(self.latest, tmp))
+        write_atomically(self.latest, lambda tmp: torch.save(state, tmp))
+        if keep:
+            write_atomically(self.path / f"epoch_{state['epoch']:03d}.pt", lambda tmp: shutil.copyfile(self.latest, tmp))
 
     def log_losses(self, step: int, epoch: int, losses: dict[str, float]) -> None:
-        """A row of losses.csv: the mean of each loss over the steps up to `step`, in `epoch` (counted from 1)."""
-        with stop_if_a_write_fails(self.path, self.resume_hint):
-            append_row(self.path / "losses.csv", {"step": step, "epoch": epoch, **losses})
+        """A row of losses.csv: each loss's mean over the steps up to `step`."""
+        append_row(self.path / "losses.csv", {"step": step, "epoch": epoch, **losses})
 
     def record_epoch(self, epoch: int, row: dict[str, float], grid: list[list], nce: tuple | None = None,
                      verdicts: dict | None = None) -> str:
-        """Epoch `epoch` (from 1) ended: its row of epochs.csv (`row`: mean losses and timing as TIMING names it, then
-        the balance of `verdicts`), its grid (rows of images), the similarity maps (`nce`: x, G(x) (B, C, H, W), the
-        maps (B, Q, h, w), their Q points), D's map (the models' `verdicts`), the plots, the page. Returns the row in
-        words."""
+        """An epoch (from 1) ended: its row of epochs.csv with D's balance, its pictures, the plots, the page.
+        Returns the row in words."""
         balance = {f"{name}_{side}": verdict.float().mean().item() for name, (*_, on_real, on_fake) in
                    (verdicts or {}).items() for side, verdict in (("real", on_real), ("fake", on_fake))}
         self.done, row = epoch, {"epoch": epoch, **row, **balance}
-        with stop_if_a_write_fails(self.path, self.resume_hint):
-            append_row(self.path / "epochs.csv", row)
-            save_grid(grid, self.picture("epoch", epoch))
-            if nce is not None:
-                save_similarity_grid(*nce, self.picture("nce_epoch", epoch))
-            if verdicts:  # a row per image: for each D, its real image and a translation, each under its verdict
-                judged = [(image, verdict) for real, fake, on_real, on_fake in verdicts.values()
-                          for image, verdict in ((real, on_real), (fake, on_fake))]
-                save_grid([[heat_over(image[b], verdict[b, 0]) for image, verdict in judged]
-                           for b in range(len(judged[0][0]))], self.picture("d_epoch", epoch))
-            log, per_epoch = read_table(self.path / "losses.csv"), read_table(self.path / "epochs.csv")
-            plot(log, "step", {k: [k] for k in dict.fromkeys(k for r in log for k in r if k not in ("step", "epoch"))},
-                 self.path / "losses.png")
-            judges = dict.fromkeys(k.removesuffix("_real") for r in per_epoch for k in r if k.endswith("_real"))
-            plot(per_epoch, "epoch", {d: [f"{d}_real", f"{d}_fake"] for d in judges}, self.path / "balance.png", 0.5)
-            self.write_page(running=True)
+        append_row(self.path / "epochs.csv", row)
+        save_grid(grid, self.picture("epoch", epoch))
+        if nce is not None:
+            save_similarity_grid(*nce, self.picture("nce_epoch", epoch))
+        if verdicts:  # a row per image: for each D, its real image and a translation, each under its verdict
+            judged = [(image, verdict) for real, fake, on_real, on_fake in verdicts.values()
+                      for image, verdict in ((real, on_real), (fake, on_fake))]
+            save_grid([[heat_over(image[b], verdict[b, 0]) for image, verdict in judged]
+                       for b in range(len(judged[0][0]))], self.picture("d_epoch", epoch))
+        log, per_epoch = read_table(self.path / "losses.csv"), read_table(self.path / "epochs.csv")
+        plot(log, "step", {k: [k] for k in dict.fromkeys(k for r in log for k in r if k not in ("step", "epoch"))},
+             self.path / "losses.png")
+        judges = dict.fromkeys(k.removesuffix("_real") for r in per_epoch for k in r if k.endswith("_real"))
+        plot(per_epoch, "epoch", {d: [f"{d}_real", f"{d}_fake"] for d in judges}, self.path / "balance.png", 0.5)
+        self.write_page(running=True)
         return self.summary(row)
 
     @classmethod
     def summary(cls, row: dict[str, float]) -> str:
-        """A row of epochs.csv in words: the epoch's mean losses and D's balance; its time, speed and wait for data."""
+        """A row of epochs.csv in words."""
         losses = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in {"epoch", *cls.TIMING})
         return f"{losses}; " + ", ".join(text.format(row[k]) for k, text in cls.TIMING.items() if k in row)
 
     def write_page(self, running: bool) -> None:
-        """index.html (the official web/index.html): the run's options, the plots, each epoch newest first, in words
-        and pictures, reloading every minute while `running`. Plain HTML, images by relative path."""
+        """index.html, the official web/index.html: options, plots, epochs newest first; reloading while `running`."""
         def image(path: Path) -> str:  # the file's time in the address, so a browser shows a rewritten one
             return f'<img src="{path.name}?t={path.stat().st_mtime_ns}" alt="{path.name}">' if path.exists() else ""
-        sections = "".join(
-            f'<section id="epoch-{epoch}"><h2>epoch {epoch}</h2><p>{html.escape(self.summary(row))}</p>'
-            + "".join(f'<p class="caption">{html.escape(caption)}</p>{image(self.picture(kind, epoch))}'
-                      for kind, caption in self.captions.items() if self.picture(kind, epoch).exists()) + "</section>"
-            for epoch, row in sorted({int(r["epoch"]): r for r in read_table(self.path / "epochs.csv") if "epoch" in r}
-                                     .items(), reverse=True))
+        epochs = sorted({int(r["epoch"]): r for r in read_table(self.path / "epochs.csv") if "epoch" in r}.items())
+        sections = "".join(f'<section id="epoch-{epoch}"><h2>epoch {epoch}</h2><p>{html.escape(self.summary(row))}'
+                           + "".join(f'<p class="caption">{html.escape(text)}</p>{image(self.picture(kind, epoch))}'
+                                     for kind, text in self.captions.items() if self.picture(kind, epoch).exists())
+                           + "</section>" for epoch, row in reversed(epochs))
         status = (f"training: {self.done} of {self.total} epochs done; this page reloads every minute" if running
                   else f"finished: {self.total} of {self.total} epochs done" if self.done >= self.total
                   else f"stopped with {self.done} of {self.total} epochs done; {self.resume_hint}")
-        plots = (image(self.path / "losses.png") + image(self.path / "balance.png")
-                 or '<p>plotted as each epoch ends; until then, <a href="losses.csv">losses.csv</a></p>')
-        rows = "".join(f"<tr><td>--{html.escape(k.replace('_', '-'))}</td><td>{html.escape(str(v))}</td></tr>"
-                       for k, v in self.shown.items())
+        rows = "".join(f"<tr><td>--{k.replace('_', '-')}</td><td>{html.escape(str(v))}</td></tr>"
+                       for k, v in self.shown.items()) or "<tr><td>none but the defaults</td></tr>"
+        plots = image(self.path / "losses.png") + image(self.path / "balance.png") or "<p>plotted as epochs end</p>"
         page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.heading)}'
-                '</title>' + ('<meta http-equiv="refresh" content="60">' if running else "")
-                + f"<style>{PAGE_STYLE}</style></head>"
-                f'<body><h1>{html.escape(self.heading)}</h1><p class="status">{html.escape(status)}</p>'
-                f'<h2>options</h2><table id="options">{rows or "<tr><td>none but the defaults</td></tr>"}</table>'
-                '<p class="caption">the options of this run that are not the defaults; every option, and each start '
-                'and resume: <a href="options.json">options.json</a></p>'
-                f'<h2>losses, and the balance of D and G</h2><div class="plots">{plots}</div><p class="caption">left: '
-                "each loss term as it enters the objective, against the step; right, each epoch: D's mean verdict "
-                "on the fixed real test images (real) and on their translations (fake), 1 real and 0 fake; dashed, "
-                "0.5, where the two meet when neither network wins</p>"
-                + (sections or "<p>no epoch finished yet</p>") + "</body></html>\n")
+                "</title>" + ('<meta http-equiv="refresh" content="60">' if running else "") + f"<style>{PAGE_STYLE}"
+                f'</style></head><body><h1>{html.escape(self.heading)}</h1><p class="status">{html.escape(status)}'
+                f'</p><h2>options</h2><table>{rows}</table><p class="caption">those not at their default; all: '
+                f'<a href="options.json">options.json</a></p><h2>losses, and the balance of D and G</h2><div '
+                f'class="plots">{plots}</div><p class="caption">each loss term by step; each epoch, D\'s mean verdict '
+                "on real test images and on their translations, 1 real and 0 fake; dashed, 0.5, where the two meet "
+                f"when neither network wins</p>{sections or '<p>no epoch finished yet</p>'}</body></html>\n")
         write_atomically(self.path / "index.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
 
 
@@ -594,14 +540,14 @@ class RunFolder:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help gives each option's default, but where there is none (None)."""
+    """Each option's default, but None."""
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line ('error: ... (see PROG --help)')."""
+    """argparse, but a bad option is one line."""
 
     def __init__(self, **kw):
         super().__init__(formatter_class=HelpFormatter, allow_abbrev=False, **kw)
@@ -611,7 +557,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def at_least(low: float, kind: type = int, strict: bool = False):
-    """An option's type: a `kind` that is >= low (strict: > low), else the parser's one-line error."""
+    """An option's type: a `kind` >= low (strict: > low)."""
     def parse(text: str):
         value = kind(text)
         if value < low or strict and value == low:
@@ -622,23 +568,21 @@ def at_least(low: float, kind: type = int, strict: bool = False):
 
 
 def pick_device(name: str) -> torch.device:
-    """--device: 'auto' is CUDA, then Apple's MPS, then the CPU; one that is not there is a UsageError. Under
-    torchrun a CUDA device is this process's GPU (LOCAL_RANK)."""
+    """--device: 'auto' is CUDA, then MPS, then the CPU; under torchrun CUDA is this process's GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name} is not available on this machine: use --device auto or cpu")
-    return torch.device(name, int(os.environ["LOCAL_RANK"])) if name == "cuda" and "LOCAL_RANK" in os.environ \
-        else torch.device(name)
+    need(not (name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available()),
+         f"--device {name} is not available on this machine: use --device auto or cpu")
+    return torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX), where bf16 is the fast option."""
+    """Whether this CPU runs bf16 natively (AVX-512 BF16 or AMX)."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def peak_memory_mb(device: torch.device) -> float | None:
-    """The peak of CUDA's allocated memory, or of this process's resident memory (None on Windows)."""
+    """The peak of CUDA's memory, or of this process's (None on Windows)."""
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
     try:
@@ -650,14 +594,13 @@ def peak_memory_mb(device: torch.device) -> float | None:
 
 
 def input_channels(net: torch.nn.Module) -> int:
-    """The channels of the images a network takes: its first conv's inputs."""
+    """The channels of the images a network takes."""
     return next(net.parameters()).shape[1]
 
 
 def smallest_side(nets: list[torch.nn.Module], multiple: int, largest: int = 4096) -> int:
-    """The smallest multiple of `multiple` that `nets`, in the mode they will run in, take as the side of one square
-    image, each of those that takes images (its first weight a conv's). A pad, conv or norm needs a large enough map;
-    each is tried with meta copies of its tensors, which work out shapes alone: it costs nothing, changes nothing."""
+    """The smallest side, a multiple of `multiple`, of a square image that each of `nets` taking images can take,
+    tried on meta copies of its tensors: shapes alone, which costs nothing."""
     for side in range(multiple, largest + 1, multiple):
         try:
             for net in (net for net in nets if next(net.parameters()).dim() == 4):
@@ -671,7 +614,7 @@ def smallest_side(nets: list[torch.nn.Module], multiple: int, largest: int = 409
 
 @contextmanager
 def stop_if_out_of_memory(what: str, advice: str):
-    """Running out of memory inside the block ends the command with one line: `what` ran out, and `advice`."""
+    """Running out of memory inside the block ends the command in one line."""
     try:
         yield
     except RuntimeError as e:
@@ -681,8 +624,7 @@ def stop_if_out_of_memory(what: str, advice: str):
 
 
 def run_command(command) -> int:
-    """A command's body run: its exit code; one line, no traceback, for a UsageError (2), RunError (1), Ctrl-C (130).
-    (Before torch has loaded, the scripts' own handler exits 130 at once.)"""
+    """A command's exit code; one line, no traceback, for a UsageError (2), RunError (1) or Ctrl-C (130)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C from here on: KeyboardInterrupt, below
     # A warning gets a line of its own, above a progress bar if one is drawn.
     warnings.showwarning = lambda message, *rest, **kw: tqdm.write(f"warning: {message}", file=sys.stderr)
@@ -698,17 +640,14 @@ def run_command(command) -> int:
 
 
 class StopFlag:
-    """Set by SIGINT / SIGTERM: training saves and stops after the current step. A second signal quits at once,
-    without the save, but under torchrun, whose launcher passes a Ctrl-C on to ranks already signalled."""
+    """Set by Ctrl-C or SIGTERM: training saves and stops after the step. A second one quits at once, unsaved, but
+    under torchrun, whose launcher passes a Ctrl-C on to ranks already signalled."""
 
     def __init__(self, world: int = 1, rank0: bool = True):
         self.requested, self.world, self.rank0, self.pid = False, world, rank0, os.getpid()
-        self.agreed = False  # every rank stops: set by training's vote on `requested`, after each step
-
-    def install(self) -> "StopFlag":
+        self.agreed = False  # every rank stops: training's vote on `requested`, after each step
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.handle)
-        return self
 
     def handle(self, signum, frame):
         if os.getpid() != self.pid:  # a data-loading worker, forked with this handler, before quiet_worker runs
@@ -722,7 +661,7 @@ class StopFlag:
 
 
 def load_torch(path: Path):
-    """What a .pt/.pth file holds, read on the CPU, tensors only (weights_only); a UsageError if missing or broken."""
+    """What a .pt or .pth file holds, on the CPU, tensors only."""
     need(Path(path).is_file(), f"checkpoint {path} does not exist: check --name / --output-dir or --checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -744,43 +683,41 @@ OFFICIAL_DATASETS = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "m
 
 
 def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
-    """Stream `url` into `dest` with a progress bar; a failure is a UsageError, ending in `offline_hint` if offline."""
+    """Stream `url` into `dest`; a failure is a UsageError ending in `offline_hint`."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as f, \
                 tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
                      desc=url.rsplit("/", 1)[-1], leave=False) as bar:
             while chunk := response.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
+                bar.update(f.write(chunk))
     except (urllib.error.URLError, OSError) as e:
         raise UsageError(f"could not download {url} ({getattr(e, 'reason', e)}): if this machine is offline, "
                          f"{offline_hint}") from None
 
 
 def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:
-    """Download and unzip an official CycleGAN dataset into root/name; returns that folder."""
+    """An official CycleGAN dataset, unzipped into root/name once."""
     need(name in OFFICIAL_DATASETS, f"unknown dataset {name!r}: choose one of {', '.join(OFFICIAL_DATASETS)}")
-    target = Path(root) / name
+    target, url = Path(root) / name, DATASET_URL.format(name)
     if target.is_dir():
         return target
     part, unzipped = Path(root) / f"{name}.zip.part", Path(root) / f"{name}.unzip.part"
     try:  # unzipped beside the target and renamed, so a half-unzipped dataset never stands as one
-        fetch(DATASET_URL.format(name), part, f"fetch the zip elsewhere and unzip it into {target}", timeout)
+        fetch(url, part, f"fetch the zip elsewhere and unzip it into {target}", timeout)
         with zipfile.ZipFile(part) as z:
             z.extractall(unzipped)
         os.replace(unzipped / name, target)
     except (OSError, zipfile.BadZipFile) as e:
-        raise UsageError(f"could not unzip {DATASET_URL.format(name)} ({e}): fetch the zip elsewhere and "
-                         f"unzip it into {target}") from None
+        raise UsageError(f"could not unzip {url} ({e}): fetch the zip elsewhere and unzip it into {target}") from None
     finally:
-        remove(part)
+        part.unlink(missing_ok=True)
         shutil.rmtree(unzipped, ignore_errors=True)
     return target
 
 
 def download_command(argv: list[str]) -> None:
-    """`train_gan.py download NAME [--root DIR]`: download an official dataset, and print where it went."""
+    """`train_gan.py download NAME [--root DIR]`."""
     p = Parser(prog="train_gan.py download", description="Download an official CycleGAN dataset.")
     p.add_argument("name", help="e.g. apple2orange, horse2zebra, monet2photo (an unknown name lists them)")
     p.add_argument("--root", type=Path, default=Path("data"), help="it goes to ROOT/NAME")
@@ -789,7 +726,7 @@ def download_command(argv: list[str]) -> None:
 
 
 def download_pretrained(name: str, root: Path = Path("pretrained"), timeout: float = 30) -> Path:
-    """An official CycleGAN pretrained generator's file, root/NAME.pth, downloaded the first time (atomically)."""
+    """An official CycleGAN generator's file, root/NAME.pth, downloaded the first time."""
     need(name in OFFICIAL_PRETRAINED, f"unknown pretrained model {name!r}: choose one of "
          f"{', '.join(OFFICIAL_PRETRAINED)}")
     target = Path(root) / f"{name}.pth"

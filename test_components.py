@@ -1917,7 +1917,8 @@ def started(argv):
 def test_dataset_resize_and_crop_stop_in_the_decay_epochs_of_cut_and_fastcut_only(
         dataset_root, tmp_path, model, extra, no_crop_from):
     run, config, device, _ = train_gan.decide(cli_args(dataset_root, tmp_path, "--model", model, *extra))
-    assert train_gan.training_loader(run, config, device).dataset.no_crop_from_epoch == no_crop_from  # from 0
+    loader = train_gan.training_loader(run, config, du.find_domains(dataset_root), device)
+    assert loader.dataset.no_crop_from_epoch == no_crop_from  # epochs from 0
     if not extra:  # the model's own schedule: FastCUT's 150 + 50
         assert (config.epochs, config.epochs_decay) == (150, 50)
 
@@ -2170,7 +2171,7 @@ def test_run_folder_checkpoint_is_written_atomically_and_a_copy_kept(tmp_path, m
         Path(f).write_bytes(b"half a checkp")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(du.RunError, match=f"could not write {re.escape(str(path))} .*then try again"):
+    with pytest.raises(OSError, match="disk full"):
         folder.save_checkpoint({"epoch": 2}, keep=True)
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_001.pt", "latest.pt"]
@@ -2390,7 +2391,7 @@ def test_trainer_step_returns_losses_out_of_the_graph_and_a_log_window_is_read_i
     assert all(v.dim() == 0 and not v.requires_grad for v in losses.values())
     stacks, stack = [], torch.stack
     monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(1) or stack(*a, **k))
-    with train_gan.EpochMeter(0, 2, Trainer(CycleGAN(CycleGANConfig(**TINY))), False, "") as meter:
+    with train_gan.EpochMeter(0, 2, Trainer(CycleGAN(CycleGANConfig(**TINY))), "") as meter:
         meter.add({"a": torch.tensor(1.0), "b": torch.tensor(0.5, dtype=torch.bfloat16)}, 0.0)
         meter.add({"a": torch.tensor(2.0), "b": torch.tensor(0.0, dtype=torch.bfloat16)}, 0.0)
         assert meter.window_means() == {"a": 1.5, "b": 0.25}
@@ -2604,7 +2605,7 @@ def test_train_cli_help_lists_the_runs_options_and_its_models_alone(capsys):
         cli(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--model cut --help lists CUT's" in text and "train_gan.py download NAME" in text and \
-        "comparing models: translate.py" in text and "--lambda-nce" in text  # FastCUT's, the default model
+        "to use a model: translate.py" in text and "--lambda-nce" in text  # FastCUT's, the default model
 
 
 def test_train_cli_and_translate_import_where_fcntl_and_resource_do_not_exist():

@@ -1,8 +1,7 @@
 """Train CycleGAN, CUT or FastCUT on unpaired images (the README's Usage); translate.py uses what a run trained.
 
-Top to bottom: the run record `Run` and `decide`, the one place every option gets its value; the Trainer, all that
-training adds to a model's step, and the checkpoint; train(): the set-up, then the epoch loop, then what they call;
-the benchmark; main. A run writes output/NAME/ (its index.html).
+Top to bottom: the run record `Run` and `decide`, where every option gets its value; the Trainer and the checkpoint;
+train(), the set-up and the epoch loop, then what it calls; the benchmark.
 """
 import os
 import signal
@@ -34,27 +33,25 @@ from cycle_gan import CycleGAN, CycleGANConfig
 from data_utility import (PairSampler, Parser, RunError, RunFolder, StopFlag, UnpairedDataset, UsageError, at_least,
                           batches, cpu_has_native_bf16, data_loader, download_command, find_domains, load_fixed_images,
                           load_torch, need, peak_memory_mb, pick_device, run_command, smallest_side,
-                          stop_if_out_of_memory)
+                          stop_if_a_write_fails, stop_if_out_of_memory)
 
 # ----------------------------------------------------------------------------- the run record, decided once
 
 
 @runtime_checkable
 class Model(Protocol):
-    """What the commands use of a model (cycle_gan.CycleGAN, cut_model.CUT), and all they use of it. Optional:
-    `similarity_maps(source, target, points)`, where PatchNCE finds each output patch's input patch (drawn each
-    epoch); `extra_state()` and `load_extra_state(state, device)`, the image pools, for a resume."""
+    """What the commands use of a model; optional: `similarity_maps` and `extra_state` / `load_extra_state`."""
     config: object  # the dataclass that built it
     groups: dict  # one Adam per group: {'G': ('G', 'F'), ...}, the networks by attribute name
     directions: dict  # 'x2y' (and 'y2x'): the network that translates that way
     resize_crop_in_decay: bool  # False: in the lr-decay epochs the images are resized to the crop size
     def train_step(self, x, y, trainer) -> dict: ...  # a step of the objective through the trainer: its losses
-    def visuals(self, x, y) -> list: ...  # the rows of an epoch's grid of the fixed test images
-    def visuals_caption(self) -> str: ...  # what each of those rows shows
-    def verdicts(self, x, y) -> dict: ...  # for each D: a real image, a translation, and its verdicts on both
+    def visuals(self, x, y) -> list: ...  # an epoch's grid of the fixed test images
+    def visuals_caption(self) -> str: ...
+    def verdicts(self, x, y) -> dict: ...  # for each D: a real image, a translation, its verdicts on both
 
 
-# Each model by name: the model, its config, and what the name changes in the config's defaults.
+# Each model by name: the model, its config, what the name changes in the config's defaults.
 MODELS = {"cycle_gan": (CycleGAN, CycleGANConfig, {}), "cut": (CUT, CUTConfig, {}),
           "fastcut": (CUT, CUTConfig, FASTCUT)}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,18 +59,17 @@ BUNDLED = Path(__file__).resolve().parent / "data" / "apple2orange_small"
 
 
 def option(default, help: str, resume: str = "kept", **argparse_kw):
-    """A field of the run record: its default, its help, and what --resume does with it: 'kept', the run's own (a
-    flag that would change it is refused); 'change', the run's unless given; 'now', this call's, never the run's."""
+    """A field of the run record; on a resume, 'kept' is the run's own, 'change' the run's unless given, 'now' this
+    call's."""
     return field(default=default, metadata=dict(help=help, resume=resume, **argparse_kw))
 
 
 @dataclass
 class Run:
-    """Every option of a run that is not its model's (those are its config's): what to train, on what data, on
-    which machine, and what to write how often."""
+    """Every option of a run that is not its model's: what to train, on what data and machine, what to write."""
     model: str = option("fastcut", "what to train (with --resume, the run's)", choices=tuple(MODELS))
     dataroot: Path = option(BUNDLED, "dataset folder: trainA/ trainB/ [testA/ testB/], or x_train/ ...", "change")
-    name: str = option("", "run name, MODEL_DATASET unless given: outputs go to OUTPUT_DIR/NAME", "now")
+    name: str = option("", "run name (MODEL_DATASET unless given): it writes to OUTPUT_DIR/NAME", "now")
     output_dir: Path = option(Path("output"), "where runs are written", "now")
     resume: bool = option(False, "continue the run OUTPUT_DIR/NAME from its latest.pt, with its options", "now")
     direction: str = option("AtoB", "BtoA learns B -> A: X is the B folder", choices=("AtoB", "BtoA"))
@@ -82,27 +78,26 @@ class Run:
     load_size: int = option(286, "images are resized to this square size ...", "change", at_least=1)
     crop_size: int = option(256, "... then randomly cropped to this size", "change", at_least=1)
     max_steps: int = option(0, "cap on steps per epoch (0: whole epochs)", "change", at_least=0)
-    precision: str = option("fp32", "autocast of the forward passes (fp16, CUDA only, adds loss scaling); fp32 is "
+    precision: str = option("fp32", "autocast of the forward passes (fp16, CUDA only, with loss scaling); fp32 is "
                             "the official math", "change", choices=tuple(PRECISIONS))
     device: str = option("auto", "auto: cuda, then mps, then cpu", "now", choices=("auto", "cpu", "cuda", "mps"))
-    workers: int = option(0, "data-loading processes (0: in the main process)", "now", at_least=0)
+    workers: int = option(0, "data-loading processes (0: the main one)", "now", at_least=0)
     compile: bool = option(False, "torch.compile the networks (slow first steps, faster later)", "now")
     benchmark: int = option(0, "time N steps after 3 warm-up ones, print JSON, write nothing", "now", at_least=0,
                             metavar="N")
     log_every: int = option(10, "steps averaged into each row of losses.csv", "change", at_least=1)
     save_every: int = option(10, "also keep epoch_NNN.pt every this many epochs (0: never)", "change", at_least=0)
-    nce_map: bool = option(True, "write nce_epoch_NNN.png: where PatchNCE finds the patches (CUT, FastCUT)", "change")
+    nce_map: bool = option(True, "write nce_epoch_NNN.png, where PatchNCE finds the patches (CUT, FastCUT)", "change")
     d_map: bool = option(True, "write d_epoch_NNN.png, D's verdict on each patch of real and translated test "
-                         "images, and its mean, the balance, to epochs.csv", "change")
+                         "images, and their means, the balance, to epochs.csv", "change")
 
-    def __post_init__(self):  # as a checkpoint keeps them, and as argparse gives them
+    def __post_init__(self):  # paths as a checkpoint keeps them, as text
         self.dataroot, self.output_dir = Path(self.dataroot), Path(self.output_dir)
 
 
 def device_defaults(device: torch.device) -> dict:
-    """The one place the device changes a default (printed as a new run starts; a flag given wins). On a CPU the
-    official 256x256 would take weeks: crop 128 with 6 residual blocks, the CycleGAN paper's setting for 128x128,
-    and 150 steps an epoch show results in minutes. On a GPU, half this process's CPU cores load data (1 to 8)."""
+    """The one place the device changes a default: on a CPU, where 256x256 takes weeks, crop 128 with 6 residual
+    blocks (the CycleGAN paper's setting at 128), 150 steps an epoch; on a GPU, half the cores load data (1 to 8)."""
     if device.type == "cpu":
         return dict(crop_size=128, load_size=143, max_steps=150, netG="resnet_6blocks")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -110,53 +105,47 @@ def device_defaults(device: torch.device) -> dict:
 
 
 def decide(argv: list[str]) -> tuple[Run, object, torch.device, dict | None]:
-    """(the run record, the model's config, the device, a resume's checkpoint): every option gets its value here.
-    A first look at `argv` finds the model, the device and, for a resume, the run; then the model's parser, whose
-    defaults are this call's, parses `argv`. A new run's default is its field's, but where the model's name or the
-    device changes it; a resume's is the run's own, as its checkpoint keeps it, but for this call's options ('now').
-    Last, the checks no single option can make."""
+    """The run record, the model's config, the device and a resume's checkpoint: every option's value is decided
+    here. A first look finds the model, the device and a resume's run; the model's parser, whose defaults are this
+    call's (the field's, the model's, the device's, or the run's own), parses `argv`; then the checks."""
     first = vars(parser(Run).parse_known_args(argv)[0])
-    device = pick_device(first.get("device", "auto"))
-    model = first.get("model", Run.model)
+    device, model = pick_device(first.get("device", "auto")), first.get("model", Run.model)
     name = first.get("name") or f"{model}_{Path(first.get('dataroot', BUNDLED)).name}"
-    checkpoint = read_checkpoint(RunFolder(Path(first.get("output_dir", "output")) / name).latest) \
+    checkpoint = read_checkpoint(Path(first.get("output_dir", "output")) / name / "latest.pt") \
         if first.get("resume") else None
     kept = {**checkpoint["run"], **checkpoint["config"]} if checkpoint else {}
     model_cls, config_cls, preset = MODELS[kept.get("model", model)]
     kinds = {f.name: f.metadata.get("resume", "kept") for f in fields(Run) + fields(config_cls)}
-    machine = {k: v for k, v in device_defaults(device).items() if not kept or kinds[k] == "now"}
     defaults = {**record(Run(model=model, name=name)), **record(config_cls(**preset)),
-                **{k: v for k, v in kept.items() if kinds.get(k, "now") != "now"}, **machine}
+                **{k: v for k, v in kept.items() if kinds.get(k, "now") != "now"},
+                **{k: v for k, v in device_defaults(device).items() if not kept or kinds[k] == "now"}}
     values = vars(parser(Run, config_cls, defaults=defaults).parse_args(argv))
     for key in (k for k in kept if kinds.get(k) == "kept" and values[k] != kept[k]):
         flag = "--" + key.replace("_", "-")
         raise UsageError(f"this run was started with {flag} {kept[key]}; {flag} {values[key]} would change it: drop "
                          f"{flag}, or start a new --name")
-    run = Run(**{k: v for k, v in values.items() if k in {f.name for f in fields(Run)}} | dict(device=device.type))
+    run = Run(**{f.name: values[f.name] for f in fields(Run)} | dict(device=device.type))
     try:
-        config = config_cls(**{k: v for k, v in values.items() if k in {f.name for f in fields(config_cls)}})
+        config = config_cls(**{f.name: values[f.name] for f in fields(config_cls)})
         with torch.device("meta"):  # shapes only: nothing is computed or allocated
-            model = model_cls(config)
+            check(run, config, model_cls(config), device)
     except ValueError as e:  # an option the model cannot be built with
         raise UsageError(str(e)) from None
-    check(run, config, model, device)
     return run, config, device, checkpoint
 
 
 def parser(*records, defaults: dict | None = None) -> Parser:
-    """The options of the run record and, after it, of the model's config: each field's flag with its help and, from
-    `defaults`, the value it has when not given (without them: none, a first look at what was given)."""
+    """The flags of the fields of `records`, with `defaults` (none: a first look at what was given)."""
     model = defaults["model"] if defaults else "MODEL"
     p = Parser(prog=f"train_gan.py --model {model}", usage="%(prog)s [options]", add_help=defaults is not None,
-               description="Train CycleGAN, CUT or FastCUT on unpaired images. The defaults shown are this call's: "
-               "on a CPU, train_gan.device_defaults sets a quicker look; on a resume, the run's own. The model's "
-               "options follow the run's: --model cut --help lists CUT's. Also 'train_gan.py download NAME' (an "
-               "official dataset); translating and comparing models: translate.py.")
+               description="Train CycleGAN, CUT or FastCUT; the defaults shown are this call's (a CPU's: "
+               "train_gan.device_defaults). --model cut --help lists CUT's options. Also 'train_gan.py download "
+               "NAME' (an official dataset); to use a model: translate.py.")
     for title, record_cls in zip(("the run", f"--model {model}"), records):
         group = p.add_argument_group(title)
         for f in fields(record_cls):
-            kw = {k: v for k, v in f.metadata.items() if k in ("help", "choices", "metavar")}
-            kind, low = type(f.default), f.metadata.get("at_least", f.metadata.get("above"))
+            kw, kind = {k: v for k, v in f.metadata.items() if k in ("help", "choices", "metavar")}, type(f.default)
+            low = f.metadata.get("at_least", f.metadata.get("above"))
             if kind is bool:
                 kw["action"] = argparse.BooleanOptionalAction
             elif kind is tuple:
@@ -169,12 +158,12 @@ def parser(*records, defaults: dict | None = None) -> Parser:
 
 
 def record(options) -> dict:
-    """A run record or a config as plain values, as the checkpoint and options.json keep them (paths as text)."""
+    """A run record or a config as the checkpoint and options.json keep it."""
     return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(options).items()}
 
 
 def check(run: Run, config, model: Model, device: torch.device) -> None:
-    """Refuse options that cannot work together before any work starts; warn of a slow one."""
+    """Refuse options that cannot work together; warn of a slow one."""
     need(run.crop_size <= run.load_size, f"--crop-size {run.crop_size} is larger than --load-size {run.load_size}: "
          f"lower one or raise the other")
     need(getattr(config, "nce_negatives", "") != "others" or run.batch_size > 1,
@@ -201,13 +190,12 @@ def networks(model: Model) -> list[str]:
 # ----------------------------------------------------------------------------- the Trainer and the checkpoint
 
 def lr_factor(epoch: int, epochs: int, epochs_decay: int) -> float:
-    """The official 'linear' policy, as the CUT repository sets it after each epoch: 1 for `epochs` epochs (counted
-    from 0), then down by 1/(epochs_decay+1) each, the last at 1/(epochs_decay+1) (docs/GUIDE.md: the departures)."""
+    """The official 'linear' policy, as the CUT repository sets it after each epoch (docs/GUIDE.md: departures)."""
     return 1.0 - max(0, epoch + 1 - epochs) / float(epochs_decay + 1)
 
 
 def adam(params: list[torch.nn.Parameter], config) -> torch.optim.Adam:
-    """Adam with the official lr and betas (beta1, 0.999), one fused kernel where torch has it for the device."""
+    """Adam with the official lr and betas (beta1, 0.999), fused where torch has the kernel."""
     try:
         return torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, 0.999), fused=True)
     except RuntimeError:  # no fused kernel for this device in this torch
@@ -215,40 +203,38 @@ def adam(params: list[torch.nn.Parameter], config) -> torch.optim.Adam:
 
 
 class Trainer:
-    """All of training that is not the paper: the model's networks on the device (`nets`, unwrapped), one Adam per
-    group (`model.groups`), the lr schedule, precision, the ranks' gradient average under torchrun, compile, and
-    where training stands. `model.train_step(x, y, trainer)` calls autocast, backward and step."""
+    """All of training that is not the paper: the networks on the device (`nets`, plain), an Adam per group, the lr
+    schedule, precision, the ranks' average, where training stands; a model's train_step calls its autocast,
+    backward and step."""
 
     def __init__(self, model: Model, device: torch.device | str = "cpu", precision: str = "fp32",
                  compiled: bool = False):
         self.model, self.device, self.precision = model, torch.device(device), precision
         self.nets = {name: getattr(model, name).to(self.device).train() for name in networks(model)}
-        if compiled:  # the step calls torch.compile's wrappers; `nets` keeps the plain networks
-            for name, net in self.nets.items():
-                setattr(model, name, torch.compile(net))
+        if compiled:  # in place: the networks' calls go through torch.compile, their weights keep their names
+            for net in self.nets.values():
+                net.compile()
         self.optimizers = {group: adam([p for n in members for p in self.nets[n].parameters()], model.config)
                            for group, members in model.groups.items()}
         # fp16 needs loss scaling to keep small gradients from flushing to zero; for bf16 and fp32 the scalers are off.
         self.scalers = {group: torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
                         for group in model.groups}
         self.epoch, self.global_step, self.seen = 0, 0, 0  # epochs finished, steps taken, images of this epoch
-        # Ranks under torchrun: each starts from the same weights and steps on their averaged gradients.
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.epochs = model.config.epochs + model.config.epochs_decay  # at the initial lr, then of its decay
+        self.world = dist.get_world_size() if dist.is_initialized() else 1  # torchrun's ranks
+        self.epochs = model.config.epochs + model.config.epochs_decay
         self.set_lr()
 
     def autocast(self):
-        """Mixed-precision context for forward passes and losses (fp32: none)."""
+        """The precision of forward passes and losses (fp32: as they are)."""
         dtype = PRECISIONS[self.precision]
         return torch.autocast(self.device.type, dtype) if dtype else nullcontext()
 
     def backward(self, loss: torch.Tensor, group: str) -> None:
-        """Back-propagate `loss` into the gradients of `group`; several calls add up (fp16: scaled)."""
+        """Back-propagate `loss` into the gradients of `group`; several calls add up."""
         self.scalers[group].scale(loss).backward()
 
     def step(self, group: str) -> None:
-        """One Adam step of `group` on the gradients summed so far (under torchrun, first averaged over the ranks),
-        which are then freed: kept until the next backward, they would fill memory through the next forward passes."""
+        """One Adam step of `group` on the gradients summed so far (under torchrun, averaged), then freed."""
         optimizer = self.optimizers[group]
         if self.world > 1:
             self.average_over_ranks(optimizer)
@@ -257,8 +243,7 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
 
     def average_over_ranks(self, optimizer: torch.optim.Optimizer) -> None:
-        """Each gradient of the optimiser's parameters becomes its mean over the ranks, in one all-reduce (none counts
-        as zero): every rank takes the step one process takes on all their images, and their weights stay identical."""
+        """Each gradient becomes its mean over the ranks, in one all-reduce: one process's step on all their images."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
         dist.all_reduce(flat)
@@ -267,41 +252,38 @@ class Trainer:
             p.grad = grad.view_as(p)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One step on x (B, C_x, H, W) and y (B, C_y, H, W): each loss a 0-dim device tensor, out of the graph."""
+        """One step on x (B, C_x, H, W) and y (B, C_y, H, W); its losses as 0-dim tensors, out of the graph."""
         losses = self.model.train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
                                        self)
-        self.global_step += 1
-        self.seen += len(x) * self.world
+        self.global_step, self.seen = self.global_step + 1, self.seen + len(x) * self.world
         return {k: v.detach() for k, v in losses.items()}
 
     @contextmanager
     def evaluating(self):
-        """The model with its plain networks (not compiled wrappers), in eval mode, without gradients: for pictures."""
-        wrapped = {name: getattr(self.model, name) for name in self.nets}
-        for name, net in self.nets.items():
-            setattr(self.model, name, net.eval())
+        """The model in eval mode, without gradients: for pictures."""
+        for net in self.nets.values():
+            net.eval()
         try:
             with torch.no_grad():
                 yield self.model
         finally:
-            for name, net in wrapped.items():
-                setattr(self.model, name, net.train())
+            for net in self.nets.values():
+                net.train()
 
     def finish_epoch(self) -> None:
-        """Count a finished epoch and set the lr of the next one."""
+        """Count a finished epoch and set the lr of the next."""
         self.epoch, self.seen = self.epoch + 1, 0
         self.set_lr()
 
     def set_lr(self) -> None:
-        """This epoch's lr, from the config's schedule."""
+        """This epoch's lr, as the config's schedule says."""
         c = self.model.config
         for opt in self.optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = c.lr * lr_factor(self.epoch, c.epochs, c.epochs_decay)
 
     def state(self, run: Run) -> dict:
-        """The checkpoint, which `load` and `load_model` read: the run record and the model's config, where training
-        stands (images: of this epoch, on all ranks), weights, optimisers, the model's own state, torch's RNG states."""
+        """The checkpoint: the run record and config, where training stands, weights, optimisers, random states."""
         return {"run": record(run), "config": record(self.model.config), "epoch": self.epoch,
                 "step": self.global_step, "images": self.seen,
                 "nets": {k: v.state_dict() for k, v in self.nets.items()},
@@ -311,15 +293,14 @@ class Trainer:
                         "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}}
 
     def load(self, state: dict, source: Path | None = None) -> None:
-        """Go on from a checkpoint of the same model: its weights, optimisers (on this machine's Adam kernel), place,
-        the model's own state and the random states. A tensor that does not fit is a UsageError naming it."""
+        """Go on from a checkpoint of the same model, with this machine's Adam kernel."""
         with checkpoint_must_fit(state, source):
             for name, net in self.nets.items():
                 net.load_state_dict(state["nets"][name])
             for k, opt in self.optimizers.items():
                 kernel = {key: opt.defaults[key] for key in ("fused", "foreach")}
                 opt.load_state_dict(state["optimizers"][k])
-                for group in opt.param_groups:  # a checkpoint carries its machine's Adam kernel: use this one's
+                for group in opt.param_groups:
                     group.update(kernel)
         self.epoch, self.global_step, self.seen = state["epoch"], state["step"], state["images"]
         self.set_lr()
@@ -330,17 +311,19 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
 
 
-def is_checkpoint(state) -> bool:
-    """Whether what a file holds is a checkpoint of this repository, of this version or an earlier one (which named
-    its model at the top and kept no run record), not an official network file."""
-    return isinstance(state, dict) and {"config", "nets"} <= set(state) and \
-        ("run" in state or state.get("model") in MODELS)
+def run_record(state) -> dict | None:
+    """The run record a checkpoint of train_gan.py keeps (an earlier version's: its model's name and its options);
+    None for another file."""
+    if not (isinstance(state, dict) and {"config", "nets"} <= set(state)):
+        return None
+    return state.get("run") or ({"model": state["model"], **state.get("options", {})}
+                                if state.get("model") in MODELS else None)
 
 
 def read_checkpoint(source: Path) -> dict:
-    """A run's checkpoint to go on from; a file of another kind or of an earlier version: a UsageError naming it."""
+    """The checkpoint a resume goes on from; another kind of file is a UsageError naming it."""
     state = load_torch(source)
-    need(is_checkpoint(state), f"{source} is not a checkpoint of a train_gan.py run (an official generator .pth "
+    need(run_record(state), f"{source} is not a checkpoint of a train_gan.py run (an official generator .pth "
          f"can be used with translate.py, not resumed): pass a latest.pt of train_gan.py")
     need("run" in state, f"{source} was written by an earlier train_gan.py, which kept its place in steps: "
          f"translate.py uses it as it is; to train on, start a new run with --name")
@@ -352,7 +335,7 @@ def read_checkpoint(source: Path) -> dict:
 
 @contextmanager
 def checkpoint_must_fit(state, source: Path | None):
-    """A checkpoint's tensor that does not fit the model its own config builds: a UsageError naming it and `source`."""
+    """A checkpoint's tensor that does not fit the model of its own config: a UsageError naming it."""
     try:
         yield
     except (RuntimeError, KeyError, ValueError) as e:
@@ -360,15 +343,9 @@ def checkpoint_must_fit(state, source: Path | None):
                          f"{str(e).strip().splitlines()[-1].strip()}") from None
 
 
-def run_record(state: dict) -> dict:
-    """A checkpoint's run record; an earlier version's, from its model's name and its options."""
-    return state.get("run") or {"model": state["model"], **state.get("options", {})}
-
-
 def load_model(state, source: Path | None = None) -> Model:
-    """The model a checkpoint holds, to use: built from its own config, its weights loaded, in eval mode; no optimiser,
-    and the global random state left as it was. A file of another kind is a UsageError naming `source`."""
-    need(is_checkpoint(state), f"{source} is not a checkpoint of a train_gan.py run: pass a latest.pt of train_gan.py")
+    """The model a checkpoint holds, to use: its weights, in eval mode, the random state left as it was."""
+    need(run_record(state), f"{source} is not a checkpoint of a train_gan.py run: pass a latest.pt of train_gan.py")
     model_cls, config_cls, _ = MODELS[run_record(state)["model"]]
     known = {f.name for f in fields(config_cls)}  # an earlier version's CUT kept a 'mode'
     with torch.random.fork_rng(devices=[]):
@@ -382,137 +359,123 @@ def load_model(state, source: Path | None = None) -> Model:
 # ----------------------------------------------------------------------------- the run
 
 def train(argv: list[str], stop: StopFlag | None = None) -> Trainer | None:
-    """Train as the command line `argv` asks (with --benchmark, time steps instead): the set-up, then the epoch loop.
-    Under torchrun every rank trains; rank 0 alone prints and writes the run's folder, held for the whole run."""
+    """Train as `argv` asks (with --benchmark, time steps instead): the set-up, then the epoch loop. Under torchrun
+    every rank trains; rank 0 alone prints and writes the run's folder."""
     run, config, device, checkpoint = decide(argv)
     rank, world = join_ranks(device)
     if run.benchmark:
         return benchmark(run, config, device, rank, world)
-    rank0 = rank == 0
     folder = RunFolder(run.output_dir / run.name, f"continue with: {continue_with(run)}")  # works as printed
-    with folder.held(new=not run.resume) if rank0 else nullcontext(), stop_if_out_of_memory(
-            f"at crop {run.crop_size}x{run.crop_size}, batch {run.batch_size}",
-            f"lower --crop-size or --batch-size, then {folder.resume_hint}"):
+    with folder.held(new=not run.resume) if rank == 0 else nullcontext(), \
+            stop_if_a_write_fails(folder.path, folder.resume_hint), \
+            stop_if_out_of_memory(f"at crop {run.crop_size}x{run.crop_size}, batch {run.batch_size}",
+                                  f"lower --crop-size or --batch-size, then {folder.resume_hint}"):
         trainer = make_trainer(run, config, device, checkpoint, rank)
-        loader = training_loader(run, config, device, rank, world)
-        fixed = fixed_images(run, config)
-        stop = stop or StopFlag(world, rank0).install()
-        if rank0:
-            print(start_line(run, trainer, loader, world))
+        folders = find_domains(run.dataroot, run.direction)
+        loader = training_loader(run, config, folders, device, rank, world)
+        fixed = [load_fixed_images(folders[f"test_{d}"] or folders[f"train_{d}"], 4, run.crop_size, c)
+                 for d, c in (("x", config.channels_x), ("y", config.channels_y))]  # every epoch's pictures show
+        stop = stop or StopFlag(world, rank == 0)
+        if rank == 0:
+            print(start_line(run, trainer, loader))
             folder.start({"run": record(run), "config": record(config)}, changed(run, config),
                          ["python", "train_gan.py", *argv], trainer.epoch, trainer.seen,
                          f"{run.name}: {run.model} on {run.dataroot.name}", trainer.model.visuals_caption(),
                          trainer.epochs)
             folder.save_checkpoint(trainer.state(run))  # a new run's at step 0, so the --resume advised always works
         for _ in range(trainer.epoch, trainer.epochs):
-            row = train_epoch(trainer, loader, run, folder, stop, rank0)  # None: stopped inside it
+            row = train_epoch(trainer, loader, run, folder, stop)  # None: stopped inside it
             if row:
                 trainer.finish_epoch()
-            if rank0:  # the checkpoint first: a picture that cannot be written costs no training
+            if rank == 0:  # the checkpoint first: a picture that cannot be written costs no training
                 folder.save_checkpoint(trainer.state(run), keep=bool(row) and run.save_every > 0 and
                                        trainer.epoch % run.save_every == 0)
-            if rank0 and row:
+            if rank == 0 and row:
                 line = folder.record_epoch(trainer.epoch, row, *fixed_image_views(trainer, fixed, run))
                 print(f"epoch {trainer.epoch}/{trainer.epochs}: {line}")
+            if stop.agreed and rank == 0:
+                print(f"stopped at epoch {trainer.epoch + 1}, image {trainer.seen} of it: saved {folder.latest}; "
+                      f"{folder.resume_hint}")
             if stop.agreed:
-                if rank0:
-                    print(f"stopped at epoch {trainer.epoch + 1}, image {trainer.seen} of it: saved {folder.latest}; "
-                          f"{folder.resume_hint}")
                 break
     return trainer
 
 
 def join_ranks(device: torch.device) -> tuple[int, int]:
-    """(rank, world size): under torchrun, this process joined to its group; without it, (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
+    """(rank, world size): under torchrun this process joins its group; without it, (0, 1)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world
+    return dist.get_rank(), dist.get_world_size()
 
 
 def continue_with(run: Run, **changes) -> str:
-    """The command that continues this run: --resume, its name and folder, this machine's options where a resume
-    would not pick them itself, and `changes` (the run's record keeps the rest)."""
+    """The command that continues this run: its name, this machine's options a resume would not pick, `changes`."""
     words = ["python", "train_gan.py", "--resume", "--name", run.name]
     words += ["--output-dir", str(run.output_dir)] if run.output_dir != Path("output") else []
     words += ["--device", run.device] if run.device != pick_device("auto").type else []
-    words += ["--workers", str(run.workers)] if run.workers != device_defaults(pick_device(run.device)).get(
-        "workers", 0) else []
+    workers = device_defaults(pick_device(run.device)).get("workers", 0)
+    words += ["--workers", str(run.workers)] if run.workers != workers else []
     words += ["--compile"] if run.compile else []
     return " ".join(words + [f"--{k.replace('_', '-')} {v:g}" for k, v in changes.items()])
 
 
 def make_trainer(run: Run, config, device: torch.device, checkpoint: dict | None, rank: int = 0) -> Trainer:
-    """The trainer on `device`: a new run's weights drawn on the CPU after seeding with --seed, a resume's as its
-    checkpoint left them; from there each rank its own random draws (image pools, patches, flips)."""
+    """The trainer: a new run's weights drawn from --seed, a resume's from its checkpoint; then each rank's draws."""
     with stop_if_out_of_memory("setting up the run", "free the device's memory, or pass --device cpu"):
         torch.manual_seed(run.seed)
         trainer = Trainer(MODELS[run.model][0](config), device, run.precision, run.compile)
         if checkpoint:
             trainer.load(checkpoint, run.output_dir / run.name / "latest.pt")
-    if dist.is_initialized():  # same weights on every rank
+    if dist.is_initialized():  # the same weights on every rank
         torch.manual_seed(run.seed + 1_000 * rank + trainer.global_step)
     return trainer
 
 
-def training_loader(run: Run, config, device: torch.device, rank: int = 0, world: int = 1):
-    """The loader of this rank's share of the training images (`.dataset`, `.sampler`): an epoch of every image of
-    the larger domain, or of --max-steps steps."""
-    folders = find_domains(run.dataroot, run.direction)
-    model_cls = MODELS[run.model][0]
+def training_loader(run: Run, config, folders: dict, device: torch.device, rank: int = 0, world: int = 1):
+    """The loader of this rank's share of the training images, with its `.dataset` and `.sampler`."""
     data = UnpairedDataset(folders["train_x"], folders["train_y"], run.load_size, run.crop_size, config.channels_x,
-                           config.channels_y, None if model_cls.resize_crop_in_decay else config.epochs)
+                           config.channels_y, None if MODELS[run.model][0].resize_crop_in_decay else config.epochs)
     sampler = PairSampler(len(data.files[0]), len(data.files[1]), run.seed, rank, world,
                           run.max_steps * run.batch_size * world)
     return data_loader(data, sampler, run.batch_size, run.workers, device.type == "cuda")
 
 
-def fixed_images(run: Run, config) -> list[torch.Tensor]:
-    """The x and the y every epoch's pictures show: each domain's first 4 test (else training) images, crop-sized."""
-    folders = find_domains(run.dataroot, run.direction)
-    return [load_fixed_images(folders[f"test_{d}"] or folders[f"train_{d}"], 4, run.crop_size, channels)
-            for d, channels in (("x", config.channels_x), ("y", config.channels_y))]
-
-
-def start_line(run: Run, trainer: Trainer, loader, world: int) -> str:
-    """What runs where, on what, how long, where it writes; a new run's device defaults, a finished run's advice."""
-    data, steps = loader.dataset, math.ceil(loader.sampler.size // world / run.batch_size)
-    line = (("resuming " if run.resume else "") + f"{run.model} on {trainer.device} x {world} | data {run.dataroot} "
-            f"({len(data.files[0])} X, {len(data.files[1])} Y) | crop {run.crop_size} (load {run.load_size}) | batch "
-            f"{run.batch_size} | {steps} steps/epoch x {trainer.epochs} epochs | at epoch {trainer.epoch + 1}, image "
-            f"{trainer.seen} | out {run.output_dir / run.name}")
-    if not run.resume:
-        line += f"\ndefaults on {trainer.device.type} (a flag given wins): " + ", ".join(
-            f"{k}={v}" for k, v in device_defaults(trainer.device).items())
-    if trainer.epoch >= trainer.epochs:
-        line += "\nthis run has trained all its epochs: to train on, resume with more --epochs or --epochs-decay"
-    return line
+def start_line(run: Run, trainer: Trainer, loader) -> str:
+    """What runs where, on what, for how long."""
+    data, steps = loader.dataset, math.ceil(loader.sampler.size // trainer.world / run.batch_size)
+    line = (("resuming " if run.resume else "") + f"{run.model} on {trainer.device} x {trainer.world} | data "
+            f"{run.dataroot} ({len(data.files[0])} X, {len(data.files[1])} Y) | crop {run.crop_size} (load "
+            f"{run.load_size}) | batch {run.batch_size} | {steps} steps/epoch x {trainer.epochs} epochs | at epoch "
+            f"{trainer.epoch + 1}, image {trainer.seen} | out {run.output_dir / run.name}")
+    defaults = ", ".join(f"{k}={v}" for k, v in device_defaults(trainer.device).items())
+    line += "" if run.resume else f"\ndefaults on {trainer.device.type} (a flag given wins): {defaults}"
+    return line + ("\nthis run has trained all its epochs: to train on, resume with more --epochs or --epochs-decay"
+                   if trainer.epoch >= trainer.epochs else "")
 
 
 def changed(run: Run, config) -> dict:
-    """The options of the run and its model that are not their defaults (the device's among them): the page's table."""
+    """The options of the run and its model that are not at their defaults: the page's table."""
     defaults = {**record(Run()), **record(MODELS[run.model][1](**MODELS[run.model][2]))}
-    kept = {f.name for f in fields(Run) if f.metadata["resume"] != "now"} | {f.name for f in fields(config)}
-    return {k: v for k, v in {**record(run), **record(config)}.items() if k in kept and v != defaults[k]}
+    ours = {f.name for f in fields(Run) if f.metadata["resume"] != "now"} | {f.name for f in fields(config)}
+    return {k: v for k, v in {**record(run), **record(config)}.items() if k in ours and v != defaults[k]}
 
 
-def train_epoch(trainer: Trainer, loader, run: Run, folder: RunFolder, stop: StopFlag, rank0: bool) -> dict | None:
-    """The rest of the epoch the trainer stands in: its row of epochs.csv (mean losses, time, speed, the wait for
-    data), or None when asked to stop before its end (on any rank: every rank stops after the same step)."""
+def train_epoch(trainer: Trainer, loader, run: Run, folder: RunFolder, stop: StopFlag) -> dict | None:
+    """The rest of this epoch: its row of epochs.csv, or None when a rank asked to stop before its end."""
     loader.sampler.set_epoch(trainer.epoch, trainer.seen)
     done, left = math.ceil(trainer.seen / (run.batch_size * trainer.world)), len(loader)  # steps, at this batch size
-    with EpochMeter(done, left, trainer, rank0, f"{folder.latest} keeps the last good state; continue with: "
+    with EpochMeter(done, left, trainer, f"{folder.latest} keeps the last good state; continue with: "
                     f"{continue_with(run, lr=trainer.model.config.lr / 2)}") as meter:
-        for x, y, waited in batches(loader, rank0):
+        for x, y, waited in batches(loader, meter.rank0):
             meter.add(trainer.train_step(x, y), waited)
             left -= 1
             stop.agreed = any_rank(stop.requested)  # asked on an epoch's last step, the epoch ends first
             if meter.count == run.log_every or not left or stop.agreed:
                 losses = meter.window_means()  # waits for the device; a loss no longer finite ends the run
-                if rank0:
+                if meter.rank0:
                     folder.log_losses(trainer.global_step, trainer.epoch + 1, losses)
             if stop.agreed and left:
                 return None
@@ -520,7 +483,7 @@ def train_epoch(trainer: Trainer, loader, run: Run, folder: RunFolder, stop: Sto
 
 
 def any_rank(flag: bool) -> bool:
-    """Whether `flag` is set on any rank, by a vote on a CPU group, which never waits for a GPU (alone: `flag`)."""
+    """Whether `flag` is set on any rank: a vote on a CPU group, which never waits for a GPU."""
     if not dist.is_initialized():
         return flag
     votes = torch.tensor([int(flag)])
@@ -530,16 +493,17 @@ def any_rank(flag: bool) -> bool:
 
 @functools.cache
 def gloo_twin(group) -> dist.ProcessGroup:
-    """A gloo group of the ranks of `group`, for their votes: made by every rank at its first vote."""
+    """A gloo group of the ranks of `group`, for their votes, made by every rank at its first vote."""
     return dist.new_group(backend="gloo")
 
 
 class EpochMeter(tqdm):
-    """An epoch's progress bar (rank 0's) and bookkeeping: time, the wait for data, losses summed on the device."""
+    """An epoch's progress bar and bookkeeping: time, the wait for data, losses summed on the device."""
 
-    def __init__(self, done: int, left: int, trainer: Trainer, rank0: bool, if_diverged: str):
+    def __init__(self, done: int, left: int, trainer: Trainer, if_diverged: str):
+        self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
         super().__init__(total=done + left, initial=done, desc=f"epoch {trainer.epoch + 1}/{trainer.epochs}",
-                         leave=False, dynamic_ncols=True, disable=not rank0)
+                         leave=False, dynamic_ncols=True, disable=not self.rank0)
         self.trainer, self.if_diverged, self.began, self.waited = trainer, if_diverged, time.time(), 0.0
         self.window, self.count, self.sums, self.steps = {}, 0, {}, 0
 
@@ -550,8 +514,7 @@ class EpochMeter(tqdm):
         self.update()
 
     def window_means(self) -> dict[str, float]:
-        """Each loss's mean over the steps since the last call, read to the host in one copy; a loss not finite on
-        any rank ends the run in one line, with the advice to go on at half the lr."""
+        """Each loss's mean since the last call, in one copy; one not finite on any rank ends the run."""
         mean = dict(zip(self.window, (torch.stack([v.float() for v in self.window.values()]) / self.count).tolist()))
         bad = [k for k, v in mean.items() if not math.isfinite(v)]
         if any_rank(bool(bad)):
@@ -563,7 +526,7 @@ class EpochMeter(tqdm):
         return mean
 
     def row(self, images_per_step: int) -> dict[str, float]:
-        """The epoch's row: each loss's mean; seconds, images trained per second, the share spent waiting for data."""
+        """The epoch's row: each loss's mean, seconds, images per second, the share spent waiting for data."""
         seconds = max(time.time() - self.began, 1e-6)
         return {**{k: v / self.steps for k, v in self.sums.items()}, "seconds": round(seconds, 1),
                 "images_per_sec": self.steps * images_per_step / seconds, "data_wait": self.waited / seconds}
@@ -574,8 +537,7 @@ QUERY_POINTS = ((0.5, 0.5), (0.3, 0.7), (0.8, 0.2))
 
 
 def fixed_image_views(trainer: Trainer, fixed: list[torch.Tensor], run: Run) -> tuple:
-    """What the networks make of the fixed images (x, y): the grid's rows; a model's similarity maps (CUT's: x, G(x),
-    the maps, QUERY_POINTS); and D's verdicts on each patch of real and translated images (the model's `verdicts`)."""
+    """The networks on the fixed images: the grid, PatchNCE's similarity maps (x, G(x), maps, points), D's verdicts."""
     with trainer.evaluating() as model:
         x, y = (t.to(trainer.device) for t in fixed)
         maps = None
@@ -588,30 +550,29 @@ def fixed_image_views(trainer: Trainer, fixed: list[torch.Tensor], run: Run) -> 
 # ----------------------------------------------------------------------------- benchmark, main
 
 def benchmark(run: Run, config, device: torch.device, rank: int, world: int) -> None:
-    """Time --benchmark N steps after 3 warm-up ones; rank 0 prints a JSON line: the median step, the median wait for
-    its batch, the peak memory (under torchrun every rank steps, and images/s counts them all). It writes nothing."""
+    """Time N steps after 3 warm-up ones; print the median step, its wait for data, the peak memory, as JSON."""
     trainer = make_trainer(run, config, device, None, rank)
-    loader = training_loader(run, config, device, rank, world)
+    loader = training_loader(run, config, find_domains(run.dataroot, run.direction), device, rank, world)
 
     def epochs():  # the loader's batches, epoch after epoch
         for epoch in itertools.count():
             loader.sampler.set_epoch(epoch)
             yield from batches(loader, rank == 0)
-    warmup, times, waits = 3, [], []
+    times, waits = [], []
     with stop_if_out_of_memory(f"at crop {run.crop_size}x{run.crop_size}, batch {run.batch_size}",
                                "lower --crop-size or --batch-size"):
-        for i, (x, y, waited) in zip(range(warmup + run.benchmark), epochs()):
+        for i, (x, y, waited) in zip(range(3 + run.benchmark), epochs()):
             start = time.perf_counter()
             trainer.train_step(x, y)
             if device.type in ("cuda", "mps"):
                 getattr(torch, device.type).synchronize()  # the step's kernels have run
-            if i >= warmup:
+            if i >= 3:
                 times.append(time.perf_counter() - start)
                 waits.append(waited)
     sec = statistics.median(times)
-    result = {"model": run.model, "device": str(device), "processes": world, "precision": run.precision,
-              "compile": run.compile, "crop_size": run.crop_size, "batch_size": run.batch_size, "netG": config.netG,
-              "workers": run.workers, "sec_per_iter": round(sec, 4), "data_wait_sec": round(statistics.median(waits), 4),
+    result = {"model": run.model, "device": str(device), "processes": world, "netG": config.netG,
+              **{k: getattr(run, k) for k in ("precision", "compile", "crop_size", "batch_size", "workers")},
+              "sec_per_iter": round(sec, 4), "data_wait_sec": round(statistics.median(waits), 4),
               "images_per_sec": round(run.batch_size * world / sec, 3), "peak_mem_mb": peak_memory_mb(device),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     if rank == 0:

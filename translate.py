@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data_utility import (OFFICIAL_PRETRAINED, Parser, UsageError, at_least, download_pretrained, first_readable,
-                          fit_within, input_channels, list_images, load_fixed_images, load_torch, make_folder, need,
-                          pick_device, run_command, save_grid, save_image, smallest_side, stop_if_a_write_fails,
-                          stop_if_out_of_memory, to_image, to_tensor)
+from data_utility import (OFFICIAL_PRETRAINED, Parser, UsageError, at_least, download_pretrained, input_channels,
+                          list_images, load_fixed_images, load_torch, make_folder, need, pick_device, run_command,
+                          save_grid, save_image, smallest_side, stop_if_a_write_fails, stop_if_out_of_memory, to_image,
+                          to_tensor, try_load)
 from networks import official_generator
-from train_gan import is_checkpoint, load_model, run_record
+from train_gan import load_model, run_record
 
 CACHE = Path(__file__).resolve().parent / "pretrained"
 
@@ -87,7 +87,7 @@ def generator(path: Path, device: torch.device, direction: str | None) -> torch.
     """The generator of a file that translates `direction` (AtoB, BtoA; None: the model's own way), on `device` in
     eval mode: from a run's checkpoint, or from an official generator file, whose architecture the file tells."""
     state = load_torch(path)
-    if not is_checkpoint(state):
+    if not run_record(state):
         try:
             net = official_generator(state)
         except ValueError as e:
@@ -123,7 +123,7 @@ def write_translations(net: torch.nn.Module, files: list[Path], args, smallest: 
     """Each image at its own size (or per --max-side, --size) as OUTPUT/NAME.png; one under `smallest` is skipped."""
     output, written, channels = make_folder(args.output, "--output"), 0, input_channels(net)
     for f in tqdm(files, desc="translate", leave=False):
-        img = first_readable([f], channels)[0]
+        img = try_load(f, channels)
         if img is None:
             warnings.warn(f"skipping unreadable image {f}")
             continue
@@ -139,6 +139,14 @@ def write_translations(net: torch.nn.Module, files: list[Path], args, smallest: 
             save_image(to_image(y[0]), output / f"{f.stem}.png")
         written += 1
     print(f"translated {written} images into {output}")
+
+
+def fit_within(img: Image.Image, max_side: int | None) -> Image.Image:
+    """`img` scaled down (bicubic, aspect ratio kept) so its longer side is at most max_side; None: as it is."""
+    if max_side is None or max(img.size) <= max_side:
+        return img
+    scale = max_side / max(img.size)
+    return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
 
 
 def write_grid(generators: list[torch.nn.Module], args) -> None:
