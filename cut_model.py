@@ -1,27 +1,21 @@
-"""CUT and FastCUT: Park, Efros, Zhang, Zhu, "Contrastive Learning for Unpaired Image-to-Image
-Translation", ECCV 2020, arXiv 2007.15651. Mirrors models/cut_model.py of
-taesungp/contrastive-unpaired-translation.
+"""CUT and FastCUT: Park, Efros, Zhang, Zhu, "Contrastive Learning for Unpaired Image-to-Image Translation", ECCV
+2020, arXiv 2007.15651. Mirrors models/cut_model.py of taesungp/contrastive-unpaired-translation.
 
 One generator G: X->Y, one discriminator D, and H, an MLP on patches of G's encoder features.
 Objective (Eq. 5): L_GAN(G, D, X, Y) + lambda_X * L_PatchNCE(G, H, X) + lambda_Y * L_PatchNCE(G, H, Y)
     L_GAN (Eq. 1): least squares, as the paper's training details and the official --gan_mode lsgan train it
-        (Eq. 1 is written as the log-likelihood), times lambda_GAN = 1 (the official --lambda_GAN: Eq. 5 puts
-        no weight on L_GAN).
-    L_PatchNCE (Eq. 3): at each tapped layer l, each sampled output patch of G(x) must pick out
-        the input patch of x at the same place among the other patches of x (Eq. 2). The paper
-        sums over places and layers; the official code averages over both (losses.PatchNCELoss).
-    CUT: lambda_X = lambda_Y = 1 (Sec. 3.3); the Y term is the identity loss (G(y) against y) and
-        the official code averages the two terms. FastCUT: lambda_X = 10, lambda_Y = 0 (Sec. 3.3),
-        and flip-equivariance (the paper's appendix, training details): half the time G sees the
-        input mirrored and its features are mirrored back before they are compared with the input's.
-Official details kept: anti-aliased G and D (blur-pool down, blur up: two switches, as officially),
-xavier init with gain 0.02, Adam lr 2e-4 with betas (0.5, 0.999) for G, D and H, 256 patches per
-layer (also the appendix's), temperature 0.07; 200 + 200 epochs for CUT, 150 + 50 for FastCUT; each
-step updates D first, then G and H together, with D fixed; in the lr-decay epochs the training images
-are resized to the crop size, not cropped (flips stay).
+        (Eq. 1 is written as the log-likelihood), times the official --lambda_GAN (Eq. 5 has no weight there).
+    L_PatchNCE (Eq. 3): at each tapped layer, each sampled output patch of G(x) must pick out the input patch of
+        x at the same place among the other patches of x (Eq. 2). The paper sums over places and layers; the
+        official code averages over both (losses.PatchNCELoss).
+    CUT: lambda_X = lambda_Y = 1 (Sec. 3.3); the Y term is the identity loss (G(y) against y), and the official
+        code averages the two terms. FastCUT: lambda_X = 10, lambda_Y = 0 (Sec. 3.3), and flip-equivariance (the
+        appendix's training details): half the time G sees the input mirrored, and its features are mirrored
+        back before they are compared with the input's.
+Each step updates D first, then G and H together, with D fixed, as officially; CUTConfig gives each value and
+its source.
 
-As cycle_gan.py, this file is its paper alone: train_gan.py's `Trainer`, handed to `train_step`, optimises
-(Adam, the lr schedule, precision).
+As cycle_gan.py, this file is its paper alone: train_gan.py's `Trainer`, handed to `train_step`, optimises.
 """
 from dataclasses import dataclass, field
 
@@ -34,49 +28,39 @@ from networks import DEFAULT_TAPS, GENERATORS, PatchDiscriminator, PatchSampleML
 
 @dataclass
 class CUTConfig:
-    """CUT's options, each default the CUT repository's, its help its source: the command's flags (--model cut)."""
-    lambda_nce: float = field(default=1.0, metadata=dict(help="lambda_X of Eq. 5, PatchNCE's weight (Sec. 3.3: CUT "
-                                                         "1, FastCUT 10)", at_least=0))
-    nce_idt: bool = field(default=True, metadata=dict(help="Eq. 5's lambda_Y term, PatchNCE on G(y) and y (Sec. "
-                                                      "3.3: CUT yes, FastCUT no)"))
-    flip_equivariance: bool = field(default=False, metadata=dict(help="mirror G's input half the time (the "
-                                                                 "appendix's training details: FastCUT)"))
-    nce_layers: tuple = field(default=DEFAULT_TAPS, metadata=dict(help="encoder taps by name or official index (the "
-                              "appendix's; 0,4,8,12,16 are the same layers with blur-pool only)"))
-    num_patches: int = field(default=256, metadata=dict(help="places sampled per layer (the appendix's; P - 1 "
-                                                         "negatives per query)", at_least=1))
+    """CUT's options, the CUT repository's defaults, each with its source: --model cut's flags."""
+    lambda_nce: float = field(default=1.0, metadata=dict(help="lambda_X of Eq. 5 (Sec. 3.3)", at_least=0))
+    nce_idt: bool = field(default=True, metadata=dict(help="Eq. 5's lambda_Y term, on G(y) and y (Sec. 3.3)"))
+    flip_equivariance: bool = field(default=False, metadata=dict(help="mirror G's input half the time (appendix)"))
+    nce_layers: tuple = field(default=DEFAULT_TAPS, metadata=dict(help="encoder taps by name or official index "
+                                                                  "(the appendix's)"))
+    num_patches: int = field(default=256, metadata=dict(help="places sampled per layer (appendix)", at_least=1))
     nce_temperature: float = field(default=0.07, metadata=dict(help="tau of Eq. 2", above=0))
-    nce_negatives: str = field(default="image", metadata=dict(help="a query's negatives: its own image's patches "
-                               "(the paper's), the batch's, or the other images' only (losses.PatchNCELoss)",
-                               choices=NEGATIVES))
-    lambda_gan: float = field(default=1.0, metadata=dict(help="weight of L_GAN (the official --lambda_GAN; Eq. 5 "
-                                                         "has none)", at_least=0))
-    gan_mode: str = field(default="lsgan", metadata=dict(help="the adversarial loss: least squares, as the paper "
-                                                         "trains it (losses.GANLoss)", choices=GAN_MODES))
-    real_label: float = field(default=1.0, metadata=dict(help="D's target for real images (< 1: one-sided label "
-                                                         "smoothing)"))
-    netG: str = field(default="resnet_9blocks", metadata=dict(help="G: a ResNet, whose encoder PatchNCE taps",
+    nce_negatives: str = field(default="image", metadata=dict(help="a query's negatives: its image's (the "
+                                                              "paper's), the batch's, the others'", choices=NEGATIVES))
+    lambda_gan: float = field(default=1.0, metadata=dict(help="L_GAN's weight (the official --lambda_GAN)",
+                                                         at_least=0))
+    gan_mode: str = field(default="lsgan", metadata=dict(help="least squares, as the paper trains",
+                                                         choices=GAN_MODES))
+    real_label: float = field(default=1.0, metadata=dict(help="D's target for real images (< 1: label smoothing)"))
+    netG: str = field(default="resnet_9blocks", metadata=dict(help="a ResNet, whose encoder PatchNCE taps",
                                                               choices=GENERATORS))
-    antialias: bool = field(default=True, metadata=dict(help="blur-pool down-sampling in G and D (the official "
-                                                        "--no_antialias turns it off)"))
-    antialias_up: bool = field(default=True, metadata=dict(help="blur up-sampling in G (the official "
-                                                           "--no_antialias_up turns it off)"))
-    ngf: int = field(default=64, metadata=dict(help="filters of G's first layer", at_least=1))
-    ndf: int = field(default=64, metadata=dict(help="filters of D's first layer", at_least=1))
-    n_layers_D: int = field(default=3, metadata=dict(help="D's down-sampling convs (3: the PatchGAN)", at_least=1))
-    netF_nc: int = field(default=256, metadata=dict(help="H's width (the appendix's 256)", at_least=1))
-    norm: str = field(default="instance", metadata=dict(help="the norm layers", choices=NORMS))
-    dropout: bool = field(default=False, metadata=dict(help="dropout in G's residual blocks"))
-    channels_x: int = field(default=3, metadata=dict(help="channels of X's images (1: grayscale), as many as Y's",
-                                                     choices=(1, 3)))
-    channels_y: int = field(default=3, metadata=dict(help="channels of Y's images", choices=(1, 3)))
-    init_gain: float = field(default=0.02, metadata=dict(help="gain of the xavier init (the CUT repository's)"))
-    lr: float = field(default=2e-4, metadata=dict(help="Adam's learning rate", above=0, resume="change"))
-    beta1: float = field(default=0.5, metadata=dict(help="Adam's beta1"))
-    epochs: int = field(default=200, metadata=dict(help="epochs at the initial lr (the official TrainOptions' 200)",
-                                                   at_least=0, resume="change"))
-    epochs_decay: int = field(default=200, metadata=dict(help="then epochs of linear decay to lr / (epochs_decay + "
-                                                         "1)", at_least=0, resume="change"))
+    antialias: bool = field(default=True, metadata=dict(help="blur-pool down-sampling in G, D (--no_antialias)"))
+    antialias_up: bool = field(default=True, metadata=dict(help="blur up-sampling in G (--no_antialias_up)"))
+    ngf: int = field(default=64, metadata=dict(help="G's first filters", at_least=1))
+    ndf: int = field(default=64, metadata=dict(help="D's first filters", at_least=1))
+    n_layers_D: int = field(default=3, metadata=dict(help="3: the PatchGAN", at_least=1))
+    netF_nc: int = field(default=256, metadata=dict(help="H's width (appendix)", at_least=1))
+    norm: str = field(default="instance", metadata=dict(help="the norms", choices=NORMS))
+    dropout: bool = field(default=False, metadata=dict(help="in G's blocks"))
+    channels_x: int = field(default=3, metadata=dict(help="X's channels, as many as Y's", choices=(1, 3)))
+    channels_y: int = field(default=3, metadata=dict(help="Y's channels", choices=(1, 3)))
+    init_gain: float = field(default=0.02, metadata=dict(help="the xavier init's gain"))
+    lr: float = field(default=2e-4, metadata=dict(help="Adam's", above=0, resume="change"))
+    beta1: float = field(default=0.5, metadata=dict(help="Adam's"))
+    epochs: int = field(default=200, metadata=dict(help="at the initial lr (TrainOptions')", at_least=0,
+                                                   resume="change"))
+    epochs_decay: int = field(default=200, metadata=dict(help="then decaying linearly", at_least=0, resume="change"))
 
     def __post_init__(self):  # a list, as a checkpoint may keep it
         self.nce_layers = tuple(self.nce_layers)

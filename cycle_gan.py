@@ -1,23 +1,19 @@
-"""CycleGAN: Zhu, Park, Isola, Efros, "Unpaired Image-to-Image Translation using Cycle-Consistent
-Adversarial Networks", ICCV 2017, arXiv 1703.10593. Mirrors models/cycle_gan_model.py of
-junyanz/pytorch-CycleGAN-and-pix2pix.
+"""CycleGAN: Zhu, Park, Isola, Efros, "Unpaired Image-to-Image Translation using Cycle-Consistent Adversarial
+Networks", ICCV 2017, arXiv 1703.10593. Mirrors models/cycle_gan_model.py of junyanz/pytorch-CycleGAN-and-pix2pix.
 
 Names: the paper's G: X->Y is the official G_A, F: Y->X is G_B, D_Y is D_A and D_X is D_B.
 
 Objective (Eq. 3), minimised by G and F, maximised by D_X and D_Y (Eq. 4):
-    L = L_GAN(G, D_Y, X, Y) + L_GAN(F, D_X, Y, X) + lambda * L_cyc(G, F), lambda = 10 (Sec. 4)
-    L_GAN (Eq. 1): least squares, as Sec. 4 trains it (more stable than the log-likelihood Eq. 1 is written in)
-    L_cyc (Eq. 2): ||F(G(x)) - x||_1 + ||G(F(y)) - y||_1, each taken as a per-pixel mean, as both official
-        codes (nn.L1Loss) take it, where Eq. 2's norm sums over the pixels
-G and F also minimise the identity loss of Sec. 5.2, ||G(y) - y||_1 + ||F(x) - x||_1, weight 0.5 * lambda
-(appendix 7.1); it is not part of Eq. 3, and junyanz's code turns it on by default.
-From the paper: D's loss halved (appendix 7.1), a history of 50 fakes for D (Sec. 4), N(0, 0.02) init
-(appendix 7.1), Adam at lr 2e-4, constant for `epochs`, then a linear decay over `epochs_decay` (Sec. 4).
-From junyanz's code: Adam's beta1 0.5, the history's fill-and-swap rule (ImagePool), D held fixed while G and
-F step. (The CUT repository's copy of this model has xavier init, anti-aliased networks, 200 + 200 epochs.)
+    L = L_GAN(G, D_Y, X, Y) + L_GAN(F, D_X, Y, X) + lambda * L_cyc(G, F)
+    L_GAN (Eq. 1): least squares, as Sec. 4 trains it (Eq. 1 is written as the log-likelihood)
+    L_cyc (Eq. 2): ||F(G(x)) - x||_1 + ||G(F(y)) - y||_1, each a per-pixel mean, as both official codes
+        (nn.L1Loss) take it, where Eq. 2's norm sums over the pixels
+G and F also minimise Sec. 5.2's identity loss, ||G(y) - y||_1 + ||F(x) - x||_1, which is not part of Eq. 3 and
+which junyanz's code turns on by default. D's loss is halved (appendix 7.1); D_X and D_Y are held fixed while G and
+F step (junyanz's code). CycleGANConfig gives each value and its source. (The CUT repository's copy of this model
+has xavier init, anti-aliased networks, 200 + 200 epochs.)
 
-This file is the paper only: the optimisation (Adam, the lr schedule, precision) is train_gan.py's `Trainer`,
-handed to `train_step`.
+This file is the paper only: train_gan.py's `Trainer`, handed to `train_step`, optimises.
 """
 from dataclasses import dataclass, field
 
@@ -31,38 +27,28 @@ from networks import GENERATORS, PatchDiscriminator, define_G, frozen
 
 @dataclass
 class CycleGANConfig:
-    """CycleGAN's options, each default junyanz's, its help its source: the command's flags (--model cycle_gan)."""
-    lambda_cycle: float = field(default=10.0, metadata=dict(help="lambda of Eq. 3, the cycle loss's weight each way "
-                                                            "(Sec. 4)", at_least=0))
-    lambda_identity: float = field(default=0.5, metadata=dict(help="the identity loss's weight, times lambda_cycle "
-                                                              "(appendix 7.1)", at_least=0))
-    pool_size: int = field(default=50, metadata=dict(help="fakes in D's history (Sec. 4; 0: none)", at_least=0))
-    gan_mode: str = field(default="lsgan", metadata=dict(help="the adversarial loss: least squares, as Sec. 4 trains "
-                                                         "it (losses.GANLoss)", choices=GAN_MODES))
-    real_label: float = field(default=1.0, metadata=dict(help="D's target for real images (< 1: one-sided label "
-                                                         "smoothing)"))
-    netG: str = field(default="resnet_9blocks", metadata=dict(help="G and F: junyanz's default; the paper uses 6 "
-                                                              "residual blocks at 128x128, 9 at 256x256",
+    """CycleGAN's options, junyanz's defaults, each with its source: --model cycle_gan's flags."""
+    lambda_cycle: float = field(default=10.0, metadata=dict(help="lambda of Eq. 3 (Sec. 4)", at_least=0))
+    lambda_identity: float = field(default=0.5, metadata=dict(help="Sec. 5.2's loss, x lambda (appendix 7.1)",
+                                                              at_least=0))
+    pool_size: int = field(default=50, metadata=dict(help="fakes in D's history (Sec. 4)", at_least=0))
+    gan_mode: str = field(default="lsgan", metadata=dict(help="least squares, as Sec. 4 trains", choices=GAN_MODES))
+    real_label: float = field(default=1.0, metadata=dict(help="D's target for real images (< 1: label smoothing)"))
+    netG: str = field(default="resnet_9blocks", metadata=dict(help="G and F: junyanz's; the paper's at 128: 6 blocks",
                                                               choices=GENERATORS))
-    ngf: int = field(default=64, metadata=dict(help="filters of G's first layer (appendix 7.2: c7s1-64)", at_least=1))
-    ndf: int = field(default=64, metadata=dict(help="filters of D's first layer (appendix 7.2: C64)", at_least=1))
-    n_layers_D: int = field(default=3, metadata=dict(help="D's down-sampling convs (3: the 70x70 PatchGAN)",
-                                                     at_least=1))
-    norm: str = field(default="instance", metadata=dict(help="the norm layers (appendix 7.2: instance norm)",
-                                                        choices=NORMS))
-    dropout: bool = field(default=False, metadata=dict(help="dropout in G's residual blocks (junyanz's --no_dropout)"))
-    channels_x: int = field(default=3, metadata=dict(help="channels of X's images (1: grayscale; the official "
-                                                     "--input_nc)", choices=(1, 3)))
-    channels_y: int = field(default=3, metadata=dict(help="channels of Y's images (the official --output_nc)",
-                                                     choices=(1, 3)))
-    init_gain: float = field(default=0.02, metadata=dict(help="std of the N(0, gain) init (appendix 7.1)"))
-    lr: float = field(default=2e-4, metadata=dict(help="Adam's learning rate (Sec. 4)", above=0, resume="change"))
-    beta1: float = field(default=0.5, metadata=dict(help="Adam's beta1 (junyanz's)"))
-    epochs: int = field(default=100, metadata=dict(help="epochs at the initial lr (Sec. 4)", at_least=0,
-                                                   resume="change"))
-    epochs_decay: int = field(default=100, metadata=dict(help="then epochs of linear decay to lr / (epochs_decay + "
-                                                         "1) (Sec. 4, as the CUT repository steps it)", at_least=0,
-                                                         resume="change"))
+    ngf: int = field(default=64, metadata=dict(help="G's first filters (appendix 7.2)", at_least=1))
+    ndf: int = field(default=64, metadata=dict(help="D's first filters (appendix 7.2)", at_least=1))
+    n_layers_D: int = field(default=3, metadata=dict(help="3: the 70x70 PatchGAN", at_least=1))
+    norm: str = field(default="instance", metadata=dict(help="the norms (appendix 7.2)", choices=NORMS))
+    dropout: bool = field(default=False, metadata=dict(help="in G's blocks (junyanz's: off)"))
+    channels_x: int = field(default=3, metadata=dict(help="X's channels (the official --input_nc)", choices=(1, 3)))
+    channels_y: int = field(default=3, metadata=dict(help="Y's channels (--output_nc)", choices=(1, 3)))
+    init_gain: float = field(default=0.02, metadata=dict(help="the init's N(0, gain) (appendix 7.1)"))
+    lr: float = field(default=2e-4, metadata=dict(help="Adam's (Sec. 4)", above=0, resume="change"))
+    beta1: float = field(default=0.5, metadata=dict(help="Adam's (junyanz's)"))
+    epochs: int = field(default=100, metadata=dict(help="at the initial lr (Sec. 4)", at_least=0, resume="change"))
+    epochs_decay: int = field(default=100, metadata=dict(help="then decaying linearly (Sec. 4), stepped as the CUT "
+                                                         "repository does", at_least=0, resume="change"))
 
 
 class ImagePool:

@@ -142,10 +142,10 @@ def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Im
 
 
 def try_load(path: Path, channels: int = 3, min_side: int | None = None) -> Image.Image | None:
-    """load_image, or None for a file that is broken or gone."""
+    """load_image, or None for a file that is broken or gone (Pillow raises many types for those)."""
     try:
         return load_image(path, channels, min_side)
-    except Exception:  # Pillow raises many types for broken files; a vanished one, OSError
+    except Exception:
         return None
 
 
@@ -179,10 +179,9 @@ class Pick(NamedTuple):
 
 
 class UnpairedDataset(torch.utils.data.Dataset):
-    """The training images of X and Y. Item `pick` is (x, y), (C, crop, crop) each in [-1, 1], as random as the
-    pick says; from epoch `no_crop_from_epoch` they are only resized and flipped (the official CUT dataset's decay
-    epochs). An image that no longer reads gives way to the next of its domain, and is marked in `unreadable`,
-    memory the loader's workers share, for `batches` to name."""
+    """The training images of X and Y: item `pick` is (x, y), each (C, crop, crop) in [-1, 1] and as random as the
+    pick says, only resized and flipped from epoch `no_crop_from_epoch` (the official CUT dataset's decay epochs).
+    An image that no longer reads gives way to the next, and is marked in `unreadable`, which the workers share."""
 
     def __init__(self, folder_x: Path, folder_y: Path, load_size: int = 286, crop_size: int = 256,
                  channels_x: int = 3, channels_y: int = 3, no_crop_from_epoch: int | None = None):
@@ -193,7 +192,7 @@ class UnpairedDataset(torch.utils.data.Dataset):
                  f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
         self.load_size, self.crop_size, self.no_crop_from_epoch = load_size, crop_size, no_crop_from_epoch
         self.unreadable = [torch.zeros(len(files), dtype=torch.bool).share_memory_() for files in self.files]
-        self.named = [torch.zeros(len(files), dtype=torch.bool) for files in self.files]  # by `batches`
+        self.named = [torch.zeros(len(files), dtype=torch.bool) for files in self.files]  # in a warning
 
     def __len__(self) -> int:
         return max(len(f) for f in self.files)
@@ -219,9 +218,8 @@ class UnpairedDataset(torch.utils.data.Dataset):
 
 
 class PairSampler(torch.utils.data.Sampler):
-    """An epoch's picks, from (seed, epoch) alone: X shuffled, a random y each; at most `limit` of them. set_epoch
-    skips the first `start`, the images all ranks have trained; each of `world` ranks takes every world-th of the
-    rest, as many each (a DistributedSampler)."""
+    """An epoch's picks, from (seed, epoch) alone: X shuffled, a random y each, at most `limit`. set_epoch skips the
+    first `start` (the images all ranks trained); each rank takes every world-th of the rest, as many each."""
 
     def __init__(self, n_x: int, n_y: int, seed: int = 0, rank: int = 0, world: int = 1, limit: int | None = None):
         self.n_x, self.n_y, self.seed, self.rank, self.world = n_x, n_y, seed, rank, world
@@ -415,7 +413,7 @@ class RunFolder:
 
     def __init__(self, path: Path, resume_hint: str = ""):
         self.path, self.resume_hint, self.latest = Path(path), resume_hint, Path(path) / "latest.pt"
-        self.heading, self.done, self.total, self.shown = "", 0, 0, {}
+        self.heading, self.done, self.total, self.runs = "", 0, 0, []
         self.captions = {"epoch": "", "nce_epoch": "where PatchNCE finds each output patch's input patch: x, G(x) "
                          "with query points, then each point's similarity over x (bright: taken for it)",
                          "d_epoch": "D's verdict on each patch of a real image and of a translation: bright real "
@@ -456,18 +454,19 @@ class RunFolder:
                     with contextlib.suppress(OSError):
                         self.write_page(running=False)
 
-    def start(self, options: dict, shown: dict, command: list[str], epoch: int, images: int, heading: str,
-              caption: str, total: int) -> None:
-        """A start at `images` into `epoch` of `total`, in options.json with the run's `options`; then the page."""
-        self.heading, self.captions["epoch"], self.done, self.total, self.shown = heading, caption, epoch, total, shown
+    def start(self, options: dict, command: list[str], epoch: int, images: int, heading: str, caption: str,
+              total: int) -> None:
+        """A start at `images` into `epoch` of `total`: options.json gets the run's `options` and this command among
+        its starts; then the page."""
+        self.heading, self.captions["epoch"], self.done, self.total = heading, caption, epoch, total
         path = self.path / "options.json"
         try:
-            runs = list(json.loads(path.read_text())["runs"])
+            self.runs = list(json.loads(path.read_text())["runs"])
         except (OSError, ValueError, KeyError, TypeError):  # none yet, or edited out of shape
-            runs = []
-        runs.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command, "epoch": epoch,
-                     "images": images})
-        write_atomically(path, lambda tmp: tmp.write_text(json.dumps({**options, "runs": runs}, indent=1)))
+            self.runs = []
+        self.runs.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command, "epoch": epoch,
+                          "images": images})
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps({**options, "runs": self.runs}, indent=1)))
         self.write_page(running=True)
 
     def save_checkpoint(self, state: dict, keep: bool = False) -> None:
@@ -522,13 +521,13 @@ class RunFolder:
         status = (f"training: {self.done} of {self.total} epochs done; this page reloads every minute" if running
                   else f"finished: {self.total} of {self.total} epochs done" if self.done >= self.total
                   else f"stopped with {self.done} of {self.total} epochs done; {self.resume_hint}")
-        rows = "".join(f"<tr><td>--{k.replace('_', '-')}</td><td>{html.escape(str(v))}</td></tr>"
-                       for k, v in self.shown.items()) or "<tr><td>none but the defaults</td></tr>"
+        starts = "".join(f"<li>{r.get('started')}: {html.escape(' '.join(map(str, r.get('command', []))))}</li>"
+                         for r in self.runs if isinstance(r, dict))
         plots = image(self.path / "losses.png") + image(self.path / "balance.png") or "<p>plotted as epochs end</p>"
         page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.heading)}'
                 "</title>" + ('<meta http-equiv="refresh" content="60">' if running else "") + f"<style>{PAGE_STYLE}"
                 f'</style></head><body><h1>{html.escape(self.heading)}</h1><p class="status">{html.escape(status)}'
-                f'</p><h2>options</h2><table>{rows}</table><p class="caption">those not at their default; all: '
+                f'</p><h2>options</h2><ul>{starts}</ul><p class="caption">as each start asked; every option: '
                 f'<a href="options.json">options.json</a></p><h2>losses, and the balance of D and G</h2><div '
                 f'class="plots">{plots}</div><p class="caption">each loss term by step; each epoch, D\'s mean verdict '
                 "on real test images and on their translations, 1 real and 0 fake; dashed, 0.5, where the two meet "
@@ -671,12 +670,6 @@ def load_torch(path: Path):
 
 
 DATASET_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/datasets/{}.zip"
-# The official CycleGAN model zoo (junyanz's scripts/download_cyclegan_model.sh): ResNet generators, 9 blocks.
-PRETRAINED_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models/{}.pth"
-OFFICIAL_PRETRAINED = ("apple2orange", "orange2apple", "summer2winter_yosemite", "winter2summer_yosemite",
-                       "horse2zebra", "zebra2horse", "monet2photo", "style_monet", "style_cezanne", "style_ukiyoe",
-                       "style_vangogh", "sat2map", "map2sat", "cityscapes_photo2label", "cityscapes_label2photo",
-                       "facades_photo2label", "facades_label2photo", "iphone2dslr_flower")
 OFFICIAL_DATASETS = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "monet2photo", "cezanne2photo",
                      "ukiyoe2photo", "vangogh2photo", "maps", "cityscapes", "facades", "iphone2dslr_flower",
                      "ae_photos", "grumpifycat")
@@ -723,18 +716,3 @@ def download_command(argv: list[str]) -> None:
     p.add_argument("--root", type=Path, default=Path("data"), help="it goes to ROOT/NAME")
     options = p.parse_args(argv)
     print(download(options.name, options.root))
-
-
-def download_pretrained(name: str, root: Path = Path("pretrained"), timeout: float = 30) -> Path:
-    """An official CycleGAN generator's file, root/NAME.pth, downloaded the first time."""
-    need(name in OFFICIAL_PRETRAINED, f"unknown pretrained model {name!r}: choose one of "
-         f"{', '.join(OFFICIAL_PRETRAINED)}")
-    target = Path(root) / f"{name}.pth"
-    if not target.is_file():
-        print(f"downloading the official {name} generator into {root} (once)", file=sys.stderr)
-        try:
-            write_atomically(target, lambda tmp: fetch(PRETRAINED_URL.format(name), tmp,
-                                                       f"fetch it elsewhere and save it as {target}", timeout))
-        except OSError as e:
-            raise UsageError(f"could not save {target} ({e.strerror}): choose another folder for it") from None
-    return target

@@ -1094,7 +1094,10 @@ def test_cyclegan_config_is_the_papers_and_junyanzs():
              "init_gain": (0.02, "appendix 7.1: N(0, 0.02)"), "real_label": (1.0, "real is 1, no smoothing"),
              "channels_x": (3, "RGB"), "channels_y": (3, "RGB")}
     assert {f.name for f in dataclasses.fields(c)} == set(paper), "every option of CycleGAN, checked here"
-    assert all(f.metadata["help"] for f in dataclasses.fields(c)), "each option says what it is, for --help"
+    assert_options_say_what_they_are_refuse_what_cannot_work_and_let_a_resume_change_the_schedule(c, {
+        "lambda_cycle": 0, "lambda_identity": 0, "pool_size": 0, "ngf": 1, "ndf": 1, "n_layers_D": 1, "epochs": 0,
+        "epochs_decay": 0}, {"lr": 0}, {"channels_x": (1, 3), "channels_y": (1, 3), "netG": GENERATORS,
+                                         "norm": ("instance", "batch", "none"), "gan_mode": GAN_MODES})
     for name, (value, rule) in paper.items():
         assert getattr(c, name) == value, f"CycleGANConfig.{name}: {value!r} ({rule}), got {getattr(c, name)!r}"
     model = CycleGAN()
@@ -1106,6 +1109,22 @@ def test_cyclegan_config_is_the_papers_and_junyanzs():
         "CycleGAN appendix 7.1, and junyanz's init: N(0, 0.02)"
     assert not any(isinstance(m, (BlurDownsample, BlurUpsample)) for m in model.G.modules()), \
         "junyanz's CycleGAN: strided and transposed convs, no blur-pool"
+
+
+def assert_options_say_what_they_are_refuse_what_cannot_work_and_let_a_resume_change_the_schedule(
+        config, at_least: dict, above: dict, choices: dict) -> None:
+    """A config's fields are the command's flags: each says what it is (--help); a weight, a history, an epoch count
+    is never below 0, a count of filters, layers or places never below 1, a learning rate or a temperature never 0;
+    a choice is among the values the networks and losses take; a resume may change the schedule alone."""
+    fields = dataclasses.fields(config)
+    assert all(f.metadata["help"] for f in fields), "each option says what it is, for --help"
+    assert {f.name: f.metadata["at_least"] for f in fields if "at_least" in f.metadata} == at_least, \
+        "weights, histories and epochs are >= 0; filters, layers and places >= 1"
+    assert {f.name: f.metadata["above"] for f in fields if "above" in f.metadata} == above, "rates are > 0"
+    assert {f.name: tuple(f.metadata["choices"]) for f in fields if "choices" in f.metadata} == choices, \
+        "a choice is one the networks and losses take"
+    assert {f.name for f in fields if f.metadata.get("resume") == "change"} == {"lr", "epochs", "epochs_decay"}, \
+        "a resume may change the schedule alone: the rest makes the run what it is"
 
 
 def cyclegan_terms():
@@ -1438,7 +1457,11 @@ def test_cut_model_presets_and_config_are_the_cut_repositorys():
         assert getattr(cut, name) == value, \
             f"CUTConfig.{name}: the CUT repository's {value!r}, got {getattr(cut, name)!r}"
     assert {f.name for f in dataclasses.fields(cut)} == set(official) | set(FASTCUT), "every option checked"
-    assert all(f.metadata["help"] for f in dataclasses.fields(cut)), "each option says what it is, for --help"
+    assert_options_say_what_they_are_refuse_what_cannot_work_and_let_a_resume_change_the_schedule(cut, {
+        "lambda_nce": 0, "num_patches": 1, "lambda_gan": 0, "ngf": 1, "ndf": 1, "n_layers_D": 1, "netF_nc": 1,
+        "epochs": 0, "epochs_decay": 0}, {"nce_temperature": 0, "lr": 0}, {
+        "nce_negatives": ("image", "batch", "others"), "gan_mode": GAN_MODES, "netG": GENERATORS,
+        "norm": ("instance", "batch", "none"), "channels_x": (1, 3), "channels_y": (1, 3)})
 
 
 def test_cut_model_networks_are_the_cut_repositorys():
@@ -2257,7 +2280,7 @@ def test_run_folder_page_shows_every_epoch_newest_first_and_reloads_only_while_t
     rows = list(csv.DictReader((run / "epochs.csv").open()))
     assert [sorted(k for k in r if k.endswith(("_real", "_fake"))) for r in rows] == \
         [sorted(f"{d}_{side}" for d in judges for side in ("real", "fake"))] * 2
-    assert ("--epochs-decay", "1") in page["options"] and ("--model", model) in page["options"]
+    assert " ".join(["python", "train_gan.py", *argv]) in page["text"]  # the options each start asked for
     assert ("rows of a test image x" if model == "cycle_gan" else "each row: a test image x, G(x)") in page["text"]
     assert re.search(r"epoch 1 (\w+ -?[\d.]+, )*\w+ -?[\d.]+; \d+ s, [\d.]+ img/s, \d+% of it waiting for data",
                      page["text"])
@@ -2879,7 +2902,7 @@ def test_translate_cli_pretrained_is_one_command_downloading_once_atomically_and
     torch.manual_seed(0)
     net = ResnetGenerator(ngf=4, n_blocks=9)
     torch.save(net.state_dict(), source)
-    monkeypatch.setattr(du, "PRETRAINED_URL", (tmp_path / "server").as_uri() + "/{}.pth")  # a file:// server
+    monkeypatch.setattr(translate, "PRETRAINED_URL", (tmp_path / "server").as_uri() + "/{}.pth")  # a file:// server
     cache, photos = tmp_path / "cache", tmp_path / "photos"
     photos.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(photos / "img0.png")
@@ -2908,7 +2931,7 @@ def test_translate_cli_pretrained_is_one_command_downloading_once_atomically_and
                         translate_cli)
     assert_error(code, err, "unknown pretrained model 'pears2plums': choose one of apple2orange, .*"
                             "iphone2dslr_flower")
-    assert len(du.OFFICIAL_PRETRAINED) == 18
+    assert len(translate.OFFICIAL_PRETRAINED) == 18
 
 
 # ============================================================================= faults

@@ -59,8 +59,7 @@ BUNDLED = Path(__file__).resolve().parent / "data" / "apple2orange_small"
 
 
 def option(default, help: str, resume: str = "kept", **argparse_kw):
-    """A field of the run record; on a resume, 'kept' is the run's own, 'change' the run's unless given, 'now' this
-    call's."""
+    """A run record's field; a resume takes the run's own value if 'kept', the run's unless given if 'change'."""
     return field(default=default, metadata=dict(help=help, resume=resume, **argparse_kw))
 
 
@@ -78,20 +77,18 @@ class Run:
     load_size: int = option(286, "images are resized to this square size ...", "change", at_least=1)
     crop_size: int = option(256, "... then randomly cropped to this size", "change", at_least=1)
     max_steps: int = option(0, "cap on steps per epoch (0: whole epochs)", "change", at_least=0)
-    precision: str = option("fp32", "autocast of the forward passes (fp16, CUDA only, with loss scaling); fp32 is "
-                            "the official math", "change", choices=tuple(PRECISIONS))
+    precision: str = option("fp32", "fp32, the official math, or autocast (fp16: CUDA only)", "change",
+                            choices=tuple(PRECISIONS))
     device: str = option("auto", "auto: cuda, then mps, then cpu", "now", choices=("auto", "cpu", "cuda", "mps"))
     workers: int = option(0, "data-loading processes (0: the main one)", "now", at_least=0)
     compile: bool = option(False, "torch.compile the networks (slow first steps, faster later)", "now")
-    benchmark: int = option(0, "time N steps after 3 warm-up ones, print JSON, write nothing", "now", at_least=0,
-                            metavar="N")
+    benchmark: int = option(0, "time N steps, print JSON, write nothing", "now", at_least=0, metavar="N")
     log_every: int = option(10, "steps averaged into each row of losses.csv", "change", at_least=1)
     save_every: int = option(10, "also keep epoch_NNN.pt every this many epochs (0: never)", "change", at_least=0)
     nce_map: bool = option(True, "write nce_epoch_NNN.png, where PatchNCE finds the patches (CUT, FastCUT)", "change")
-    d_map: bool = option(True, "write d_epoch_NNN.png, D's verdict on each patch of real and translated test "
-                         "images, and their means, the balance, to epochs.csv", "change")
+    d_map: bool = option(True, "write d_epoch_NNN.png, D's verdict on each patch, and its balance", "change")
 
-    def __post_init__(self):  # paths as a checkpoint keeps them, as text
+    def __post_init__(self):  # a checkpoint keeps paths as text
         self.dataroot, self.output_dir = Path(self.dataroot), Path(self.output_dir)
 
 
@@ -203,9 +200,8 @@ def adam(params: list[torch.nn.Parameter], config) -> torch.optim.Adam:
 
 
 class Trainer:
-    """All of training that is not the paper: the networks on the device (`nets`, plain), an Adam per group, the lr
-    schedule, precision, the ranks' average, where training stands; a model's train_step calls its autocast,
-    backward and step."""
+    """All of training that is not the paper: the networks on the device, an Adam per group, the lr schedule,
+    precision, the ranks' average, where training stands; a model's train_step calls autocast, backward, step."""
 
     def __init__(self, model: Model, device: torch.device | str = "cpu", precision: str = "fp32",
                  compiled: bool = False):
@@ -278,9 +274,8 @@ class Trainer:
     def set_lr(self) -> None:
         """This epoch's lr, as the config's schedule says."""
         c = self.model.config
-        for opt in self.optimizers.values():
-            for group in opt.param_groups:
-                group["lr"] = c.lr * lr_factor(self.epoch, c.epochs, c.epochs_decay)
+        for group in (g for opt in self.optimizers.values() for g in opt.param_groups):
+            group["lr"] = c.lr * lr_factor(self.epoch, c.epochs, c.epochs_decay)
 
     def state(self, run: Run) -> dict:
         """The checkpoint: the run record and config, where training stands, weights, optimisers, random states."""
@@ -293,7 +288,7 @@ class Trainer:
                         "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}}
 
     def load(self, state: dict, source: Path | None = None) -> None:
-        """Go on from a checkpoint of the same model, with this machine's Adam kernel."""
+        """Go on from a checkpoint of the same model, on this machine's Adam kernel."""
         with checkpoint_must_fit(state, source):
             for name, net in self.nets.items():
                 net.load_state_dict(state["nets"][name])
@@ -378,10 +373,9 @@ def train(argv: list[str], stop: StopFlag | None = None) -> Trainer | None:
         stop = stop or StopFlag(world, rank == 0)
         if rank == 0:
             print(start_line(run, trainer, loader))
-            folder.start({"run": record(run), "config": record(config)}, changed(run, config),
-                         ["python", "train_gan.py", *argv], trainer.epoch, trainer.seen,
-                         f"{run.name}: {run.model} on {run.dataroot.name}", trainer.model.visuals_caption(),
-                         trainer.epochs)
+            folder.start({"run": record(run), "config": record(config)}, ["python", "train_gan.py", *argv],
+                         trainer.epoch, trainer.seen, f"{run.name}: {run.model} on {run.dataroot.name}",
+                         trainer.model.visuals_caption(), trainer.epochs)
             folder.save_checkpoint(trainer.state(run))  # a new run's at step 0, so the --resume advised always works
         for _ in range(trainer.epoch, trainer.epochs):
             row = train_epoch(trainer, loader, run, folder, stop)  # None: stopped inside it
@@ -446,21 +440,14 @@ def training_loader(run: Run, config, folders: dict, device: torch.device, rank:
 def start_line(run: Run, trainer: Trainer, loader) -> str:
     """What runs where, on what, for how long."""
     data, steps = loader.dataset, math.ceil(loader.sampler.size // trainer.world / run.batch_size)
-    line = (("resuming " if run.resume else "") + f"{run.model} on {trainer.device} x {trainer.world} | data "
+    defaults = ", ".join(f"{k}={v}" for k, v in device_defaults(trainer.device).items())
+    return (("resuming " if run.resume else "") + f"{run.model} on {trainer.device} x {trainer.world} | data "
             f"{run.dataroot} ({len(data.files[0])} X, {len(data.files[1])} Y) | crop {run.crop_size} (load "
             f"{run.load_size}) | batch {run.batch_size} | {steps} steps/epoch x {trainer.epochs} epochs | at epoch "
-            f"{trainer.epoch + 1}, image {trainer.seen} | out {run.output_dir / run.name}")
-    defaults = ", ".join(f"{k}={v}" for k, v in device_defaults(trainer.device).items())
-    line += "" if run.resume else f"\ndefaults on {trainer.device.type} (a flag given wins): {defaults}"
-    return line + ("\nthis run has trained all its epochs: to train on, resume with more --epochs or --epochs-decay"
-                   if trainer.epoch >= trainer.epochs else "")
-
-
-def changed(run: Run, config) -> dict:
-    """The options of the run and its model that are not at their defaults: the page's table."""
-    defaults = {**record(Run()), **record(MODELS[run.model][1](**MODELS[run.model][2]))}
-    ours = {f.name for f in fields(Run) if f.metadata["resume"] != "now"} | {f.name for f in fields(config)}
-    return {k: v for k, v in {**record(run), **record(config)}.items() if k in ours and v != defaults[k]}
+            f"{trainer.epoch + 1}, image {trainer.seen} | out {run.output_dir / run.name}"
+            + ("" if run.resume else f"\ndefaults on {trainer.device.type} (a flag given wins): {defaults}")
+            + ("\nthis run has trained all its epochs: to train on, resume with more --epochs or --epochs-decay"
+               if trainer.epoch >= trainer.epochs else ""))
 
 
 def train_epoch(trainer: Trainer, loader, run: Run, folder: RunFolder, stop: StopFlag) -> dict | None:

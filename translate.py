@@ -1,8 +1,6 @@
-"""Use a model (the README's Usage): translate a folder of images at full size, compare models side by side, or try
-an official pretrained CycleGAN in one command. Mirrors test.py of the official code (and nanoGPT's sample.py).
-
-A model is a run's checkpoint (it carries its config), an official generator file (the file tells its
-architecture: a zoo .pth, latest_net_G_A.pth, a CUT latest_net_G.pth) or a zoo name, downloaded once.
+"""Use a model (the README's Usage): translate a folder of images at full size, compare models in one picture, or
+try an official pretrained CycleGAN. Mirrors the official test.py (and nanoGPT's sample.py). A model is a run's
+checkpoint, an official generator file (its architecture read from it) or a zoo name, downloaded once.
 """
 import os
 import signal
@@ -18,19 +16,25 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data_utility import (OFFICIAL_PRETRAINED, Parser, UsageError, at_least, download_pretrained, input_channels,
-                          list_images, load_fixed_images, load_torch, make_folder, need, pick_device, run_command,
-                          save_grid, save_image, smallest_side, stop_if_a_write_fails, stop_if_out_of_memory, to_image,
-                          to_tensor, try_load)
+from data_utility import (Parser, UsageError, at_least, fetch, input_channels, list_images, load_fixed_images,
+                          load_torch, make_folder, need, pick_device, run_command, save_grid, save_image, smallest_side,
+                          stop_if_a_write_fails, stop_if_out_of_memory, to_image, to_tensor, try_load,
+                          write_atomically)
 from networks import official_generator
 from train_gan import load_model, run_record
 
 CACHE = Path(__file__).resolve().parent / "pretrained"
+# The official CycleGAN model zoo (junyanz's scripts/download_cyclegan_model.sh): ResNet generators, 9 blocks.
+PRETRAINED_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models/{}.pth"
+OFFICIAL_PRETRAINED = ("apple2orange", "orange2apple", "summer2winter_yosemite", "winter2summer_yosemite",
+                       "horse2zebra", "zebra2horse", "monet2photo", "style_monet", "style_cezanne", "style_ukiyoe",
+                       "style_vangogh", "sat2map", "map2sat", "cityscapes_photo2label", "cityscapes_label2photo",
+                       "facades_photo2label", "facades_label2photo", "iphone2dslr_flower")
 
 
 def parser() -> Parser:
-    p = Parser(prog="translate.py", description="Translate every image of --input with a model, at its own size, "
-                                                "into --output; or with --grid, compare models in one picture.")
+    p = Parser(prog="translate.py", description="Translate every image of --input with a model into --output; or "
+                                                "with --grid, compare models in one picture.")
     p.add_argument("--checkpoint", type=Path, nargs="+", default=[], metavar="FILE",
                    help="a run's latest.pt or epoch_NNN.pt, or an official generator .pth")
     p.add_argument("--pretrained", nargs="+", default=[], metavar="NAME",
@@ -39,12 +43,11 @@ def parser() -> Parser:
     p.add_argument("--output", type=Path, help="folder for the results, PNGs of the same names (not --input)")
     p.add_argument("--direction", choices=("AtoB", "BtoA"),
                    help="which way, named as in training: a run's own way by default; the other needs CycleGAN")
-    p.add_argument("--max-side", type=at_least(1), help="scale each image down so its longer side is at most "
-                   "this (aspect ratio kept) before translating; default: full size")
+    p.add_argument("--max-side", type=at_least(1), help="scale each image down to this longer side first")
     p.add_argument("--size", type=at_least(1), help="resize each image to size x size first, as the official "
                    "test.py (256: the papers' FID protocol); with --grid, 256 by default")
     p.add_argument("--grid", type=Path, metavar="FILE", help="instead: one .png/.jpg, a row per image (the "
-                   "first --count of --input, at --size), then each model's result")
+                   "first --count of --input), then each model's result")
     p.add_argument("--count", type=at_least(1), default=6, help="--grid: images, the first ones of --input by name")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     p.add_argument("--cache", type=Path, default=CACHE, help="where --pretrained generators are kept")
@@ -83,9 +86,23 @@ def use_models(args) -> None:
         write_translations(generators[0], files, args, smallest)
 
 
+def download_pretrained(name: str, root: Path = Path("pretrained"), timeout: float = 30) -> Path:
+    """An official generator's file, root/NAME.pth, downloaded the first time."""
+    need(name in OFFICIAL_PRETRAINED, f"unknown pretrained model {name!r}: choose one of "
+         f"{', '.join(OFFICIAL_PRETRAINED)}")
+    target = Path(root) / f"{name}.pth"
+    if not target.is_file():
+        print(f"downloading the official {name} generator into {root} (once)", file=sys.stderr)
+        try:
+            write_atomically(target, lambda tmp: fetch(PRETRAINED_URL.format(name), tmp,
+                                                       f"fetch it elsewhere and save it as {target}", timeout))
+        except OSError as e:
+            raise UsageError(f"could not save {target} ({e.strerror}): choose another folder for it") from None
+    return target
+
+
 def generator(path: Path, device: torch.device, direction: str | None) -> torch.nn.Module:
-    """The generator of a file that translates `direction` (AtoB, BtoA; None: the model's own way), on `device` in
-    eval mode: from a run's checkpoint, or from an official generator file, whose architecture the file tells."""
+    """The generator of a checkpoint or an official file that translates `direction` (None: its own way)."""
     state = load_torch(path)
     if not run_record(state):
         try:
@@ -105,8 +122,7 @@ def generator(path: Path, device: torch.device, direction: str | None) -> torch.
 
 @torch.no_grad()
 def generate(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """net(x), run on the network's device and returned on the CPU, for (B, C, H, W) images in [-1, 1] of any size
-    from the smallest it takes: the sides reflect-padded to the generator's multiple, the result cropped back."""
+    """net(x) for (B, C, H, W) images of any size it takes, padded to its multiple and cropped back, on the CPU."""
     y = net(pad_to_multiple(x.to(next(net.parameters()).device), net.side_multiple))
     return y[..., :x.shape[-2], :x.shape[-1]].cpu()
 
@@ -120,7 +136,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def write_translations(net: torch.nn.Module, files: list[Path], args, smallest: int) -> None:
-    """Each image at its own size (or per --max-side, --size) as OUTPUT/NAME.png; one under `smallest` is skipped."""
+    """Each image at its own size (or --max-side's, --size's) as OUTPUT/NAME.png; one under `smallest` skipped."""
     output, written, channels = make_folder(args.output, "--output"), 0, input_channels(net)
     for f in tqdm(files, desc="translate", leave=False):
         img = try_load(f, channels)
@@ -142,7 +158,7 @@ def write_translations(net: torch.nn.Module, files: list[Path], args, smallest: 
 
 
 def fit_within(img: Image.Image, max_side: int | None) -> Image.Image:
-    """`img` scaled down (bicubic, aspect ratio kept) so its longer side is at most max_side; None: as it is."""
+    """`img` scaled down, its aspect kept, so its longer side is at most max_side."""
     if max_side is None or max(img.size) <= max_side:
         return img
     scale = max_side / max(img.size)
@@ -150,7 +166,7 @@ def fit_within(img: Image.Image, max_side: int | None) -> Image.Image:
 
 
 def write_grid(generators: list[torch.nn.Module], args) -> None:
-    """One picture: a row per input image, the input then every model's translation of it."""
+    """One picture: a row per input image, then each model's translation of it."""
     channels = {input_channels(net) for net in generators}
     need(len(channels) == 1, f"the models take {' and '.join(map(str, sorted(channels)))}-channel inputs: compare "
          f"models of the same domains")

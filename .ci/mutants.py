@@ -39,11 +39,11 @@ COMPONENTS = {
                     "UnetBlock": "unet_generator", "UnetGenerator": "unet_generator", "PatchDiscriminator": "patchgan",
                     "PatchSampleMLP": "patch_sample_mlp",
                     "_STALE_SUFFIXES": "official_weights", "load_official_state_dict": "official_weights",
-                    "official_generator": "official_weights", "GENERATORS": "define_g", "size_multiple": "define_g",
+                    "official_generator": "official_weights", "GENERATORS": "define_g",
                     "define_G": "define_g", "frozen": "frozen"},
     "losses.py": {"GAN_MODES": "gan_loss", "GANLoss": "gan_loss", "NEGATIVES": "patchnce", "PatchNCELoss": "patchnce"},
     "cycle_gan.py": {"CycleGANConfig": "cyclegan", "ImagePool": "image_pool", "CycleGAN": "cyclegan"},
-    "cut_model.py": {"MODES": "cut_model", "CUTConfig": "cut_model", "CUT": "cut_model"},
+    "cut_model.py": {"CUTConfig": "cut_model", "FASTCUT": "cut_model", "CUT": "cut_model"},
 }
 SWAPS = {ast.Add: "-", ast.Sub: "+", ast.Mult: "/", ast.Div: "*", ast.FloorDiv: "/", ast.Pow: "*", ast.Mod: "//",
          ast.Lt: "<=", ast.LtE: "<", ast.Gt: ">=", ast.GtE: ">", ast.Eq: "!=", ast.NotEq: "==", ast.In: "not in",
