@@ -473,7 +473,8 @@ class RunFolder:
         """latest.pt, and with `keep` a copy of it as epoch_NNN.pt (N: the epochs `state` has finished)."""
         write_atomically(self.latest, lambda tmp: torch.save(state, tmp))
         if keep:
-            write_atomically(self.path / f"epoch_{state['epoch']:03d}.pt", lambda tmp: shutil.copyfile(self.latest, tmp))
+            copy = self.path / f"epoch_{state['epoch']:03d}.pt"
+            write_atomically(copy, lambda tmp: shutil.copyfile(self.latest, tmp))
 
     def log_losses(self, step: int, epoch: int, losses: dict[str, float]) -> None:
         """A row of losses.csv: each loss's mean over the steps up to `step`."""
@@ -542,11 +543,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Each option's default, but None."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        return action.help if action.default in (None, []) else super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line."""
+    """argparse, but a bad option is one line, and --help gives the defaults."""
 
     def __init__(self, **kw):
         super().__init__(formatter_class=HelpFormatter, allow_abbrev=False, **kw)
@@ -570,8 +571,8 @@ def pick_device(name: str) -> torch.device:
     """--device: 'auto' is CUDA, then MPS, then the CPU; under torchrun CUDA is this process's GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    need(not (name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available()),
-         f"--device {name} is not available on this machine: use --device auto or cpu")
+    there = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    need(there[name], f"--device {name} is not available on this machine: use --device auto or cpu")
     return torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
 
 
