@@ -56,11 +56,12 @@ class CUTConfig:
     channels_x: int = field(default=3, metadata=dict(help="X's channels, as many as Y's", choices=(1, 3)))
     channels_y: int = field(default=3, metadata=dict(help="Y's channels", choices=(1, 3)))
     init_gain: float = field(default=0.02, metadata=dict(help="the xavier init's gain"))
-    lr: float = field(default=2e-4, metadata=dict(help="Adam's", above=0, resume="change"))
+    lr: float = field(default=2e-4, metadata=dict(help="Adam's", above=0, resume="changeable"))
     beta1: float = field(default=0.5, metadata=dict(help="Adam's"))
     epochs: int = field(default=200, metadata=dict(help="at the initial lr (TrainOptions')", at_least=0,
-                                                   resume="change"))
-    epochs_decay: int = field(default=200, metadata=dict(help="then decaying linearly", at_least=0, resume="change"))
+                                                   resume="changeable"))
+    epochs_decay: int = field(default=200, metadata=dict(help="then decaying linearly", at_least=0,
+                                                         resume="changeable"))
 
     def __post_init__(self):  # a list, as a checkpoint may keep it
         self.nce_layers = tuple(self.nce_layers)

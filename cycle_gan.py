@@ -44,11 +44,11 @@ class CycleGANConfig:
     channels_x: int = field(default=3, metadata=dict(help="X's channels (the official --input_nc)", choices=(1, 3)))
     channels_y: int = field(default=3, metadata=dict(help="Y's channels (--output_nc)", choices=(1, 3)))
     init_gain: float = field(default=0.02, metadata=dict(help="the init's N(0, gain) (appendix 7.1)"))
-    lr: float = field(default=2e-4, metadata=dict(help="Adam's (Sec. 4)", above=0, resume="change"))
+    lr: float = field(default=2e-4, metadata=dict(help="Adam's (Sec. 4)", above=0, resume="changeable"))
     beta1: float = field(default=0.5, metadata=dict(help="Adam's (junyanz's)"))
-    epochs: int = field(default=100, metadata=dict(help="at the initial lr (Sec. 4)", at_least=0, resume="change"))
+    epochs: int = field(default=100, metadata=dict(help="at the initial lr (Sec. 4)", at_least=0, resume="changeable"))
     epochs_decay: int = field(default=100, metadata=dict(help="then decaying linearly (Sec. 4), stepped as the CUT "
-                                                         "repository does", at_least=0, resume="change"))
+                                                         "repository does", at_least=0, resume="changeable"))
 
 
 class ImagePool:

@@ -192,7 +192,7 @@ class UnpairedDataset(torch.utils.data.Dataset):
                  f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
         self.load_size, self.crop_size, self.no_crop_from_epoch = load_size, crop_size, no_crop_from_epoch
         self.unreadable = [torch.zeros(len(files), dtype=torch.bool).share_memory_() for files in self.files]
-        self.named = [torch.zeros(len(files), dtype=torch.bool) for files in self.files]  # in a warning
+        self.warned = [torch.zeros(len(files), dtype=torch.bool) for files in self.files]
 
     def __len__(self) -> int:
         return max(len(f) for f in self.files)
@@ -205,11 +205,11 @@ class UnpairedDataset(torch.utils.data.Dataset):
         return tuple(to_tensor(jitter(self.readable(domain, i, load), load, self.crop_size, rng))
                      for domain, i in enumerate((i_x, i_y)))
 
-    def readable(self, domain: int, i: int, load: int) -> Image.Image:
+    def readable(self, domain: int, i: int, load_size: int) -> Image.Image:
         """Image i of a domain (0: X, 1: Y), or the next one that reads."""
         files = self.files[domain]
         for k in ((i + j) % len(files) for j in range(len(files))):
-            img = try_load(files[k], self.channels[domain], load)
+            img = try_load(files[k], self.channels[domain], load_size)
             if img is not None:
                 return img
             self.unreadable[domain][k] = True
@@ -260,9 +260,9 @@ def batches(loader: torch.utils.data.DataLoader, rank0: bool = True):
     start, data = time.perf_counter(), loader.dataset
     for x, y in loader:
         waited = time.perf_counter() - start
-        for files, marked, named in zip(data.files, data.unreadable, data.named) if rank0 else ():
-            for k in (marked & ~named).nonzero().flatten().tolist():
-                named[k] = True
+        for files, marked, warned in zip(data.files, data.unreadable, data.warned) if rank0 else ():
+            for k in (marked & ~warned).nonzero().flatten().tolist():
+                warned[k] = True
                 warnings.warn(f"skipping unreadable image {files[k]}: another image of its domain takes its place")
         yield x, y, waited
         start = time.perf_counter()  # the step is done: from here, waiting for the next batch

@@ -1124,7 +1124,7 @@ def assert_options_say_what_they_are_refuse_what_cannot_work_and_let_a_resume_ch
     assert {f.name: f.metadata["above"] for f in fields if "above" in f.metadata} == above, "rates are > 0"
     assert {f.name: tuple(f.metadata["choices"]) for f in fields if "choices" in f.metadata} == choices, \
         "a choice is one the networks and losses take"
-    assert {f.name for f in fields if f.metadata.get("resume") == "change"} == {"lr", "epochs", "epochs_decay"}, \
+    assert {f.name for f in fields if f.metadata.get("resume") == "changeable"} == {"lr", "epochs", "epochs_decay"}, \
         "a resume may change the schedule alone: the rest makes the run what it is"
 
 
@@ -2562,7 +2562,7 @@ def test_train_cli_a_default_changed_in_a_dataclass_is_what_help_shows_and_a_run
 
     @dataclasses.dataclass
     class LogEveryStep(train_gan.Run):
-        log_every: int = train_gan.option(1, "steps averaged into each row of losses.csv", "change", at_least=1)
+        log_every: int = train_gan.option(1, "steps averaged into a row of losses.csv", resume="changeable", at_least=1)
     monkeypatch.setitem(train_gan.MODELS, "cut", (CUT, FewerPatches, {}))
     monkeypatch.setattr(train_gan, "Run", LogEveryStep)
     with pytest.raises(SystemExit):

@@ -58,8 +58,9 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BUNDLED = Path(__file__).resolve().parent / "data" / "apple2orange_small"
 
 
-def option(default, help: str, resume: str = "kept", **argparse_kw):
-    """A run record's field; a resume takes the run's own value if 'kept', the run's unless given if 'change'."""
+def option(default, help: str, resume: str = "fixed", **argparse_kw):
+    """A run record's field, and what a --resume does with it: 'fixed', the run's own (a flag that would change it is
+    refused); 'changeable', the run's unless given; 'this_call', this call's, never the run's."""
     return field(default=default, metadata=dict(help=help, resume=resume, **argparse_kw))
 
 
@@ -67,26 +68,28 @@ def option(default, help: str, resume: str = "kept", **argparse_kw):
 class Run:
     """Every option of a run that is not its model's: what to train, on what data and machine, what to write."""
     model: str = option("fastcut", "what to train (with --resume, the run's)", choices=tuple(MODELS))
-    dataroot: Path = option(BUNDLED, "dataset folder: trainA/ trainB/ [testA/ testB/], or x_train/ ...", "change")
-    name: str = option("", "run name (MODEL_DATASET unless given): it writes to OUTPUT_DIR/NAME", "now")
-    output_dir: Path = option(Path("output"), "where runs are written", "now")
-    resume: bool = option(False, "continue the run OUTPUT_DIR/NAME from its latest.pt, with its options", "now")
+    dataroot: Path = option(BUNDLED, "dataset folder: trainA/ trainB/ [testA/ testB/], or x_train/ ...",
+                            resume="changeable")
+    name: str = option("", "run name (MODEL_DATASET unless given): OUTPUT_DIR/NAME", resume="this_call")
+    output_dir: Path = option(Path("output"), "where runs are written", resume="this_call")
+    resume: bool = option(False, "go on with the run OUTPUT_DIR/NAME from its latest.pt", resume="this_call")
     direction: str = option("AtoB", "BtoA learns B -> A: X is the B folder", choices=("AtoB", "BtoA"))
     seed: int = option(0, "seed of weights, data order and augmentation")
-    batch_size: int = option(1, "images per domain per step (the papers use 1)", "change", at_least=1)
-    load_size: int = option(286, "images are resized to this square size ...", "change", at_least=1)
-    crop_size: int = option(256, "... then randomly cropped to this size", "change", at_least=1)
-    max_steps: int = option(0, "cap on steps per epoch (0: whole epochs)", "change", at_least=0)
-    precision: str = option("fp32", "fp32, the official math, or autocast (fp16: CUDA only)", "change",
+    batch_size: int = option(1, "images per domain per step (the papers use 1)", resume="changeable", at_least=1)
+    load_size: int = option(286, "images are resized to this square size ...", resume="changeable", at_least=1)
+    crop_size: int = option(256, "... then randomly cropped to this size", resume="changeable", at_least=1)
+    max_steps: int = option(0, "cap on steps per epoch (0: whole epochs)", resume="changeable", at_least=0)
+    precision: str = option("fp32", "fp32, the official math, or autocast (fp16: CUDA only)", resume="changeable",
                             choices=tuple(PRECISIONS))
-    device: str = option("auto", "auto: cuda, then mps, then cpu", "now", choices=("auto", "cpu", "cuda", "mps"))
-    workers: int = option(0, "data-loading processes (0: the main one)", "now", at_least=0)
-    compile: bool = option(False, "torch.compile the networks (slow first steps, faster later)", "now")
-    benchmark: int = option(0, "time N steps, print JSON, write nothing", "now", at_least=0, metavar="N")
-    log_every: int = option(10, "steps averaged into each row of losses.csv", "change", at_least=1)
-    save_every: int = option(10, "also keep epoch_NNN.pt every this many epochs (0: never)", "change", at_least=0)
-    nce_map: bool = option(True, "write nce_epoch_NNN.png, where PatchNCE finds the patches (CUT, FastCUT)", "change")
-    d_map: bool = option(True, "write d_epoch_NNN.png, D's verdict on each patch, and its balance", "change")
+    device: str = option("auto", "auto: cuda, then mps, then cpu", resume="this_call",
+                         choices=("auto", "cpu", "cuda", "mps"))
+    workers: int = option(0, "data-loading processes (0: the main one)", resume="this_call", at_least=0)
+    compile: bool = option(False, "torch.compile the networks (slow first steps, faster later)", resume="this_call")
+    benchmark: int = option(0, "time N steps, print JSON, write nothing", resume="this_call", at_least=0, metavar="N")
+    log_every: int = option(10, "steps averaged into each row of losses.csv", resume="changeable", at_least=1)
+    save_every: int = option(10, "also keep epoch_NNN.pt every N epochs (0: never)", resume="changeable", at_least=0)
+    nce_map: bool = option(True, "write nce_epoch_NNN.png, PatchNCE's matches (CUT, FastCUT)", resume="changeable")
+    d_map: bool = option(True, "write d_epoch_NNN.png, D's verdict on each patch, and its balance", resume="changeable")
 
     def __post_init__(self):  # a checkpoint keeps paths as text
         self.dataroot, self.output_dir = Path(self.dataroot), Path(self.output_dir)
@@ -94,7 +97,8 @@ class Run:
 
 def device_defaults(device: torch.device) -> dict:
     """The one place the device changes a default: on a CPU, where 256x256 takes weeks, crop 128 with 6 residual
-    blocks (the CycleGAN paper's setting at 128), 150 steps an epoch; on a GPU, half the cores load data (1 to 8)."""
+    blocks (the CycleGAN paper's setting at 128), 150 steps an epoch; on a GPU, half this process's share of the
+    cores loads data (1 to 8)."""
     if device.type == "cpu":
         return dict(crop_size=128, load_size=143, max_steps=150, netG="resnet_6blocks")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -103,23 +107,24 @@ def device_defaults(device: torch.device) -> dict:
 
 def decide(argv: list[str]) -> tuple[Run, object, torch.device, dict | None]:
     """The run record, the model's config, the device and a resume's checkpoint: every option's value is decided
-    here. A first look finds the model, the device and a resume's run; the model's parser, whose defaults are this
-    call's (the field's, the model's, the device's, or the run's own), parses `argv`; then the checks."""
-    first = vars(parser(Run).parse_known_args(argv)[0])
-    device, model = pick_device(first.get("device", "auto")), first.get("model", Run.model)
-    name = first.get("name") or f"{model}_{Path(first.get('dataroot', BUNDLED)).name}"
-    checkpoint = read_checkpoint(Path(first.get("output_dir", "output")) / name / "latest.pt") \
-        if first.get("resume") else None
-    kept = {**checkpoint["run"], **checkpoint["config"]} if checkpoint else {}
-    model_cls, config_cls, preset = MODELS[kept.get("model", model)]
-    kinds = {f.name: f.metadata.get("resume", "kept") for f in fields(Run) + fields(config_cls)}
-    defaults = {**record(Run(model=model, name=name)), **record(config_cls(**preset)),
-                **{k: v for k, v in kept.items() if kinds.get(k, "now") != "now"},
-                **{k: v for k, v in device_defaults(device).items() if not kept or kinds[k] == "now"}}
+    here. A first look finds the model, the device and a resume's run; then the model's parser parses `argv`, its
+    defaults this call's: a field's, the model's preset over it, then a new run's device defaults (a resume's saved
+    values instead, but for its 'this_call' options); then the checks."""
+    given = vars(parser(Run).parse_known_args(argv)[0])  # a first look: the run's options given
+    device, model = pick_device(given.get("device", "auto")), given.get("model", Run.model)
+    name = given.get("name") or f"{model}_{Path(given.get('dataroot', BUNDLED)).name}"
+    checkpoint = read_checkpoint(Path(given.get("output_dir", "output")) / name / "latest.pt") \
+        if given.get("resume") else None
+    saved = {**checkpoint["run"], **checkpoint["config"]} if checkpoint else {}
+    model_cls, config_cls, preset = MODELS[saved.get("model", model)]
+    resumes = {f.name: f.metadata.get("resume", "fixed") for f in fields(Run) + fields(config_cls)}
+    saved = {k: v for k, v in saved.items() if resumes.get(k, "this_call") != "this_call"}
+    defaults = {**record(Run(model=model, name=name)), **record(config_cls(**preset)), **saved,
+                **{k: v for k, v in device_defaults(device).items() if not saved or resumes[k] == "this_call"}}
     values = vars(parser(Run, config_cls, defaults=defaults).parse_args(argv))
-    for key in (k for k in kept if kinds.get(k) == "kept" and values[k] != kept[k]):
+    for key in (k for k in saved if resumes[k] == "fixed" and values[k] != saved[k]):
         flag = "--" + key.replace("_", "-")
-        raise UsageError(f"this run was started with {flag} {kept[key]}; {flag} {values[key]} would change it: drop "
+        raise UsageError(f"this run was started with {flag} {saved[key]}; {flag} {values[key]} would change it: drop "
                          f"{flag}, or start a new --name")
     run = Run(**{f.name: values[f.name] for f in fields(Run)} | dict(device=device.type))
     try:
@@ -135,9 +140,9 @@ def parser(*records, defaults: dict | None = None) -> Parser:
     """The flags of the fields of `records`, with `defaults` (none: a first look at what was given)."""
     model = defaults["model"] if defaults else "MODEL"
     p = Parser(prog=f"train_gan.py --model {model}", usage="%(prog)s [options]", add_help=defaults is not None,
-               description="Train CycleGAN, CUT or FastCUT; the defaults shown are this call's (a CPU's: "
-               "train_gan.device_defaults). --model cut --help lists CUT's options. Also 'train_gan.py download "
-               "NAME' (an official dataset); to use a model: translate.py.")
+               description="Train CycleGAN, CUT or FastCUT; the defaults shown are the ones this call would use "
+               "(train_gan.device_defaults changes some; a resume takes its run's). --model cut --help lists CUT's "
+               "options. Also 'train_gan.py download NAME' (an official dataset); to use a model: translate.py.")
     for title, record_cls in zip(("the run", f"--model {model}"), records):
         group = p.add_argument_group(title)
         for f in fields(record_cls):
@@ -152,6 +157,28 @@ def parser(*records, defaults: dict | None = None) -> Parser:
             group.add_argument("--" + f.name.replace("_", "-"), **kw,
                                default=defaults[f.name] if defaults else argparse.SUPPRESS)
     return p
+
+
+def read_checkpoint(source: Path) -> dict:
+    """The checkpoint a resume goes on from; another kind of file is a UsageError naming it."""
+    state = load_torch(source)
+    need(run_record(state), f"{source} is not a checkpoint of a train_gan.py run (an official generator .pth "
+         f"can be used with translate.py, not resumed): pass a latest.pt of train_gan.py")
+    need("run" in state, f"{source} was written by an earlier train_gan.py, which kept its place in steps: "
+         f"translate.py uses it as it is; to train on, start a new run with --name")
+    missing = {"epoch", "step", "images", "optimizers", "extra", "rng"} - set(state)
+    need(not missing, f"{source} lacks {', '.join(sorted(missing))}, which a resume needs: train it again with "
+         f"this train_gan.py")
+    return state
+
+
+def run_record(state) -> dict | None:
+    """The run record a checkpoint of train_gan.py keeps (an earlier version's: its model's name and its options);
+    None for another file."""
+    if not (isinstance(state, dict) and {"config", "nets"} <= set(state)):
+        return None
+    return state.get("run") or ({"model": state["model"], **state.get("options", {})}
+                                if state.get("model") in MODELS else None)
 
 
 def record(options) -> dict:
@@ -306,28 +333,6 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
 
 
-def run_record(state) -> dict | None:
-    """The run record a checkpoint of train_gan.py keeps (an earlier version's: its model's name and its options);
-    None for another file."""
-    if not (isinstance(state, dict) and {"config", "nets"} <= set(state)):
-        return None
-    return state.get("run") or ({"model": state["model"], **state.get("options", {})}
-                                if state.get("model") in MODELS else None)
-
-
-def read_checkpoint(source: Path) -> dict:
-    """The checkpoint a resume goes on from; another kind of file is a UsageError naming it."""
-    state = load_torch(source)
-    need(run_record(state), f"{source} is not a checkpoint of a train_gan.py run (an official generator .pth "
-         f"can be used with translate.py, not resumed): pass a latest.pt of train_gan.py")
-    need("run" in state, f"{source} was written by an earlier train_gan.py, which kept its place in steps: "
-         f"translate.py uses it as it is; to train on, start a new run with --name")
-    missing = {"epoch", "step", "images", "optimizers", "extra", "rng"} - set(state)
-    need(not missing, f"{source} lacks {', '.join(sorted(missing))}, which a resume needs: train it again with "
-         f"this train_gan.py")
-    return state
-
-
 @contextmanager
 def checkpoint_must_fit(state, source: Path | None):
     """A checkpoint's tensor that does not fit the model of its own config: a UsageError naming it."""
@@ -376,7 +381,7 @@ def train(argv: list[str], stop: StopFlag | None = None) -> Trainer | None:
             folder.start({"run": record(run), "config": record(config)}, ["python", "train_gan.py", *argv],
                          trainer.epoch, trainer.seen, f"{run.name}: {run.model} on {run.dataroot.name}",
                          trainer.model.visuals_caption(), trainer.epochs)
-            folder.save_checkpoint(trainer.state(run))  # a new run's at step 0, so the --resume advised always works
+            folder.save_checkpoint(trainer.state(run))  # at every start: the --resume advised always works
         for _ in range(trainer.epoch, trainer.epochs):
             row = train_epoch(trainer, loader, run, folder, stop)  # None: stopped inside it
             if row:
@@ -423,7 +428,7 @@ def make_trainer(run: Run, config, device: torch.device, checkpoint: dict | None
         trainer = Trainer(MODELS[run.model][0](config), device, run.precision, run.compile)
         if checkpoint:
             trainer.load(checkpoint, run.output_dir / run.name / "latest.pt")
-    if dist.is_initialized():  # the same weights on every rank
+    if dist.is_initialized():  # every rank has the same weights; from here its own random draws
         torch.manual_seed(run.seed + 1_000 * rank + trainer.global_step)
     return trainer
 

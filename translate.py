@@ -122,7 +122,8 @@ def generator(path: Path, device: torch.device, direction: str | None) -> torch.
 
 @torch.no_grad()
 def generate(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """net(x) for (B, C, H, W) images of any size it takes, padded to its multiple and cropped back, on the CPU."""
+    """net(x) for (B, C, H, W) images of any size it takes, padded to its multiple and cropped back; the result on
+    the CPU."""
     y = net(pad_to_multiple(x.to(next(net.parameters()).device), net.side_multiple))
     return y[..., :x.shape[-2], :x.shape[-1]].cpu()
 
