@@ -218,8 +218,9 @@ class UnpairedDataset(torch.utils.data.Dataset):
 
 
 class PairSampler(torch.utils.data.Sampler):
-    """An epoch's picks, from (seed, epoch) alone: X shuffled, a random y each, at most `limit`. set_epoch skips the
-    first `start` (the images all ranks trained); each rank takes every world-th of the rest, as many each."""
+    """An epoch's picks, from (seed, epoch) alone: X's images shuffled, repeated up to the larger domain's count (the
+    official dataset's length), a random y each, at most `limit`. set_epoch skips the first `start` (the images all
+    ranks trained); each rank takes every world-th of the rest, as many each."""
 
     def __init__(self, n_x: int, n_y: int, seed: int = 0, rank: int = 0, world: int = 1, limit: int | None = None):
         self.n_x, self.n_y, self.seed, self.rank, self.world = n_x, n_y, seed, rank, world
@@ -539,10 +540,17 @@ class RunFolder:
 # ============================================================================= 4. the machine and the downloads
 
 
+def as_typed(value) -> str:
+    """An option's value as it is typed: a tuple comma-separated."""
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each option's default, but None."""
+    """Each option's default as it is typed, but None."""
 
     def _get_help_string(self, action):
+        if isinstance(action.default, tuple):
+            return f"{action.help} (default: {as_typed(action.default)})"
         return action.help if action.default in (None, []) else super()._get_help_string(action)
 
 

@@ -2610,6 +2610,7 @@ def test_train_cli_help_lists_the_runs_options_and_its_models_alone(capsys):
             cli(["--model", model, "--help"])
         text = capsys.readouterr().out
         assert own in text and other not in text and "--crop-size" in text, (model, own, other)
+    assert "(default: input,down1,down2,res1,res5)" in " ".join(text.split())  # CUT's tuple, as it is typed
     with pytest.raises(SystemExit):
         cli(["--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -2688,7 +2689,8 @@ def test_resume_cli_takes_every_option_not_given_from_the_run(dataset_root, tmp_
     resumed = train_gan.make_trainer(run, config, device, checkpoint)
     assert (run.model, config.ngf, run.crop_size, run.max_steps, resumed.seen) == ("cut", 8, 24, 2, 1)
     assert resumed.optimizers["G"].param_groups[0]["lr"] == 5e-4  # epoch 1 of 1 + 1: the full lr, the new one
-    assert train_gan.train(advice[2:]).global_step == 4
+    assert train_gan.train(advice[2:], stop=StopAfter(3)).global_step == 4  # a stop asked on the run's last step
+    assert "stopped at" not in capsys.readouterr().out  # ... finds it finished
 
 
 def test_resume_cli_with_another_batch_size_trains_each_image_of_the_epoch_once(dataset_root, tmp_path, monkeypatch):

@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from cut_model import CUT, FASTCUT, CUTConfig
 from cycle_gan import CycleGAN, CycleGANConfig
-from data_utility import (PairSampler, Parser, RunError, RunFolder, StopFlag, UnpairedDataset, UsageError, at_least,
-                          batches, cpu_has_native_bf16, data_loader, download_command, find_domains, load_fixed_images,
-                          load_torch, need, peak_memory_mb, pick_device, run_command, smallest_side,
+from data_utility import (PairSampler, Parser, RunError, RunFolder, StopFlag, UnpairedDataset, UsageError, as_typed,
+                          at_least, batches, cpu_has_native_bf16, data_loader, download_command, find_domains,
+                          load_fixed_images, load_torch, need, peak_memory_mb, pick_device, run_command, smallest_side,
                           stop_if_a_write_fails, stop_if_out_of_memory)
 
 # ----------------------------------------------------------------------------- the run record, decided once
@@ -106,10 +106,10 @@ def device_defaults(device: torch.device) -> dict:
 
 
 def decide(argv: list[str]) -> tuple[Run, object, torch.device, dict | None]:
-    """The run record, the model's config, the device and a resume's checkpoint: every option's value is decided
-    here. A first look finds the model, the device and a resume's run; then the model's parser parses `argv`, its
-    defaults this call's: a field's, the model's preset over it, then a new run's device defaults (a resume's saved
-    values instead, but for its 'this_call' options); then the checks."""
+    """The run record, the model's config, the device and a resume's checkpoint: every option gets its value here.
+    A first look at `argv` finds the model, the device and a resume's checkpoint. Then each option's default is its
+    field's, overridden by the model's preset, then by device_defaults (a new run's only); a resume's saved value
+    overrides all three, except for options marked 'this_call'. A flag given beats its default. Then the checks."""
     given = vars(parser(Run).parse_known_args(argv)[0])  # a first look: the run's options given
     device, model = pick_device(given.get("device", "auto")), given.get("model", Run.model)
     name = given.get("name") or f"{model}_{Path(given.get('dataroot', BUNDLED)).name}"
@@ -124,8 +124,8 @@ def decide(argv: list[str]) -> tuple[Run, object, torch.device, dict | None]:
     values = vars(parser(Run, config_cls, defaults=defaults).parse_args(argv))
     for key in (k for k in saved if resumes[k] == "fixed" and values[k] != saved[k]):
         flag = "--" + key.replace("_", "-")
-        raise UsageError(f"this run was started with {flag} {saved[key]}; {flag} {values[key]} would change it: drop "
-                         f"{flag}, or start a new --name")
+        raise UsageError(f"this run was started with {flag} {as_typed(saved[key])}; {flag} {as_typed(values[key])} "
+                         f"would change it: drop {flag}, or start a new --name")
     run = Run(**{f.name: values[f.name] for f in fields(Run)} | dict(device=device.type))
     try:
         config = config_cls(**{f.name: values[f.name] for f in fields(config_cls)})
@@ -392,7 +392,7 @@ def train(argv: list[str], stop: StopFlag | None = None) -> Trainer | None:
             if rank == 0 and row:
                 line = folder.record_epoch(trainer.epoch, row, *fixed_image_views(trainer, fixed, run))
                 print(f"epoch {trainer.epoch}/{trainer.epochs}: {line}")
-            if stop.agreed and rank == 0:
+            if stop.agreed and rank == 0 and trainer.epoch < trainer.epochs:  # after the last epoch: finished
                 print(f"stopped at epoch {trainer.epoch + 1}, image {trainer.seen} of it: saved {folder.latest}; "
                       f"{folder.resume_hint}")
             if stop.agreed:
@@ -545,15 +545,11 @@ def benchmark(run: Run, config, device: torch.device, rank: int, world: int) -> 
     """Time N steps after 3 warm-up ones; print the median step, its wait for data, the peak memory, as JSON."""
     trainer = make_trainer(run, config, device, None, rank)
     loader = training_loader(run, config, find_domains(run.dataroot, run.direction), device, rank, world)
-
-    def epochs():  # the loader's batches, epoch after epoch
-        for epoch in itertools.count():
-            loader.sampler.set_epoch(epoch)
-            yield from batches(loader, rank == 0)
+    steps = (batch for _ in itertools.count() for batch in batches(loader, rank == 0))  # epoch after epoch
     times, waits = [], []
     with stop_if_out_of_memory(f"at crop {run.crop_size}x{run.crop_size}, batch {run.batch_size}",
                                "lower --crop-size or --batch-size"):
-        for i, (x, y, waited) in zip(range(3 + run.benchmark), epochs()):
+        for i, (x, y, waited) in zip(range(3 + run.benchmark), steps):
             start = time.perf_counter()
             trainer.train_step(x, y)
             if device.type in ("cuda", "mps"):
