@@ -575,6 +575,9 @@ def at_least(low: float, kind: type = int, strict: bool = False):
     return parse
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
 def pick_device(name: str) -> torch.device:
     """--device: 'auto' is CUDA, then MPS, then the CPU; under torchrun CUDA is this process's GPU."""
     if name == "auto":

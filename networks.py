@@ -5,8 +5,8 @@ D), CUT's patch-sampling MLP H; the loaders of official files; `frozen`, D held 
 Mirrors models/networks.py of junyanz/pytorch-CycleGAN-and-pix2pix and of
 taesungp/contrastive-unpaired-translation: every network keeps the official module layout (a flat `model` for
 the ResNet and the PatchGAN, nested levels for the U-Net), so checkpoint keys and CUT's tap indices (nce_layers
-0,4,8,12,16) line up. H's MLPs are
-`mlps.N` where the official PatchSampleF names them `mlp_N`: the loader maps them in order.
+0,4,8,12,16) line up. H's MLPs are `mlps.N` where the official PatchSampleF names them `mlp_N`: the loader maps
+them in order.
 """
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager

@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from cut_model import CUT, FASTCUT, CUTConfig
 from cycle_gan import CycleGAN, CycleGANConfig
-from data_utility import (PairSampler, Parser, RunError, RunFolder, StopFlag, UnpairedDataset, UsageError, as_typed,
-                          at_least, batches, cpu_has_native_bf16, data_loader, download_command, find_domains,
+from data_utility import (DEVICES, PairSampler, Parser, RunError, RunFolder, StopFlag, UnpairedDataset, UsageError,
+                          as_typed, at_least, batches, cpu_has_native_bf16, data_loader, download_command, find_domains,
                           load_fixed_images, load_torch, need, peak_memory_mb, pick_device, run_command, smallest_side,
                           stop_if_a_write_fails, stop_if_out_of_memory)
 
@@ -81,8 +81,7 @@ class Run:
     max_steps: int = option(0, "cap on steps per epoch (0: whole epochs)", resume="changeable", at_least=0)
     precision: str = option("fp32", "fp32, the official math, or autocast (fp16: CUDA only)", resume="changeable",
                             choices=tuple(PRECISIONS))
-    device: str = option("auto", "auto: cuda, then mps, then cpu", resume="this_call",
-                         choices=("auto", "cpu", "cuda", "mps"))
+    device: str = option("auto", "auto: cuda, then mps, then cpu", resume="this_call", choices=DEVICES)
     workers: int = option(0, "data-loading processes (0: the main one)", resume="this_call", at_least=0)
     compile: bool = option(False, "torch.compile the networks (slow first steps, faster later)", resume="this_call")
     benchmark: int = option(0, "time N steps, print JSON, write nothing", resume="this_call", at_least=0, metavar="N")
@@ -111,10 +110,10 @@ def decide(argv: list[str]) -> tuple[Run, object, torch.device, dict | None]:
     field's, overridden by the model's preset, then by device_defaults (a new run's only); a resume's saved value
     overrides all three, except for options marked 'this_call'. A flag given beats its default. Then the checks."""
     given = vars(parser(Run).parse_known_args(argv)[0])  # a first look: the run's options given
-    device, model = pick_device(given.get("device", "auto")), given.get("model", Run.model)
-    name = given.get("name") or f"{model}_{Path(given.get('dataroot', BUNDLED)).name}"
-    checkpoint = read_checkpoint(Path(given.get("output_dir", "output")) / name / "latest.pt") \
-        if given.get("resume") else None
+    device, model = pick_device(given.get("device", Run.device)), given.get("model", Run.model)
+    name = given.get("name") or f"{model}_{Path(given.get('dataroot', Run.dataroot)).name}"
+    folder = RunFolder(Path(given.get("output_dir", Run.output_dir)) / name)
+    checkpoint = read_checkpoint(folder.latest) if given.get("resume") else None
     saved = {**checkpoint["run"], **checkpoint["config"]} if checkpoint else {}
     model_cls, config_cls, preset = MODELS[saved.get("model", model)]
     resumes = {f.name: f.metadata.get("resume", "fixed") for f in fields(Run) + fields(config_cls)}
@@ -230,8 +229,8 @@ class Trainer:
     """All of training that is not the paper: the networks on the device, an Adam per group, the lr schedule,
     precision, the ranks' average, where training stands; a model's train_step calls autocast, backward, step."""
 
-    def __init__(self, model: Model, device: torch.device | str = "cpu", precision: str = "fp32",
-                 compiled: bool = False):
+    def __init__(self, model: Model, device: torch.device | str = "cpu", precision: str = Run.precision,
+                 compiled: bool = Run.compile):
         self.model, self.device, self.precision = model, torch.device(device), precision
         self.nets = {name: getattr(model, name).to(self.device).train() for name in networks(model)}
         if compiled:  # in place: the networks' calls go through torch.compile, their weights keep their names
@@ -345,8 +344,9 @@ def checkpoint_must_fit(state, source: Path | None):
 
 def load_model(state, source: Path | None = None) -> Model:
     """The model a checkpoint holds, to use: its weights, in eval mode, the random state left as it was."""
-    need(run_record(state), f"{source} is not a checkpoint of a train_gan.py run: pass a latest.pt of train_gan.py")
-    model_cls, config_cls, _ = MODELS[run_record(state)["model"]]
+    saved = run_record(state)
+    need(saved, f"{source} is not a checkpoint of a train_gan.py run: pass a latest.pt of train_gan.py")
+    model_cls, config_cls, _ = MODELS[saved["model"]]
     known = {f.name for f in fields(config_cls)}  # an earlier version's CUT kept a 'mode'
     with torch.random.fork_rng(devices=[]):
         model = model_cls(config_cls(**{k: v for k, v in state["config"].items() if k in known}))
@@ -413,8 +413,8 @@ def join_ranks(device: torch.device) -> tuple[int, int]:
 def continue_with(run: Run, **changes) -> str:
     """The command that continues this run: its name, this machine's options a resume would not pick, `changes`."""
     words = ["python", "train_gan.py", "--resume", "--name", run.name]
-    words += ["--output-dir", str(run.output_dir)] if run.output_dir != Path("output") else []
-    words += ["--device", run.device] if run.device != pick_device("auto").type else []
+    words += ["--output-dir", str(run.output_dir)] if run.output_dir != Run.output_dir else []
+    words += ["--device", run.device] if run.device != pick_device(Run.device).type else []
     workers = device_defaults(pick_device(run.device)).get("workers", 0)
     words += ["--workers", str(run.workers)] if run.workers != workers else []
     words += ["--compile"] if run.compile else []
@@ -427,7 +427,7 @@ def make_trainer(run: Run, config, device: torch.device, checkpoint: dict | None
         torch.manual_seed(run.seed)
         trainer = Trainer(MODELS[run.model][0](config), device, run.precision, run.compile)
         if checkpoint:
-            trainer.load(checkpoint, run.output_dir / run.name / "latest.pt")
+            trainer.load(checkpoint, RunFolder(run.output_dir / run.name).latest)
     if dist.is_initialized():  # every rank has the same weights; from here its own random draws
         torch.manual_seed(run.seed + 1_000 * rank + trainer.global_step)
     return trainer

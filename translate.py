@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data_utility import (Parser, UsageError, at_least, fetch, input_channels, list_images, load_fixed_images,
+from data_utility import (DEVICES, Parser, UsageError, at_least, fetch, input_channels, list_images, load_fixed_images,
                           load_torch, make_folder, need, pick_device, run_command, save_grid, save_image, smallest_side,
                           stop_if_a_write_fails, stop_if_out_of_memory, to_image, to_tensor, try_load,
                           write_atomically)
@@ -49,7 +49,7 @@ def parser() -> Parser:
     p.add_argument("--grid", type=Path, metavar="FILE", help="instead: one .png/.jpg, a row per image (the "
                    "first --count of --input), then each model's result")
     p.add_argument("--count", type=at_least(1), default=6, help="--grid: images, the first ones of --input by name")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--cache", type=Path, default=CACHE, help="where --pretrained generators are kept")
     return p
 
@@ -104,7 +104,8 @@ def download_pretrained(name: str, root: Path = Path("pretrained"), timeout: flo
 def generator(path: Path, device: torch.device, direction: str | None) -> torch.nn.Module:
     """The generator of a checkpoint or an official file that translates `direction` (None: its own way)."""
     state = load_torch(path)
-    if not run_record(state):
+    run = run_record(state)
+    if not run:
         try:
             net = official_generator(state)
         except ValueError as e:
@@ -112,8 +113,7 @@ def generator(path: Path, device: torch.device, direction: str | None) -> torch.
                              f"{str(e).splitlines()[0]}") from None
         need(not direction, f"{path} holds one generator, which translates its own way: drop --direction")
         return net.to(device).eval()
-    model, run = load_model(state, path), run_record(state)
-    trained = run.get("direction", "AtoB")
+    model, trained = load_model(state, path), run.get("direction", "AtoB")
     way = "x2y" if direction in (None, trained) else "y2x"  # the run's X is the folder it trained from
     need(way in model.directions, f"{path} is a {run['model']} model, which translates its own way only "
          f"({trained}): drop --direction {direction}")
