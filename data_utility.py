@@ -183,8 +183,8 @@ class UnpairedDataset(torch.utils.data.Dataset):
     pick says, only resized and flipped from epoch `no_crop_from_epoch` (the official CUT dataset's decay epochs).
     An image that no longer reads gives way to the next, and is marked in `unreadable`, which the workers share."""
 
-    def __init__(self, folder_x: Path, folder_y: Path, load_size: int = 286, crop_size: int = 256,
-                 channels_x: int = 3, channels_y: int = 3, no_crop_from_epoch: int | None = None):
+    def __init__(self, folder_x: Path, folder_y: Path, load_size: int, crop_size: int, channels_x: int = 3,
+                 channels_y: int = 3, no_crop_from_epoch: int | None = None):
         self.folders, self.channels = (folder_x, folder_y), (channels_x, channels_y)
         self.files = [list_images(folder) for folder in self.folders]
         for folder, files, channels in zip(self.folders, self.files, self.channels):
