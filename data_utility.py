@@ -302,43 +302,31 @@ def save_grid(rows: list[list[torch.Tensor | Image.Image]], path: Path, pad: int
 
 
 def append_row(path: Path, row: dict[str, float]) -> None:
-    """Append a row to a CSV log, in the columns of its header, which a user may have edited (a value without a
-    column is left out, with a warning)."""
+    """Append a row to a CSV log, in the columns of its header (a value without one, as after a hand edit, is left
+    out)."""
     with open(path, "a+", newline="") as f:  # read from the start; every write goes to the end
         f.seek(0)
         names, writer = next(csv.reader(f), None), csv.writer(f)
         if names is None:
             names = list(row)
             writer.writerow(names)
-        elif set(row) - set(names):
-            warnings.warn(f"{path} has no column for some of the values logged (its header was edited): they are "
-                          f"left out of it")
         writer.writerow([(str(row[k]) if isinstance(row[k], int) else f"{row[k]:.5g}") if k in row else ""
                          for k in names])
 
 
 def read_table(path: Path) -> list[dict[str, float]]:
-    """A CSV log's rows as {column: number}; a cell that is not one is left out, with a warning."""
+    """A CSV log's rows as {column: number}, without the cells that are not numbers (a user may edit a log)."""
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
-    except FileNotFoundError:
+    except (OSError, csv.Error, UnicodeDecodeError):  # none yet, or no longer a CSV
         return []
-    except (OSError, csv.Error, UnicodeDecodeError):
-        rows = [{"": "unreadable"}]
-    table, bad = [], False
+    table = []
     for row in rows:
         table.append({})
         for name, value in row.items():
-            try:
-                if name is not None and value not in (None, ""):
-                    table[-1][name] = float(value)
-            except (TypeError, ValueError):
-                bad = True
-        bad |= None in row  # a line with more cells than the header
-    if bad:
-        warnings.warn(f"{path} holds cells that are not numbers: what parses is plotted and shown, the rest is "
-                      f"left out")
+            with contextlib.suppress(TypeError, ValueError):  # an empty cell, a word, a cell beyond the header
+                table[-1][name] = float(value)
     return table
 
 

@@ -22,7 +22,6 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -38,20 +37,8 @@ from data_utility import (DEVICES, PairSampler, Parser, RunError, RunFolder, Sto
 # ----------------------------------------------------------------------------- the run record, decided once
 
 
-@runtime_checkable
-class Model(Protocol):
-    """What the commands use of a model; optional: `similarity_maps` and `extra_state` / `load_extra_state`."""
-    config: object  # the dataclass that built it
-    groups: dict  # one Adam per group: {'G': ('G', 'F'), ...}, the networks by attribute name
-    directions: dict  # 'x2y' (and 'y2x'): the network that translates that way
-    resize_crop_in_decay: bool  # False: in the lr-decay epochs the images are resized to the crop size
-    def train_step(self, x, y, trainer) -> dict: ...  # a step of the objective through the trainer: its losses
-    def visuals(self, x, y) -> list: ...  # an epoch's grid of the fixed test images
-    def visuals_caption(self) -> str: ...
-    def verdicts(self, x, y) -> dict: ...  # for each D: a real image, a translation, its verdicts on both
-
-
-# Each model by name: the model, its config, what the name changes in the config's defaults.
+# Each model by name: its class, its config, what the name changes in the config's defaults. What the commands use
+# of a model: config, groups, directions, resize_crop_in_decay, train_step, visuals, visuals_caption, verdicts.
 MODELS = {"cycle_gan": (CycleGAN, CycleGANConfig, {}), "cut": (CUT, CUTConfig, {}),
           "fastcut": (CUT, CUTConfig, FASTCUT)}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,8 +46,8 @@ BUNDLED = Path(__file__).resolve().parent / "data" / "apple2orange_small"
 
 
 def option(default, help: str, resume: str = "fixed", **argparse_kw):
-    """A run record's field, and what a --resume does with it: 'fixed', the run's own (a flag that would change it is
-    refused); 'changeable', the run's unless given; 'this_call', this call's, never the run's."""
+    """A field of Run. On a --resume it is 'fixed' (a flag changing it is refused), 'changeable' or 'this_call' (the
+    call's own, never saved)."""
     return field(default=default, metadata=dict(help=help, resume=resume, **argparse_kw))
 
 
@@ -95,9 +82,8 @@ class Run:
 
 
 def device_defaults(device: torch.device) -> dict:
-    """The one place the device changes a default: on a CPU, where 256x256 takes weeks, crop 128 with 6 residual
-    blocks (the CycleGAN paper's setting at 128), 150 steps an epoch; on a GPU, half this process's share of the
-    cores loads data (1 to 8)."""
+    """The one place the device changes a default. A CPU takes weeks at 256x256: crop 128 with 6 residual blocks
+    (the CycleGAN paper's setting at 128), 150 steps an epoch. On a GPU, half the cores load data (1 to 8)."""
     if device.type == "cpu":
         return dict(crop_size=128, load_size=143, max_steps=150, netG="resnet_6blocks")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -105,10 +91,9 @@ def device_defaults(device: torch.device) -> dict:
 
 
 def decide(argv: list[str]) -> tuple[Run, object, torch.device, dict | None]:
-    """The run record, the model's config, the device and a resume's checkpoint: every option gets its value here.
-    A first look at `argv` finds the model, the device and a resume's checkpoint. Then each option's default is its
-    field's, overridden by the model's preset, then by device_defaults (a new run's only); a resume's saved value
-    overrides all three, except for options marked 'this_call'. A flag given beats its default. Then the checks."""
+    """The run record, the model's config, the device and a resume's checkpoint: every option's value is decided
+    here. A default is its field's, then the model's preset, then device_defaults (a new run's), then a resume's
+    saved value; a flag given beats them all. Then the checks."""
     given = vars(parser(Run).parse_known_args(argv)[0])  # a first look: the run's options given
     device, model = pick_device(given.get("device", Run.device)), given.get("model", Run.model)
     name = given.get("name") or f"{model}_{Path(given.get('dataroot', Run.dataroot)).name}"
@@ -163,17 +148,14 @@ def read_checkpoint(source: Path) -> dict:
     state = load_torch(source)
     need(run_record(state), f"{source} is not a checkpoint of a train_gan.py run (an official generator .pth "
          f"can be used with translate.py, not resumed): pass a latest.pt of train_gan.py")
-    need("run" in state, f"{source} was written by an earlier train_gan.py, which kept its place in steps: "
-         f"translate.py uses it as it is; to train on, start a new run with --name")
-    missing = {"epoch", "step", "images", "optimizers", "extra", "rng"} - set(state)
-    need(not missing, f"{source} lacks {', '.join(sorted(missing))}, which a resume needs: train it again with "
-         f"this train_gan.py")
+    need({"run", "epoch", "step", "images", "optimizers", "extra", "rng"} <= set(state), f"{source} cannot be resumed"
+         f" (an earlier train_gan.py's, which kept its place in steps, or weights only): translate.py uses it as it "
+         f"is; to train on, start a new run with --name")
     return state
 
 
 def run_record(state) -> dict | None:
-    """The run record a checkpoint of train_gan.py keeps (an earlier version's: its model's name and its options);
-    None for another file."""
+    """The run record a checkpoint of train_gan.py keeps (an earlier version's: its model and options), else None."""
     if not (isinstance(state, dict) and {"config", "nets"} <= set(state)):
         return None
     return state.get("run") or ({"model": state["model"], **state.get("options", {})}
@@ -185,7 +167,7 @@ def record(options) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(options).items()}
 
 
-def check(run: Run, config, model: Model, device: torch.device) -> None:
+def check(run: Run, config, model, device: torch.device) -> None:
     """Refuse options that cannot work together; warn of a slow one."""
     need(run.crop_size <= run.load_size, f"--crop-size {run.crop_size} is larger than --load-size {run.load_size}: "
          f"lower one or raise the other")
@@ -205,7 +187,7 @@ def check(run: Run, config, model: Model, device: torch.device) -> None:
                                                                          else ""))
 
 
-def networks(model: Model) -> list[str]:
+def networks(model) -> list[str]:
     """The names of a model's networks, group by group."""
     return [name for members in model.groups.values() for name in members]
 
@@ -218,7 +200,7 @@ def lr_factor(epoch: int, epochs: int, epochs_decay: int) -> float:
 
 
 def adam(params: list[torch.nn.Parameter], config) -> torch.optim.Adam:
-    """Adam with the official lr and betas (beta1, 0.999), fused where torch has the kernel."""
+    """Adam with the official lr and betas, fused where torch has the kernel."""
     try:
         return torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, 0.999), fused=True)
     except RuntimeError:  # no fused kernel for this device in this torch
@@ -226,19 +208,19 @@ def adam(params: list[torch.nn.Parameter], config) -> torch.optim.Adam:
 
 
 class Trainer:
-    """All of training that is not the paper: the networks on the device, an Adam per group, the lr schedule,
-    precision, the ranks' average, where training stands; a model's train_step calls autocast, backward, step."""
+    """All of training that is not the paper, handed to a model's train_step: an Adam per group, the lr schedule,
+    precision, the average over ranks, and where training stands."""
 
-    def __init__(self, model: Model, device: torch.device | str = "cpu", precision: str = Run.precision,
+    def __init__(self, model, device: torch.device | str = "cpu", precision: str = Run.precision,
                  compiled: bool = Run.compile):
         self.model, self.device, self.precision = model, torch.device(device), precision
         self.nets = {name: getattr(model, name).to(self.device).train() for name in networks(model)}
-        if compiled:  # in place: the networks' calls go through torch.compile, their weights keep their names
+        if compiled:  # in place: the weights keep their names
             for net in self.nets.values():
                 net.compile()
         self.optimizers = {group: adam([p for n in members for p in self.nets[n].parameters()], model.config)
                            for group, members in model.groups.items()}
-        # fp16 needs loss scaling to keep small gradients from flushing to zero; for bf16 and fp32 the scalers are off.
+        # fp16 needs loss scaling, or small gradients flush to zero; for bf16 and fp32 the scalers are off.
         self.scalers = {group: torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
                         for group in model.groups}
         self.epoch, self.global_step, self.seen = 0, 0, 0  # epochs finished, steps taken, images of this epoch
@@ -252,11 +234,11 @@ class Trainer:
         return torch.autocast(self.device.type, dtype) if dtype else nullcontext()
 
     def backward(self, loss: torch.Tensor, group: str) -> None:
-        """Back-propagate `loss` into the gradients of `group`; several calls add up."""
+        """Add `loss`'s gradients to those of `group`."""
         self.scalers[group].scale(loss).backward()
 
     def step(self, group: str) -> None:
-        """One Adam step of `group` on the gradients summed so far (under torchrun, averaged), then freed."""
+        """One Adam step of `group` on its gradients (under torchrun, averaged), then freed."""
         optimizer = self.optimizers[group]
         if self.world > 1:
             self.average_over_ranks(optimizer)
@@ -265,7 +247,7 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
 
     def average_over_ranks(self, optimizer: torch.optim.Optimizer) -> None:
-        """Each gradient becomes its mean over the ranks, in one all-reduce: one process's step on all their images."""
+        """Each gradient becomes its mean over the ranks, in one all-reduce."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
         dist.all_reduce(flat)
@@ -274,7 +256,7 @@ class Trainer:
             p.grad = grad.view_as(p)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One step on x (B, C_x, H, W) and y (B, C_y, H, W); its losses as 0-dim tensors, out of the graph."""
+        """One step on x (B, C_x, H, W) and y (B, C_y, H, W); its losses, 0-dim tensors out of the graph."""
         losses = self.model.train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
                                        self)
         self.global_step, self.seen = self.global_step + 1, self.seen + len(x) * self.world
@@ -304,7 +286,7 @@ class Trainer:
             group["lr"] = c.lr * lr_factor(self.epoch, c.epochs, c.epochs_decay)
 
     def state(self, run: Run) -> dict:
-        """The checkpoint: the run record and config, where training stands, weights, optimisers, random states."""
+        """The checkpoint: everything a resume needs."""
         return {"run": record(run), "config": record(self.model.config), "epoch": self.epoch,
                 "step": self.global_step, "images": self.seen,
                 "nets": {k: v.state_dict() for k, v in self.nets.items()},
@@ -314,7 +296,7 @@ class Trainer:
                         "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}}
 
     def load(self, state: dict, source: Path | None = None) -> None:
-        """Go on from a checkpoint of the same model, on this machine's Adam kernel."""
+        """Go on from a checkpoint of the same model, with this machine's Adam kernel."""
         with checkpoint_must_fit(state, source):
             for name, net in self.nets.items():
                 net.load_state_dict(state["nets"][name])
@@ -334,7 +316,7 @@ class Trainer:
 
 @contextmanager
 def checkpoint_must_fit(state, source: Path | None):
-    """A checkpoint's tensor that does not fit the model of its own config: a UsageError naming it."""
+    """A checkpoint that does not fit the model of its own config: a UsageError naming it."""
     try:
         yield
     except (RuntimeError, KeyError, ValueError) as e:
@@ -342,8 +324,8 @@ def checkpoint_must_fit(state, source: Path | None):
                          f"{str(e).strip().splitlines()[-1].strip()}") from None
 
 
-def load_model(state, source: Path | None = None) -> Model:
-    """The model a checkpoint holds, to use: its weights, in eval mode, the random state left as it was."""
+def load_model(state, source: Path | None = None):
+    """The model a checkpoint holds, in eval mode, the random state left as it was."""
     saved = run_record(state)
     need(saved, f"{source} is not a checkpoint of a train_gan.py run: pass a latest.pt of train_gan.py")
     model_cls, config_cls, _ = MODELS[saved["model"]]
@@ -456,22 +438,44 @@ def start_line(run: Run, trainer: Trainer, loader) -> str:
 
 
 def train_epoch(trainer: Trainer, loader, run: Run, folder: RunFolder, stop: StopFlag) -> dict | None:
-    """The rest of this epoch: its row of epochs.csv, or None when a rank asked to stop before its end."""
+    """The rest of this epoch: its row of epochs.csv (each loss's mean, seconds, images per second, the share of the
+    time spent waiting for data), or None when a rank asked to stop before its end."""
     loader.sampler.set_epoch(trainer.epoch, trainer.seen)
-    done, left = math.ceil(trainer.seen / (run.batch_size * trainer.world)), len(loader)  # steps, at this batch size
-    with EpochMeter(done, left, trainer, f"{folder.latest} keeps the last good state; continue with: "
-                    f"{continue_with(run, lr=trainer.model.config.lr / 2)}") as meter:
-        for x, y, waited in batches(loader, meter.rank0):
-            meter.add(trainer.train_step(x, y), waited)
-            left -= 1
+    rank0, left = not dist.is_initialized() or dist.get_rank() == 0, len(loader)
+    done = math.ceil(trainer.seen / (run.batch_size * trainer.world))  # steps, at this batch size
+    if_diverged = (f"{folder.latest} keeps the last good state; continue with: "
+                   f"{continue_with(run, lr=trainer.model.config.lr / 2)}")
+    began, waited, window, count, sums, steps = time.time(), 0.0, {}, 0, {}, 0
+    with tqdm(total=done + left, initial=done, desc=f"epoch {trainer.epoch + 1}/{trainer.epochs}", leave=False,
+              dynamic_ncols=True, disable=not rank0) as bar:
+        for x, y, wait in batches(loader, rank0):
+            window = {k: window.get(k, 0.0) + v for k, v in trainer.train_step(x, y).items()}  # on the device
+            count, waited, left = count + 1, waited + wait, left - 1
+            bar.update()
             stop.agreed = any_rank(stop.requested)  # asked on an epoch's last step, the epoch ends first
-            if meter.count == run.log_every or not left or stop.agreed:
-                losses = meter.window_means()  # waits for the device; a loss no longer finite ends the run
-                if meter.rank0:
+            if count == run.log_every or not left or stop.agreed:
+                losses = finite_means(window, count, f"by step {trainer.global_step}: {if_diverged}")
+                sums = {k: sums.get(k, 0.0) + v * count for k, v in losses.items()}
+                steps, window, count = steps + count, {}, 0
+                bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
+                if rank0:
                     folder.log_losses(trainer.global_step, trainer.epoch + 1, losses)
             if stop.agreed and left:
                 return None
-        return meter.row(run.batch_size * trainer.world)
+    seconds = max(time.time() - began, 1e-6)
+    return {**{k: v / steps for k, v in sums.items()}, "seconds": round(seconds, 1),
+            "images_per_sec": steps * run.batch_size * trainer.world / seconds, "data_wait": waited / seconds}
+
+
+def finite_means(sums: dict[str, torch.Tensor], count: int, if_diverged: str) -> dict[str, float]:
+    """Each loss's mean over `count` steps from its sum, in one copy from the device; a loss no longer finite on any
+    rank ends the run."""
+    means = dict(zip(sums, (torch.stack([v.float() for v in sums.values()]) / count).tolist()))
+    bad = [k for k, v in means.items() if not math.isfinite(v)]
+    if any_rank(bool(bad)):
+        raise RunError((f"loss {bad[0]} became {means[bad[0]]}" if bad else "a loss on another rank diverged")
+                       + f" {if_diverged}")
+    return means
 
 
 def any_rank(flag: bool) -> bool:
@@ -487,41 +491,6 @@ def any_rank(flag: bool) -> bool:
 def gloo_twin(group) -> dist.ProcessGroup:
     """A gloo group of the ranks of `group`, for their votes, made by every rank at its first vote."""
     return dist.new_group(backend="gloo")
-
-
-class EpochMeter(tqdm):
-    """An epoch's progress bar and bookkeeping: time, the wait for data, losses summed on the device."""
-
-    def __init__(self, done: int, left: int, trainer: Trainer, if_diverged: str):
-        self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        super().__init__(total=done + left, initial=done, desc=f"epoch {trainer.epoch + 1}/{trainer.epochs}",
-                         leave=False, dynamic_ncols=True, disable=not self.rank0)
-        self.trainer, self.if_diverged, self.began, self.waited = trainer, if_diverged, time.time(), 0.0
-        self.window, self.count, self.sums, self.steps = {}, 0, {}, 0
-
-    def add(self, losses: dict[str, torch.Tensor], waited: float) -> None:
-        """A step's losses, still on the device, and the seconds it waited for its batch."""
-        self.window = {k: self.window.get(k, 0.0) + v for k, v in losses.items()}
-        self.count, self.waited = self.count + 1, self.waited + waited
-        self.update()
-
-    def window_means(self) -> dict[str, float]:
-        """Each loss's mean since the last call, in one copy; one not finite on any rank ends the run."""
-        mean = dict(zip(self.window, (torch.stack([v.float() for v in self.window.values()]) / self.count).tolist()))
-        bad = [k for k, v in mean.items() if not math.isfinite(v)]
-        if any_rank(bool(bad)):
-            raise RunError((f"loss {bad[0]} became {mean[bad[0]]}" if bad else "a loss on another rank diverged")
-                           + f" by step {self.trainer.global_step}: {self.if_diverged}")
-        self.sums = {k: self.sums.get(k, 0.0) + v * self.count for k, v in mean.items()}
-        self.steps, self.window, self.count = self.steps + self.count, {}, 0
-        self.set_postfix({k: f"{v:.3f}" for k, v in mean.items()}, refresh=False)
-        return mean
-
-    def row(self, images_per_step: int) -> dict[str, float]:
-        """The epoch's row: each loss's mean, seconds, images per second, the share spent waiting for data."""
-        seconds = max(time.time() - self.began, 1e-6)
-        return {**{k: v / self.steps for k, v in self.sums.items()}, "seconds": round(seconds, 1),
-                "images_per_sec": self.steps * images_per_step / seconds, "data_wait": self.waited / seconds}
 
 
 # Where the picture of a model's similarity maps asks: (row, col) fractions of G(x), centre, upper right, lower left.
