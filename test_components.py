@@ -2609,6 +2609,7 @@ def test_train_cli_help_lists_the_runs_options_and_its_models_alone(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--model cut --help lists CUT's" in text and "train_gan.py download NAME" in text and \
         "to use a model: translate.py" in text and "(default: input,down1,down2,res1,res5)" in text  # FastCUT's, typed
+    assert "--no-d-map" in text and "--no-resume" not in text and "--no-compile" not in text  # no --no- when off
 
 
 def test_train_cli_and_translate_import_where_fcntl_and_resource_do_not_exist():

@@ -59,7 +59,8 @@ class Run:
                             resume="changeable")
     name: str = option("", "run name (MODEL_DATASET unless given): OUTPUT_DIR/NAME", resume="this_call")
     output_dir: Path = option(Path("output"), "where runs are written", resume="this_call")
-    resume: bool = option(False, "go on with the run OUTPUT_DIR/NAME from its latest.pt", resume="this_call")
+    resume: bool = option(False, "go on with the run OUTPUT_DIR/NAME from its latest.pt", resume="this_call",
+                          action="store_true")
     direction: str = option("AtoB", "BtoA learns B -> A: X is the B folder", choices=("AtoB", "BtoA"))
     seed: int = option(0, "seed of weights, data order and augmentation")
     batch_size: int = option(1, "images per domain per step (the papers use 1)", resume="changeable", at_least=1)
@@ -70,7 +71,8 @@ class Run:
                             choices=tuple(PRECISIONS))
     device: str = option("auto", "auto: cuda, then mps, then cpu", resume="this_call", choices=DEVICES)
     workers: int = option(0, "data-loading processes (0: the main one)", resume="this_call", at_least=0)
-    compile: bool = option(False, "torch.compile the networks (slow first steps, faster later)", resume="this_call")
+    compile: bool = option(False, "torch.compile the networks (slow first steps, faster later)", resume="this_call",
+                           action="store_true")
     benchmark: int = option(0, "time N steps, print JSON, write nothing", resume="this_call", at_least=0, metavar="N")
     log_every: int = option(10, "steps averaged into each row of losses.csv", resume="changeable", at_least=1)
     save_every: int = option(10, "also keep epoch_NNN.pt every N epochs (0: never)", resume="changeable", at_least=0)
@@ -130,10 +132,10 @@ def parser(*records, defaults: dict | None = None) -> Parser:
     for title, record_cls in zip(("the run", f"--model {model}"), records):
         group = p.add_argument_group(title)
         for f in fields(record_cls):
-            kw, kind = {k: v for k, v in f.metadata.items() if k in ("help", "choices", "metavar")}, type(f.default)
-            low = f.metadata.get("at_least", f.metadata.get("above"))
+            kw = {k: v for k, v in f.metadata.items() if k in ("help", "choices", "metavar", "action")}
+            kind, low = type(f.default), f.metadata.get("at_least", f.metadata.get("above"))
             if kind is bool:
-                kw["action"] = argparse.BooleanOptionalAction
+                kw.setdefault("action", argparse.BooleanOptionalAction)
             elif kind is tuple:
                 kw["type"] = lambda text: tuple(int(t) if t.isdigit() else t for t in text.replace(" ", "").split(","))
             else:
