@@ -270,19 +270,16 @@ def batches(loader: torch.utils.data.DataLoader, rank0: bool = True):
 
 
 def load_fixed_images(folder: Path, n: int, size: int, channels: int = 3) -> torch.Tensor:
-    """(n, C, size, size): a folder's first n readable images; one warning names those passed over."""
-    images, skipped = [], []
+    """(n, C, size, size): a folder's first n readable images; a warning names each one passed over."""
+    images = []
     for path in list_images(folder):
         if len(images) == n:
             break
         img = try_load(path, channels)
         if img is None:
-            skipped.append(path.name)
+            warnings.warn(f"skipping unreadable image {path}")
         else:
             images.append(to_tensor(img.resize((size, size), Image.BICUBIC)))
-    if skipped:
-        warnings.warn(f"skipping {len(skipped)} unreadable image(s) in {folder}: {', '.join(skipped[:3])}"
-                      + (", ..." if len(skipped) > 3 else ""))
     need(images, f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
     return torch.stack(images)
 

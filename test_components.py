@@ -2025,8 +2025,9 @@ def test_dataset_broken_images_give_way_when_loaded_and_each_is_named_in_one_war
     assert sorted(str(w.message) for w in record) == [f"skipping unreadable image {p}: another image of its domain "
                                                       f"takes its place" for p in broken]  # once each
     assert len(waits) == 3 and all(w > 0 for w in waits)
-    with pytest.warns(UserWarning, match=r"skipping 2 unreadable image\(s\) in .*trainA: text.png, truncated.jpg"):
+    with pytest.warns(UserWarning) as record:
         assert du.load_fixed_images(tmp_path / "trainA", 5, 16).shape == (3, 3, 16, 16)  # the grid's: all it can
+    assert [str(w.message) for w in record] == [f"skipping unreadable image {p}" for p in broken]
 
 
 def exif_rotated_jpeg(path: Path, size=(40, 24)) -> Image.Image:
