@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import csv
 import html
+import io
 import json
 import os
 import shutil
@@ -299,24 +300,27 @@ def save_grid(rows: list[list[torch.Tensor | Image.Image]], path: Path, pad: int
 
 
 def append_row(path: Path, row: dict[str, float]) -> None:
-    """Append a row to a CSV log, in the columns of its header (a value without one, as after a hand edit, is left
-    out)."""
-    with open(path, "a+", newline="") as f:  # read from the start; every write goes to the end
+    """Append a row to a CSV log in the columns of its header. A value without a column (a map a resume turned on, a
+    column a user deleted) adds its column at the end, and the file is rewritten whole."""
+    with open(path, "a+", newline="", errors="replace") as f:  # read from the start; every write goes to the end
         f.seek(0)
-        names, writer = next(csv.reader(f), None), csv.writer(f)
-        if names is None:
-            names = list(row)
-            writer.writerow(names)
-        writer.writerow([(str(row[k]) if isinstance(row[k], int) else f"{row[k]:.5g}") if k in row else ""
-                         for k in names])
+        header = next(csv.reader(f), [])
+        names = header + [k for k in row if k not in header]
+        cells = [(str(row[k]) if isinstance(row[k], int) else f"{row[k]:.5g}") if k in row else "" for k in names]
+        if names == header:
+            csv.writer(f).writerow(cells)
+            return
+        text = io.StringIO()
+        csv.writer(text).writerows([names, *csv.reader(f), cells])
+    write_atomically(path, lambda tmp: tmp.write_text(text.getvalue(), newline=""))
 
 
 def read_table(path: Path) -> list[dict[str, float]]:
     """A CSV log's rows as {column: number}, without the cells that are not numbers (a user may edit a log)."""
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", errors="replace") as f:
             rows = list(csv.DictReader(f))
-    except (OSError, csv.Error, UnicodeDecodeError):  # none yet, or no longer a CSV
+    except (OSError, csv.Error):  # none yet, or no longer a CSV
         return []
     table = []
     for row in rows:

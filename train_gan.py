@@ -37,8 +37,10 @@ from data_utility import (DEVICES, PairSampler, Parser, RunError, RunFolder, Sto
 # ----------------------------------------------------------------------------- the run record, decided once
 
 
-# Each model by name: its class, its config, what the name changes in the config's defaults. What the commands use
-# of a model: config, groups, directions, resize_crop_in_decay, train_step, visuals, visuals_caption, verdicts.
+# Each model by name: its class, its config, what the name changes in the config's defaults. A model is built from
+# its config and offers what the commands use, as cycle_gan.CycleGAN shows: config, groups, directions,
+# resize_crop_in_decay, train_step, visuals, visuals_caption, verdicts; CUT also similarity_maps, and extra_state /
+# load_extra_state, what a resume needs beyond the weights.
 MODELS = {"cycle_gan": (CycleGAN, CycleGANConfig, {}), "cut": (CUT, CUTConfig, {}),
           "fastcut": (CUT, CUTConfig, FASTCUT)}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -151,8 +153,8 @@ def read_checkpoint(source: Path) -> dict:
     need(run_record(state), f"{source} is not a checkpoint of a train_gan.py run (an official generator .pth "
          f"can be used with translate.py, not resumed): pass a latest.pt of train_gan.py")
     need({"run", "epoch", "step", "images", "optimizers", "extra", "rng"} <= set(state), f"{source} cannot be resumed"
-         f" (an earlier train_gan.py's, which kept its place in steps, or weights only): translate.py uses it as it "
-         f"is; to train on, start a new run with --name")
+         f": an earlier train_gan.py wrote it, or it holds weights only; translate.py uses it as it is; to train on, "
+         f"start a run under a new --name")
     return state
 
 
@@ -262,7 +264,7 @@ class Trainer:
         losses = self.model.train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
                                        self)
         self.global_step, self.seen = self.global_step + 1, self.seen + len(x) * self.world
-        return {k: v.detach() for k, v in losses.items()}
+        return {k: v.detach().float() for k, v in losses.items()}
 
     @contextmanager
     def evaluating(self):
@@ -440,39 +442,42 @@ def start_line(run: Run, trainer: Trainer, loader) -> str:
 
 
 def train_epoch(trainer: Trainer, loader, run: Run, folder: RunFolder, stop: StopFlag) -> dict | None:
-    """The rest of this epoch: its row of epochs.csv (each loss's mean, seconds, images per second, the share of the
-    time spent waiting for data), or None when a rank asked to stop before its end."""
+    """Train the rest of this epoch. Returns its row of epochs.csv (the means over this call's steps of each loss,
+    the seconds, images per second, the share of the time spent waiting for data), or None when a rank asked to stop
+    before its end."""
     loader.sampler.set_epoch(trainer.epoch, trainer.seen)
-    rank0, left = not dist.is_initialized() or dist.get_rank() == 0, len(loader)
-    done = math.ceil(trainer.seen / (run.batch_size * trainer.world))  # steps, at this batch size
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    done, left = math.ceil(trainer.seen / (run.batch_size * trainer.world)), len(loader)  # steps, at this batch size
     if_diverged = (f"{folder.latest} keeps the last good state; continue with: "
                    f"{continue_with(run, lr=trainer.model.config.lr / 2)}")
-    began, waited, window, count, sums, steps = time.time(), 0.0, {}, 0, {}, 0
+    began, data_wait = time.perf_counter(), 0.0
+    window_sums, window_steps, epoch_sums, epoch_steps = {}, 0, {}, 0  # window: the steps of one row of losses.csv
     with tqdm(total=done + left, initial=done, desc=f"epoch {trainer.epoch + 1}/{trainer.epochs}", leave=False,
               dynamic_ncols=True, disable=not rank0) as bar:
-        for x, y, wait in batches(loader, rank0):
-            window = {k: window.get(k, 0.0) + v for k, v in trainer.train_step(x, y).items()}  # on the device
-            count, waited, left = count + 1, waited + wait, left - 1
+        for x, y, waited in batches(loader, rank0):
+            losses = trainer.train_step(x, y)
+            window_sums = {k: window_sums.get(k, 0.0) + v for k, v in losses.items()}  # on the device
+            window_steps, data_wait, left = window_steps + 1, data_wait + waited, left - 1
             bar.update()
             stop.agreed = any_rank(stop.requested)  # asked on an epoch's last step, the epoch ends first
-            if count == run.log_every or not left or stop.agreed:
-                losses = finite_means(window, count, f"by step {trainer.global_step}: {if_diverged}")
-                sums = {k: sums.get(k, 0.0) + v * count for k, v in losses.items()}
-                steps, window, count = steps + count, {}, 0
-                bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
+            if window_steps == run.log_every or not left or stop.agreed:
+                means = finite_means(window_sums, window_steps, f"by step {trainer.global_step}: {if_diverged}")
+                epoch_sums = {k: epoch_sums.get(k, 0.0) + v * window_steps for k, v in means.items()}
+                epoch_steps, window_sums, window_steps = epoch_steps + window_steps, {}, 0
+                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
                 if rank0:
-                    folder.log_losses(trainer.global_step, trainer.epoch + 1, losses)
+                    folder.log_losses(trainer.global_step, trainer.epoch + 1, means)
             if stop.agreed and left:
                 return None
-    seconds = max(time.time() - began, 1e-6)
-    return {**{k: v / steps for k, v in sums.items()}, "seconds": round(seconds, 1),
-            "images_per_sec": steps * run.batch_size * trainer.world / seconds, "data_wait": waited / seconds}
+    seconds = max(time.perf_counter() - began, 1e-6)
+    return {**{k: v / epoch_steps for k, v in epoch_sums.items()}, "seconds": round(seconds, 1),
+            "images_per_sec": epoch_steps * run.batch_size * trainer.world / seconds, "data_wait": data_wait / seconds}
 
 
-def finite_means(sums: dict[str, torch.Tensor], count: int, if_diverged: str) -> dict[str, float]:
-    """Each loss's mean over `count` steps from its sum, in one copy from the device; a loss no longer finite on any
-    rank ends the run."""
-    means = dict(zip(sums, (torch.stack([v.float() for v in sums.values()]) / count).tolist()))
+def finite_means(sums: dict[str, torch.Tensor], steps: int, if_diverged: str) -> dict[str, float]:
+    """Each loss's mean from its sum over `steps`, in one copy from the device. A loss no longer finite on any rank
+    ends the run: a vote, so every rank calls this at the same step."""
+    means = dict(zip(sums, (torch.stack([v.float() for v in sums.values()]) / steps).tolist()))
     bad = [k for k, v in means.items() if not math.isfinite(v)]
     if any_rank(bool(bad)):
         raise RunError((f"loss {bad[0]} became {means[bad[0]]}" if bad else "a loss on another rank diverged")
