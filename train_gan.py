@@ -39,8 +39,8 @@ from data_utility import (DEVICES, PairSampler, Parser, RunError, RunFolder, Sto
 
 # Each model by name: its class, its config, what the name changes in the config's defaults. A model is built from
 # its config and offers what the commands use, as cycle_gan.CycleGAN shows: config, groups, directions,
-# resize_crop_in_decay, train_step, visuals, visuals_caption, verdicts; CUT also similarity_maps, and extra_state /
-# load_extra_state, what a resume needs beyond the weights.
+# resize_crop_in_decay, train_step, visuals, visuals_caption, verdicts. Optional: similarity_maps (CUT's), and
+# extra_state / load_extra_state (CycleGAN's image pools), what a resume needs beyond the weights.
 MODELS = {"cycle_gan": (CycleGAN, CycleGANConfig, {}), "cut": (CUT, CUTConfig, {}),
           "fastcut": (CUT, CUTConfig, FASTCUT)}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -474,17 +474,6 @@ def train_epoch(trainer: Trainer, loader, run: Run, folder: RunFolder, stop: Sto
             "images_per_sec": epoch_steps * run.batch_size * trainer.world / seconds, "data_wait": data_wait / seconds}
 
 
-def finite_means(sums: dict[str, torch.Tensor], steps: int, if_diverged: str) -> dict[str, float]:
-    """Each loss's mean from its sum over `steps`, in one copy from the device. A loss no longer finite on any rank
-    ends the run: a vote, so every rank calls this at the same step."""
-    means = dict(zip(sums, (torch.stack([v.float() for v in sums.values()]) / steps).tolist()))
-    bad = [k for k, v in means.items() if not math.isfinite(v)]
-    if any_rank(bool(bad)):
-        raise RunError((f"loss {bad[0]} became {means[bad[0]]}" if bad else "a loss on another rank diverged")
-                       + f" {if_diverged}")
-    return means
-
-
 def any_rank(flag: bool) -> bool:
     """Whether `flag` is set on any rank: a vote on a CPU group, which never waits for a GPU."""
     if not dist.is_initialized():
@@ -498,6 +487,17 @@ def any_rank(flag: bool) -> bool:
 def gloo_twin(group) -> dist.ProcessGroup:
     """A gloo group of the ranks of `group`, for their votes, made by every rank at its first vote."""
     return dist.new_group(backend="gloo")
+
+
+def finite_means(sums: dict[str, torch.Tensor], steps: int, if_diverged: str) -> dict[str, float]:
+    """Each loss's mean from its sum over `steps`, in one copy from the device. A loss no longer finite on any rank
+    ends the run: a vote, so every rank calls this at the same step."""
+    means = dict(zip(sums, (torch.stack([v.float() for v in sums.values()]) / steps).tolist()))
+    bad = [k for k, v in means.items() if not math.isfinite(v)]
+    if any_rank(bool(bad)):
+        raise RunError((f"loss {bad[0]} became {means[bad[0]]}" if bad else "a loss on another rank diverged")
+                       + f" {if_diverged}")
+    return means
 
 
 # Where the picture of a model's similarity maps asks: (row, col) fractions of G(x), centre, upper right, lower left.
