@@ -13,9 +13,7 @@ Objective (Eq. 5): L_GAN(G, D, X, Y) + lambda_X * L_PatchNCE(G, H, X) + lambda_Y
         appendix's training details): half the time G sees the input mirrored, and its features are mirrored
         back before they are compared with the input's.
 Each step updates D first, then G and H together, with D fixed, as officially; CUTConfig gives each value and
-its source.
-
-As cycle_gan.py, this file is its paper alone: train_gan.py's `Trainer`, handed to `train_step`, optimises.
+its source. This file is the paper only: train_gan.py's `Trainer`, handed to `train_step`, optimises.
 """
 from dataclasses import dataclass, field
 
@@ -102,15 +100,10 @@ class CUT:
         return self.config.flip_equivariance and bool(torch.rand(()) < 0.5)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, trainer) -> dict[str, torch.Tensor]:
-        """One step of Eq. 5 on x (B, C, H, W) from X and y (B, C, H, W) from Y. Returns each loss term as
-        it enters the objective: G_gan + NCE_X (+ NCE_Y) is Eq. 5 as the official code weighs it, D is D's.
-
-        `trainer` optimises: autocast() sets the precision, backward(loss, group) adds gradients,
-        step(group) takes an Adam step. D steps first, then G and H, as officially. G(x)'s terms
-        and, for CUT, the identity term of G(y) are on separate graphs: each is back-propagated
-        as soon as it is built, so one graph is in memory at a time and the gradients add up to
-        those of the whole sum. (The official code runs G once on x and y together.)
-        """
+        """One step of Eq. 5 on x (B, C, H, W) from X and y (B, C, H, W) from Y, with `trainer` as in
+        CycleGAN.train_step; each loss term as it enters the objective (G_gan + NCE_X (+ NCE_Y) is Eq. 5 as
+        officially weighed). G(x)'s terms and CUT's identity term of G(y) are back-propagated each as soon as built,
+        so one graph is in memory at a time; the official code runs G once on x and y together."""
         c, gan = self.config, self.gan_loss
         flipped = self.flip_this_step()
         nce_weight = 0.5 if c.nce_idt else 1.0  # the official code averages the X and Y terms
@@ -136,8 +129,8 @@ class CUT:
         return loss
 
     def translate_with_keys(self, real: torch.Tensor, flipped: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """G(real) (B, C, H, W), of real mirrored when `flipped`, and the keys: real's features at the
-        NCE taps. Unflipped, one pass of G gives both; flipped, the keys need a pass of their own."""
+        """G(real) (B, C, H, W), of real mirrored when `flipped`, and the keys, real's features at the NCE taps: from
+        the same pass of G unless flipped."""
         fake, keys = self.G(real.flip(3) if flipped else real, self.config.nce_layers)
         if flipped:
             with torch.no_grad():
@@ -145,12 +138,8 @@ class CUT:
         return fake, keys
 
     def patch_nce(self, keys: list[torch.Tensor], output: torch.Tensor, flipped: bool) -> torch.Tensor:
-        """Eq. 3: multilayer PatchNCE between the input's features `keys` and G's encoding of
-        `output` (B, C, H, W), at the same sampled locations; averaged over the tapped layers, as
-        officially, where Eq. 3 sums.
-
-        Keys are detached inside the loss, so their projection needs no graph.
-        """
+        """Eq. 3: multilayer PatchNCE between the input's features `keys` and G's encoding of `output` (B, C, H, W),
+        at the same sampled places; averaged over the layers, as officially, where Eq. 3 sums."""
         queries = self.G(output, self.config.nce_layers, encode_only=True)
         if flipped:
             queries = [q.flip(3) for q in queries]
@@ -161,14 +150,10 @@ class CUT:
 
     @torch.no_grad()
     def similarity_maps(self, source: torch.Tensor, target: torch.Tensor, points, layer: int = -1) -> torch.Tensor:
-        """The learned similarity PatchNCE trains (the CUT paper's visualisation of it): for each query
-        point of `source` (B, C, H, W), as (row, col) fractions of its height and width, the
-        probability that each patch of `target` (B, C, H, W) is its positive: the softmax over all of
-        target's patches of similarity / tau, at one tapped layer (default the deepest), through G's
-        encoder and H. Returns (B, Q, h, w), each map summing to 1.
-
-        With source = G(x) and target = x: where each output patch finds its input patch.
-        """
+        """The similarity PatchNCE learns (as the CUT paper shows it): for each query point of `source` (B, C, H, W),
+        (row, col) fractions, the softmax over the patches of `target` (B, C, H, W) of similarity / tau at one tapped
+        layer (the deepest): (B, Q, h, w), each map summing to 1. From G(x) to x: where an output patch finds its
+        input patch."""
         c = self.config
         layer = layer % len(c.nce_layers)  # H's MLP for that tap
         tap = c.nce_layers[layer]
@@ -183,9 +168,8 @@ class CUT:
 
     @torch.no_grad()
     def verdicts(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
-        """What D decides, patch by patch, of real images y (B, C, H, W) and of translations G(x):
-        {"D": (y, G(x), D's verdict on y, on G(x))}, each verdict (B, 1, h, w), one value per overlapping patch
-        of the image (84x84 pixels with blur-pool, 30x30 of them at 256), 1 real and 0 fake (GANLoss.verdict)."""
+        """D's verdict per patch, 1 real and 0 fake (GANLoss.verdict), on real images y (B, C, H, W) and on G(x):
+        {"D": (y, G(x), D(y), D(G(x)))}, each verdict (B, 1, h, w)."""
         fake = self.G(x)
         return {"D": (y, fake, self.gan_loss.verdict(self.D(y)), self.gan_loss.verdict(self.D(fake)))}
 

@@ -8,12 +8,10 @@ Objective (Eq. 3), minimised by G and F, maximised by D_X and D_Y (Eq. 4):
     L_GAN (Eq. 1): least squares, as Sec. 4 trains it (Eq. 1 is written as the log-likelihood)
     L_cyc (Eq. 2): ||F(G(x)) - x||_1 + ||G(F(y)) - y||_1, each a per-pixel mean, as both official codes
         (nn.L1Loss) take it, where Eq. 2's norm sums over the pixels
-G and F also minimise Sec. 5.2's identity loss, ||G(y) - y||_1 + ||F(x) - x||_1, which is not part of Eq. 3 and
-which junyanz's code turns on by default. D's loss is halved (appendix 7.1); D_X and D_Y are held fixed while G and
-F step (junyanz's code). CycleGANConfig gives each value and its source. (The CUT repository's copy of this model
-has xavier init, anti-aliased networks, 200 + 200 epochs.)
-
-This file is the paper only: train_gan.py's `Trainer`, handed to `train_step`, optimises.
+G and F also minimise Sec. 5.2's identity loss, ||G(y) - y||_1 + ||F(x) - x||_1, not part of Eq. 3, on by default
+in junyanz's code. D's loss is halved (appendix 7.1); D_X and D_Y are held fixed while G and F step (junyanz's
+code). CycleGANConfig gives each value and its source. This file is the paper only: train_gan.py's `Trainer`,
+handed to `train_step`, optimises.
 """
 from dataclasses import dataclass, field
 
@@ -27,7 +25,8 @@ from networks import GENERATORS, PatchDiscriminator, define_G, frozen
 
 @dataclass
 class CycleGANConfig:
-    """CycleGAN's options, junyanz's defaults, each with its source: --model cycle_gan's flags."""
+    """CycleGAN's options, junyanz's defaults (the CUT repository's copy: xavier init, blur-pool, 200 + 200 epochs),
+    each with its source: --model cycle_gan's flags."""
     lambda_cycle: float = field(default=10.0, metadata=dict(help="lambda of Eq. 3 (Sec. 4)", at_least=0))
     lambda_identity: float = field(default=0.5, metadata=dict(help="Sec. 5.2's loss, x lambda (appendix 7.1)",
                                                               at_least=0))
@@ -52,12 +51,9 @@ class CycleGANConfig:
 
 
 class ImagePool:
-    """History of generated images (Sec. 4, after Shrivastava et al. 2017), so D does not forget old fakes.
-
-    query(fakes): (B, C, H, W) -> (B, C, H, W). The paper keeps the 50 latest fakes; how D draws from them is
-    the official util/image_pool.py's: until the pool is full each fake is stored and returned; then each
-    fake is, with probability 1/2, swapped for a random stored one.
-    """
+    """History of generated images (Sec. 4, after Shrivastava et al. 2017), so D does not forget old fakes:
+    query(fakes) (B, C, H, W) -> (B, C, H, W). The paper keeps 50; how D draws is the official util/image_pool.py's:
+    until the pool is full each fake is stored and returned, then swapped, with probability 1/2, for a stored one."""
 
     def __init__(self, size: int = 50):
         self.size = size
@@ -102,13 +98,10 @@ class CycleGAN:
         self.pool_X, self.pool_Y = ImagePool(c.pool_size), ImagePool(c.pool_size)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, trainer) -> dict[str, torch.Tensor]:
-        """One step on x (B, C_x, H, W) from X and y (B, C_y, H, W) from Y. Returns each loss term as it
-        enters the objective: G's and F's terms sum to Eq. 3 plus the identity loss, D's to the discriminators'.
-
-        `trainer` optimises: autocast() sets the precision, backward(loss, group) adds gradients,
-        step(group) takes an Adam step. Eq. 4 states the min-max; the step alternates, as junyanz's
-        code does: a step of G and F with D_X and D_Y fixed, then a step of D_X and D_Y.
-        """
+        """One step on x (B, C_x, H, W) from X and y (B, C_y, H, W) from Y; each loss term as it enters the objective
+        (G's and F's sum to Eq. 3 plus the identity loss). `trainer` optimises: autocast() sets the precision,
+        backward(loss, group) adds gradients, step(group) takes an Adam step. Eq. 4's min-max alternates, as
+        junyanz's code does: G and F step with D_X and D_Y fixed, then D_X and D_Y step."""
         # 1. G and F minimise Eq. 3 and the identity loss, with D_X and D_Y fixed (the official set_requires_grad).
         # The terms from x and those from y have separate graphs: each half is back-propagated as soon as it is
         # built, so one half's graph is in memory at a time, and the gradients add up to those of the whole sum.
@@ -130,10 +123,8 @@ class CycleGAN:
 
     def generator_half(self, real: torch.Tensor, translate, back, judge,
                        trainer) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """G's and F's terms that start from `real`, back-propagated into both at once. The networks
-        come by role: from x, `translate` is G, `back` is F and `judge` is D_Y; from y, F, G and D_X.
-        Returns the terms [GAN, cycle, identity (when weighted)] and translate(real) (B, C, H, W),
-        detached, for the discriminators' step."""
+        """G's and F's terms that start from `real`, back-propagated: from x, `translate` is G, `back` F and `judge`
+        D_Y; from y, F, G and D_X. Returns [GAN, cycle, (identity)] and translate(real) (B, C, H, W), detached."""
         c = self.config
         with trainer.autocast():
             fake = translate(real)
@@ -146,9 +137,8 @@ class CycleGAN:
 
     @torch.no_grad()
     def verdicts(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
-        """What each discriminator decides, patch by patch, of real images of its domain and of translations into
-        it: {"D_Y": (y, G(x), D_Y(y), D_Y(G(x))), "D_X": (x, F(y), D_X(x), D_X(F(y)))} as verdicts (B, 1, h, w),
-        one per overlapping 70x70 patch (30x30 of them at 256), 1 real and 0 fake (GANLoss.verdict)."""
+        """Each D's verdict per patch, 1 real and 0 fake (GANLoss.verdict), on real images of its domain and on
+        translations into it: {"D_Y": (y, G(x), D_Y(y), D_Y(G(x))), "D_X": (x, F(y), D_X(x), D_X(F(y)))}."""
         verdict = self.gan_loss.verdict
         return {name: (real, fake, verdict(D(real)), verdict(D(fake)))
                 for name, D, real, fake in (("D_Y", self.D_Y, y, self.G(x)), ("D_X", self.D_X, x, self.F(y)))}

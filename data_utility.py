@@ -1,10 +1,7 @@
-"""Data and files for unpaired translation, in four parts, each name defined before its first use:
-
-1. The words every part uses: one-line errors, `need`, writing a file whole or not at all.
-2. The data, all a learner of the papers needs: the two domains' images, jittered and paired at random as the
-   official data/unaligned_dataset.py does.
-3. The run folder: `RunFolder` writes every file of output/NAME/.
-4. The machine and the downloads: the parser, the device, Ctrl-C, the official data and models.
+"""Data and files for unpaired translation, in four parts, each name defined before its first use: 1. the words every
+part uses (one-line errors, writing a file whole or not at all); 2. the data, the two domains' images jittered and
+paired at random as the official data/unaligned_dataset.py does; 3. the run folder, `RunFolder`, which writes every
+file of output/NAME/; 4. what both commands share: the parser, the device, Ctrl-C, the downloads.
 """
 import argparse
 import contextlib
@@ -163,14 +160,6 @@ def to_image(t: torch.Tensor) -> Image.Image:
     return Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a)
 
 
-def jitter(img: Image.Image, load_size: int, crop_size: int, rng: np.random.Generator) -> Image.Image:
-    """Random jitter: bicubic resize to load_size x load_size, random crop, random h-flip."""
-    img = img.resize((load_size, load_size), Image.BICUBIC)
-    left, top = rng.integers(0, load_size - crop_size + 1, size=2)
-    img = img.crop((left, top, left + crop_size, top + crop_size))
-    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
-
-
 class Pick(NamedTuple):
     """One item of an epoch: an image of X, one of Y, their jitter's seed, and the epoch."""
     x: int
@@ -179,10 +168,18 @@ class Pick(NamedTuple):
     epoch: int
 
 
+def jitter(img: Image.Image, load_size: int, crop_size: int, rng: np.random.Generator) -> Image.Image:
+    """Random jitter: bicubic resize to load_size x load_size, random crop, random h-flip."""
+    img = img.resize((load_size, load_size), Image.BICUBIC)
+    left, top = rng.integers(0, load_size - crop_size + 1, size=2)
+    img = img.crop((left, top, left + crop_size, top + crop_size))
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+
 class UnpairedDataset(torch.utils.data.Dataset):
-    """The training images of X and Y: item `pick` is (x, y), each (C, crop, crop) in [-1, 1] and as random as the
-    pick says, only resized and flipped from epoch `no_crop_from_epoch` (the official CUT dataset's decay epochs).
-    An image that no longer reads gives way to the next, and is marked in `unreadable`, which the workers share."""
+    """The training images of X and Y: item `pick` is (x, y), each (C, crop, crop) in [-1, 1], jittered as the pick
+    says (from epoch `no_crop_from_epoch`, CUT's decay, only resized and flipped). An image that no longer reads gives
+    way to the next and is marked in `unreadable`: 1 found, 2 named (workers share it)."""
 
     def __init__(self, folder_x: Path, folder_y: Path, load_size: int, crop_size: int, channels_x: int = 3,
                  channels_y: int = 3, no_crop_from_epoch: int | None = None):
@@ -192,8 +189,7 @@ class UnpairedDataset(torch.utils.data.Dataset):
             need(any(try_load(f, channels, 64) for f in files),
                  f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
         self.load_size, self.crop_size, self.no_crop_from_epoch = load_size, crop_size, no_crop_from_epoch
-        self.unreadable = [torch.zeros(len(files), dtype=torch.bool).share_memory_() for files in self.files]
-        self.warned = [torch.zeros(len(files), dtype=torch.bool) for files in self.files]
+        self.unreadable = [torch.zeros(len(files), dtype=torch.int8).share_memory_() for files in self.files]
 
     def __len__(self) -> int:
         return max(len(f) for f in self.files)
@@ -213,15 +209,14 @@ class UnpairedDataset(torch.utils.data.Dataset):
             img = try_load(files[k], self.channels[domain], load_size)
             if img is not None:
                 return img
-            self.unreadable[domain][k] = True
+            self.unreadable[domain][k].clamp_(min=1)  # found, unless already named
         raise RunError(f"none of the {len(files)} images listed in {self.folders[domain]} can be read any more: put "
                        f"them back, then resume")
 
 
 class PairSampler(torch.utils.data.Sampler):
-    """An epoch's picks, from (seed, epoch) alone: X's images shuffled, repeated up to the larger domain's count (the
-    official dataset's length), a random y each, at most `limit`. set_epoch skips the first `start` (the images all
-    ranks trained); each rank takes every world-th of the rest, as many each."""
+    """An epoch's picks, from (seed, epoch) alone: X's images shuffled to the larger domain's count (the official
+    length), a random y each, at most `limit`; after the first `start`, every world-th is this rank's."""
 
     def __init__(self, n_x: int, n_y: int, seed: int = 0, rank: int = 0, world: int = 1, limit: int | None = None):
         self.n_x, self.n_y, self.seed, self.rank, self.world = n_x, n_y, seed, rank, world
@@ -262,9 +257,9 @@ def batches(loader: torch.utils.data.DataLoader, rank0: bool = True):
     start, data = time.perf_counter(), loader.dataset
     for x, y in loader:
         waited = time.perf_counter() - start
-        for files, marked, warned in zip(data.files, data.unreadable, data.warned) if rank0 else ():
-            for k in (marked & ~warned).nonzero().flatten().tolist():
-                warned[k] = True
+        for files, marked in zip(data.files, data.unreadable) if rank0 else ():
+            for k in (marked == 1).nonzero().flatten().tolist():
+                marked[k] = 2
                 warnings.warn(f"skipping unreadable image {files[k]}: another image of its domain takes its place")
         yield x, y, waited
         start = time.perf_counter()  # the step is done: from here, waiting for the next batch
@@ -334,16 +329,14 @@ def read_table(path: Path) -> list[dict[str, float]]:
 def plot(table: list[dict[str, float]], x: str, panels: dict[str, list[str]], path: Path,
          level: float | None = None) -> None:
     """Plot each panel's columns of a log against column `x`, a dashed line at `level`."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display server needed
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # without pyplot: no display, no figure to close
 
     table = [row for row in table if x in row]
     panels = {title: names for title, names in panels.items() if any(n in row for row in table for n in names)}
     if not panels:
         return
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7 if level is None else 4.5, max(1.6 * len(panels), 2.4)),
-                             sharex=True, squeeze=False)
+    fig = Figure(figsize=(7 if level is None else 4.5, max(1.6 * len(panels), 2.4)))
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)
     for ax, (title, names) in zip(axes[:, 0], panels.items()):
         for name in names:
             points = [(row[x], row[name]) for row in table if name in row]
@@ -358,10 +351,7 @@ def plot(table: list[dict[str, float]], x: str, panels: dict[str, list[str]], pa
     axes[-1, 0].set_xlabel(x)
     axes[-1, 0].xaxis.get_major_locator().set_params(integer=True)  # steps and epochs are whole numbers
     fig.tight_layout()
-    try:
-        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
-    finally:
-        plt.close(fig)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
 
 
 def heat_over(image: torch.Tensor, heat: torch.Tensor) -> Image.Image:
@@ -373,17 +363,16 @@ def heat_over(image: torch.Tensor, heat: torch.Tensor) -> Image.Image:
     return Image.blend(to_image(image).convert("L").convert("RGB"), hot, 0.7)
 
 
-MARKS = ("red", "lime", "cyan", "yellow", "magenta")
-
-
 def save_similarity_grid(x: torch.Tensor, fake: torch.Tensor, maps: torch.Tensor, points, path: Path) -> None:
     """A row per image: x and G(x) (B, C, H, W) with the query `points` ((row, col) fractions) marked, then each
     point's similarity map (B, Q, h, w) as heat over x."""
+    marks = ("red", "lime", "cyan", "yellow", "magenta")
+
     def marked(img: Image.Image, which) -> Image.Image:
         draw, (w, h) = ImageDraw.Draw(img), img.size
         for q in which:
             r, c = points[q]
-            draw.rectangle((c * w - 3, r * h - 3, c * w + 3, r * h + 3), outline=MARKS[q % len(MARKS)], width=2)
+            draw.rectangle((c * w - 3, r * h - 3, c * w + 3, r * h + 3), outline=marks[q % len(marks)], width=2)
         return img
 
     peak = maps.float().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)  # each map's peak is 1
@@ -392,14 +381,12 @@ def save_similarity_grid(x: torch.Tensor, fake: torch.Tensor, maps: torch.Tensor
                for b in range(len(x))], path)
 
 
-PAGE_STYLE = """body { font: 15px/1.45 sans-serif; margin: 2em auto; max-width: 1100px; } .caption { color: #555; }
-img { max-width: 100%; display: block; image-rendering: pixelated; } .plots { display: flex; gap: 1em; }"""
-
-
 class RunFolder:
     """OUTPUT/NAME/, a run's files (the README's "What a run writes"), each written here alone, whole or not at
     all; a failure is an OSError (train_gan.py ends the run in one line, with `resume_hint`)."""
     TIMING = {"seconds": "{:.0f} s", "images_per_sec": "{:.2f} img/s", "data_wait": "{:.0%} of it waiting for data"}
+    STYLE = ("body { font: 15px/1.45 sans-serif; margin: 2em auto; max-width: 1100px; } .caption { color: #555; } "
+             "img { max-width: 100%; display: block; image-rendering: pixelated; } .plots { display: flex; gap: 1em; }")
 
     def __init__(self, path: Path, resume_hint: str = ""):
         self.path, self.resume_hint, self.latest = Path(path), resume_hint, Path(path) / "latest.pt"
@@ -516,7 +503,7 @@ class RunFolder:
                          for r in self.runs if isinstance(r, dict))
         plots = image(self.path / "losses.png") + image(self.path / "balance.png") or "<p>plotted as epochs end</p>"
         page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.heading)}'
-                "</title>" + ('<meta http-equiv="refresh" content="60">' if running else "") + f"<style>{PAGE_STYLE}"
+                "</title>" + ('<meta http-equiv="refresh" content="60">' if running else "") + f"<style>{self.STYLE}"
                 f'</style></head><body><h1>{html.escape(self.heading)}</h1><p class="status">{html.escape(status)}'
                 f'</p><h2>options</h2><ul>{starts}</ul><p class="caption">as each start asked; every option: '
                 f'<a href="options.json">options.json</a></p><h2>losses, and the balance of D and G</h2><div '
@@ -534,20 +521,11 @@ def as_typed(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each option's default as it is typed, but None."""
-
-    def _get_help_string(self, action):
-        if isinstance(action.default, tuple):
-            return f"{action.help} (default: {as_typed(action.default)})"
-        return action.help if action.default in (None, []) else super()._get_help_string(action)
-
-
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad option is one line, and --help gives the defaults."""
 
     def __init__(self, **kw):
-        super().__init__(formatter_class=HelpFormatter, allow_abbrev=False, **kw)
+        super().__init__(**{"formatter_class": argparse.ArgumentDefaultsHelpFormatter, "allow_abbrev": False, **kw})
 
     def error(self, message):
         raise UsageError(f"{message} (see {self.prog} --help)")

@@ -32,9 +32,8 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
 
 
 def conv_bias(norm: str) -> bool:
-    """The official code gives a conv a bias only when instance norm follows it: batch norm has its own
-    shift. With norm 'none' nothing follows that could shift, yet the conv has no bias either: an
-    official quirk, kept so that official checkpoints load."""
+    """A conv has a bias only before instance norm, as officially: batch norm has its own shift, and with norm
+    'none' the official conv has none either (a quirk kept so that official checkpoints load)."""
     return norm == "instance"
 
 
@@ -57,9 +56,8 @@ def padding(mode: str, size: int) -> nn.Module:
 def conv_norm_act(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, pad: int = 0,
                   pad_mode: str = "zeros", norm: str = "instance", act: str = "relu",
                   bias: bool | None = None) -> list[nn.Module]:
-    """[pad] -> Conv2d -> norm -> activation, as a flat list of layers: each addressable by index, as the official
-    checkpoints name weights (`model.1.weight`) and CUT taps features. Zero padding is done inside the conv;
-    reflect/replicate get their own layer, as officially."""
+    """[pad] -> Conv2d -> norm -> activation as a flat list, so each layer has the index the official checkpoints
+    name (`model.1.weight`) and CUT taps. Reflect and replicate padding get their own layer, as officially."""
     layers: list[nn.Module] = []
     if pad and pad_mode != "zeros":
         layers.append(padding(pad_mode, pad))
@@ -70,18 +68,14 @@ def conv_norm_act(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, pa
 
 
 def norm_act(channels: int, norm: str, act: str) -> list[nn.Module]:
-    """The norm and activation that follow a conv. Norm 'none' is an Identity layer, as in the
-    official code, so layer indices (and CUT's tap indices) do not move; activation 'none' adds nothing."""
+    """The norm and activation after a conv. Norm 'none' is an Identity layer, as officially, so layer indices (CUT's
+    taps) do not move; activation 'none' adds nothing."""
     return [norm_layer(norm, channels)] + ([activation(act)] if act != "none" else [])
 
 
 class ResnetBlock(nn.Module):
-    """x + [pad, conv3x3, norm, ReLU, (dropout), pad, conv3x3, norm](x); (B, C, H, W) -> same.
-
-    CycleGAN appendix 7.2's Rk: two 3x3 convs, reflection-padded. Nothing follows the sum: no ReLU there, as in
-    the official ResnetBlock (He et al.'s block has one). The attribute name `conv_block` and its layer order
-    match the official checkpoints.
-    """
+    """CycleGAN appendix 7.2's Rk, x + [pad, conv3x3, norm, ReLU, (dropout), pad, conv3x3, norm](x): (B, C, H, W) ->
+    same. No ReLU after the sum, as officially (He et al.'s block has one); `conv_block` is the official name."""
 
     def __init__(self, channels: int, norm: str = "instance", dropout: bool = False,
                  pad_mode: str = "reflect"):
@@ -125,8 +119,7 @@ class BlurUpsample(nn.Module):
         # Replicate-pad by 1 with cat: the values of F.pad(mode="replicate"), whose backward inductor cannot compile.
         x = torch.cat([x[:, :, :1], x, x[:, :, -1:]], 2)
         x = torch.cat([x[..., :1], x, x[..., -1:]], 3)
-        y = F.conv_transpose2d(x, self.filt,
-                               stride=2, padding=2, groups=x.shape[1])  # (B, C, 2H+2, 2W+2)
+        y = F.conv_transpose2d(x, self.filt, stride=2, padding=2, groups=x.shape[1])  # (B, C, 2H+2, 2W+2)
         return y[:, :, 1:-1, 1:-1]
 
 
@@ -147,9 +140,8 @@ def upsample(in_ch: int, out_ch: int, norm: str, antialias: bool) -> list[nn.Mod
 
 
 def init_weights(net: nn.Module, kind: str = "normal", gain: float = 0.02) -> nn.Module:
-    """Initialise conv and linear weights in place, biases to 0. normal: N(0, gain), CycleGAN's (appendix 7.1: N(0,
-    0.02)). xavier: xavier_normal with `gain`, the CUT repository's default (its paper names no init). Batch-norm
-    scales get N(1, gain). Blur filters are buffers and stay untouched."""
+    """Conv and linear weights in place, biases 0: normal is N(0, gain), CycleGAN's (appendix 7.1: N(0, 0.02));
+    xavier is xavier_normal, the CUT repository's (its paper names none). Batch-norm scales get N(1, gain)."""
     if kind not in ("normal", "xavier"):
         raise ValueError(f"unknown init {kind!r}: use 'normal' or 'xavier'")
     for m in net.modules():

@@ -1,14 +1,6 @@
-"""Losses: the adversarial loss of both papers and CUT's PatchNCE loss.
-
-- GANLoss: CycleGAN Eq. 1 (arXiv 1703.10593) and CUT Eq. 1 (arXiv 2007.15651). Both papers write
-  Eq. 1 as the log-likelihood and train with least squares (LSGAN, Mao et al. 2017), more stable:
-  CycleGAN Sec. 4, CUT's training details; both official codes default to it. `vanilla` is the
-  log-likelihood for D, as Eq. 1 is written; G, told "real" for its fakes, minimises -log D(G(x)),
-  the non-saturating form, not Eq. 1's log(1 - D(G(x))).
-- PatchNCELoss: CUT Eq. 2 (the InfoNCE term l(v, v+, v-)), averaged over the sampled patches where
-  Eq. 3 sums them (see its forward).
-
-Mirrors models/networks.py (GANLoss) and models/patchnce.py of taesungp/contrastive-unpaired-translation.
+"""Losses: the adversarial loss of both papers (Eq. 1 of CycleGAN, arXiv 1703.10593, and of CUT, arXiv 2007.15651)
+and CUT's PatchNCE loss (its Eq. 2). Mirrors models/networks.py (GANLoss) and models/patchnce.py of
+taesungp/contrastive-unpaired-translation.
 """
 import torch
 import torch.nn as nn
@@ -20,13 +12,13 @@ GAN_MODES = ("lsgan", "vanilla", "nonsaturating")
 
 
 class GANLoss(nn.Module):
-    """loss(prediction, target_is_real) -> scalar, for a discriminator's logit map (B, 1, h, w).
+    """loss(prediction, target_is_real) -> scalar, for a discriminator's logit map (B, 1, h, w): Eq. 1 of both
+    papers as they train it. Both write Eq. 1 as the log-likelihood and train with least squares (CycleGAN Sec. 4,
+    CUT's training details; LSGAN, Mao et al. 2017), both official codes' default.
 
-    The adversarial loss of Eq. 1 in both papers, in the form the official codes train with.
-
-    lsgan: mean (D - label)^2. vanilla: binary cross-entropy on logits, which is Eq. 1's log-likelihood
-    for D and the non-saturating -log D(G(x)) for G. nonsaturating: softplus(-D) for real targets,
-    softplus(D) for fake ones, the same as vanilla at labels 1/0 (the official CUT code's name for it).
+    lsgan: mean (D - label)^2. vanilla: binary cross-entropy on logits, Eq. 1's log-likelihood for D; G, told
+    "real" for its fakes, minimises the non-saturating -log D(G(x)), not Eq. 1's log(1 - D(G(x))). nonsaturating:
+    softplus(-D) for real targets, softplus(D) for fake ones, vanilla at labels 1/0 (the official CUT code's name).
     `real_label` < 1 is one-sided label smoothing (Salimans et al. 2016).
     """
 
@@ -57,15 +49,13 @@ NEGATIVES = ("image", "batch", "others")
 
 
 class PatchNCELoss(nn.Module):
-    """loss(feat_q, feat_k) -> scalar; feat_q, feat_k: (B, P, C), L2-normalised.
+    """loss(feat_q, feat_k) -> scalar; feat_q, feat_k: (B, P, C), L2-normalised. Eq. 2, averaged over the queries.
 
-    Query q_i (a patch of the output) should match key k_i (the same place in the input) rather than
-    the negatives. `negatives`: 'image', the other P-1 patches of the same image (internal negatives,
-    the CUT default); 'batch', every other patch of the batch, its own image's and the other images'
-    (the official --nce_includes_all_negatives_from_minibatch, which the CUT repository uses for
-    single-image training); 'others', the patches of the other images only (needs B >= 2; no official
-    switch). Neither is the paper's external-negatives ablation, which draws them from a memory bank.
-    Keys are detached, as officially.
+    Query q_i (a patch of the output) should match key k_i (the same place in the input) rather than the
+    negatives: 'image', the other P-1 patches of its image (internal negatives, the CUT default); 'batch', every
+    other patch of the batch (the official --nce_includes_all_negatives_from_minibatch); 'others', the other
+    images' patches only (B >= 2; no official switch). Neither is the paper's memory-bank ablation. Keys are
+    detached, as officially.
     """
 
     def __init__(self, temperature: float = 0.07, negatives: str = "image"):
@@ -87,18 +77,15 @@ class PatchNCELoss(nn.Module):
             if self.negatives != "image":  # one pool of keys: the B*P patches of the batch, image by image
                 q, k = q.reshape(1, B * P, -1), k.reshape(1, B * P, -1)
             l_neg = q @ k.transpose(1, 2)  # (B, P, P), or (1, B*P, B*P): query i against every key
-            # The diagonal is the positive again: the official code fills it with -10 (exp(-10/0.07)
-            # is 0 in float32) rather than dropping it; we do the same so the numbers agree. 'others'
-            # fills the query's whole image so.
+            # The diagonal is the positive again: filled with -10 (exp(-10/0.07) is 0 in float32), as officially,
+            # so the numbers agree; 'others' fills the query's whole image so.
             n = l_neg.shape[-1]
             same = torch.eye(n if self.negatives != "others" else B, dtype=torch.bool, device=q.device)
             if self.negatives == "others":
                 same = same.repeat_interleave(P, 0).repeat_interleave(P, 1)  # (B*P, B*P) blocks of one image
             logits = torch.cat([l_pos, l_neg.masked_fill(same, -10.0).reshape(B * P, n)], -1) / self.temperature
-            # Eq. 2: l(v, v+, v-) = -log softmax(logits)[positive], the positive at index 0. Eq. 3 sums it
-            # over the sampled places and the layers; the official code averages (here over the B*P
-            # queries, in CUT.patch_nce over the layers), which scales Eq. 3 down by the number of
-            # places times layers (256 x 5 = 1280): that is why lambda_NCE is 1 (CUT, whose two terms are
-            # then halved) or 10 (FastCUT), where Eq. 3 summed would need about 4e-4 or 8e-3.
+            # Eq. 2: l(v, v+, v-) = -log softmax(logits)[positive], the positive at index 0. Eq. 3 sums it over
+            # places and layers; the official code averages (here over the B*P queries, in CUT.patch_nce over the
+            # layers), 1280 times smaller at 256 places x 5 layers: hence lambda_NCE 1 (CUT) or 10 (FastCUT).
             target = torch.zeros(B * P, dtype=torch.long, device=q.device)
             return F.cross_entropy(logits, target)

@@ -2,11 +2,8 @@
 ResNet generator (CycleGAN's G and F, CUT's G), the pix2pix U-Net (arXiv 1611.07004), the PatchGAN (D_X, D_Y; CUT's
 D), CUT's patch-sampling MLP H; the loaders of official files; `frozen`, D held fixed while G steps.
 
-Mirrors models/networks.py of junyanz/pytorch-CycleGAN-and-pix2pix and of
-taesungp/contrastive-unpaired-translation: every network keeps the official module layout (a flat `model` for
-the ResNet and the PatchGAN, nested levels for the U-Net), so checkpoint keys and CUT's tap indices (nce_layers
-0,4,8,12,16) line up. H's MLPs are `mlps.N` where the official PatchSampleF names them `mlp_N`: the loader maps
-them in order.
+Mirrors models/networks.py of junyanz/pytorch-CycleGAN-and-pix2pix and taesungp/contrastive-unpaired-translation,
+module layout included, so checkpoint keys and CUT's tap indices (nce_layers 0,4,8,12,16) line up.
 """
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -23,13 +20,9 @@ DEFAULT_TAPS = ("input", "down1", "down2", "res1", "res5")
 
 
 class ResnetGenerator(nn.Module):
-    """c7s1-ngf, d(2ngf), d(4ngf), n_blocks x R(4ngf), u(2ngf), u(ngf), c7s1-out, tanh.
-
-    (B, in_channels, H, W) -> (B, out_channels, H, W) for H, W multiples of 4.
-    CycleGAN uses strided / transposed convs; CUT blur-pools on the way down (antialias, the official
-    --no_antialias turns it off) and blur-upsamples on the way up (antialias_up, the official
-    --no_antialias_up: a switch of its own; left None, it follows antialias).
-    """
+    """c7s1-ngf, d(2ngf), d(4ngf), n_blocks x R(4ngf), u(2ngf), u(ngf), c7s1-out, tanh (CycleGAN appendix 7.2):
+    (B, in_channels, H, W) -> (B, out_channels, H, W), H and W multiples of 4. CycleGAN's resamples with strided
+    convs; CUT's blur-pools down (antialias) and blurs up (antialias_up, None: as antialias), as officially."""
     side_multiple = 4  # two stride-2 levels
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, ngf: int = 64, n_blocks: int = 9,
@@ -66,9 +59,8 @@ class ResnetGenerator(nn.Module):
         return [self.tap(t)[1] for t in taps]
 
     def forward(self, x: torch.Tensor, taps: Sequence[str | int] | None = None, encode_only: bool = False):
-        """(B, C, H, W) -> (B, out, H, W). With `taps`: (output, features at the taps) from one pass: the layers l
-        of CUT's Eq. 3. With encode_only, the features alone, running only as deep as the deepest tap. Going through
-        forward lets torch.compile see the encoder passes too."""
+        """(B, C, H, W) -> (B, out, H, W). With `taps`, (output, the features at the taps, the layers l of CUT's Eq. 3)
+        from one pass; with encode_only, the features alone, run only as deep as the deepest tap."""
         if taps is None:
             return self.model(x)
         wanted = [self.tap(t)[0] for t in taps]
@@ -136,15 +128,10 @@ class UnetGenerator(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-    """The PatchGAN: (B, C, H, W) -> (B, 1, H/8 - 2, W/8 - 2) logits, one per overlapping patch: a logit's
-    receptive field is 70x70 pixels (84x84 with blur-pool: each blur widens it), though its instance norms make
-    it depend a little on the whole image.
-
-    C64-C128-C256-C512 (4x4 convs, LeakyReLU 0.2, no norm on the first) then a 1-channel conv: CycleGAN appendix
-    7.2, but with C512 at stride 1, as the official code (the appendix gives every Ck stride 2, which would see
-    94x94). No sigmoid: the output is a logit. With antialias=True (the CUT default) each stride-2 conv becomes
-    stride 1 plus blur-pool.
-    """
+    """The PatchGAN: (B, C, H, W) -> (B, 1, H/8 - 2, W/8 - 2) logits, one per overlapping 70x70 patch (84x84 with
+    blur-pool). C64-C128-C256-C512 then a 1-channel conv, 4x4 convs, LeakyReLU 0.2 (CycleGAN appendix 7.2), with
+    C512 at stride 1 as officially (the appendix's stride 2 would see 94x94). CUT blur-pools after each stride-1
+    conv where CycleGAN strides 2."""
 
     def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3, norm: str = "instance",
                  antialias: bool = False):
@@ -167,10 +154,9 @@ class PatchDiscriminator(nn.Module):
 
 
 class PatchSampleMLP(nn.Module):
-    """CUT's H: per tapped layer, sample patch locations, project with a 2-layer MLP (Sec. 3.2), L2-normalise onto
-    the unit sphere (the paper; the official PatchSampleF's Normalize). Built eagerly from the tap channels (the
-    official code builds it from the first batch's shapes, in data_dependent_initialize). The same locations are
-    used for every image of the batch."""
+    """CUT's H (Sec. 3.2): at each tapped layer, the same sampled locations in every image, through a 2-layer MLP,
+    L2-normalised. Built from the tap channels, where the official PatchSampleF waits for the first batch; its
+    `mlp_N` are our `mlps.N`, loaded in order."""
 
     def __init__(self, in_channels: Sequence[int], nc: int = 256):
         super().__init__()
@@ -178,9 +164,8 @@ class PatchSampleMLP(nn.Module):
 
     def forward(self, feats: Sequence[torch.Tensor], num_patches: int = 256,
                 patch_ids: Sequence[torch.Tensor] | None = None):
-        """feats[l]: (B, C_l, H_l, W_l) -> (features, ids): features[l] (B, P, nc), ids[l] (P,), the z_l^s of CUT's
-        Eq. 3 (location s of tapped layer l, projected and normalised). P = min(num_patches, H_l * W_l); pass the ids
-        of an earlier call to sample the same places."""
+        """feats[l]: (B, C_l, H_l, W_l) -> (features, ids): features[l] (B, P, nc), the z_l^s of CUT's Eq. 3, at
+        ids[l] (P,), P = min(num_patches, H_l * W_l); pass an earlier call's ids to sample the same places."""
         if len(feats) != len(self.mlps):
             raise ValueError(f"H has {len(self.mlps)} MLPs but got {len(feats)} feature maps")
         out, ids_out = [], []
@@ -194,9 +179,8 @@ class PatchSampleMLP(nn.Module):
         return out, ids_out
 
     def project(self, layer: int, feat: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """feat (B, C, H, W) of tapped layer `layer`, at flat locations ids (P,) -> (B, P, nc), through
-        that layer's MLP and L2-normalised, in fp32 whatever the --precision: the MLP's outputs start tiny
-        (init gain 0.02, twice), so the normalisation's gradient is large, beyond fp16's range even unscaled."""
+        """feat (B, C, H, W) of tapped layer `layer` at flat locations ids (P,) -> (B, P, nc), in fp32 at any
+        precision: the MLP's outputs start tiny (gain 0.02, twice), so the normalisation's gradient overflows fp16."""
         with torch.autocast(feat.device.type, enabled=False):
             x = self.mlps[layer](full_precision(feat.flatten(2).transpose(1, 2)[:, ids]))  # (B, P, nc)
         return x / (x.norm(dim=-1, keepdim=True) + 1e-7)
@@ -207,8 +191,8 @@ _STALE_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def load_official_state_dict(net: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Load an official `latest_net_*.pth` into `net`, tensor by tensor in registration order (ours is the official
-    one): names and shapes are checked, and the first mismatch is named."""
+    """Load an official `latest_net_*.pth` into `net`, tensor by tensor in registration order (the official one);
+    the first name or shape that does not fit is named."""
     ours = net.state_dict()
     theirs = {k.removeprefix("module."): v for k, v in state_dict.items()}
     if not any(k.endswith(_STALE_SUFFIXES) for k in ours):
@@ -230,11 +214,7 @@ def load_official_state_dict(net: nn.Module, state_dict: Mapping[str, torch.Tens
 
 def official_generator(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     """The generator an official file (`latest_net_G.pth`, `horse2zebra.pth`, ...) holds, built from the names and
-    shapes of its tensors alone, its weights loaded. ResNet (`model.1.weight`, a 7x7 conv): ngf and channels from the
-    first and last convs, the blocks counted, blur-pool down where 3x3 `filt` buffers are, blur up where 4x4 ones are,
-    dropout where a block's second conv sits at index 6. U-Net (`model.model.0.weight`): depth from the names' nesting.
-    The norm from the first conv's bias (instance) or the first norm's weight (batch), else none. No generator: a
-    ValueError saying what the file holds."""
+    shapes of its tensors alone, its weights loaded; a file with none is a ValueError saying what it holds."""
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"it holds a {type(state_dict).__name__}, not a state_dict of named tensors")
     tensors = {k.removeprefix("module."): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}

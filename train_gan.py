@@ -12,7 +12,6 @@ if __name__ == "__main__":  # a Ctrl-C while torch loads ends quietly too (at on
 
 import argparse
 import dataclasses
-import functools
 import itertools
 import json
 import math
@@ -37,18 +36,16 @@ from data_utility import (DEVICES, PairSampler, Parser, RunError, RunFolder, Sto
 # ----------------------------------------------------------------------------- the run record, decided once
 
 
-# Each model by name: its class, its config, what the name changes in the config's defaults. A model is built from
-# its config and offers what the commands use, as cycle_gan.CycleGAN shows: config, groups, directions,
-# resize_crop_in_decay, train_step, visuals, visuals_caption, verdicts. Optional: similarity_maps (CUT's), and
-# extra_state / load_extra_state (CycleGAN's image pools), what a resume needs beyond the weights.
+# Each model by name: its class, its config, what the name changes in the config's defaults. What the commands use
+# of a model, cycle_gan.CycleGAN shows; similarity_maps is CUT's alone, extra_state and load_extra_state CycleGAN's.
 MODELS = {"cycle_gan": (CycleGAN, CycleGANConfig, {}), "cut": (CUT, CUTConfig, {}),
           "fastcut": (CUT, CUTConfig, FASTCUT)}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BUNDLED = Path(__file__).resolve().parent / "data" / "apple2orange_small"
 
 
-def option(default, help: str, resume: str = "fixed", **argparse_kw):
-    """A field of Run. On a --resume it is 'fixed' (a flag changing it is refused), 'changeable' or 'this_call' (the
+def option(default, help: str, resume: str = "changeable", **argparse_kw):
+    """A field of Run. On a --resume it is 'changeable', 'fixed' (a flag changing it is refused) or 'this_call' (the
     call's own, never saved)."""
     return field(default=default, metadata=dict(help=help, resume=resume, **argparse_kw))
 
@@ -56,33 +53,28 @@ def option(default, help: str, resume: str = "fixed", **argparse_kw):
 @dataclass
 class Run:
     """Every option of a run that is not its model's: what to train, on what data and machine, what to write."""
-    model: str = option("fastcut", "what to train (with --resume, the run's)", choices=tuple(MODELS))
-    dataroot: Path = option(BUNDLED, "dataset folder: trainA/ trainB/ [testA/ testB/], or x_train/ ...",
-                            resume="changeable")
-    name: str = option("", "run name (MODEL_DATASET unless given): OUTPUT_DIR/NAME", resume="this_call")
-    output_dir: Path = option(Path("output"), "where runs are written", resume="this_call")
-    resume: bool = option(False, "go on with the run OUTPUT_DIR/NAME from its latest.pt", resume="this_call",
+    model: str = option("fastcut", "what to train (with --resume, the run's)", "fixed", choices=tuple(MODELS))
+    dataroot: Path = option(BUNDLED, "dataset folder: trainA/ trainB/ [testA/ testB/], or x_train/ ...")
+    name: str = option("", "run name (MODEL_DATASET unless given): OUTPUT_DIR/NAME", "this_call")
+    output_dir: Path = option(Path("output"), "where runs are written", "this_call")
+    resume: bool = option(False, "go on with the run OUTPUT_DIR/NAME from its latest.pt", "this_call",
                           action="store_true")
-    direction: str = option("AtoB", "BtoA learns B -> A: X is the B folder", choices=("AtoB", "BtoA"))
-    seed: int = option(0, "seed of weights, data order and augmentation")
-    batch_size: int = option(1, "images per domain per step (the papers use 1)", resume="changeable", at_least=1)
-    load_size: int = option(286, "images are resized to this square size ...", resume="changeable", at_least=1)
-    crop_size: int = option(256, "... then randomly cropped to this size", resume="changeable", at_least=1)
-    max_steps: int = option(0, "cap on steps per epoch (0: whole epochs)", resume="changeable", at_least=0)
-    precision: str = option("fp32", "fp32, the official math, or autocast (fp16: CUDA only)", resume="changeable",
-                            choices=tuple(PRECISIONS))
-    device: str = option("auto", "auto: cuda, then mps, then cpu", resume="this_call", choices=DEVICES)
-    workers: int = option(0, "data-loading processes (0: the main one)", resume="this_call", at_least=0)
-    compile: bool = option(False, "torch.compile the networks (slow first steps, faster later)", resume="this_call",
+    direction: str = option("AtoB", "BtoA learns B -> A: X is the B folder", "fixed", choices=("AtoB", "BtoA"))
+    seed: int = option(0, "seed of weights, data order and augmentation", "fixed")
+    batch_size: int = option(1, "images per domain per step (the papers use 1)", at_least=1)
+    load_size: int = option(286, "images are resized to this square size ...", at_least=1)
+    crop_size: int = option(256, "... then randomly cropped to this size", at_least=1)
+    max_steps: int = option(0, "cap on steps per epoch (0: whole epochs)", at_least=0)
+    precision: str = option("fp32", "fp32, the official math, or autocast (fp16: CUDA only)", choices=tuple(PRECISIONS))
+    device: str = option("auto", "auto: cuda, then mps, then cpu", "this_call", choices=DEVICES)
+    workers: int = option(0, "data-loading processes (0: the main one)", "this_call", at_least=0)
+    compile: bool = option(False, "torch.compile the networks (slow first steps, faster later)", "this_call",
                            action="store_true")
-    benchmark: int = option(0, "time N steps, print JSON, write nothing", resume="this_call", at_least=0, metavar="N")
-    log_every: int = option(10, "steps averaged into each row of losses.csv", resume="changeable", at_least=1)
-    save_every: int = option(10, "also keep epoch_NNN.pt every N epochs (0: never)", resume="changeable", at_least=0)
-    nce_map: bool = option(True, "write nce_epoch_NNN.png, PatchNCE's matches (CUT, FastCUT)", resume="changeable")
-    d_map: bool = option(True, "write d_epoch_NNN.png, D's verdict on each patch, and its balance", resume="changeable")
-
-    def __post_init__(self):  # a checkpoint keeps paths as text
-        self.dataroot, self.output_dir = Path(self.dataroot), Path(self.output_dir)
+    benchmark: int = option(0, "time N steps, print JSON, write nothing", "this_call", at_least=0, metavar="N")
+    log_every: int = option(10, "steps averaged into each row of losses.csv", at_least=1)
+    save_every: int = option(10, "also keep epoch_NNN.pt every N epochs (0: never)", at_least=0)
+    nce_map: bool = option(True, "write nce_epoch_NNN.png, PatchNCE's matches (CUT, FastCUT)")
+    d_map: bool = option(True, "write d_epoch_NNN.png, D's verdict on each patch, and its balance")
 
 
 def device_defaults(device: torch.device) -> dict:
@@ -95,9 +87,8 @@ def device_defaults(device: torch.device) -> dict:
 
 
 def decide(argv: list[str]) -> tuple[Run, object, torch.device, dict | None]:
-    """The run record, the model's config, the device and a resume's checkpoint: every option's value is decided
-    here. A default is its field's, then the model's preset, then device_defaults (a new run's), then a resume's
-    saved value; a flag given beats them all. Then the checks."""
+    """The run record, the model's config, the device and a resume's checkpoint, checked: every option's value is
+    decided here. A flag given wins; else a resume's saved value, device_defaults, the model's preset, the field's."""
     given = vars(parser(Run).parse_known_args(argv)[0])  # a first look: the run's options given
     device, model = pick_device(given.get("device", Run.device)), given.get("model", Run.model)
     name = given.get("name") or f"{model}_{Path(given.get('dataroot', Run.dataroot)).name}"
@@ -128,22 +119,23 @@ def parser(*records, defaults: dict | None = None) -> Parser:
     """The flags of the fields of `records`, with `defaults` (none: a first look at what was given)."""
     model = defaults["model"] if defaults else "MODEL"
     p = Parser(prog=f"train_gan.py --model {model}", usage="%(prog)s [options]", add_help=defaults is not None,
-               description="Train CycleGAN, CUT or FastCUT; the defaults shown are the ones this call would use "
-               "(train_gan.device_defaults changes some; a resume takes its run's). --model cut --help lists CUT's "
-               "options. Also 'train_gan.py download NAME' (an official dataset); to use a model: translate.py.")
+               description="Train CycleGAN, CUT or FastCUT with the defaults shown (this machine's; a resume's are its "
+               "run's). --model cut --help lists CUT's options. 'train_gan.py download NAME' fetches a dataset; to use "
+               "a model: translate.py.")
     for title, record_cls in zip(("the run", f"--model {model}"), records):
         group = p.add_argument_group(title)
         for f in fields(record_cls):
             kw = {k: v for k, v in f.metadata.items() if k in ("help", "choices", "metavar", "action")}
             kind, low = type(f.default), f.metadata.get("at_least", f.metadata.get("above"))
+            default = defaults[f.name] if defaults else argparse.SUPPRESS
             if kind is bool:
                 kw.setdefault("action", argparse.BooleanOptionalAction)
-            elif kind is tuple:
+            elif kind is tuple:  # typed comma-separated, its default too: argparse reads a text default by `type`
                 kw["type"] = lambda text: tuple(int(t) if t.isdigit() else t for t in text.replace(" ", "").split(","))
+                default = as_typed(default) if defaults else default
             else:
                 kw["type"] = kind if low is None else at_least(low, kind, strict="above" in f.metadata)
-            group.add_argument("--" + f.name.replace("_", "-"), **kw,
-                               default=defaults[f.name] if defaults else argparse.SUPPRESS)
+            group.add_argument("--" + f.name.replace("_", "-"), **kw, default=default)
     return p
 
 
@@ -184,11 +176,11 @@ def check(run: Run, config, model, device: torch.device) -> None:
                       "than fp32 here (about 40x on an AVX2 CPU); use --precision fp32")
     multiple = getattr(model, model.directions["x2y"]).side_multiple
     smallest = smallest_side([getattr(model, name) for name in networks(model)], multiple)
+    fits = max(smallest, -(-run.crop_size // multiple) * multiple)
     need(run.crop_size >= smallest and run.crop_size % multiple == 0,
-         f"--model {run.model} with --netG {config.netG} trains on crops of at least {smallest} pixels, a multiple "
-         f"of {multiple}; got --crop-size {run.crop_size}: use --crop-size "
-         f"{max(smallest, -(-run.crop_size // multiple) * multiple)}" + (" or a resnet generator" if multiple > 4
-                                                                         else ""))
+         f"--model {run.model} with --netG {config.netG} trains on crops of at least {smallest} pixels, a multiple of "
+         f"{multiple}; got --crop-size {run.crop_size}: use --crop-size {fits}"
+         + " or a resnet generator" * (multiple > 4))
 
 
 def networks(model) -> list[str]:
@@ -228,7 +220,7 @@ class Trainer:
         self.scalers = {group: torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
                         for group in model.groups}
         self.epoch, self.global_step, self.seen = 0, 0, 0  # epochs finished, steps taken, images of this epoch
-        self.world = dist.get_world_size() if dist.is_initialized() else 1  # torchrun's ranks
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.epochs = model.config.epochs + model.config.epochs_decay
         self.set_lr()
 
@@ -242,22 +234,18 @@ class Trainer:
         self.scalers[group].scale(loss).backward()
 
     def step(self, group: str) -> None:
-        """One Adam step of `group` on its gradients (under torchrun, averaged), then freed."""
+        """One Adam step of `group` on its gradients, then freed. Under torchrun each gradient is first its mean over
+        the ranks, in one all-reduce."""
         optimizer = self.optimizers[group]
         if self.world > 1:
-            self.average_over_ranks(optimizer)
+            params = [p for members in optimizer.param_groups for p in members["params"]]
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+            dist.all_reduce(flat)
+            for p, grad in zip(params, (flat / self.world).split([p.numel() for p in params])):
+                p.grad = grad.view_as(p)
         self.scalers[group].step(optimizer)
         self.scalers[group].update()
         optimizer.zero_grad(set_to_none=True)
-
-    def average_over_ranks(self, optimizer: torch.optim.Optimizer) -> None:
-        """Each gradient becomes its mean over the ranks, in one all-reduce."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-        dist.all_reduce(flat)
-        flat /= self.world
-        for p, grad in zip(params, flat.split([p.numel() for p in params])):
-            p.grad = grad.view_as(p)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """One step on x (B, C_x, H, W) and y (B, C_y, H, W); its losses, 0-dim tensors out of the graph."""
@@ -265,18 +253,6 @@ class Trainer:
                                        self)
         self.global_step, self.seen = self.global_step + 1, self.seen + len(x) * self.world
         return {k: v.detach().float() for k, v in losses.items()}
-
-    @contextmanager
-    def evaluating(self):
-        """The model in eval mode, without gradients: for pictures."""
-        for net in self.nets.values():
-            net.eval()
-        try:
-            with torch.no_grad():
-                yield self.model
-        finally:
-            for net in self.nets.values():
-                net.train()
 
     def finish_epoch(self) -> None:
         """Count a finished epoch and set the lr of the next."""
@@ -330,9 +306,7 @@ def checkpoint_must_fit(state, source: Path | None):
 
 def load_model(state, source: Path | None = None):
     """The model a checkpoint holds, in eval mode, the random state left as it was."""
-    saved = run_record(state)
-    need(saved, f"{source} is not a checkpoint of a train_gan.py run: pass a latest.pt of train_gan.py")
-    model_cls, config_cls, _ = MODELS[saved["model"]]
+    model_cls, config_cls, _ = MODELS[run_record(state)["model"]]
     known = {f.name for f in fields(config_cls)}  # an earlier version's CUT kept a 'mode'
     with torch.random.fork_rng(devices=[]):
         model = model_cls(config_cls(**{k: v for k, v in state["config"].items() if k in known}))
@@ -392,7 +366,7 @@ def join_ranks(device: torch.device) -> tuple[int, int]:
         return 0, 1
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")  # any_rank's votes: gloo
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -442,9 +416,8 @@ def start_line(run: Run, trainer: Trainer, loader) -> str:
 
 
 def train_epoch(trainer: Trainer, loader, run: Run, folder: RunFolder, stop: StopFlag) -> dict | None:
-    """Train the rest of this epoch. Returns its row of epochs.csv (the means over this call's steps of each loss,
-    the seconds, images per second, the share of the time spent waiting for data), or None when a rank asked to stop
-    before its end."""
+    """Train the rest of this epoch: its row of epochs.csv (each loss's mean over these steps, the seconds, images per
+    second, the share spent waiting for data), or None when a rank asked to stop before its end."""
     loader.sampler.set_epoch(trainer.epoch, trainer.seen)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     done, left = math.ceil(trainer.seen / (run.batch_size * trainer.world)), len(loader)  # steps, at this batch size
@@ -475,23 +448,16 @@ def train_epoch(trainer: Trainer, loader, run: Run, folder: RunFolder, stop: Sto
 
 
 def any_rank(flag: bool) -> bool:
-    """Whether `flag` is set on any rank: a vote on a CPU group, which never waits for a GPU."""
+    """Whether `flag` is set on any rank: a vote on the CPU, through gloo, which never waits for a GPU."""
     if not dist.is_initialized():
         return flag
     votes = torch.tensor([int(flag)])
-    dist.all_reduce(votes, dist.ReduceOp.MAX, group=gloo_twin(dist.group.WORLD))
+    dist.all_reduce(votes, dist.ReduceOp.MAX)
     return bool(votes)
 
 
-@functools.cache
-def gloo_twin(group) -> dist.ProcessGroup:
-    """A gloo group of the ranks of `group`, for their votes, made by every rank at its first vote."""
-    return dist.new_group(backend="gloo")
-
-
 def finite_means(sums: dict[str, torch.Tensor], steps: int, if_diverged: str) -> dict[str, float]:
-    """Each loss's mean from its sum over `steps`, in one copy from the device. A loss no longer finite on any rank
-    ends the run: a vote, so every rank calls this at the same step."""
+    """Each loss's mean over `steps`, in one copy from the device; one not finite on any rank ends the run."""
     means = dict(zip(sums, (torch.stack([v.float() for v in sums.values()]) / steps).tolist()))
     bad = [k for k, v in means.items() if not math.isfinite(v)]
     if any_rank(bool(bad)):
@@ -500,19 +466,21 @@ def finite_means(sums: dict[str, torch.Tensor], steps: int, if_diverged: str) ->
     return means
 
 
-# Where the picture of a model's similarity maps asks: (row, col) fractions of G(x), centre, upper right, lower left.
-QUERY_POINTS = ((0.5, 0.5), (0.3, 0.7), (0.8, 0.2))
-
-
 def fixed_image_views(trainer: Trainer, fixed: list[torch.Tensor], run: Run) -> tuple:
-    """The networks on the fixed images: the grid, PatchNCE's similarity maps (x, G(x), maps, points), D's verdicts."""
-    with trainer.evaluating() as model:
-        x, y = (t.to(trainer.device) for t in fixed)
-        maps = None
+    """The networks, in eval mode, on the fixed images: the grid, PatchNCE's similarity maps (x, G(x), maps, points),
+    D's verdicts."""
+    model, (x, y), maps = trainer.model, (t.to(trainer.device) for t in fixed), None
+    points = ((0.5, 0.5), (0.3, 0.7), (0.8, 0.2))  # (row, col) fractions of G(x): centre, upper right, lower left
+    for net in trainer.nets.values():
+        net.eval()
+    with torch.no_grad():
         if run.nce_map and hasattr(model, "similarity_maps"):
             fake = getattr(model, model.directions["x2y"])(x[:2])
-            maps = x[:2], fake, model.similarity_maps(fake, x[:2], QUERY_POINTS), QUERY_POINTS
-        return model.visuals(x, y), maps, model.verdicts(x, y) if run.d_map else None
+            maps = x[:2], fake, model.similarity_maps(fake, x[:2], points), points
+        views = model.visuals(x, y), maps, model.verdicts(x, y) if run.d_map else None
+    for net in trainer.nets.values():
+        net.train()
+    return views
 
 
 # ----------------------------------------------------------------------------- benchmark, main
@@ -522,21 +490,19 @@ def benchmark(run: Run, config, device: torch.device, rank: int, world: int) -> 
     trainer = make_trainer(run, config, device, None, rank)
     loader = training_loader(run, config, find_domains(run.dataroot, run.direction), device, rank, world)
     steps = (batch for _ in itertools.count() for batch in batches(loader, rank == 0))  # epoch after epoch
-    times, waits = [], []
+    times = []  # each step's (seconds, seconds waited for its data)
     with stop_if_out_of_memory(f"at crop {run.crop_size}x{run.crop_size}, batch {run.batch_size}",
                                "lower --crop-size or --batch-size"):
-        for i, (x, y, waited) in zip(range(3 + run.benchmark), steps):
+        for x, y, waited in itertools.islice(steps, 3 + run.benchmark):
             start = time.perf_counter()
             trainer.train_step(x, y)
             if device.type in ("cuda", "mps"):
                 getattr(torch, device.type).synchronize()  # the step's kernels have run
-            if i >= 3:
-                times.append(time.perf_counter() - start)
-                waits.append(waited)
-    sec = statistics.median(times)
+            times.append((time.perf_counter() - start, waited))
+    sec, wait = (statistics.median(column) for column in zip(*times[3:]))
     result = {"model": run.model, "device": str(device), "processes": world, "netG": config.netG,
               **{k: getattr(run, k) for k in ("precision", "compile", "crop_size", "batch_size", "workers")},
-              "sec_per_iter": round(sec, 4), "data_wait_sec": round(statistics.median(waits), 4),
+              "sec_per_iter": round(sec, 4), "data_wait_sec": round(wait, 4),
               "images_per_sec": round(run.batch_size * world / sec, 3), "peak_mem_mb": peak_memory_mb(device),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     if rank == 0:
@@ -546,16 +512,13 @@ def benchmark(run: Run, config, device: torch.device, rank: int, world: int) -> 
 def main(argv: list[str] | None = None) -> int:
     """`train_gan.py [options]` trains (or benchmarks); `train_gan.py download NAME` fetches a dataset."""
     argv = sys.argv[1:] if argv is None else argv
-
-    def command():
-        if argv[:1] == ["download"]:
-            return download_command(argv[1:])
-        try:
-            train(argv)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-    return run_command(command)
+    if argv[:1] == ["download"]:
+        return run_command(lambda: download_command(argv[1:]))
+    try:
+        return run_command(lambda: train(argv))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 if __name__ == "__main__":  # a Ctrl-C while torch loads ends quietly too (at once: an import may catch SystemExit)
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
+import argparse
 import warnings
 from pathlib import Path
 
@@ -33,8 +34,8 @@ OFFICIAL_PRETRAINED = ("apple2orange", "orange2apple", "summer2winter_yosemite",
 
 
 def parser() -> Parser:
-    p = Parser(prog="translate.py", description="Translate every image of --input with a model into --output; or "
-                                                "with --grid, compare models in one picture.")
+    p = Parser(prog="translate.py", formatter_class=argparse.HelpFormatter, description="Translate every image of "
+               "--input with a model into --output; or with --grid, compare models in one picture.")
     p.add_argument("--checkpoint", type=Path, nargs="+", default=[], metavar="FILE",
                    help="a run's latest.pt or epoch_NNN.pt, or an official generator .pth")
     p.add_argument("--pretrained", nargs="+", default=[], metavar="NAME",
@@ -48,9 +49,9 @@ def parser() -> Parser:
                    "test.py (256: the papers' FID protocol); with --grid, 256 by default")
     p.add_argument("--grid", type=Path, metavar="FILE", help="instead: one .png/.jpg, a row per image (the "
                    "first --count of --input), then each model's result")
-    p.add_argument("--count", type=at_least(1), default=6, help="--grid: images, the first ones of --input by name")
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--cache", type=Path, default=CACHE, help="where --pretrained generators are kept")
+    p.add_argument("--count", type=at_least(1), default=6, help="--grid: the first COUNT images of --input (6)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda, then mps, then cpu")
+    p.add_argument("--cache", type=Path, default=CACHE, help="where --pretrained generators are kept (pretrained/)")
     return p
 
 
