@@ -658,11 +658,9 @@ def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
     """Stream `url` into `dest`; a failure is a UsageError ending in `offline_hint`."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as f, \
-                tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                     desc=url.rsplit("/", 1)[-1], leave=False) as bar:
-            while chunk := response.read(1 << 20):
-                bar.update(f.write(chunk))
+        with urllib.request.urlopen(url, timeout=timeout) as response, tqdm.wrapattr(open(dest, "wb"), "write",
+                total=int(response.headers.get("Content-Length") or 0) or None, desc=url.rsplit("/", 1)[-1]) as f:
+            shutil.copyfileobj(response, f)
     except (urllib.error.URLError, OSError) as e:
         raise UsageError(f"could not download {url} ({getattr(e, 'reason', e)}): if this machine is offline, "
                          f"{offline_hint}") from None

@@ -1,7 +1,6 @@
-"""Train CycleGAN, CUT or FastCUT on unpaired images (the README's Usage); translate.py uses what a run trained.
-
-Top to bottom: the run record `Run` and `decide`, where every option gets its value; the Trainer and the checkpoint;
-train(), the set-up and the epoch loop, then what it calls; the benchmark.
+"""Train CycleGAN, CUT or FastCUT on unpaired images (the README's Usage). Top to bottom: the run record `Run` and
+`decide`, where every option gets its value; the Trainer and the checkpoint; train(), the set-up and the epoch loop,
+then what it calls; the benchmark.
 """
 import os
 import signal
@@ -78,8 +77,8 @@ class Run:
 
 
 def device_defaults(device: torch.device) -> dict:
-    """The one place the device changes a default. A CPU takes weeks at 256x256: crop 128 with 6 residual blocks
-    (the CycleGAN paper's setting at 128), 150 steps an epoch. On a GPU, half the cores load data (1 to 8)."""
+    """The one place the device changes a default. On a CPU, crop 128 with 6 residual blocks (the CycleGAN paper's
+    setting at 128), 150 steps an epoch; on a GPU, half the cores load data (1 to 8)."""
     if device.type == "cpu":
         return dict(crop_size=128, load_size=143, max_steps=150, netG="resnet_6blocks")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -89,11 +88,10 @@ def device_defaults(device: torch.device) -> dict:
 def decide(argv: list[str]) -> tuple[Run, object, torch.device, dict | None]:
     """The run record, the model's config, the device and a resume's checkpoint, checked: every option's value is
     decided here. A flag given wins; else a resume's saved value, device_defaults, the model's preset, the field's."""
-    given = vars(parser(Run).parse_known_args(argv)[0])  # a first look: the run's options given
-    device, model = pick_device(given.get("device", Run.device)), given.get("model", Run.model)
-    name = given.get("name") or f"{model}_{Path(given.get('dataroot', Run.dataroot)).name}"
-    folder = RunFolder(Path(given.get("output_dir", Run.output_dir)) / name)
-    checkpoint = read_checkpoint(folder.latest) if given.get("resume") else None
+    given = dataclasses.asdict(Run()) | vars(parser(Run).parse_known_args(argv)[0])  # a first look: the run's options
+    device, model = pick_device(given["device"]), given["model"]
+    name = given["name"] or f"{model}_{Path(given['dataroot']).name}"
+    checkpoint = read_checkpoint(RunFolder(Path(given["output_dir"]) / name).latest) if given["resume"] else None
     saved = {**checkpoint["run"], **checkpoint["config"]} if checkpoint else {}
     model_cls, config_cls, preset = MODELS[saved.get("model", model)]
     resumes = {f.name: f.metadata.get("resume", "fixed") for f in fields(Run) + fields(config_cls)}
@@ -142,11 +140,11 @@ def parser(*records, defaults: dict | None = None) -> Parser:
 def read_checkpoint(source: Path) -> dict:
     """The checkpoint a resume goes on from; another kind of file is a UsageError naming it."""
     state = load_torch(source)
-    need(run_record(state), f"{source} is not a checkpoint of a train_gan.py run (an official generator .pth "
-         f"can be used with translate.py, not resumed): pass a latest.pt of train_gan.py")
+    need(run_record(state), f"{source} is not a checkpoint of a train_gan.py run (translate.py uses an official "
+         f".pth): pass a latest.pt of train_gan.py")
     need({"run", "epoch", "step", "images", "optimizers", "extra", "rng"} <= set(state), f"{source} cannot be resumed"
          f": an earlier train_gan.py wrote it, or it holds weights only; translate.py uses it as it is; to train on, "
-         f"start a run under a new --name")
+         f"start a new --name")
     return state
 
 
@@ -170,10 +168,10 @@ def check(run: Run, config, model, device: torch.device) -> None:
     need(getattr(config, "nce_negatives", "") != "others" or run.batch_size > 1,
          "--nce-negatives others draws negatives from the other images of a batch: pass --batch-size 2 or more")
     need(run.precision != "fp16" or device.type == "cuda", f"--precision fp16 is for CUDA GPUs (on {device.type} "
-         f"G's gradients come out NaN, so G never learns): use fp32, or bf16")
+         f"G's gradients come out NaN): use fp32, or bf16")
     if run.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        warnings.warn("this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 autocast runs far slower "
-                      "than fp32 here (about 40x on an AVX2 CPU); use --precision fp32")
+        warnings.warn("this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 runs about 40x slower than fp32 "
+                      "here; use --precision fp32")
     multiple = getattr(model, model.directions["x2y"]).side_multiple
     smallest = smallest_side([getattr(model, name) for name in networks(model)], multiple)
     fits = max(smallest, -(-run.crop_size // multiple) * multiple)
@@ -204,8 +202,8 @@ def adam(params: list[torch.nn.Parameter], config) -> torch.optim.Adam:
 
 
 class Trainer:
-    """All of training that is not the paper, handed to a model's train_step: an Adam per group, the lr schedule,
-    precision, the average over ranks, and where training stands."""
+    """What training needs beyond the paper, handed to a model's train_step: an Adam per group, the lr schedule,
+    precision, the gradients' mean over ranks, where training stands."""
 
     def __init__(self, model, device: torch.device | str = "cpu", precision: str = Run.precision,
                  compiled: bool = Run.compile):
@@ -216,7 +214,7 @@ class Trainer:
                 net.compile()
         self.optimizers = {group: adam([p for n in members for p in self.nets[n].parameters()], model.config)
                            for group, members in model.groups.items()}
-        # fp16 needs loss scaling, or small gradients flush to zero; for bf16 and fp32 the scalers are off.
+        # fp16 needs loss scaling, or small gradients flush to zero; bf16 and fp32 do not.
         self.scalers = {group: torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
                         for group in model.groups}
         self.epoch, self.global_step, self.seen = 0, 0, 0  # epochs finished, steps taken, images of this epoch
@@ -347,15 +345,15 @@ def train(argv: list[str], stop: StopFlag | None = None) -> Trainer | None:
             if row:
                 trainer.finish_epoch()
             if rank == 0:  # the checkpoint first: a picture that cannot be written costs no training
-                folder.save_checkpoint(trainer.state(run), keep=bool(row) and run.save_every > 0 and
-                                       trainer.epoch % run.save_every == 0)
+                keep = row and run.save_every and trainer.epoch % run.save_every == 0  # a copy too, epoch_NNN.pt
+                folder.save_checkpoint(trainer.state(run), keep)
             if rank == 0 and row:
                 line = folder.record_epoch(trainer.epoch, row, *fixed_image_views(trainer, fixed, run))
                 print(f"epoch {trainer.epoch}/{trainer.epochs}: {line}")
-            if stop.agreed and rank == 0 and trainer.epoch < trainer.epochs:  # after the last epoch: finished
-                print(f"stopped at epoch {trainer.epoch + 1}, image {trainer.seen} of it: saved {folder.latest}; "
-                      f"{folder.resume_hint}")
             if stop.agreed:
+                if rank == 0 and trainer.epoch < trainer.epochs:  # after the last epoch it finished
+                    print(f"stopped at epoch {trainer.epoch + 1}, image {trainer.seen} of it: saved {folder.latest}; "
+                          f"{folder.resume_hint}")
                 break
     return trainer
 
