@@ -125,26 +125,21 @@ def find_domains(root: Path, direction: str = "AtoB") -> dict[str, Path | None]:
     raise UsageError(f"dataroot {root} has neither layout {' nor '.join(LAYOUTS)}; found {found}")
 
 
-def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Image.Image:
+def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Image.Image | None:
     """Any image as 8-bit RGB (channels 3) or gray (1), upright as its EXIF says, a 16-bit or float one rescaled
-    (Pillow would clip it). With `min_side`, a JPEG decodes at a cheaper, reduced scale."""
-    with Image.open(path) as opened:  # closed even when the file turns out broken
-        if min_side:
-            opened.draft(opened.mode, (min_side, min_side))
-        opened.load()
-        img = ImageOps.exif_transpose(opened)
+    (Pillow would clip it); None for a file broken or gone. With `min_side`, a JPEG decodes at a reduced scale."""
+    try:
+        with Image.open(path) as opened:  # closed even when the file turns out broken
+            if min_side:
+                opened.draft(opened.mode, (min_side, min_side))
+            opened.load()
+            img = ImageOps.exif_transpose(opened)
+    except Exception:  # Pillow raises many types for a broken file
+        return None
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         a = np.asarray(img, dtype=np.float64)
         img = Image.fromarray(((a - a.min()) / max(a.max() - a.min(), 1e-12) * 255).round().astype(np.uint8), "L")
     return img.convert("RGB" if channels == 3 else "L")
-
-
-def try_load(path: Path, channels: int = 3, min_side: int | None = None) -> Image.Image | None:
-    """load_image, or None for a file that is broken or gone (Pillow raises many types for those)."""
-    try:
-        return load_image(path, channels, min_side)
-    except Exception:
-        return None
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -186,7 +181,7 @@ class UnpairedDataset(torch.utils.data.Dataset):
         self.folders, self.channels = (folder_x, folder_y), (channels_x, channels_y)
         self.files = [list_images(folder) for folder in self.folders]
         for folder, files, channels in zip(self.folders, self.files, self.channels):
-            need(any(try_load(f, channels, 64) for f in files),
+            need(any(load_image(f, channels, 64) for f in files),
                  f"no readable images in {folder}: put .jpg/.png/.bmp/.webp files there")
         self.load_size, self.crop_size, self.no_crop_from_epoch = load_size, crop_size, no_crop_from_epoch
         self.unreadable = [torch.zeros(len(files), dtype=torch.int8).share_memory_() for files in self.files]
@@ -206,7 +201,7 @@ class UnpairedDataset(torch.utils.data.Dataset):
         """Image i of a domain (0: X, 1: Y), or the next one that reads."""
         files = self.files[domain]
         for k in ((i + j) % len(files) for j in range(len(files))):
-            img = try_load(files[k], self.channels[domain], load_size)
+            img = load_image(files[k], self.channels[domain], load_size)
             if img is not None:
                 return img
             self.unreadable[domain][k].clamp_(min=1)  # found, unless already named
@@ -271,7 +266,7 @@ def load_fixed_images(folder: Path, n: int, size: int, channels: int = 3) -> tor
     for path in list_images(folder):
         if len(images) == n:
             break
-        img = try_load(path, channels)
+        img = load_image(path, channels)
         if img is None:
             warnings.warn(f"skipping unreadable image {path}")
         else:

@@ -320,7 +320,11 @@ def train(argv: list[str], stop: StopFlag | None = None) -> Trainer | None:
     """Train as `argv` asks (with --benchmark, time steps instead): the set-up, then the epoch loop. Under torchrun
     every rank trains; rank 0 alone prints and writes the run's folder."""
     run, config, device, checkpoint = decide(argv)
-    rank, world = join_ranks(device)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: this process joins its group
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")  # any_rank's votes: gloo
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if run.benchmark:
         return benchmark(run, config, device, rank, world)
     folder = RunFolder(run.output_dir / run.name, f"continue with: {continue_with(run)}")  # works as printed
@@ -356,16 +360,6 @@ def train(argv: list[str], stop: StopFlag | None = None) -> Trainer | None:
                           f"{folder.resume_hint}")
                 break
     return trainer
-
-
-def join_ranks(device: torch.device) -> tuple[int, int]:
-    """(rank, world size): under torchrun this process joins its group; without it, (0, 1)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return 0, 1
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")  # any_rank's votes: gloo
-    return dist.get_rank(), dist.get_world_size()
 
 
 def continue_with(run: Run, **changes) -> str:

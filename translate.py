@@ -18,8 +18,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_utility import (DEVICES, Parser, UsageError, at_least, fetch, input_channels, list_images, load_fixed_images,
-                          load_torch, make_folder, need, pick_device, run_command, save_grid, save_image, smallest_side,
-                          stop_if_a_write_fails, stop_if_out_of_memory, to_image, to_tensor, try_load,
+                          load_image, load_torch, make_folder, need, pick_device, run_command, save_grid, save_image,
+                          smallest_side, stop_if_a_write_fails, stop_if_out_of_memory, to_image, to_tensor,
                           write_atomically)
 from networks import official_generator
 from train_gan import load_model, run_record
@@ -140,7 +140,7 @@ def write_translations(net: torch.nn.Module, files: list[Path], args, smallest: 
     """Each image at its own size (or --max-side's, --size's) as OUTPUT/NAME.png; one under `smallest` skipped."""
     output, written, channels = make_folder(args.output, "--output"), 0, input_channels(net)
     for f in tqdm(files, desc="translate", leave=False):
-        img = try_load(f, channels)
+        img = load_image(f, channels)
         if img is None:
             warnings.warn(f"skipping unreadable image {f}")
             continue
