@@ -1,10 +1,7 @@
-"""Data and files for unpaired translation, in four parts, each name defined before its first use: 1. the words every
-part uses (one-line errors, writing a file whole or not at all); 2. the data, the two domains' images jittered and
-paired at random as the official data/unaligned_dataset.py does; 3. the run folder, `RunFolder`, which writes every
-file of output/NAME/; 4. what both commands share: the parser, the device, Ctrl-C, the downloads.
+"""Data and files for unpaired translation, in the four parts marked below, each name defined before its first use.
+The data pairs the two domains' images at random, as the official data/unaligned_dataset.py does.
 """
 import argparse
-import contextlib
 import csv
 import html
 import io
@@ -14,13 +11,12 @@ import shutil
 import signal
 import sys
 import time
-import urllib.error
 import urllib.request
 import warnings
 import zipfile
-from contextlib import contextmanager
+from collections import namedtuple
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -56,13 +52,12 @@ def need(ok: bool, message: str) -> None:
 def write_atomically(path: Path, write) -> None:
     """Write `path` through a file renamed over it, so a full disk, a crash or Ctrl-C leaves it as it was. Every
     file the commands write goes through here; a failure is an OSError naming `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = Path(f"{path}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(OSError):  # a folder that cannot hold one (under a file) has none to remove
+        with suppress(OSError):  # a folder that cannot hold one (under a file) has none to remove
             tmp.unlink(missing_ok=True)
         if isinstance(e, (OSError, RuntimeError)):  # torch.save's short write is a RuntimeError
             raise OSError(getattr(e, "errno", 0), getattr(e, "strerror", None) or str(e).splitlines()[0],
@@ -101,11 +96,12 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 LAYOUTS = {"trainA/trainB/testA/testB": ("trainA", "trainB", "testA", "testB"),  # train X, Y, test X, Y
            "x_train/y_train/x_test/y_test": ("x_train", "y_train", "x_test", "y_test")}
 Image.MAX_IMAGE_PIXELS = 1 << 30  # Pillow's bomb check stops at ~179 MP; a dataset's photos may reach 1 GP
+Pick = namedtuple("Pick", "x y seed epoch")  # an item of an epoch: an image of X, one of Y, their jitter's seed, epoch
 
 
 def list_images(folder: Path) -> list[Path]:
     """Every image below `folder`, sorted; none, or no folder, is a UsageError."""
-    need(folder is not None and Path(folder).is_dir(), f"image folder {folder} does not exist")
+    need(Path(folder).is_dir(), f"image folder {folder} does not exist")
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     need(files, f"no images ({' '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     return files
@@ -144,8 +140,7 @@ def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Im
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL image -> (C, H, W) float tensor in [-1, 1]."""
-    a = np.asarray(img, dtype=np.float32)
-    a = a[:, :, None] if a.ndim == 2 else a
+    a = np.atleast_3d(np.asarray(img, dtype=np.float32))  # gray: (H, W, 1)
     return torch.from_numpy(a.transpose(2, 0, 1).copy()) / 127.5 - 1
 
 
@@ -153,14 +148,6 @@ def to_image(t: torch.Tensor) -> Image.Image:
     """(C, H, W) tensor in [-1, 1] -> 8-bit PIL image (RGB or L)."""
     a = ((t.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     return Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a)
-
-
-class Pick(NamedTuple):
-    """One item of an epoch: an image of X, one of Y, their jitter's seed, and the epoch."""
-    x: int
-    y: int
-    seed: int
-    epoch: int
 
 
 def jitter(img: Image.Image, load_size: int, crop_size: int, rng: np.random.Generator) -> Image.Image:
@@ -316,7 +303,7 @@ def read_table(path: Path) -> list[dict[str, float]]:
     for row in rows:
         table.append({})
         for name, value in row.items():
-            with contextlib.suppress(TypeError, ValueError):  # an empty cell, a word, a cell beyond the header
+            with suppress(TypeError, ValueError):  # an empty cell, a word, a cell beyond the header
                 table[-1][name] = float(value)
     return table
 
@@ -410,20 +397,19 @@ class RunFolder:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 holder = "unknown"
-                with contextlib.suppress(OSError):  # Windows does not let a locked byte be read
+                with suppress(OSError):  # Windows does not let a locked byte be read
                     holder = handle.read().strip() or holder
                 raise UsageError(f"{self.path} is in use by another run (process {holder}): wait for it to end, or "
                                  f"pass another --name") from None
             need(not new or all(p.name == ".lock" for p in self.path.iterdir()),
                  f"{self.path} already holds a run: pass --resume to continue it, or a new --name")
             handle.truncate(0)
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
+            print(os.getpid(), file=handle, flush=True)
             try:
                 yield self
             finally:
                 if self.heading:  # the page's last word; one that cannot be written costs nothing more
-                    with contextlib.suppress(OSError):
+                    with suppress(OSError):
                         self.write_page(running=False)
 
     def start(self, options: dict, command: list[str], epoch: int, images: int, heading: str, caption: str,
@@ -456,21 +442,18 @@ class RunFolder:
                      verdicts: dict | None = None) -> str:
         """An epoch (from 1) ended: its row of epochs.csv with D's balance, its pictures, the plots, the page.
         Returns the row in words."""
-        balance = {f"{name}_{side}": verdict.float().mean().item() for name, (*_, on_real, on_fake) in
-                   (verdicts or {}).items() for side, verdict in (("real", on_real), ("fake", on_fake))}
-        self.done, row = epoch, {"epoch": epoch, **row, **balance}
+        judged = [(f"{name}_{side}", image, verdict) for name, (real, fake, *said) in (verdicts or {}).items()
+                  for side, image, verdict in zip(("real", "fake"), (real, fake), said)]
+        self.done, row = epoch, {"epoch": epoch, **row, **{k: v.float().mean().item() for k, _, v in judged}}
         append_row(self.path / "epochs.csv", row)
         save_grid(grid, self.picture("epoch", epoch))
         if nce is not None:
             save_similarity_grid(*nce, self.picture("nce_epoch", epoch))
-        if verdicts:  # a row per image: for each D, its real image and a translation, each under its verdict
-            judged = [(image, verdict) for real, fake, on_real, on_fake in verdicts.values()
-                      for image, verdict in ((real, on_real), (fake, on_fake))]
-            save_grid([[heat_over(image[b], verdict[b, 0]) for image, verdict in judged]
-                       for b in range(len(judged[0][0]))], self.picture("d_epoch", epoch))
+        if judged:  # a row per image: for each D, its real image and a translation, each under its verdict
+            save_grid([[heat_over(image[b], verdict[b, 0]) for _, image, verdict in judged]
+                       for b in range(len(judged[0][1]))], self.picture("d_epoch", epoch))
         log, per_epoch = read_table(self.path / "losses.csv"), read_table(self.path / "epochs.csv")
-        plot(log, "step", {k: [k] for k in dict.fromkeys(k for r in log for k in r if k not in ("step", "epoch"))},
-             self.path / "losses.png")
+        plot(log, "step", {k: [k] for r in log for k in r if k not in ("step", "epoch")}, self.path / "losses.png")
         judges = dict.fromkeys(k.removesuffix("_real") for r in per_epoch for k in r if k.endswith("_real"))
         plot(per_epoch, "epoch", {d: [f"{d}_real", f"{d}_fake"] for d in judges}, self.path / "balance.png", 0.5)
         self.write_page(running=True)
@@ -542,9 +525,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 def pick_device(name: str) -> torch.device:
     """--device: 'auto' is CUDA, then MPS, then the CPU; under torchrun CUDA is this process's GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    there = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    there = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}  # auto's order
+    name = next(n for n, ok in there.items() if ok) if name == "auto" else name
     need(there[name], f"--device {name} is not available on this machine: use --device auto or cpu")
     return torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
 
@@ -653,10 +635,11 @@ def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
     """Stream `url` into `dest`; a failure is a UsageError ending in `offline_hint`."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=timeout) as response, tqdm.wrapattr(open(dest, "wb"), "write",
-                total=int(response.headers.get("Content-Length") or 0) or None, desc=url.rsplit("/", 1)[-1]) as f:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out, \
+                tqdm.wrapattr(out, "write", total=int(response.headers.get("Content-Length") or 0) or None,
+                              desc=url.rsplit("/", 1)[-1]) as f:
             shutil.copyfileobj(response, f)
-    except (urllib.error.URLError, OSError) as e:
+    except OSError as e:  # urllib's URLError is one
         raise UsageError(f"could not download {url} ({getattr(e, 'reason', e)}): if this machine is offline, "
                          f"{offline_hint}") from None
 
@@ -686,5 +669,4 @@ def download_command(argv: list[str]) -> None:
     p = Parser(prog="train_gan.py download", description="Download an official CycleGAN dataset.")
     p.add_argument("name", help="e.g. apple2orange, horse2zebra, monet2photo (an unknown name lists them)")
     p.add_argument("--root", type=Path, default=Path("data"), help="it goes to ROOT/NAME")
-    options = p.parse_args(argv)
-    print(download(options.name, options.root))
+    print(download(**vars(p.parse_args(argv))))

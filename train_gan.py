@@ -1,6 +1,4 @@
-"""Train CycleGAN, CUT or FastCUT on unpaired images (the README's Usage). Top to bottom: the run record `Run` and
-`decide`, where every option gets its value; the Trainer and the checkpoint; train(), the set-up and the epoch loop,
-then what it calls; the benchmark.
+"""Train CycleGAN, CUT or FastCUT on unpaired images (the README's Usage), in the parts marked below, top to bottom.
 """
 import os
 import signal
@@ -10,7 +8,6 @@ if __name__ == "__main__":  # a Ctrl-C while torch loads ends quietly too (at on
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 import argparse
-import dataclasses
 import itertools
 import json
 import math
@@ -18,7 +15,7 @@ import statistics
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -88,7 +85,7 @@ def device_defaults(device: torch.device) -> dict:
 def decide(argv: list[str]) -> tuple[Run, object, torch.device, dict | None]:
     """The run record, the model's config, the device and a resume's checkpoint, checked: every option's value is
     decided here. A flag given wins; else a resume's saved value, device_defaults, the model's preset, the field's."""
-    given = dataclasses.asdict(Run()) | vars(parser(Run).parse_known_args(argv)[0])  # a first look: the run's options
+    given = asdict(Run()) | vars(parser(Run).parse_known_args(argv)[0])  # a first look: the run's options
     device, model = pick_device(given["device"]), given["model"]
     name = given["name"] or f"{model}_{Path(given['dataroot']).name}"
     checkpoint = read_checkpoint(RunFolder(Path(given["output_dir"]) / name).latest) if given["resume"] else None
@@ -158,7 +155,7 @@ def run_record(state) -> dict | None:
 
 def record(options) -> dict:
     """A run record or a config as the checkpoint and options.json keep it."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(options).items()}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}
 
 
 def check(run: Run, config, model, device: torch.device) -> None:
@@ -208,7 +205,7 @@ class Trainer:
     def __init__(self, model, device: torch.device | str = "cpu", precision: str = Run.precision,
                  compiled: bool = Run.compile):
         self.model, self.device, self.precision = model, torch.device(device), precision
-        self.nets = {name: getattr(model, name).to(self.device).train() for name in networks(model)}
+        self.nets = torch.nn.ModuleDict({name: getattr(model, name) for name in networks(model)}).to(device).train()
         if compiled:  # in place: the weights keep their names
             for net in self.nets.values():
                 net.compile()
@@ -345,9 +342,7 @@ def train(argv: list[str], stop: StopFlag | None = None) -> Trainer | None:
                          trainer.model.visuals_caption(), trainer.epochs)
             folder.save_checkpoint(trainer.state(run))  # at every start: the --resume advised always works
         for _ in range(trainer.epoch, trainer.epochs):
-            row = train_epoch(trainer, loader, run, folder, stop)  # None: stopped inside it
-            if row:
-                trainer.finish_epoch()
+            row = train_epoch(trainer, loader, run, folder, stop)  # None: stopped inside it; else counted
             if rank == 0:  # the checkpoint first: a picture that cannot be written costs no training
                 keep = row and run.save_every and trainer.epoch % run.save_every == 0  # a copy too, epoch_NNN.pt
                 folder.save_checkpoint(trainer.state(run), keep)
@@ -408,8 +403,8 @@ def start_line(run: Run, trainer: Trainer, loader) -> str:
 
 
 def train_epoch(trainer: Trainer, loader, run: Run, folder: RunFolder, stop: StopFlag) -> dict | None:
-    """Train the rest of this epoch: its row of epochs.csv (each loss's mean over these steps, the seconds, images per
-    second, the share spent waiting for data), or None when a rank asked to stop before its end."""
+    """Train the rest of this epoch and count it finished: its row of epochs.csv (each loss's mean over these steps,
+    the seconds, images per second, the share spent waiting for data); None when a rank asked to stop before its end."""
     loader.sampler.set_epoch(trainer.epoch, trainer.seen)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     done, left = math.ceil(trainer.seen / (run.batch_size * trainer.world)), len(loader)  # steps, at this batch size
@@ -435,6 +430,7 @@ def train_epoch(trainer: Trainer, loader, run: Run, folder: RunFolder, stop: Sto
             if stop.agreed and left:
                 return None
     seconds = max(time.perf_counter() - began, 1e-6)
+    trainer.finish_epoch()
     return {**{k: v / epoch_steps for k, v in epoch_sums.items()}, "seconds": round(seconds, 1),
             "images_per_sec": epoch_steps * run.batch_size * trainer.world / seconds, "data_wait": data_wait / seconds}
 
@@ -463,15 +459,13 @@ def fixed_image_views(trainer: Trainer, fixed: list[torch.Tensor], run: Run) -> 
     D's verdicts."""
     model, (x, y), maps = trainer.model, (t.to(trainer.device) for t in fixed), None
     points = ((0.5, 0.5), (0.3, 0.7), (0.8, 0.2))  # (row, col) fractions of G(x): centre, upper right, lower left
-    for net in trainer.nets.values():
-        net.eval()
+    trainer.nets.eval()
     with torch.no_grad():
         if run.nce_map and hasattr(model, "similarity_maps"):
             fake = getattr(model, model.directions["x2y"])(x[:2])
             maps = x[:2], fake, model.similarity_maps(fake, x[:2], points), points
         views = model.visuals(x, y), maps, model.verdicts(x, y) if run.d_map else None
-    for net in trainer.nets.values():
-        net.train()
+    trainer.nets.train()
     return views
 
 
@@ -487,9 +481,7 @@ def benchmark(run: Run, config, device: torch.device, rank: int, world: int) -> 
                                "lower --crop-size or --batch-size"):
         for x, y, waited in itertools.islice(steps, 3 + run.benchmark):
             start = time.perf_counter()
-            trainer.train_step(x, y)
-            if device.type in ("cuda", "mps"):
-                getattr(torch, device.type).synchronize()  # the step's kernels have run
+            sum(trainer.train_step(x, y).values()).item()  # reading the losses waits for the step's kernels
             times.append((time.perf_counter() - start, waited))
     sec, wait = (statistics.median(column) for column in zip(*times[3:]))
     result = {"model": run.model, "device": str(device), "processes": world, "netG": config.netG,
