@@ -169,7 +169,7 @@ class CUT:
     @torch.no_grad()
     def verdicts(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
         """D's verdict per patch, 1 real and 0 fake (GANLoss.verdict), on real images y (B, C, H, W) and on G(x):
-        {"D": (y, G(x), D(y), D(G(x)))}, each verdict (B, 1, h, w)."""
+        {"D": (y, G(x), its verdict on y, on G(x))}, each verdict (B, 1, h, w)."""
         fake = self.G(x)
         return {"D": (y, fake, self.gan_loss.verdict(self.D(y)), self.gan_loss.verdict(self.D(fake)))}
 

@@ -140,8 +140,9 @@ def upsample(in_ch: int, out_ch: int, norm: str, antialias: bool) -> list[nn.Mod
 
 
 def init_weights(net: nn.Module, kind: str = "normal", gain: float = 0.02) -> nn.Module:
-    """Conv and linear weights in place, biases 0: normal is N(0, gain), CycleGAN's (appendix 7.1: N(0, 0.02));
-    xavier is xavier_normal, the CUT repository's (its paper names none). Batch-norm scales get N(1, gain)."""
+    """Initialise conv and linear weights in place, biases to 0: normal is N(0, gain), CycleGAN's (appendix 7.1:
+    N(0, 0.02)); xavier is xavier_normal with `gain`, the CUT repository's (its paper names none). Batch-norm scales
+    get N(1, gain)."""
     if kind not in ("normal", "xavier"):
         raise ValueError(f"unknown init {kind!r}: use 'normal' or 'xavier'")
     for m in net.modules():

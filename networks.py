@@ -21,8 +21,9 @@ DEFAULT_TAPS = ("input", "down1", "down2", "res1", "res5")
 
 class ResnetGenerator(nn.Module):
     """c7s1-ngf, d(2ngf), d(4ngf), n_blocks x R(4ngf), u(2ngf), u(ngf), c7s1-out, tanh (CycleGAN appendix 7.2):
-    (B, in_channels, H, W) -> (B, out_channels, H, W), H and W multiples of 4. CycleGAN's resamples with strided
-    convs; CUT's blur-pools down (antialias) and blurs up (antialias_up, None: as antialias), as officially."""
+    (B, in_channels, H, W) -> (B, out_channels, H, W), H and W multiples of 4. CycleGAN's resamples with strided and
+    transposed convs; CUT's blur-pools down (antialias) and blurs up (antialias_up; None: as antialias), as
+    officially."""
     side_multiple = 4  # two stride-2 levels
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, ngf: int = 64, n_blocks: int = 9,
@@ -129,9 +130,9 @@ class UnetGenerator(nn.Module):
 
 class PatchDiscriminator(nn.Module):
     """The PatchGAN: (B, C, H, W) -> (B, 1, H/8 - 2, W/8 - 2) logits, one per overlapping 70x70 patch (84x84 with
-    blur-pool). C64-C128-C256-C512 then a 1-channel conv, 4x4 convs, LeakyReLU 0.2 (CycleGAN appendix 7.2), with
-    C512 at stride 1 as officially (the appendix's stride 2 would see 94x94). CUT blur-pools after each stride-1
-    conv where CycleGAN strides 2."""
+    blur-pool). C64-C128-C256-C512 (no norm on C64) then a 1-channel conv, 4x4 convs, LeakyReLU 0.2 (CycleGAN
+    appendix 7.2), with C512 at stride 1 as officially (the appendix's stride 2 would see 94x94). With antialias (CUT)
+    each stride-2 conv becomes stride 1 plus blur-pool."""
 
     def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3, norm: str = "instance",
                  antialias: bool = False):
