@@ -637,7 +637,7 @@ def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out, \
                 tqdm.wrapattr(out, "write", total=int(response.headers.get("Content-Length") or 0) or None,
-                              desc=url.rsplit("/", 1)[-1]) as f:
+                              desc=url.rsplit("/", 1)[-1], leave=False) as f:
             shutil.copyfileobj(response, f)
     except OSError as e:  # urllib's URLError is one
         raise UsageError(f"could not download {url} ({getattr(e, 'reason', e)}): if this machine is offline, "
