@@ -160,8 +160,9 @@ def jitter(img: Image.Image, load_size: int, crop_size: int, rng: np.random.Gene
 
 class UnpairedDataset(torch.utils.data.Dataset):
     """The training images of X and Y: item `pick` is (x, y), each (C, crop, crop) in [-1, 1], jittered as the pick
-    says (from epoch `no_crop_from_epoch`, CUT's decay, only resized and flipped). An image that no longer reads gives
-    way to the next and is marked in `unreadable`: 1 found, 2 named (workers share it)."""
+    says (from epoch `no_crop_from_epoch` only resized and flipped, as the official CUT dataset in the decay epochs).
+    An image that no longer reads gives way to the next and is marked in `unreadable`: 1 found, 2 named (workers
+    share it)."""
 
     def __init__(self, folder_x: Path, folder_y: Path, load_size: int, crop_size: int, channels_x: int = 3,
                  channels_y: int = 3, no_crop_from_epoch: int | None = None):
@@ -197,8 +198,9 @@ class UnpairedDataset(torch.utils.data.Dataset):
 
 
 class PairSampler(torch.utils.data.Sampler):
-    """An epoch's picks, from (seed, epoch) alone: X's images shuffled to the larger domain's count (the official
-    length), a random y each, at most `limit`; after the first `start`, every world-th is this rank's."""
+    """An epoch's picks, from (seed, epoch) alone: X's images shuffled to the larger domain's count (the length of
+    the official data/unaligned_dataset.py), a random y each, at most `limit`; after the first `start`, every
+    world-th is this rank's."""
 
     def __init__(self, n_x: int, n_y: int, seed: int = 0, rank: int = 0, world: int = 1, limit: int | None = None):
         self.n_x, self.n_y, self.seed, self.rank, self.world = n_x, n_y, seed, rank, world

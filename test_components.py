@@ -2814,7 +2814,7 @@ def test_translate_cli_grid_puts_each_checkpoint_in_a_column_and_names_problems(
         (["--direction", "BtoA"], r"fastcut model, which translates its own way only \(AtoB\)"),
         (["--grid", str(tmp_path / "grid.gif")], r"must end in \.png or \.jpg"),
         (["--count", "0"], "must be >= 1"),
-        (["--output", str(tmp_path / "res")], "argument --output: not allowed with argument --grid"),
+        (["--output", str(tmp_path / "res")], "--grid writes one picture and --output a folder of them: pass one"),
     ]:
         code, err = run_cli(["--checkpoint", *ckpts, "--input", str(dataset_root / "testA"),
                              "--grid", str(tmp_path / "g.png"), "--device", "cpu", *argv], capsys, translate_cli)
@@ -2836,7 +2836,7 @@ def test_translate_cli_max_side_scales_down_keeping_the_aspect_ratio_and_size_sq
     assert translate_cli([str(a) for a in argv] + ["--size", "24"]) == 0  # the official test.py's square resize
     assert {Image.open(p).size for p in (tmp_path / "sq").iterdir()} == {(24, 24)}
     code, err = run_cli(argv + ["--size", "24", "--max-side", "20"], capsys, translate_cli)
-    assert_error(code, err, "argument --max-side: not allowed with argument --size")
+    assert_error(code, err, "--size and --max-side both set the size: pass one")
     (dataset_root / "testA" / "broken.png").write_text("not an image")  # skipped, named once; the rest written
     code, err = run_cli(argv[:-1] + [tmp_path / "with_broken"], capsys, translate_cli)
     assert code == 0 and [line for line in err if "warning" in line] == \

@@ -74,7 +74,7 @@ class Run:
 
 
 def device_defaults(device: torch.device) -> dict:
-    """The one place the device changes a default. On a CPU, crop 128 with 6 residual blocks (the CycleGAN paper's
+    """The one place the device changes a default. On a CPU, crop 128 with 6 residual blocks (CycleGAN appendix 7.2's
     setting at 128), 150 steps an epoch; on a GPU, half the cores load data (1 to 8)."""
     if device.type == "cpu":
         return dict(crop_size=128, load_size=143, max_steps=150, netG="resnet_6blocks")
@@ -91,7 +91,7 @@ def decide(argv: list[str]) -> tuple[Run, object, torch.device, dict | None]:
     checkpoint = read_checkpoint(RunFolder(Path(given["output_dir"]) / name).latest) if given["resume"] else None
     saved = {**checkpoint["run"], **checkpoint["config"]} if checkpoint else {}
     model_cls, config_cls, preset = MODELS[saved.get("model", model)]
-    resumes = {f.name: f.metadata.get("resume", "fixed") for f in fields(Run) + fields(config_cls)}
+    resumes = {f.name: f.metadata.get("resume", "fixed") for f in fields(Run) + fields(config_cls)}  # model: fixed
     saved = {k: v for k, v in saved.items() if resumes.get(k, "this_call") != "this_call"}
     defaults = {**record(Run(model=model, name=name)), **record(config_cls(**preset)), **saved,
                 **{k: v for k, v in device_defaults(device).items() if not saved or resumes[k] == "this_call"}}
@@ -167,8 +167,8 @@ def check(run: Run, config, model, device: torch.device) -> None:
     need(run.precision != "fp16" or device.type == "cuda", f"--precision fp16 is for CUDA GPUs (on {device.type} "
          f"G's gradients come out NaN): use fp32, or bf16")
     if run.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        warnings.warn("this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 runs about 40x slower than fp32 "
-                      "here; use --precision fp32")
+        warnings.warn("this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 runs far slower than fp32 here "
+                      "(about 40x on an AVX2 CPU); use --precision fp32")
     multiple = getattr(model, model.directions["x2y"]).side_multiple
     smallest = smallest_side([getattr(model, name) for name in networks(model)], multiple)
     fits = max(smallest, -(-run.crop_size // multiple) * multiple)
@@ -481,7 +481,9 @@ def benchmark(run: Run, config, device: torch.device, rank: int, world: int) -> 
                                "lower --crop-size or --batch-size"):
         for x, y, waited in itertools.islice(steps, 3 + run.benchmark):
             start = time.perf_counter()
-            sum(trainer.train_step(x, y).values()).item()  # reading the losses waits for the step's kernels
+            trainer.train_step(x, y)
+            if device.type in ("cuda", "mps"):
+                getattr(torch, device.type).synchronize()  # the step's kernels have run
             times.append((time.perf_counter() - start, waited))
     sec, wait = (statistics.median(column) for column in zip(*times[3:]))
     result = {"model": run.model, "device": str(device), "processes": world, "netG": config.netG,

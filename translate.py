@@ -41,14 +41,13 @@ def parser() -> Parser:
     p.add_argument("--pretrained", nargs="+", default=[], metavar="NAME",
                    help=f"an official CycleGAN generator, downloaded on first use: {', '.join(OFFICIAL_PRETRAINED)}")
     p.add_argument("--input", type=Path, required=True, help="folder of images to translate")
-    out, size = p.add_mutually_exclusive_group(), p.add_mutually_exclusive_group()  # --grid or --output, one size
-    out.add_argument("--output", type=Path, help="folder for the results, PNGs of the same names (not --input)")
+    p.add_argument("--output", type=Path, help="folder for the results, PNGs of the same names (not --input)")
     p.add_argument("--direction", choices=("AtoB", "BtoA"),
                    help="which way, named as in training: a run's own way by default; the other needs CycleGAN")
-    size.add_argument("--max-side", type=at_least(1), help="scale each image down to this longer side first")
-    size.add_argument("--size", type=at_least(1), help="resize each image to size x size first, as the official "
+    p.add_argument("--max-side", type=at_least(1), help="scale each image down to this longer side first")
+    p.add_argument("--size", type=at_least(1), help="resize each image to size x size first, as the official "
                    "test.py (256: the papers' FID protocol); with --grid, 256 by default")
-    out.add_argument("--grid", type=Path, metavar="FILE", help="instead: one .png/.jpg, a row per image (the "
+    p.add_argument("--grid", type=Path, metavar="FILE", help="instead: one .png/.jpg, a row per image (the "
                    "first --count of --input), then each model's result")
     p.add_argument("--count", type=at_least(1), default=6, help="--grid: the first COUNT images of --input (6)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda, then mps, then cpu")
@@ -66,10 +65,12 @@ def use_models(args) -> None:
     need(models, "name a model: --checkpoint FILE or --pretrained NAME")
     need(args.grid or len(models) == 1 and args.output, "translating a folder takes one model and an --output "
          "folder; to compare models, pass --grid FILE")
+    need(not (args.grid and args.output), "--grid writes one picture and --output a folder of them: pass one")
     need(not args.grid or args.grid.suffix.lower() in (".png", ".jpg", ".jpeg"), f"--grid {args.grid} must end in "
          ".png or .jpg")
     need(not args.output or args.output.resolve() != args.input.resolve(), "--output is the --input folder: choose "
          "another folder so no input is overwritten")
+    need(not (args.size and args.max_side), "--size and --max-side both set the size: pass one")
     files = list_images(args.input)
     device = pick_device(args.device)
     paths = [*args.checkpoint, *(download_pretrained(name, args.cache) for name in args.pretrained)]
