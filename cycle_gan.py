@@ -42,7 +42,7 @@ class CycleGANConfig:
     dropout: bool = field(default=False, metadata=dict(help="in G's blocks (junyanz's: off)"))
     channels_x: int = field(default=3, metadata=dict(help="X's channels (the official --input_nc)", choices=(1, 3)))
     channels_y: int = field(default=3, metadata=dict(help="Y's channels (--output_nc)", choices=(1, 3)))
-    init_gain: float = field(default=0.02, metadata=dict(help="the init's N(0, gain) (appendix 7.1)"))
+    init_gain: float = field(default=0.02, metadata=dict(help="the init's N(0, gain) (appendix 7.1)", at_least=0))
     lr: float = field(default=2e-4, metadata=dict(help="Adam's (Sec. 4)", above=0, resume="changeable"))
     beta1: float = field(default=0.5, metadata=dict(help="Adam's (junyanz's)"))
     epochs: int = field(default=100, metadata=dict(help="at the initial lr (Sec. 4)", at_least=0, resume="changeable"))
@@ -63,6 +63,8 @@ class ImagePool:
         fakes = fakes.detach()
         if self.size == 0:
             return fakes
+        if self.images and self.images[0].shape[1:] != fakes.shape[1:]:  # resumed at another crop: history anew
+            self.images = []
         out = []
         for img in fakes.split(1):
             if len(self.images) < self.size:

@@ -59,7 +59,9 @@ def write_atomically(path: Path, write) -> None:
     except BaseException as e:
         with suppress(OSError):  # a folder that cannot hold one (under a file) has none to remove
             tmp.unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)):  # torch.save's short write is a RuntimeError
+        if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):  # torch.save's short write
+            e = e.__context__
+        if isinstance(e, (OSError, RuntimeError)):
             raise OSError(getattr(e, "errno", 0), getattr(e, "strerror", None) or str(e).splitlines()[0],
                           str(path)) from None
         raise
@@ -81,6 +83,7 @@ def make_folder(folder: Path, flag: str) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"{flag} {folder} cannot be made a folder ({e.strerror}): choose another {flag}") from None
+    need(os.access(folder, os.W_OK), f"{flag} {folder} is read-only: choose another {flag}")
     return folder
 
 
@@ -101,7 +104,7 @@ Pick = namedtuple("Pick", "x y seed epoch")  # an item of an epoch: an image of 
 
 def list_images(folder: Path) -> list[Path]:
     """Every image below `folder`, sorted; none, or no folder, is a UsageError."""
-    need(Path(folder).is_dir(), f"image folder {folder} does not exist")
+    need(Path(folder).is_dir(), f"image folder {folder} {'is a file' if Path(folder).exists() else 'does not exist'}")
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     need(files, f"no images ({' '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     return files
@@ -278,6 +281,13 @@ def save_grid(rows: list[list[torch.Tensor | Image.Image]], path: Path, pad: int
     save_image(grid, path)
 
 
+def write_rows(path: Path, rows: list[list]) -> None:
+    """A CSV log written whole, its header first."""
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    write_atomically(path, lambda tmp: tmp.write_text(text.getvalue(), newline=""))
+
+
 def append_row(path: Path, row: dict[str, float]) -> None:
     """Append a row to a CSV log in the columns of its header. A value without a column (a map a resume turned on, a
     column a user deleted) adds its column at the end, and the file is rewritten whole."""
@@ -289,9 +299,21 @@ def append_row(path: Path, row: dict[str, float]) -> None:
         if names == header:
             csv.writer(f).writerow(cells)
             return
-        text = io.StringIO()
-        csv.writer(text).writerows([names, *csv.reader(f), cells])
-    write_atomically(path, lambda tmp: tmp.write_text(text.getvalue(), newline=""))
+        rows = [names, *csv.reader(f), cells]
+    write_rows(path, rows)
+
+
+def drop_rows_after(path: Path, column: str, last: int) -> None:
+    """Drop a CSV log's rows whose `column` is past `last`: those a resume from an older checkpoint trains again."""
+    try:
+        with open(path, newline="", errors="replace") as f:
+            header, *rows = csv.reader(f)
+        at = header.index(column)
+    except (OSError, csv.Error, ValueError):  # no log yet, or none of this column
+        return
+    kept = [row for row in rows if not (len(row) > at and row[at].isdigit() and int(row[at]) > last)]
+    if len(kept) < len(rows):
+        write_rows(path, [header, *kept])
 
 
 def read_table(path: Path) -> list[dict[str, float]]:
@@ -388,7 +410,7 @@ class RunFolder:
     def held(self, new: bool):
         """The folder, made and locked (.lock: an OS lock, which dies with the process) against a second run, and
         a `new` run refused where one stands; the page's last word is written as the block ends."""
-        with open(make_folder(self.path, "--output-dir") / ".lock", "a+") as handle:
+        with open(make_folder(self.path, "--output-dir or --name") / ".lock", "a+") as handle:
             handle.seek(0)
             try:
                 if os.name == "nt":  # Windows: a lock on the file's first byte
@@ -414,11 +436,13 @@ class RunFolder:
                     with suppress(OSError):
                         self.write_page(running=False)
 
-    def start(self, options: dict, command: list[str], epoch: int, images: int, heading: str, caption: str,
-              total: int) -> None:
-        """A start at `images` into `epoch` of `total`: options.json gets the run's `options` and this command among
-        its starts; then the page."""
+    def start(self, options: dict, command: list[str], epoch: int, step: int, images: int, heading: str,
+              caption: str, total: int) -> None:
+        """A start at `images` into `epoch` of `total`, after `step` steps: the logs lose their rows past these,
+        options.json gets the run's `options` and this command among its starts; then the page."""
         self.heading, self.captions["epoch"], self.done, self.total = heading, caption, epoch, total
+        drop_rows_after(self.path / "losses.csv", "step", step)
+        drop_rows_after(self.path / "epochs.csv", "epoch", epoch)
         path = self.path / "options.json"
         try:
             self.runs = list(json.loads(path.read_text())["runs"])
@@ -431,7 +455,10 @@ class RunFolder:
 
     def save_checkpoint(self, state: dict, keep: bool = False) -> None:
         """latest.pt, and with `keep` a copy of it as epoch_NNN.pt (N: the epochs `state` has finished)."""
-        write_atomically(self.latest, lambda tmp: torch.save(state, tmp))
+        def save(tmp: Path) -> None:  # through a Python file: torch's error then keeps the file's (a full disk's)
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+        write_atomically(self.latest, save)
         if keep:
             copy = self.path / f"epoch_{state['epoch']:03d}.pt"
             write_atomically(copy, lambda tmp: shutil.copyfile(self.latest, tmp))
@@ -515,7 +542,7 @@ def at_least(low: float, kind: type = int, strict: bool = False):
     """An option's type: a `kind` >= low (strict: > low)."""
     def parse(text: str):
         value = kind(text)
-        if value < low or strict and value == low:
+        if not (value > low or value == low and not strict):  # nan is neither
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse's message for a bad number: 'invalid int value'
@@ -619,7 +646,7 @@ class StopFlag:
 
 def load_torch(path: Path):
     """What a .pt or .pth file holds, on the CPU, tensors only."""
-    need(Path(path).is_file(), f"checkpoint {path} does not exist: check --name / --output-dir or --checkpoint")
+    need(Path(path).is_file(), f"checkpoint {path} does not exist: check --checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for foreign or broken files
@@ -636,7 +663,6 @@ OFFICIAL_DATASETS = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "m
 def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
     """Stream `url` into `dest`; a failure is a UsageError ending in `offline_hint`."""
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out, \
                 tqdm.wrapattr(out, "write", total=int(response.headers.get("Content-Length") or 0) or None,
                               desc=url.rsplit("/", 1)[-1], leave=False) as f:
@@ -652,6 +678,7 @@ def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:
     target, url = Path(root) / name, DATASET_URL.format(name)
     if target.is_dir():
         return target
+    make_folder(Path(root), "--root")
     part, unzipped = Path(root) / f"{name}.zip.part", Path(root) / f"{name}.unzip.part"
     try:  # unzipped beside the target and renamed, so a half-unzipped dataset never stands as one
         fetch(url, part, f"fetch the zip elsewhere and unzip it into {target}", timeout)

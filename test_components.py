@@ -1071,6 +1071,14 @@ def test_image_pool_fills_then_swaps_half_the_time():
         "official util/image_pool.py)"
 
 
+def test_image_pool_starts_again_when_a_resume_changes_the_crop():
+    pool = ImagePool(2)
+    pool.query(torch.zeros(1, 3, 8, 8))
+    bigger = torch.ones(2, 3, 12, 12)
+    assert torch.equal(pool.query(bigger), bigger) and all(img.shape[-1] == 12 for img in pool.images), \
+        "fakes of another size (a resume at another --crop-size) cannot share the history: it fills again from them"
+
+
 def test_image_pool_stores_each_fake_detached_and_size_0_passes_them_through():
     pool = ImagePool(2)
     fake = torch.ones(2, 1, 2, 2, requires_grad=True) * 3
@@ -1097,7 +1105,7 @@ def test_cyclegan_config_is_the_papers_and_junyanzs():
     assert {f.name for f in dataclasses.fields(c)} == set(paper), "every option of CycleGAN, checked here"
     assert_options_say_what_they_are_refuse_what_cannot_work_and_let_a_resume_change_the_schedule(c, {
         "lambda_cycle": 0, "lambda_identity": 0, "pool_size": 0, "ngf": 1, "ndf": 1, "n_layers_D": 1, "epochs": 0,
-        "epochs_decay": 0}, {"lr": 0}, {"channels_x": (1, 3), "channels_y": (1, 3), "netG": GENERATORS,
+        "epochs_decay": 0, "init_gain": 0}, {"lr": 0}, {"channels_x": (1, 3), "channels_y": (1, 3), "netG": GENERATORS,
                                          "norm": ("instance", "batch", "none"), "gan_mode": GAN_MODES})
     for name, (value, rule) in paper.items():
         assert getattr(c, name) == value, f"CycleGANConfig.{name}: {value!r} ({rule}), got {getattr(c, name)!r}"
@@ -1114,13 +1122,14 @@ def test_cyclegan_config_is_the_papers_and_junyanzs():
 
 def assert_options_say_what_they_are_refuse_what_cannot_work_and_let_a_resume_change_the_schedule(
         config, at_least: dict, above: dict, choices: dict) -> None:
-    """A config's fields are the command's flags: each says what it is (--help); a weight, a history, an epoch count
-    is never below 0, a count of filters, layers or places never below 1, a learning rate or a temperature never 0;
-    a choice is among the values the networks and losses take; a resume may change the schedule alone."""
+    """A config's fields are the command's flags: each says what it is (--help); a weight, a history, an epoch count,
+    an init's gain is never below 0, a count of filters, layers or places never below 1, a learning rate or a
+    temperature never 0; a choice is among the values the networks and losses take; a resume may change the schedule
+    alone."""
     fields = dataclasses.fields(config)
     assert all(f.metadata["help"] for f in fields), "each option says what it is, for --help"
     assert {f.name: f.metadata["at_least"] for f in fields if "at_least" in f.metadata} == at_least, \
-        "weights, histories and epochs are >= 0; filters, layers and places >= 1"
+        "weights, histories, epochs and init gains are >= 0; filters, layers and places >= 1"
     assert {f.name: f.metadata["above"] for f in fields if "above" in f.metadata} == above, "rates are > 0"
     assert {f.name: tuple(f.metadata["choices"]) for f in fields if "choices" in f.metadata} == choices, \
         "a choice is one the networks and losses take"
@@ -1460,7 +1469,7 @@ def test_cut_model_presets_and_config_are_the_cut_repositorys():
     assert {f.name for f in dataclasses.fields(cut)} == set(official) | set(FASTCUT), "every option checked"
     assert_options_say_what_they_are_refuse_what_cannot_work_and_let_a_resume_change_the_schedule(cut, {
         "lambda_nce": 0, "num_patches": 1, "lambda_gan": 0, "ngf": 1, "ndf": 1, "n_layers_D": 1, "netF_nc": 1,
-        "epochs": 0, "epochs_decay": 0}, {"nce_temperature": 0, "lr": 0}, {
+        "epochs": 0, "epochs_decay": 0, "init_gain": 0}, {"nce_temperature": 0, "lr": 0}, {
         "nce_negatives": ("image", "batch", "others"), "gan_mode": GAN_MODES, "netG": GENERATORS,
         "norm": ("instance", "batch", "none"), "channels_x": (1, 3), "channels_y": (1, 3)})
 
@@ -2191,7 +2200,7 @@ def test_run_folder_checkpoint_is_written_atomically_and_a_copy_kept(tmp_path, m
     assert torch.load(tmp_path / "epoch_001.pt", weights_only=True) == {"epoch": 1}
 
     def crash(obj, f):
-        Path(f).write_bytes(b"half a checkp")
+        f.write(b"half a checkp")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
@@ -2529,7 +2538,7 @@ def test_train_cli_grayscale_runs_end_to_end(dataset_root, tmp_path):
     assert (config["channels_x"], config["channels_y"]) == (1, 1)
     assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
                           "--output", str(tmp_path / "gray"), "--device", "cpu"]) == 0
-    assert {Image.open(p).mode for p in (tmp_path / "gray").iterdir()} == {"L"}
+    assert {Image.open(p).mode for p in (tmp_path / "gray").rglob("*.png")} == {"L"}
 
 
 @pytest.mark.parametrize("resume", [False, True])
@@ -2545,6 +2554,7 @@ def test_train_cli_decide_gives_every_option_its_value_the_device_included(datas
     assert (run.model, run.crop_size, config.netG, config.lambda_nce, config.epochs, config.epochs_decay,
             config.lr) == ("cut", 24 if resume else 128, "resnet_6blocks", 1.0, 2, 200, 1e-3 if resume else 2e-4)
     assert device == torch.device("cpu") and run.device == "cpu" and (checkpoint is not None) == resume
+    assert resume or train_gan.decide([*argv, "--name", ""])[0].name == f"cut_{dataset_root.name}"  # as if not given
     assert train_gan.make_trainer(run, config, device, checkpoint).optimizers["G"].param_groups[0]["lr"] == config.lr
 
 
@@ -2712,6 +2722,8 @@ def test_resume_cli_refuses_another_model_network_or_seed(dataset_root, tmp_path
     plain = ["--resume", "--name", "run", "--output-dir", str(out), "--device", "cpu"]  # the model is the run's
     code, err = run_cli(plain + ["--pool-size", "10"], capsys)
     assert_error(code, err, "this run was started with --pool-size 50; --pool-size 10 would change it")
+    code, err = run_cli(plain + ["--dropout"], capsys)
+    assert_error(code, err, "this run was started with --no-dropout; --dropout would change it: drop --dropout,")
     code, err = run_cli(plain + ["--num-patches", "64"], capsys)
     assert_error(code, err, r"unrecognized arguments: --num-patches 64 \(see train_gan.py --model cycle_gan --help\)")
 
@@ -2738,7 +2750,7 @@ def test_resume_cli_after_a_stop_gives_the_same_weights_as_one_run(dataset_root,
 # ============================================================================= the commands: translate.py
 
 
-def test_translate_cli_keeps_each_image_size_and_name(dataset_root, tmp_path):
+def test_translate_cli_keeps_each_image_size_name_and_subfolder(dataset_root, tmp_path):
     out = tmp_path / "out"
     assert cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "0")) == 0
     inputs = write_mixed_images(tmp_path / "in", 4)
@@ -2747,7 +2759,7 @@ def test_translate_cli_keeps_each_image_size_and_name(dataset_root, tmp_path):
         assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(tmp_path / "in"),
                               "--output", str(target), "--direction", direction, "--device", "cpu"]) == 0
         for p in inputs:
-            result = Image.open(target / f"{p.stem}.png")
+            result = Image.open(target / p.relative_to(tmp_path / "in").with_suffix(".png"))
             assert result.size == Image.open(p).size and result.mode == "RGB"
 
 
@@ -2774,6 +2786,10 @@ def test_translate_cli_names_and_skips_images_too_small_for_the_generator_and_tr
         assert_error(code, err, rf"{flag} 4 makes images smaller than the 5 pixels a side the model needs: pass "
                                 rf"{flag} 5 or more")
         assert not (tmp_path / "res2").exists()
+    (inputs / "photo.jpg").unlink()  # none left that it can translate: an error, not "translated 0 images"
+    code, err = run_cli(["--checkpoint", checkpoint, "--input", inputs, "--output", tmp_path / "res3"], capsys,
+                        translate_cli)
+    assert_error(code, err, "none of the images of .* could be translated: see the warnings above", 1)
 
 
 @pytest.mark.parametrize("trained", ["AtoB", "BtoA"])
@@ -2814,6 +2830,7 @@ def test_translate_cli_grid_puts_each_checkpoint_in_a_column_and_names_problems(
         (["--direction", "BtoA"], r"fastcut model, which translates its own way only \(AtoB\)"),
         (["--grid", str(tmp_path / "grid.gif")], r"must end in \.png or \.jpg"),
         (["--count", "0"], "must be >= 1"),
+        (["--max-side", "20"], "--grid resizes each image to --size .*: drop --max-side"),
         (["--output", str(tmp_path / "res")], "--grid writes one picture and --output a folder of them: pass one"),
     ]:
         code, err = run_cli(["--checkpoint", *ckpts, "--input", str(dataset_root / "testA"),
@@ -2831,17 +2848,17 @@ def test_translate_cli_max_side_scales_down_keeping_the_aspect_ratio_and_size_sq
     assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
                           "--output", str(tmp_path / "res"), "--max-side", "20", "--device", "cpu"]) == 0
     assert Image.open(tmp_path / "res" / "img0.png").size == (20, 15)  # from 40x30
-    assert Image.open(tmp_path / "res" / "img1.png").size == (14, 20)  # from 33x47
+    assert Image.open(tmp_path / "res" / "nested" / "img1.png").size == (14, 20)  # from 33x47, in its subfolder
     argv = ["--checkpoint", out / "run" / "latest.pt", "--input", dataset_root / "testA", "--output", tmp_path / "sq"]
     assert translate_cli([str(a) for a in argv] + ["--size", "24"]) == 0  # the official test.py's square resize
-    assert {Image.open(p).size for p in (tmp_path / "sq").iterdir()} == {(24, 24)}
+    assert {Image.open(p).size for p in (tmp_path / "sq").rglob("*.png")} == {(24, 24)}
     code, err = run_cli(argv + ["--size", "24", "--max-side", "20"], capsys, translate_cli)
     assert_error(code, err, "--size and --max-side both set the size: pass one")
     (dataset_root / "testA" / "broken.png").write_text("not an image")  # skipped, named once; the rest written
     code, err = run_cli(argv[:-1] + [tmp_path / "with_broken"], capsys, translate_cli)
     assert code == 0 and [line for line in err if "warning" in line] == \
         [f"warning: skipping unreadable image {dataset_root / 'testA' / 'broken.png'}"], err
-    assert sorted(p.name for p in (tmp_path / "with_broken").iterdir()) == ["img0.png", "img1.png"]
+    assert sorted(p.name for p in (tmp_path / "with_broken").rglob("*.png")) == ["img0.png", "img1.png"]
 
 
 def test_translate_cli_builds_no_optimiser_and_leaves_the_random_state_as_it_was(dataset_root, tmp_path, monkeypatch):
@@ -2910,7 +2927,7 @@ def test_translate_cli_pretrained_is_one_command_downloading_once_atomically_and
     assert sorted(p.name for p in cache.iterdir()) == ["horse2zebra.pth"] and not (tmp_path / "horses").exists()
     code, err = run_cli(["--pretrained", "zebra2horse", "--input", photos, "--output", tmp_path / "horses",
                          "--cache", source], capsys, translate_cli)  # a cache under a file
-    assert_error(code, err[-1:], "could not download")
+    assert_error(code, err[-1:], "--cache .*horse2zebra.pth cannot be made a folder .*: choose another --cache")
     code, err = run_cli(["--pretrained", "pears2plums", "--input", photos, "--output", tmp_path / "p"], capsys,
                         translate_cli)
     assert_error(code, err, "unknown pretrained model 'pears2plums': choose one of apple2orange, .*"
@@ -2929,6 +2946,9 @@ BAD_OPTIONS = [
     (["--lambda-cycle", "-1"], "--lambda-cycle: must be >= 0"),
     (["--lambda-nce", "-1", "--model", "cut"], "--lambda-nce: must be >= 0"),
     (["--lr", "0"], "--lr: must be > 0, got 0"),
+    (["--lr", "nan"], "--lr: must be > 0, got nan"),
+    (["--init-gain", "-1"], "--init-gain: must be >= 0"),
+    (["--beta1", "1"], r"--beta1 1.0 is outside \[0, 1\), where Adam's betas lie"),
     (["--model", "cut", "--nce-temperature", "-0.1"], "--nce-temperature: must be > 0, got -0.1"),
     (["--netG", "unet_128", "--crop-size", "32"], "multiple of 128"),
     (["--crop-size", "30"], "multiple of 4"),
@@ -3016,9 +3036,16 @@ def test_faults_translating_problems_are_named(dataset_root, tmp_path, capsys):
     assert cli(cli_args(dataset_root, out, "--model", "fastcut", "--epochs", "1", "--epochs-decay", "0")) == 0
     ckpt = out / "run" / "latest.pt"
     (tmp_path / "empty").mkdir()
+    (tmp_path / "twins").mkdir()
+    for name in ("a.jpg", "a.png"):  # both would become a.png
+        Image.new("RGB", (8, 8)).save(tmp_path / "twins" / name)
     for argv, pattern in [
         (["--input", tmp_path / "empty", "--output", tmp_path / "res"], "no images"),
-        (["--input", dataset_root / "testA", "--output", dataset_root / "testA"], "--output is the --input folder"),
+        (["--input", ckpt, "--output", tmp_path / "res"], "image folder .*latest.pt is a file"),
+        (["--input", dataset_root / "testA", "--output", dataset_root / "testA" / "res"], "--output is --input or "
+         "inside it"),
+        (["--input", tmp_path / "twins", "--output", tmp_path / "res"], "two images of --input would both be "
+         "written as .*a.png: rename one"),
         (["--input", dataset_root / "testB", "--output", tmp_path / "res", "--direction", "BtoA"],
          r"translates its own way only \(AtoB\)"),
         (["--input", dataset_root / "testA"], "takes one model and an --output folder"),
@@ -3102,7 +3129,20 @@ def next_epoch(root, out):
     return one_epoch(root, out, "--epochs-decay", "1", "--resume")
 
 
-def test_faults_an_output_path_that_is_a_file_is_refused_in_one_line(dataset_root, tmp_path, capsys):
+def test_faults_a_resume_from_a_checkpoint_older_than_the_logs_logs_each_step_once(dataset_root, tmp_path):
+    """The logs' rows past the checkpoint (its save lost to a crash, a full disk) are trained, and logged, again."""
+    run = tmp_path / "run"
+    assert cli(one_epoch(dataset_root, tmp_path)) == 0
+    older = (run / "latest.pt").read_bytes()
+    assert cli(next_epoch(dataset_root, tmp_path)) == 0
+    (run / "latest.pt").write_bytes(older)
+    assert cli(next_epoch(dataset_root, tmp_path)) == 0
+    assert [[r[k] for r in du.read_table(run / f)] for f, k in (("losses.csv", "step"), ("epochs.csv", "epoch"))] == \
+        [[1, 2], [1, 2]]
+
+
+def test_faults_an_output_path_that_is_a_file_or_read_only_is_refused_in_one_line(dataset_root, tmp_path, capsys,
+                                                                                   monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     code, err = run_cli(one_epoch(dataset_root, blocker), capsys)
@@ -3112,6 +3152,9 @@ def test_faults_an_output_path_that_is_a_file_is_refused_in_one_line(dataset_roo
                          str(dataset_root / "testA"), "--output", str(blocker / "sub")], capsys, translate_cli)
     assert_error(code, err, "--output .* cannot be made a folder")
     assert blocker.read_text() == "not a folder"
+    monkeypatch.setattr(du.os, "access", lambda path, mode: False)  # what a read-only folder answers
+    code, err = run_cli(next_epoch(dataset_root, tmp_path / "out"), capsys)
+    assert_error(code, err, "--output-dir or --name .*run is read-only: choose another --output-dir or --name")
 
 
 @pytest.mark.parametrize("where", ["latest.pt", "epoch_002.png"])
@@ -3123,9 +3166,12 @@ def test_faults_a_full_disk_ends_the_run_in_one_line_and_keeps_what_was_saved(da
     run = out / "run"
     saved = (run / "latest.pt").read_bytes()
 
-    def full(obj, f):
-        Path(f).write_bytes(b"the first bytes of a check")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    def full(obj, f):  # as torch.save does it: its own words over the OSError of the file it writes
+        f.write(b"the first bytes of a check")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
     if where == "latest.pt":
         monkeypatch.setattr(torch, "save", full)
     else:
@@ -3133,7 +3179,8 @@ def test_faults_a_full_disk_ends_the_run_in_one_line_and_keeps_what_was_saved(da
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         monkeypatch.setattr(du, "save_image", no_space)
     code, err = run_cli(next_epoch(dataset_root, out), capsys)
-    assert_error(code, err, rf"could not write {re.escape(str(run / where))} \(.*\): free some disk space.*"
+    assert_error(code, err, rf"could not write {re.escape(str(run / where))} \(No space left on device\): free some "
+                            rf"disk space.*"
                             rf"--resume --name run", 1)
     assert_no_temporaries(out)
     if where == "latest.pt":
@@ -3230,7 +3277,7 @@ def test_faults_ctrl_c_inside_a_save_leaves_the_previous_checkpoint_and_no_tempo
     saved = (out / "run" / "latest.pt").read_bytes()
 
     def interrupted(obj, f):
-        Path(f).write_bytes(b"half a checkp")
+        f.write(b"half a checkp")
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", interrupted)
     code, err = run_cli(next_epoch(dataset_root, out), capsys)
@@ -3507,9 +3554,10 @@ def test_gpu_run_with_loader_workers_resumes_and_translates_as_the_cpu_does(
     for where in (device, "cpu"):
         assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
                               "--output", str(tmp_path / f"on_{where}"), "--device", where]) == 0
-    for image in (tmp_path / "on_cpu").iterdir():
-        a, b = (np.asarray(Image.open(tmp_path / f"on_{where}" / image.name), dtype=int) for where in (device, "cpu"))
-        assert np.abs(a - b).max() <= 1, image.name  # within 1/255
+    for image in (tmp_path / "on_cpu").rglob("*.png"):
+        name = image.relative_to(tmp_path / "on_cpu")
+        a, b = (np.asarray(Image.open(tmp_path / f"on_{where}" / name), dtype=int) for where in (device, "cpu"))
+        assert np.abs(a - b).max() <= 1, name  # within 1/255
 
 
 @pytest.mark.gpu

@@ -11,16 +11,17 @@ if __name__ == "__main__":  # a Ctrl-C while torch loads ends quietly too (at on
 
 import argparse
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data_utility import (DEVICES, Parser, UsageError, at_least, fetch, input_channels, list_images, load_fixed_images,
-                          load_image, load_torch, make_folder, need, pick_device, run_command, save_grid, save_image,
-                          smallest_side, stop_if_a_write_fails, stop_if_out_of_memory, to_image, to_tensor,
-                          write_atomically)
+from data_utility import (DEVICES, Parser, RunError, UsageError, at_least, fetch, input_channels, list_images,
+                          load_fixed_images, load_image, load_torch, make_folder, need, pick_device, run_command,
+                          save_grid, save_image, smallest_side, stop_if_a_write_fails, stop_if_out_of_memory, to_image,
+                          to_tensor, write_atomically)
 from networks import official_generator
 from train_gan import load_model, run_record
 
@@ -41,7 +42,8 @@ def parser() -> Parser:
     p.add_argument("--pretrained", nargs="+", default=[], metavar="NAME",
                    help=f"an official CycleGAN generator, downloaded on first use: {', '.join(OFFICIAL_PRETRAINED)}")
     p.add_argument("--input", type=Path, required=True, help="folder of images to translate")
-    p.add_argument("--output", type=Path, help="folder for the results, PNGs of the same names (not --input)")
+    p.add_argument("--output", type=Path, help="folder for the results, PNGs of the same names, in the same "
+                   "subfolders (outside --input)")
     p.add_argument("--direction", choices=("AtoB", "BtoA"),
                    help="which way, named as in training: a run's own way by default; the other needs CycleGAN")
     p.add_argument("--max-side", type=at_least(1), help="scale each image down to this longer side first")
@@ -68,9 +70,10 @@ def use_models(args) -> None:
     need(not (args.grid and args.output), "--grid writes one picture and --output a folder of them: pass one")
     need(not args.grid or args.grid.suffix.lower() in (".png", ".jpg", ".jpeg"), f"--grid {args.grid} must end in "
          ".png or .jpg")
-    need(not args.output or args.output.resolve() != args.input.resolve(), "--output is the --input folder: choose "
-         "another folder so no input is overwritten")
+    need(not args.output or not args.output.resolve().is_relative_to(args.input.resolve()), "--output is --input or "
+         "inside it: choose a folder outside it, so no input is overwritten")
     need(not (args.size and args.max_side), "--size and --max-side both set the size: pass one")
+    need(not (args.grid and args.max_side), "--grid resizes each image to --size (256 by default): drop --max-side")
     files = list_images(args.input)
     device = pick_device(args.device)
     paths = [*args.checkpoint, *(download_pretrained(name, args.cache) for name in args.pretrained)]
@@ -93,6 +96,7 @@ def download_pretrained(name: str, root: Path = Path("pretrained"), timeout: flo
          f"{', '.join(OFFICIAL_PRETRAINED)}")
     target = Path(root) / f"{name}.pth"
     if not target.is_file():
+        make_folder(Path(root), "--cache")
         print(f"downloading the official {name} generator into {root} (once)", file=sys.stderr)
         try:
             write_atomically(target, lambda tmp: fetch(PRETRAINED_URL.format(name), tmp,
@@ -138,9 +142,13 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def write_translations(net: torch.nn.Module, files: list[Path], args, smallest: int) -> None:
-    """Each image at its own size (or --max-side's, --size's) as OUTPUT/NAME.png; one under `smallest` skipped."""
+    """Each image at its own size (or --max-side's, --size's) as a PNG of its name in OUTPUT, in the subfolder it
+    has in INPUT; one under `smallest` skipped."""
+    targets = [args.output / f.relative_to(args.input).with_suffix(".png") for f in files]
+    twin = next((t for t, n in Counter(targets).items() if n > 1), None)
+    need(not twin, f"two images of --input would both be written as {twin}: rename one")
     output, written, channels = make_folder(args.output, "--output"), 0, input_channels(net)
-    for f in tqdm(files, desc="translate", leave=False):
+    for f, target in tqdm(zip(files, targets), total=len(files), desc="translate", leave=False):
         img = load_image(f, channels)
         if img is None:
             warnings.warn(f"skipping unreadable image {f}")
@@ -154,8 +162,11 @@ def write_translations(net: torch.nn.Module, files: list[Path], args, smallest: 
                                    "pass --max-side N to scale images down first (e.g. --max-side 1024)"):
             y = generate(net, to_tensor(img)[None])
         with stop_if_a_write_fails(output, "run the same command again; the images written before it are complete"):
-            save_image(to_image(y[0]), output / f"{f.stem}.png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_image(to_image(y[0]), target)
         written += 1
+    if not written:
+        raise RunError(f"none of the images of {args.input} could be translated: see the warnings above")
     print(f"translated {written} images into {output}")
 
 
