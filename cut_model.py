@@ -40,7 +40,8 @@ class CUTConfig:
                                                          at_least=0))
     gan_mode: str = field(default="lsgan", metadata=dict(help="least squares, as the paper trains",
                                                          choices=GAN_MODES))
-    real_label: float = field(default=1.0, metadata=dict(help="D's target for real images (< 1: label smoothing)"))
+    real_label: float = field(default=1.0, metadata=dict(help="D's target for real images (< 1: label smoothing)",
+                                                         at_least=0))
     netG: str = field(default="resnet_9blocks", metadata=dict(help="a ResNet, whose encoder PatchNCE taps",
                                                               choices=GENERATORS))
     antialias: bool = field(default=True, metadata=dict(help="blur-pool down-sampling in G, D (--no_antialias)"))
@@ -75,8 +76,8 @@ class CUT:
     groups = {"D": ("D",), "G": ("G", "H")}  # officially H has an Adam of its own, the same steps: Adam is per weight
     directions = {"x2y": "G"}  # CUT learns one direction only
     # The official CUT dataset stops the resize-and-crop jitter once the lr decays (load size = crop
-    # size in those epochs); flips stay.
-    resize_crop_in_decay = False
+    # size in those epochs); flips stay. Its loader drops an epoch's last batch when it is short.
+    resize_crop_in_decay, drop_last = False, True
 
     def __init__(self, config: CUTConfig | None = None):
         c = self.config = config or CUTConfig()

@@ -32,7 +32,8 @@ class CycleGANConfig:
                                                               at_least=0))
     pool_size: int = field(default=50, metadata=dict(help="fakes in D's history (Sec. 4)", at_least=0))
     gan_mode: str = field(default="lsgan", metadata=dict(help="least squares, as Sec. 4 trains", choices=GAN_MODES))
-    real_label: float = field(default=1.0, metadata=dict(help="D's target for real images (< 1: label smoothing)"))
+    real_label: float = field(default=1.0, metadata=dict(help="D's target for real images (< 1: label smoothing)",
+                                                         at_least=0))
     netG: str = field(default="resnet_9blocks", metadata=dict(help="G and F: junyanz's; the paper's at 128: 6 blocks",
                                                               choices=GENERATORS))
     ngf: int = field(default=64, metadata=dict(help="G's first filters (appendix 7.2)", at_least=1))
@@ -84,6 +85,7 @@ class CycleGAN:
     groups = {"G": ("G", "F"), "D": ("D_X", "D_Y")}  # one Adam per group, as junyanz's code
     directions = {"x2y": "G", "y2x": "F"}
     resize_crop_in_decay = True  # the random resize-and-crop jitter stays on for the whole run
+    drop_last = False  # junyanz's loader trains an epoch's last batch, however short
 
     def __init__(self, config: CycleGANConfig | None = None):
         c = self.config = config or CycleGANConfig()

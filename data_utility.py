@@ -6,6 +6,7 @@ import csv
 import html
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -104,7 +105,8 @@ Pick = namedtuple("Pick", "x y seed epoch")  # an item of an epoch: an image of 
 
 def list_images(folder: Path) -> list[Path]:
     """Every image below `folder`, sorted; none, or no folder, is a UsageError."""
-    need(Path(folder).is_dir(), f"image folder {folder} {'is a file' if Path(folder).exists() else 'does not exist'}")
+    need(Path(folder).is_dir(), f"image folder {folder} " + ("is a file: pass the folder that holds it"
+                                                            if Path(folder).exists() else "does not exist"))
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     need(files, f"no images ({' '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     return files
@@ -231,11 +233,11 @@ def quiet_worker(_: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def data_loader(data: UnpairedDataset, sampler: PairSampler, batch_size: int, workers: int,
-                pin_memory: bool) -> torch.utils.data.DataLoader:
-    """A loader of `workers` persistent processes (0: the main one)."""
+def data_loader(data: UnpairedDataset, sampler: PairSampler, batch_size: int, workers: int, pin_memory: bool,
+                drop_last: bool = False) -> torch.utils.data.DataLoader:
+    """A loader of `workers` persistent processes (0: the main one); with `drop_last`, no short last batch."""
     return torch.utils.data.DataLoader(data, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                                       persistent_workers=workers > 0, worker_init_fn=quiet_worker,
+                                       drop_last=drop_last, persistent_workers=workers > 0, worker_init_fn=quiet_worker,
                                        generator=torch.Generator())
 
 
@@ -539,10 +541,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def at_least(low: float, kind: type = int, strict: bool = False):
-    """An option's type: a `kind` >= low (strict: > low)."""
+    """An option's type: a finite `kind` >= low (strict: > low)."""
     def parse(text: str):
         value = kind(text)
-        if not (value > low or value == low and not strict):  # nan is neither
+        if not math.isfinite(value) or value < low or strict and value == low:
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse's message for a bad number: 'invalid int value'

@@ -1105,14 +1105,15 @@ def test_cyclegan_config_is_the_papers_and_junyanzs():
     assert {f.name for f in dataclasses.fields(c)} == set(paper), "every option of CycleGAN, checked here"
     assert_options_say_what_they_are_refuse_what_cannot_work_and_let_a_resume_change_the_schedule(c, {
         "lambda_cycle": 0, "lambda_identity": 0, "pool_size": 0, "ngf": 1, "ndf": 1, "n_layers_D": 1, "epochs": 0,
-        "epochs_decay": 0, "init_gain": 0}, {"lr": 0}, {"channels_x": (1, 3), "channels_y": (1, 3), "netG": GENERATORS,
-                                         "norm": ("instance", "batch", "none"), "gan_mode": GAN_MODES})
+        "epochs_decay": 0, "init_gain": 0, "real_label": 0}, {"lr": 0}, {
+        "channels_x": (1, 3), "channels_y": (1, 3), "netG": GENERATORS, "norm": ("instance", "batch", "none"),
+        "gan_mode": GAN_MODES})
     for name, (value, rule) in paper.items():
         assert getattr(c, name) == value, f"CycleGANConfig.{name}: {value!r} ({rule}), got {getattr(c, name)!r}"
     model = CycleGAN()
-    assert (model.groups, model.directions, model.resize_crop_in_decay) == \
-        ({"G": ("G", "F"), "D": ("D_X", "D_Y")}, {"x2y": "G", "y2x": "F"}, True), \
-        "junyanz's two Adams (G and F; D_X and D_Y); both directions; the jitter throughout"
+    assert (model.groups, model.directions, model.resize_crop_in_decay, model.drop_last) == \
+        ({"G": ("G", "F"), "D": ("D_X", "D_Y")}, {"x2y": "G", "y2x": "F"}, True, False), \
+        "junyanz's two Adams (G and F; D_X and D_Y); both directions; the jitter throughout; every batch trained"
     first = model.G.model[1].weight
     assert first.std().item() == pytest.approx(0.02, rel=0.05) and abs(first.mean().item()) < 2e-3, \
         "CycleGAN appendix 7.1, and junyanz's init: N(0, 0.02)"
@@ -1123,13 +1124,13 @@ def test_cyclegan_config_is_the_papers_and_junyanzs():
 def assert_options_say_what_they_are_refuse_what_cannot_work_and_let_a_resume_change_the_schedule(
         config, at_least: dict, above: dict, choices: dict) -> None:
     """A config's fields are the command's flags: each says what it is (--help); a weight, a history, an epoch count,
-    an init's gain is never below 0, a count of filters, layers or places never below 1, a learning rate or a
+    an init's gain, a label is never below 0, a count of filters, layers or places never below 1, a learning rate or a
     temperature never 0; a choice is among the values the networks and losses take; a resume may change the schedule
     alone."""
     fields = dataclasses.fields(config)
     assert all(f.metadata["help"] for f in fields), "each option says what it is, for --help"
     assert {f.name: f.metadata["at_least"] for f in fields if "at_least" in f.metadata} == at_least, \
-        "weights, histories, epochs and init gains are >= 0; filters, layers and places >= 1"
+        "weights, histories, epochs, init gains and labels are >= 0; filters, layers and places >= 1"
     assert {f.name: f.metadata["above"] for f in fields if "above" in f.metadata} == above, "rates are > 0"
     assert {f.name: tuple(f.metadata["choices"]) for f in fields if "choices" in f.metadata} == choices, \
         "a choice is one the networks and losses take"
@@ -1469,7 +1470,7 @@ def test_cut_model_presets_and_config_are_the_cut_repositorys():
     assert {f.name for f in dataclasses.fields(cut)} == set(official) | set(FASTCUT), "every option checked"
     assert_options_say_what_they_are_refuse_what_cannot_work_and_let_a_resume_change_the_schedule(cut, {
         "lambda_nce": 0, "num_patches": 1, "lambda_gan": 0, "ngf": 1, "ndf": 1, "n_layers_D": 1, "netF_nc": 1,
-        "epochs": 0, "epochs_decay": 0, "init_gain": 0}, {"nce_temperature": 0, "lr": 0}, {
+        "epochs": 0, "epochs_decay": 0, "init_gain": 0, "real_label": 0}, {"nce_temperature": 0, "lr": 0}, {
         "nce_negatives": ("image", "batch", "others"), "gan_mode": GAN_MODES, "netG": GENERATORS,
         "norm": ("instance", "batch", "none"), "channels_x": (1, 3), "channels_y": (1, 3)})
 
@@ -1477,9 +1478,10 @@ def test_cut_model_presets_and_config_are_the_cut_repositorys():
 def test_cut_model_networks_are_the_cut_repositorys():
     torch.manual_seed(0)
     model = CUT(CUTConfig(netG="resnet_6blocks"))
-    assert (model.groups, model.directions, model.resize_crop_in_decay) == \
-        ({"D": ("D",), "G": ("G", "H")}, {"x2y": "G"}, False), \
-        "D steps alone, G and H together; one direction; the decay epochs resize to the crop (the CUT repository)"
+    assert (model.groups, model.directions, model.resize_crop_in_decay, model.drop_last) == \
+        ({"D": ("D",), "G": ("G", "H")}, {"x2y": "G"}, False, True), \
+        "D steps alone, G and H together; one direction; the decay epochs resize to the crop; a short last batch is " \
+        "dropped (the CUT repository)"
     kinds = {type(m).__name__ for net in (model.G, model.D) for m in net.modules()}
     assert {"BlurDownsample", "BlurUpsample"} <= kinds, "the official anti-aliased G and D"
     assert [m[0].in_features for m in model.H.mlps] == [3, 128, 256, 256, 256] and model.H.mlps[0][2].out_features \
@@ -2530,6 +2532,12 @@ def test_train_cli_writes_grid_csv_plot_and_checkpoint_then_resumes(dataset_root
     assert torch.load(run / "latest.pt", weights_only=True)["step"] == 4
 
 
+def test_train_cli_cut_drops_a_short_last_batch_as_officially_so_every_batch_has_its_others(dataset_root, tmp_path):
+    argv = cli_args(dataset_root, tmp_path, "--model", "cut", "--nce-negatives", "others", "--batch-size", "3",
+                    "--max-steps", "0", "--epochs", "1", "--epochs-decay", "0")  # 4 images: a batch of 3, then 1
+    assert cli(argv) == 0 and torch.load(tmp_path / "run" / "latest.pt", weights_only=True)["step"] == 1
+
+
 def test_train_cli_grayscale_runs_end_to_end(dataset_root, tmp_path):
     out = tmp_path / "out"
     assert cli(cli_args(dataset_root, out, "--model", "fastcut", "--channels-x", "1", "--channels-y", "1",
@@ -2542,7 +2550,8 @@ def test_train_cli_grayscale_runs_end_to_end(dataset_root, tmp_path):
 
 
 @pytest.mark.parametrize("resume", [False, True])
-def test_train_cli_decide_gives_every_option_its_value_the_device_included(dataset_root, tmp_path, resume):
+def test_train_cli_decide_gives_every_option_its_value_the_device_included(dataset_root, tmp_path, monkeypatch,
+                                                                          resume):
     """A new run: the device's default (crop 128 on a CPU), then the model's (CUT's 200 + 200 epochs), then the flags
     given. A resume: the run's own, then the flags given that may change it; this call's own: the machine."""
     argv = ["--model", "cut", "--dataroot", str(dataset_root), "--output-dir", str(tmp_path / "out"), "--name", "run",
@@ -2554,7 +2563,10 @@ def test_train_cli_decide_gives_every_option_its_value_the_device_included(datas
     assert (run.model, run.crop_size, config.netG, config.lambda_nce, config.epochs, config.epochs_decay,
             config.lr) == ("cut", 24 if resume else 128, "resnet_6blocks", 1.0, 2, 200, 1e-3 if resume else 2e-4)
     assert device == torch.device("cpu") and run.device == "cpu" and (checkpoint is not None) == resume
-    assert resume or train_gan.decide([*argv, "--name", ""])[0].name == f"cut_{dataset_root.name}"  # as if not given
+    if not resume:  # no name is the default name; "." is the folder it stands for
+        monkeypatch.chdir(dataset_root)
+        run = train_gan.decide([*argv, "--name", "", "--dataroot", "."])[0]
+        assert (run.name, run.dataroot) == (f"cut_{dataset_root.name}", dataset_root)
     assert train_gan.make_trainer(run, config, device, checkpoint).optimizers["G"].param_groups[0]["lr"] == config.lr
 
 
@@ -2722,6 +2734,8 @@ def test_resume_cli_refuses_another_model_network_or_seed(dataset_root, tmp_path
     plain = ["--resume", "--name", "run", "--output-dir", str(out), "--device", "cpu"]  # the model is the run's
     code, err = run_cli(plain + ["--pool-size", "10"], capsys)
     assert_error(code, err, "this run was started with --pool-size 50; --pool-size 10 would change it")
+    code, err = run_cli(plain + ["--epochs", "0"], capsys)
+    assert_error(code, err, "this run has finished epoch 1: --epochs 0 --epochs-decay 0 would end it before that")
     code, err = run_cli(plain + ["--dropout"], capsys)
     assert_error(code, err, "this run was started with --no-dropout; --dropout would change it: drop --dropout,")
     code, err = run_cli(plain + ["--num-patches", "64"], capsys)
@@ -2946,7 +2960,8 @@ BAD_OPTIONS = [
     (["--lambda-cycle", "-1"], "--lambda-cycle: must be >= 0"),
     (["--lambda-nce", "-1", "--model", "cut"], "--lambda-nce: must be >= 0"),
     (["--lr", "0"], "--lr: must be > 0, got 0"),
-    (["--lr", "nan"], "--lr: must be > 0, got nan"),
+    (["--lr", "inf"], "--lr: must be > 0, got inf"),
+    (["--real-label", "nan"], "--real-label: must be >= 0, got nan"),
     (["--init-gain", "-1"], "--init-gain: must be >= 0"),
     (["--beta1", "1"], r"--beta1 1.0 is outside \[0, 1\), where Adam's betas lie"),
     (["--model", "cut", "--nce-temperature", "-0.1"], "--nce-temperature: must be > 0, got -0.1"),

@@ -87,7 +87,8 @@ def decide(argv: list[str]) -> tuple[Run, object, torch.device, dict | None]:
     decided here. A flag given wins; else a resume's saved value, device_defaults, the model's preset, the field's."""
     given = asdict(Run()) | vars(parser(Run).parse_known_args(argv)[0])  # a first look: the run's options
     device, model = pick_device(given["device"]), given["model"]
-    name = given["name"] or f"{model}_{Path(given['dataroot']).name}"
+    dataroot = Path(given["dataroot"]).resolve()  # kept whole, so a resume finds it from any folder
+    name = given["name"] or f"{model}_{dataroot.name}"
     checkpoint = read_checkpoint(RunFolder(Path(given["output_dir"]) / name).latest) if given["resume"] else None
     saved = {**checkpoint["run"], **checkpoint["config"]} if checkpoint else {}
     model_cls, config_cls, preset = MODELS[saved.get("model", model)]
@@ -100,13 +101,17 @@ def decide(argv: list[str]) -> tuple[Run, object, torch.device, dict | None]:
         given = as_flag(key, values[key])
         raise UsageError(f"this run was started with {as_flag(key, saved[key])}; {given} would change it: drop "
                          f"{given.split()[0]}, or start a new --name")
-    run = Run(**{f.name: values[f.name] for f in fields(Run)} | dict(device=device.type, name=name))
+    run = Run(**{f.name: values[f.name] for f in fields(Run)} | dict(device=device.type, name=name,
+                                                                       dataroot=Path(values["dataroot"]).resolve()))
     try:
         config = config_cls(**{f.name: values[f.name] for f in fields(config_cls)})
         with torch.device("meta"):  # shapes only: nothing is computed or allocated
             check(run, config, model_cls(config), device)
     except ValueError as e:  # an option the model cannot be built with
         raise UsageError(str(e)) from None
+    done = checkpoint["epoch"] if checkpoint else 0
+    need(config.epochs + config.epochs_decay >= done, f"this run has finished epoch {done}: --epochs {config.epochs} "
+         f"--epochs-decay {config.epochs_decay} would end it before that; ask for {done} or more in all")
     return run, config, device, checkpoint
 
 
@@ -395,12 +400,13 @@ def training_loader(run: Run, config, folders: dict, device: torch.device, rank:
                            config.channels_y, None if MODELS[run.model][0].resize_crop_in_decay else config.epochs)
     sampler = PairSampler(len(data.files[0]), len(data.files[1]), run.seed, rank, world,
                           run.max_steps * run.batch_size * world)
-    return data_loader(data, sampler, run.batch_size, run.workers, device.type == "cuda")
+    return data_loader(data, sampler, run.batch_size, run.workers, device.type == "cuda",
+                       MODELS[run.model][0].drop_last)
 
 
 def start_line(run: Run, trainer: Trainer, loader) -> str:
     """What runs where, on what, for how long."""
-    data, steps = loader.dataset, math.ceil(loader.sampler.size // trainer.world / run.batch_size)
+    data, steps = loader.dataset, len(loader)  # a whole epoch's: the sampler has not been set to a place in one
     defaults = ", ".join(f"{k}={v}" for k, v in device_defaults(trainer.device).items())
     return (("resuming " if run.resume else "") + f"{run.model} on {trainer.device} x {trainer.world} | data "
             f"{run.dataroot} ({len(data.files[0])} X, {len(data.files[1])} Y) | crop {run.crop_size} (load "
