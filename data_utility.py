@@ -319,7 +319,7 @@ def drop_rows_after(path: Path, column: str, last: int) -> None:
 
 
 def read_table(path: Path) -> list[dict[str, float]]:
-    """A CSV log's rows as {column: number}, without the cells that are not numbers (a user may edit a log)."""
+    """A CSV log's rows as {column: number}, without the cells that are not finite numbers (a user may edit a log)."""
     try:
         with open(path, newline="", errors="replace") as f:
             rows = list(csv.DictReader(f))
@@ -330,7 +330,9 @@ def read_table(path: Path) -> list[dict[str, float]]:
         table.append({})
         for name, value in row.items():
             with suppress(TypeError, ValueError):  # an empty cell, a word, a cell beyond the header
-                table[-1][name] = float(value)
+                number = float(value)
+                if math.isfinite(number):  # a typed 'NaN' or 'inf' is a word too
+                    table[-1][name] = number
     return table
 
 
@@ -440,11 +442,16 @@ class RunFolder:
 
     def start(self, options: dict, command: list[str], epoch: int, step: int, images: int, heading: str,
               caption: str, total: int) -> None:
-        """A start at `images` into `epoch` of `total`, after `step` steps: the logs lose their rows past these,
-        options.json gets the run's `options` and this command among its starts; then the page."""
+        """A start at `images` into `epoch` of `total`, after `step` steps: the logs lose their rows past these and
+        the pictures of later epochs go (a resume trains them again), options.json gets the run's `options` and this
+        command among its starts; then the page."""
         self.heading, self.captions["epoch"], self.done, self.total = heading, caption, epoch, total
         drop_rows_after(self.path / "losses.csv", "step", step)
         drop_rows_after(self.path / "epochs.csv", "epoch", epoch)
+        for kind in self.captions:
+            for picture in self.path.glob(f"{kind}_[0-9][0-9][0-9].png"):
+                if int(picture.stem[-3:]) > epoch:
+                    picture.unlink()
         path = self.path / "options.json"
         try:
             self.runs = list(json.loads(path.read_text())["runs"])
@@ -648,7 +655,8 @@ class StopFlag:
 
 def load_torch(path: Path):
     """What a .pt or .pth file holds, on the CPU, tensors only."""
-    need(Path(path).is_file(), f"checkpoint {path} does not exist: check --checkpoint")
+    need(Path(path).is_file(), f"checkpoint {path} " + ("is a folder: pass the latest.pt in it" if Path(path).is_dir()
+                                                         else "does not exist: check --checkpoint"))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for foreign or broken files

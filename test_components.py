@@ -2354,6 +2354,8 @@ def test_run_folder_hand_edited_losses_csv_never_stops_a_resumed_run_or_its_page
     rows = list(csv.reader(losses.open()))
     with losses.open("w", newline="") as f:  # opened in a spreadsheet: a column removed, a note typed
         csv.writer(f).writerows([r[:3] + r[4:] for r in rows] + [["checked: looks fine"]])
+    with (out / "run" / "epochs.csv").open("a") as f:  # a note that reads as a number, but no epoch's
+        f.write("NaN,to check\n")
     code, err = run_cli(cli_args(dataset_root, out, "--epochs", "1", "--epochs-decay", "1", "--resume"), capsys)
     assert code == 0 and "Traceback" not in "".join(err), err
     assert len(list(csv.reader(losses.open()))) == len(rows) + 1 + 2  # the run went on appending
@@ -2902,6 +2904,9 @@ def test_translate_cli_wrong_files_get_one_line(dataset_root, tmp_path, capsys):
         code, err = run_cli(["--checkpoint", str(tmp_path / name), "--input", str(dataset_root / "testA"),
                              "--output", str(tmp_path / "out"), "--device", "cpu"], capsys, translate_cli)
         assert_error(code, err, "neither a checkpoint of train_gan.py nor an official generator.*" + pattern)
+    code, err = run_cli(["--checkpoint", str(tmp_path), "--input", str(dataset_root / "testA"), "--output",
+                         str(tmp_path / "out")], capsys, translate_cli)
+    assert_error(code, err, f"checkpoint {re.escape(str(tmp_path))} is a folder: pass the latest.pt in it")
     official_files(tmp_path / "official")
     code, err = run_cli(["--checkpoint", str(tmp_path / "official" / "horse2zebra.pth"), "--input",
                          str(dataset_root / "testB"), "--output", str(tmp_path / "out"), "--direction", "BtoA"],
@@ -3064,6 +3069,8 @@ def test_faults_translating_problems_are_named(dataset_root, tmp_path, capsys):
         (["--input", dataset_root / "testB", "--output", tmp_path / "res", "--direction", "BtoA"],
          r"translates its own way only \(AtoB\)"),
         (["--input", dataset_root / "testA"], "takes one model and an --output folder"),
+        (["--input", dataset_root / "testA", "--output", tmp_path / "res", "--count", "2"], "--count picks the images"
+         " of a --grid; --output translates them all: drop it"),
     ]:
         code, err = run_cli(["--checkpoint", ckpt, *argv], capsys, translate_cli)
         assert_error(code, err, pattern)
@@ -3151,7 +3158,8 @@ def test_faults_a_resume_from_a_checkpoint_older_than_the_logs_logs_each_step_on
     older = (run / "latest.pt").read_bytes()
     assert cli(next_epoch(dataset_root, tmp_path)) == 0
     (run / "latest.pt").write_bytes(older)
-    assert cli(next_epoch(dataset_root, tmp_path)) == 0
+    assert cli(next_epoch(dataset_root, tmp_path) + ["--no-d-map"]) == 0
+    assert (run / "epoch_002.png").exists() and not (run / "d_epoch_002.png").exists()  # the lost epoch's, drawn again
     assert [[r[k] for r in du.read_table(run / f)] for f, k in (("losses.csv", "step"), ("epochs.csv", "epoch"))] == \
         [[1, 2], [1, 2]]
 

@@ -51,7 +51,7 @@ def parser() -> Parser:
                    "test.py (256: the papers' FID protocol); with --grid, 256 by default")
     p.add_argument("--grid", type=Path, metavar="FILE", help="instead: one .png/.jpg, a row per image (the "
                    "first --count of --input), then each model's result")
-    p.add_argument("--count", type=at_least(1), default=6, help="--grid: the first COUNT images of --input (6)")
+    p.add_argument("--count", type=at_least(1), help="--grid: the first COUNT images of --input (6)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda, then mps, then cpu")
     p.add_argument("--cache", type=Path, default=CACHE, help="where --pretrained generators are kept (pretrained/)")
     return p
@@ -74,6 +74,7 @@ def use_models(args) -> None:
          "inside it: choose a folder outside it, so no input is overwritten")
     need(not (args.size and args.max_side), "--size and --max-side both set the size: pass one")
     need(not (args.grid and args.max_side), "--grid resizes each image to --size (256 by default): drop --max-side")
+    need(args.grid or not args.count, "--count picks the images of a --grid; --output translates them all: drop it")
     files = list_images(args.input)
     device = pick_device(args.device)
     paths = [*args.checkpoint, *(download_pretrained(name, args.cache) for name in args.pretrained)]
@@ -184,7 +185,7 @@ def write_grid(generators: list[torch.nn.Module], args) -> None:
     need(len(channels) == 1, f"the models take {' and '.join(map(str, sorted(channels)))}-channel inputs: compare "
          f"models of the same domains")
     size = args.size or 256
-    x = load_fixed_images(args.input, args.count, size, channels.pop())
+    x = load_fixed_images(args.input, args.count or 6, size, channels.pop())
     with stop_if_out_of_memory(f"translating {len(x)} images of {size}x{size} at once (batch {len(x)})",
                                "lower --count or --size"):
         outputs = [generate(net, x) for net in generators]
