@@ -35,6 +35,7 @@ import functools
 import http.server
 import importlib
 import inspect
+import io
 import json
 import math
 import os
@@ -3359,14 +3360,26 @@ def test_ddp_is_the_commands_concern_and_no_model_file_names_it():
         assert not re.search(r"DistributedDataParallel|no_sync|all_reduce|local_grads|rank|distributed", text), path
 
 
+def free_port() -> int:
+    """A port no process listens on, for a group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_torchrun_rank(rank, world, port):
+    """The environment torchrun gives a rank; one thread each."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+
 def ddp_worker(rank, world, port, argv, out, stop_after=None):
     """One torchrun-like rank: train, then dump this rank's weights for comparison. FastCUT's
     ranks mirror differently (rank 0 every step, rank 1 never), the case that once hung them.
     With `stop_after`, rank 1 alone is asked to stop after that many steps."""
     CUT.flip_this_step = lambda self: self.config.flip_equivariance and rank == 0
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    as_torchrun_rank(rank, world, port)
     stop = StopAfter(stop_after) if stop_after and rank == 1 else None
     model = train_gan.train(argv, stop=stop)
     torch.save({k: v.state_dict() for k, v in model.nets.items()}, Path(out) / f"rank{rank}.pt")
@@ -3376,9 +3389,7 @@ def ddp_worker(rank, world, port, argv, out, stop_after=None):
 def train_two_ranks(argv, tmp_path, stop_after=None) -> list[dict]:
     """Run ddp_worker on 2 processes (gloo on the CPU, nccl with --device cuda); each rank's final
     weights. Fails if the ranks hang."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = mp.spawn(ddp_worker, args=(2, port, argv, str(tmp_path), stop_after), nprocs=2, join=False)
     deadline = time.monotonic() + 120
     while not procs.join(timeout=2):  # raises if a rank failed
@@ -3410,6 +3421,24 @@ def test_ddp_on_two_processes_keeps_ranks_identical_and_writes_once(dataset_root
     assert trained["step"] == 2 and all(torch.equal(t, ranks[0]["G"][k]) for k, t in trained["nets"]["G"].items())
 
 
+def command_on_a_rank(rank, world, port, argv, out):
+    """A torchrun-like rank of the whole command: its exit code and the last line it wrote to stderr."""
+    as_torchrun_rank(rank, world, port)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = train_gan.main(argv)
+    (Path(out) / f"rank{rank}.txt").write_text(f"{code} {err.getvalue().strip().splitlines()[-1]}")
+
+
+def test_ddp_a_refusal_of_rank_0_stops_every_rank_in_one_line_before_any_step(dataset_root, tmp_path):
+    argv = cli_args(dataset_root, tmp_path / "out", "--epochs", "1", "--epochs-decay", "0")
+    assert cli(argv) == 0  # the run's folder now holds a run: rank 0 alone, which holds folders, can tell
+    mp.spawn(command_on_a_rank, args=(2, free_port(), argv, str(tmp_path)), nprocs=2)  # a traceback fails it
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert re.fullmatch("2 error: .* already holds a run: pass --resume to continue it, or a new --name", said[0])
+    assert said[1] == f"1 error: rank 0 could not take {tmp_path / 'out' / 'run'}: its error says why", said
+
+
 def gradients_of_one_step(trainer, x, y) -> dict[str, torch.Tensor]:
     """Each network's gradient (flattened) as its Adam step sees it, in one training step on (x, y)."""
     grads, adam_step = {}, {group: opt.step for group, opt in trainer.optimizers.items()}
@@ -3437,9 +3466,7 @@ def test_ddp_two_ranks_take_the_step_one_process_takes_on_both_ranks_images(tmp_
     """The Trainer averages each group's gradients over the ranks before its Adam step: two ranks, each with one
     image pair, step on the gradients one process gets from both pairs as a batch of 2 (the losses are means over
     the batch, instance norm sees each image alone, and without a pool D sees the same fakes)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(one_step_on_a_rank, args=(2, port, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     torch.manual_seed(0)

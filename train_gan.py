@@ -14,7 +14,7 @@ import math
 import statistics
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from cut_model import CUT, FASTCUT, CUTConfig
 from cycle_gan import CycleGAN, CycleGANConfig
-from data_utility import (DEVICES, PairSampler, Parser, RunError, RunFolder, StopFlag, UnpairedDataset, UsageError,
-                          as_typed, at_least, batches, cpu_has_native_bf16, data_loader, download_command, find_domains,
-                          load_fixed_images, load_torch, need, peak_memory_mb, pick_device, run_command, smallest_side,
-                          stop_if_a_write_fails, stop_if_out_of_memory)
+from data_utility import (DEVICES, CommandError, PairSampler, Parser, RunError, RunFolder, StopFlag, UnpairedDataset,
+                          UsageError, as_typed, at_least, batches, cpu_has_native_bf16, data_loader, download_command,
+                          find_domains, load_fixed_images, load_torch, need, peak_memory_mb, pick_device, run_command,
+                          smallest_side, stop_if_a_write_fails, stop_if_out_of_memory)
 
 # ----------------------------------------------------------------------------- the run record, decided once
 
@@ -338,7 +338,7 @@ def train(argv: list[str], stop: StopFlag | None = None) -> Trainer | None:
     if run.benchmark:
         return benchmark(run, config, device, rank, world)
     folder = RunFolder(run.output_dir / run.name, f"continue with: {continue_with(run)}")  # works as printed
-    with folder.held(new=not run.resume) if rank == 0 else nullcontext(), \
+    with held_on_rank0(folder, not run.resume, rank), \
             stop_if_a_write_fails(folder.path, folder.resume_hint), \
             stop_if_out_of_memory(f"at crop {run.crop_size}x{run.crop_size}, batch {run.batch_size}",
                                   f"lower --crop-size or --batch-size, then {folder.resume_hint}"):
@@ -380,6 +380,31 @@ def continue_with(run: Run, **changes) -> str:
     words += ["--workers", str(run.workers)] if run.workers != workers else []
     words += ["--compile"] if run.compile else []
     return " ".join(words + [f"--{k.replace('_', '-')} {v:g}" for k, v in changes.items()])
+
+
+@contextmanager
+def held_on_rank0(folder: RunFolder, new: bool, rank: int):
+    """The run's folder, held by rank 0 (RunFolder.held); where rank 0 cannot hold it, every rank stops in one line,
+    before any step."""
+    with ExitStack() as stack:
+        refusal = None
+        if rank == 0:
+            try:
+                stack.enter_context(folder.held(new))
+            except CommandError as e:
+                refusal = e
+        if any_rank(refusal is not None):
+            raise refusal or RunError(f"rank 0 could not take {folder.path}: its error says why")
+        yield
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is set on any rank: a vote on the CPU, through gloo, which never waits for a GPU."""
+    if not dist.is_initialized():
+        return flag
+    votes = torch.tensor([int(flag)])
+    dist.all_reduce(votes, dist.ReduceOp.MAX)
+    return bool(votes)
 
 
 def make_trainer(run: Run, config, device: torch.device, checkpoint: dict | None, rank: int = 0) -> Trainer:
@@ -448,15 +473,6 @@ def train_epoch(trainer: Trainer, loader, run: Run, folder: RunFolder, stop: Sto
     trainer.finish_epoch()
     return {**{k: v / epoch_steps for k, v in epoch_sums.items()}, "seconds": round(seconds, 1),
             "images_per_sec": epoch_steps * run.batch_size * trainer.world / seconds, "data_wait": data_wait / seconds}
-
-
-def any_rank(flag: bool) -> bool:
-    """Whether `flag` is set on any rank: a vote on the CPU, through gloo, which never waits for a GPU."""
-    if not dist.is_initialized():
-        return flag
-    votes = torch.tensor([int(flag)])
-    dist.all_reduce(votes, dist.ReduceOp.MAX)
-    return bool(votes)
 
 
 def finite_means(sums: dict[str, torch.Tensor], steps: int, if_diverged: str) -> dict[str, float]:
