@@ -76,7 +76,7 @@ class CUT:
     groups = {"D": ("D",), "G": ("G", "H")}  # officially H has an Adam of its own, the same steps: Adam is per weight
     directions = {"x2y": "G"}  # CUT learns one direction only
     # The official CUT dataset stops the resize-and-crop jitter once the lr decays (load size = crop
-    # size in those epochs); flips stay. Its loader drops an epoch's last batch when it is short.
+    # size in those epochs); flips stay. Its loader (data/__init__.py) drops an epoch's last batch when it is short.
     resize_crop_in_decay, drop_last = False, True
 
     def __init__(self, config: CUTConfig | None = None):

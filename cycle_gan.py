@@ -85,7 +85,7 @@ class CycleGAN:
     groups = {"G": ("G", "F"), "D": ("D_X", "D_Y")}  # one Adam per group, as junyanz's code
     directions = {"x2y": "G", "y2x": "F"}
     resize_crop_in_decay = True  # the random resize-and-crop jitter stays on for the whole run
-    drop_last = False  # junyanz's loader trains an epoch's last batch, however short
+    drop_last = False  # junyanz's loader (data/__init__.py) trains an epoch's last batch, however short
 
     def __init__(self, config: CycleGANConfig | None = None):
         c = self.config = config or CycleGANConfig()

@@ -653,10 +653,10 @@ class StopFlag:
         self.requested = True
 
 
-def load_torch(path: Path):
-    """What a .pt or .pth file holds, on the CPU, tensors only."""
+def load_torch(path: Path, if_missing: str = "check --checkpoint"):
+    """What a .pt or .pth file holds, on the CPU, tensors only; a file that is not there ends in `if_missing`."""
     need(Path(path).is_file(), f"checkpoint {path} " + ("is a folder: pass the latest.pt in it" if Path(path).is_dir()
-                                                         else "does not exist: check --checkpoint"))
+                                                         else f"does not exist: {if_missing}"))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for foreign or broken files

@@ -1114,7 +1114,8 @@ def test_cyclegan_config_is_the_papers_and_junyanzs():
     model = CycleGAN()
     assert (model.groups, model.directions, model.resize_crop_in_decay, model.drop_last) == \
         ({"G": ("G", "F"), "D": ("D_X", "D_Y")}, {"x2y": "G", "y2x": "F"}, True, False), \
-        "junyanz's two Adams (G and F; D_X and D_Y); both directions; the jitter throughout; every batch trained"
+        "junyanz's two Adams (G and F; D_X and D_Y); both directions; the jitter throughout; every batch trained " \
+        "(junyanz's data/__init__.py)"
     first = model.G.model[1].weight
     assert first.std().item() == pytest.approx(0.02, rel=0.05) and abs(first.mean().item()) < 2e-3, \
         "CycleGAN appendix 7.1, and junyanz's init: N(0, 0.02)"
@@ -1482,7 +1483,7 @@ def test_cut_model_networks_are_the_cut_repositorys():
     assert (model.groups, model.directions, model.resize_crop_in_decay, model.drop_last) == \
         ({"D": ("D",), "G": ("G", "H")}, {"x2y": "G"}, False, True), \
         "D steps alone, G and H together; one direction; the decay epochs resize to the crop; a short last batch is " \
-        "dropped (the CUT repository)"
+        "dropped (the CUT repository; its data/__init__.py for the last)"
     kinds = {type(m).__name__ for net in (model.G, model.D) for m in net.modules()}
     assert {"BlurDownsample", "BlurUpsample"} <= kinds, "the official anti-aliased G and D"
     assert [m[0].in_features for m in model.H.mlps] == [3, 128, 256, 256, 256] and model.H.mlps[0][2].out_features \
@@ -2969,7 +2970,7 @@ BAD_OPTIONS = [
     (["--lr", "inf"], "--lr: must be > 0, got inf"),
     (["--real-label", "nan"], "--real-label: must be >= 0, got nan"),
     (["--init-gain", "-1"], "--init-gain: must be >= 0"),
-    (["--beta1", "1"], r"--beta1 1.0 is outside \[0, 1\), where Adam's betas lie"),
+    (["--beta1", "1"], r"--beta1 1.0 is outside \[0, 1\), which torch.optim.Adam refuses"),
     (["--model", "cut", "--nce-temperature", "-0.1"], "--nce-temperature: must be > 0, got -0.1"),
     (["--netG", "unet_128", "--crop-size", "32"], "multiple of 128"),
     (["--crop-size", "30"], "multiple of 4"),

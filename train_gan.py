@@ -98,9 +98,9 @@ def decide(argv: list[str]) -> tuple[Run, object, torch.device, dict | None]:
                 **{k: v for k, v in device_defaults(device).items() if not saved or resumes[k] == "this_call"}}
     values = vars(parser(Run, config_cls, defaults=defaults).parse_args(argv))
     for key in (k for k in saved if resumes[k] == "fixed" and values[k] != saved[k]):
-        given = as_flag(key, values[key])
-        raise UsageError(f"this run was started with {as_flag(key, saved[key])}; {given} would change it: drop "
-                         f"{given.split()[0]}, or start a new --name")
+        typed = as_flag(key, values[key])
+        raise UsageError(f"this run was started with {as_flag(key, saved[key])}; {typed} would change it: drop "
+                         f"{typed.split()[0]}, or start a new --name")
     run = Run(**{f.name: values[f.name] for f in fields(Run)} | dict(device=device.type, name=name,
                                                                        dataroot=Path(values["dataroot"]).resolve()))
     try:
@@ -139,16 +139,9 @@ def parser(*records, defaults: dict | None = None) -> Parser:
     return p
 
 
-def as_flag(key: str, value) -> str:
-    """An option as it is typed: --ngf 64, --nce-layers 0,4; a yes-or-no one --nce-idt or --no-nce-idt."""
-    flag = "--" + key.replace("_", "-")
-    return (flag if value else f"--no-{flag[2:]}") if isinstance(value, bool) else f"{flag} {as_typed(value)}"
-
-
 def read_checkpoint(source: Path) -> dict:
     """The checkpoint a resume goes on from; another kind of file is a UsageError naming it."""
-    need(source.is_file(), f"{source} does not exist, so there is no run to resume: check --name and --output-dir")
-    state = load_torch(source)
+    state = load_torch(source, "no run to resume there; check --name and --output-dir")
     need(run_record(state), f"{source} is not a checkpoint of a train_gan.py run (translate.py uses an official "
          f".pth): pass a latest.pt of train_gan.py")
     need({"run", "epoch", "step", "images", "optimizers", "extra", "rng"} <= set(state), f"{source} cannot be resumed"
@@ -170,13 +163,19 @@ def record(options) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}
 
 
+def as_flag(key: str, value) -> str:
+    """An option as it is typed: --ngf 64, --nce-layers 0,4; a yes-or-no one --nce-idt or --no-nce-idt."""
+    flag = "--" + key.replace("_", "-")
+    return (flag if value else f"--no-{flag[2:]}") if isinstance(value, bool) else f"{flag} {as_typed(value)}"
+
+
 def check(run: Run, config, model, device: torch.device) -> None:
     """Refuse options that cannot work together; warn of a slow one."""
     need(run.crop_size <= run.load_size, f"--crop-size {run.crop_size} is larger than --load-size {run.load_size}: "
          f"lower one or raise the other")
     need(getattr(config, "nce_negatives", "") != "others" or run.batch_size > 1,
          "--nce-negatives others draws negatives from the other images of a batch: pass --batch-size 2 or more")
-    need(0 <= config.beta1 < 1, f"--beta1 {config.beta1} is outside [0, 1), where Adam's betas lie: use 0.5")
+    need(0 <= config.beta1 < 1, f"--beta1 {config.beta1} is outside [0, 1), which torch.optim.Adam refuses: use 0.5")
     need(run.precision != "fp16" or device.type == "cuda", f"--precision fp16 is for CUDA GPUs (on {device.type} "
          f"G's gradients come out NaN): use fp32, or bf16")
     if run.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
