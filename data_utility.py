@@ -228,9 +228,13 @@ class PairSampler(torch.utils.data.Sampler):
 
 
 def quiet_worker(_: int) -> None:
-    """A loader's worker leaves Ctrl-C to the main process, which saves, then stops it."""
+    """A loader's worker leaves Ctrl-C and SIGTERM to the main process, which takes its step, saves, then stops it.
+    Told SIGTERM with its whole process group (systemd, Slurm), a worker goes on 10 s, to make the batch the step
+    may wait for, then exits with code 0 (killed by a signal, it would make torch raise in the main process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "alarm"):  # POSIX
+        signal.signal(signal.SIGTERM, lambda *_: signal.alarm(10))
+        signal.signal(signal.SIGALRM, lambda *_: os._exit(0))
 
 
 def data_loader(data: UnpairedDataset, sampler: PairSampler, batch_size: int, workers: int, pin_memory: bool,
