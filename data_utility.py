@@ -299,6 +299,8 @@ def append_row(path: Path, row: dict[str, float]) -> None:
     column a user deleted) adds its column at the end, and the file is rewritten whole."""
     with open(path, "a+", newline="", errors="replace") as f:  # read from the start; every write goes to the end
         f.seek(0)
+        if f.read(1) != "\ufeff":  # a BOM, from a spreadsheet's 'CSV UTF-8': not part of the first name
+            f.seek(0)
         header = next(csv.reader(f), [])
         names = header + [k for k in row if k not in header]
         cells = [(str(row[k]) if isinstance(row[k], int) else f"{row[k]:.5g}") if k in row else "" for k in names]
@@ -312,7 +314,7 @@ def append_row(path: Path, row: dict[str, float]) -> None:
 def drop_rows_after(path: Path, column: str, last: int) -> None:
     """Drop a CSV log's rows whose `column` is past `last`: those a resume from an older checkpoint trains again."""
     try:
-        with open(path, newline="", errors="replace") as f:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
             header, *rows = csv.reader(f)
         at = header.index(column)
     except (OSError, csv.Error, ValueError):  # no log yet, or none of this column
@@ -325,7 +327,7 @@ def drop_rows_after(path: Path, column: str, last: int) -> None:
 def read_table(path: Path) -> list[dict[str, float]]:
     """A CSV log's rows as {column: number}, without the cells that are not finite numbers (a user may edit a log)."""
     try:
-        with open(path, newline="", errors="replace") as f:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
             rows = list(csv.DictReader(f))
     except (OSError, csv.Error):  # none yet, or no longer a CSV
         return []

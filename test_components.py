@@ -2196,6 +2196,11 @@ def test_run_folder_log_edited_by_hand_is_read_for_what_parses_and_appended_to_a
     path.write_bytes(b"step,epoch,D\n1,1,\xff\xfe\n")  # saved by an editor in another encoding
     du.append_row(path, {"step": 2, "epoch": 1, "D": 0.5})
     assert du.read_table(path) == [{"step": 1, "epoch": 1}, {"step": 2, "epoch": 1, "D": 0.5}]
+    path.write_bytes(b"\xef\xbb\xbfstep,epoch,D\n1,1,0.5\n")  # re-saved by a spreadsheet as 'CSV UTF-8', with a BOM
+    du.append_row(path, {"step": 2, "epoch": 1, "D": 0.25})
+    du.drop_rows_after(path, "step", 1)
+    du.append_row(path, {"step": 2, "epoch": 1, "D": 0.125})
+    assert du.read_table(path) == [{"step": 1, "epoch": 1, "D": 0.5}, {"step": 2, "epoch": 1, "D": 0.125}]
 
 
 def test_run_folder_checkpoint_is_written_atomically_and_a_copy_kept(tmp_path, monkeypatch):
