@@ -2989,6 +2989,10 @@ BAD_OPTIONS = [
     (["--epochs", "x"], "invalid int value: 'x'"),
     (["--precision", "fp16"], "fp16 is for CUDA GPUs"),
     (["--model", "cut", "--nce-negatives", "others"], "other images of a batch: pass --batch-size 2 or more"),
+    # 4 images of X: CUT drops a short last batch (the CUT repository's data/__init__.py), and an epoch makes none
+    (["--model", "cut", "--batch-size", "5"], r"an epoch here has 4 pairs of images, too few for one batch of "
+                                              r"--batch-size 5 \(cut drops a short last batch\): lower --batch-size to 4"),
+    (["--model", "fastcut", "--batch-size", "5", "--benchmark", "1"], "too few for one batch of --batch-size 5"),
     (["--model", "fastcut", "--pool-size", "0"], r"unrecognized arguments: --pool-size 0 \(see train_gan.py --model "
                                                  r"fastcut --help\)"),
     (["--lambda-nce", "2"], r"unrecognized arguments: --lambda-nce 2 \(see train_gan.py --model cycle_gan --help\)"),

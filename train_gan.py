@@ -424,8 +424,11 @@ def training_loader(run: Run, config, folders: dict, device: torch.device, rank:
                            config.channels_y, None if MODELS[run.model][0].resize_crop_in_decay else config.epochs)
     sampler = PairSampler(len(data.files[0]), len(data.files[1]), run.seed, rank, world,
                           run.max_steps * run.batch_size * world)
-    return data_loader(data, sampler, run.batch_size, run.workers, device.type == "cuda",
-                       MODELS[run.model][0].drop_last)
+    loader = data_loader(data, sampler, run.batch_size, run.workers, device.type == "cuda",
+                         MODELS[run.model][0].drop_last)
+    need(len(loader), f"an epoch here has {len(sampler)} pairs of images, too few for one batch of --batch-size "
+         f"{run.batch_size} ({run.model} drops a short last batch): lower --batch-size to {len(sampler)}")
+    return loader
 
 
 def start_line(run: Run, trainer: Trainer, loader) -> str:
