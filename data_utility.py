@@ -495,7 +495,7 @@ class RunFolder:
             save_similarity_grid(*nce, self.picture("nce_epoch", epoch))
         if judged:  # a row per image: for each D, its real image and a translation, each under its verdict
             save_grid([[heat_over(image[b], verdict[b, 0]) for _, image, verdict in judged]
-                       for b in range(len(judged[0][1]))], self.picture("d_epoch", epoch))
+                       for b in range(min(len(image) for _, image, _ in judged))], self.picture("d_epoch", epoch))
         log, per_epoch = read_table(self.path / "losses.csv"), read_table(self.path / "epochs.csv")
         plot(log, "step", {k: [k] for r in log for k in r if k not in ("step", "epoch")}, self.path / "losses.png")
         judges = dict.fromkeys(k.removesuffix("_real") for r in per_epoch for k in r if k.endswith("_real"))

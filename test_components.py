@@ -2234,6 +2234,8 @@ def test_run_folder_verdict_picture_lays_each_verdict_over_its_image_and_the_bal
                           np.asarray(du.heat_over(image[0], on_real[0, 0])))  # the upsampled map, over the image
     row = next(csv.DictReader((tmp_path / "epochs.csv").open()))
     assert (float(row["D_real"]), float(row["D_fake"])) == (0.5, 0.0) and (tmp_path / "balance.png").exists()
+    folder.record_epoch(2, {"D": 0.25}, [[image[0]]], verdicts={"D": (image, image[:1], on_real, on_real[:1])})
+    assert Image.open(folder.picture("d_epoch", 2)).height == 34 + 2  # 2 test images of one domain, 1 of the other
 
 
 def parse_page(path: Path) -> dict:
