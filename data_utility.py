@@ -448,12 +448,13 @@ class RunFolder:
 
     def start(self, options: dict, command: list[str], epoch: int, step: int, images: int, heading: str,
               caption: str, total: int) -> None:
-        """A start at `images` into `epoch` of `total`, after `step` steps: the logs lose their rows past these and
-        the pictures of later epochs go (a resume trains them again), options.json gets the run's `options` and this
-        command among its starts; then the page."""
+        """A start at `images` into `epoch` of `total`, after `step` steps: the logs lose their rows past these, are
+        plotted again, and the pictures of later epochs go (a resume trains them again); options.json gets the run's
+        `options` and this command among its starts; then the page."""
         self.heading, self.captions["epoch"], self.done, self.total = heading, caption, epoch, total
         drop_rows_after(self.path / "losses.csv", "step", step)
         drop_rows_after(self.path / "epochs.csv", "epoch", epoch)
+        self.plot_logs()
         for kind in self.captions:
             for picture in self.path.glob(f"{kind}_[0-9][0-9][0-9].png"):
                 if int(picture.stem[-3:]) > epoch:
@@ -496,12 +497,16 @@ class RunFolder:
         if judged:  # a row per image: for each D, its real image and a translation, each under its verdict
             save_grid([[heat_over(image[b], verdict[b, 0]) for _, image, verdict in judged]
                        for b in range(min(len(image) for _, image, _ in judged))], self.picture("d_epoch", epoch))
+        self.plot_logs()
+        self.write_page(running=True)
+        return self.summary(row)
+
+    def plot_logs(self) -> None:
+        """losses.png and balance.png, from the logs as they stand."""
         log, per_epoch = read_table(self.path / "losses.csv"), read_table(self.path / "epochs.csv")
         plot(log, "step", {k: [k] for r in log for k in r if k not in ("step", "epoch")}, self.path / "losses.png")
         judges = dict.fromkeys(k.removesuffix("_real") for r in per_epoch for k in r if k.endswith("_real"))
         plot(per_epoch, "epoch", {d: [f"{d}_real", f"{d}_fake"] for d in judges}, self.path / "balance.png", 0.5)
-        self.write_page(running=True)
-        return self.summary(row)
 
     @classmethod
     def summary(cls, row: dict[str, float]) -> str:

@@ -3168,9 +3168,11 @@ def test_faults_a_resume_from_a_checkpoint_older_than_the_logs_logs_each_step_on
     """The logs' rows past the checkpoint (its save lost to a crash, a full disk) are trained, and logged, again."""
     run = tmp_path / "run"
     assert cli(one_epoch(dataset_root, tmp_path)) == 0
-    older = (run / "latest.pt").read_bytes()
+    older, plotted = (run / "latest.pt").read_bytes(), [(run / p).read_bytes() for p in ("losses.png", "balance.png")]
     assert cli(next_epoch(dataset_root, tmp_path)) == 0
     (run / "latest.pt").write_bytes(older)
+    assert cli(one_epoch(dataset_root, tmp_path, "--resume")) == 0  # a start alone: its epoch is done
+    assert [(run / p).read_bytes() for p in ("losses.png", "balance.png")] == plotted  # the lost epoch is not drawn
     assert cli(next_epoch(dataset_root, tmp_path) + ["--no-d-map"]) == 0
     assert (run / "epoch_002.png").exists() and not (run / "d_epoch_002.png").exists()  # the lost epoch's, drawn again
     assert [[r[k] for r in du.read_table(run / f)] for f, k in (("losses.csv", "step"), ("epochs.csv", "epoch"))] == \
