@@ -40,6 +40,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -2708,11 +2709,11 @@ def test_train_cli_losses_are_read_once_per_logged_window_and_averaged(dataset_r
 def test_resume_cli_takes_every_option_not_given_from_the_run(dataset_root, tmp_path, capsys):
     """A stopped run's advice, run as printed, resumes it: the model (not the default FastCUT), the network
     and the data options come from the run; a lower --lr, the NaN advice, is taken."""
-    out = tmp_path / "out"
+    out = tmp_path / "my runs"  # a space: the advice is quoted for a shell
     argv = cli_args(dataset_root, out, "--model", "cut", "--epochs", "1", "--epochs-decay", "1", "--ngf", "8",
                     "--crop-size", "24", "--load-size", "28", "--lr", "1e-3")
     train_gan.train(argv, stop=StopAfter(1))
-    advice = re.search(r"continue with: (.*)", capsys.readouterr().out).group(1).split()
+    advice = shlex.split(re.search(r"continue with: (.*)", capsys.readouterr().out).group(1))
     assert advice[:2] == ["python", "train_gan.py"] and "--model" not in advice
     run, config, device, checkpoint = train_gan.decide(advice[2:] + ["--lr", "5e-4"])
     resumed = train_gan.make_trainer(run, config, device, checkpoint)

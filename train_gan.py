@@ -11,6 +11,7 @@ import argparse
 import itertools
 import json
 import math
+import shlex
 import statistics
 import time
 import warnings
@@ -371,14 +372,15 @@ def train(argv: list[str], stop: StopFlag | None = None) -> Trainer | None:
 
 
 def continue_with(run: Run, **changes) -> str:
-    """The command that continues this run: its name, this machine's options a resume would not pick, `changes`."""
+    """The command that continues this run, quoted for a shell: its name, this machine's options a resume would not
+    pick, `changes`."""
     words = ["python", "train_gan.py", "--resume", "--name", run.name]
     words += ["--output-dir", str(run.output_dir)] if run.output_dir != Run.output_dir else []
     words += ["--device", run.device] if run.device != pick_device(Run.device).type else []
     workers = device_defaults(pick_device(run.device)).get("workers", 0)
     words += ["--workers", str(run.workers)] if run.workers != workers else []
     words += ["--compile"] if run.compile else []
-    return " ".join(words + [f"--{k.replace('_', '-')} {v:g}" for k, v in changes.items()])
+    return shlex.join(words + [w for k, v in changes.items() for w in (f"--{k.replace('_', '-')}", f"{v:g}")])
 
 
 @contextmanager
