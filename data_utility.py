@@ -701,13 +701,14 @@ def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:
         return target
     make_folder(Path(root), "--root")
     part, unzipped = Path(root) / f"{name}.zip.part", Path(root) / f"{name}.unzip.part"
+    advice = f"fetch the zip elsewhere and unzip it in {root}: it holds {name}/"  # as the official zips are laid out
     try:  # unzipped beside the target and renamed, so a half-unzipped dataset never stands as one
-        fetch(url, part, f"fetch the zip elsewhere and unzip it into {target}", timeout)
+        fetch(url, part, advice, timeout)
         with zipfile.ZipFile(part) as z:
             z.extractall(unzipped)
         os.replace(unzipped / name, target)
     except (OSError, zipfile.BadZipFile) as e:
-        raise UsageError(f"could not unzip {url} ({e}): fetch the zip elsewhere and unzip it into {target}") from None
+        raise UsageError(f"could not unzip {url} ({e}): {advice}") from None
     finally:
         part.unlink(missing_ok=True)
         shutil.rmtree(unzipped, ignore_errors=True)
