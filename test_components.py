@@ -3070,6 +3070,7 @@ def test_faults_translating_problems_are_named(dataset_root, tmp_path, capsys):
     assert cli(cli_args(dataset_root, out, "--model", "fastcut", "--epochs", "1", "--epochs-decay", "0")) == 0
     ckpt = out / "run" / "latest.pt"
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty.png").mkdir()
     (tmp_path / "twins").mkdir()
     for name in ("a.jpg", "a.png"):  # both would become a.png
         Image.new("RGB", (8, 8)).save(tmp_path / "twins" / name)
@@ -3078,6 +3079,9 @@ def test_faults_translating_problems_are_named(dataset_root, tmp_path, capsys):
         (["--input", ckpt, "--output", tmp_path / "res"], "image folder .*latest.pt is a file"),
         (["--input", dataset_root / "testA", "--output", dataset_root / "testA" / "res"], "--output is --input or "
          "inside it"),
+        (["--input", dataset_root / "testA", "--grid", dataset_root / "testA" / "grid.png"], "--grid is --input "
+         "or inside it: choose a place outside it, so no input is overwritten"),
+        (["--input", dataset_root / "testA", "--grid", tmp_path / "empty.png"], "--grid .*empty.png is a folder"),
         (["--input", tmp_path / "twins", "--output", tmp_path / "res"], "two images of --input would both be "
          "written as .*a.png: rename one"),
         (["--input", dataset_root / "testB", "--output", tmp_path / "res", "--direction", "BtoA"],
