@@ -127,7 +127,7 @@ def find_domains(root: Path, direction: str = "AtoB") -> dict[str, Path | None]:
 
 
 def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Image.Image | None:
-    """Any image as 8-bit RGB (channels 3) or gray (1), upright as its EXIF says, a 16-bit or float one rescaled
+    """Any image as 8-bit RGB (channels 3) or gray (1), upright as its EXIF says, a 16-bit one scaled to 8 bits
     (Pillow would clip it); None for a file broken or gone. With `min_side`, a JPEG decodes at a reduced scale."""
     try:
         with Image.open(path) as opened:  # closed even when the file turns out broken
@@ -137,9 +137,8 @@ def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Im
             img = ImageOps.exif_transpose(opened)
     except Exception:  # Pillow raises many types for a broken file
         return None
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(((a - a.min()) / max(a.max() - a.min(), 1e-12) * 255).round().astype(np.uint8), "L")
+    if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 0..65535 to 0..255
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8), "L")
     return img.convert("RGB" if channels == 3 else "L")
 
 

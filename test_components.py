@@ -2008,6 +2008,8 @@ def test_dataset_loads_every_image_mode_as_8bit_rgb_or_gray(tmp_path, mode, arra
     rgb, gray = du.load_image(path, 3), du.load_image(path, 1)
     assert (rgb.mode, gray.mode, rgb.size) == ("RGB", "L", (30, 20))
     assert np.asarray(gray).std() > 5  # not clipped to one value
+    if array is not None:  # 16 bits scaled to 8, as the image shows, not stretched to its own range
+        assert np.abs(np.asarray(gray, dtype=float) - array / 257).max() <= 0.5
 
 
 def test_dataset_small_and_huge_images_become_crops(tmp_path):
