@@ -193,21 +193,21 @@ _STALE_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 def load_official_state_dict(net: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     """Load an official `latest_net_*.pth` into `net`, tensor by tensor in registration order (the official one);
-    the first name or shape that does not fit is named."""
+    the first name or shape that does not fit is named, on the first line of the ValueError."""
     ours = net.state_dict()
     theirs = {k.removeprefix("module."): v for k, v in state_dict.items()}
     if not any(k.endswith(_STALE_SUFFIXES) for k in ours):
         theirs = {k: v for k, v in theirs.items() if not k.endswith(_STALE_SUFFIXES)}
-    mapped = {}
+    if not any(k.endswith("num_batches_tracked") for k in theirs):  # saved before PyTorch 0.4.1, which adds them
+        ours = {k: v for k, v in ours.items() if not k.endswith("num_batches_tracked")}
+    mapped, rebuild = {}, "\nBuild the network with the options it was trained with (netG, ngf, n_blocks, norm, ...)"
     for (our_key, our_t), (their_key, their_t) in zip_longest(ours.items(), theirs.items(), fillvalue=(None, None)):
         if our_key is None or their_key is None:
             raise ValueError(f"checkpoint has {len(theirs)} tensors but {type(net).__name__} has {len(ours)}; "
-                             f"first unmatched: {our_key or their_key!r}. Build the network with the options "
-                             f"the checkpoint was trained with (netG, ngf, n_blocks, norm, antialias)")
+                             f"first unmatched: {our_key or their_key!r}{rebuild}")
         if their_key.rsplit(".", 1)[-1] != our_key.rsplit(".", 1)[-1] or their_t.shape != our_t.shape:
             raise ValueError(f"checkpoint tensor {their_key!r} {tuple(their_t.shape)} does not fit "
-                             f"{type(net).__name__}.{our_key} {tuple(our_t.shape)}. Build the network with the "
-                             f"options the checkpoint was trained with (netG, ngf, n_blocks, norm, antialias)")
+                             f"{type(net).__name__}.{our_key} {tuple(our_t.shape)}{rebuild}")
         mapped[our_key] = their_t
     net.load_state_dict(mapped)
     return net

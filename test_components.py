@@ -897,6 +897,10 @@ def test_official_weights_loader_round_trips_our_state_dict_and_keeps_stats_a_ne
     loaded = load_official_state_dict(ResnetGenerator(ngf=4, n_blocks=1, norm="batch"), state)
     assert torch.equal(loaded.model[2].running_mean, state["model.2.running_mean"]), \
         "running statistics are dropped only where the network has none (instance norm)"
+    older = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}  # saved before PyTorch 0.4.1
+    loaded = load_official_state_dict(ResnetGenerator(ngf=4, n_blocks=1, norm="batch"), older)
+    assert torch.equal(loaded.model[2].running_mean, state["model.2.running_mean"]), \
+        "a batch norm saved before PyTorch 0.4.1 has no num_batches_tracked; torch's own load_state_dict adds it"
 
 
 def test_official_weights_loader_names_the_first_mismatch():
@@ -2910,7 +2914,9 @@ def test_translate_cli_wrong_files_get_one_line(dataset_root, tmp_path, capsys):
     files = {"optimizer.pth": (opt.state_dict(), "not all of them tensors"),
              "latest_net_D.pth": (PatchDiscriminator(ndf=4).state_dict(), "a PatchGAN discriminator"),
              "noise.pth": ({"w": torch.randn(3, 3)}, r"the first 'w' \(3, 3\)"),
-             "tensor.pth": (torch.randn(3), "it holds a Tensor, not a state_dict")}
+             "tensor.pth": (torch.randn(3), "it holds a Tensor, not a state_dict"),  # translate.py builds G itself:
+             "extra.pth": ({**ResnetGenerator(ngf=4, n_blocks=1).state_dict(), "extra.weight": torch.zeros(3)},
+                           "first unmatched: 'extra.weight'$")}  # ... no advice to build it with other options
     for name, (state, pattern) in files.items():
         torch.save(state, tmp_path / name)
         code, err = run_cli(["--checkpoint", str(tmp_path / name), "--input", str(dataset_root / "testA"),
@@ -2996,7 +3002,8 @@ BAD_OPTIONS = [
     (["--model", "cut", "--nce-negatives", "others"], "other images of a batch: pass --batch-size 2 or more"),
     # 4 images of X: CUT drops a short last batch (the CUT repository's data/__init__.py), and an epoch makes none
     (["--model", "cut", "--batch-size", "5"], r"an epoch here has 4 pairs of images, too few for one batch of "
-                                              r"--batch-size 5 \(cut drops a short last batch\): lower --batch-size to 4"),
+                                              r"--batch-size 5 \(cut drops a short last batch\): lower --batch-size "
+                                              r"to 4"),
     (["--model", "fastcut", "--batch-size", "5", "--benchmark", "1"], "too few for one batch of --batch-size 5"),
     (["--model", "fastcut", "--pool-size", "0"], r"unrecognized arguments: --pool-size 0 \(see train_gan.py --model "
                                                  r"fastcut --help\)"),
