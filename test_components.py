@@ -2874,13 +2874,22 @@ def test_translate_cli_grid_puts_each_checkpoint_in_a_column_and_names_problems(
     assert not (tmp_path / "g.png").exists() and not (tmp_path / "res").exists()
 
 
-def test_translate_cli_max_side_scales_down_keeping_the_aspect_ratio_and_size_squares(dataset_root, tmp_path, capsys):
+def test_translate_cli_max_side_scales_down_keeping_the_aspect_ratio_and_size_squares(dataset_root, tmp_path, capsys,
+                                                                                    monkeypatch):
     out = tmp_path / "out"
     assert cli(one_epoch(dataset_root, out)) == 0
-    assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
-                          "--output", str(tmp_path / "res"), "--max-side", "20", "--device", "cpu"]) == 0
+    with monkeypatch.context() as spy:  # what each image is decoded at: a JPEG at the scale --max-side needs
+        sides = []
+        spy.setattr(translate, "load_image", lambda *a: sides.append(a[2:]) or du.load_image(*a))
+        assert translate_cli(["--checkpoint", str(out / "run" / "latest.pt"), "--input", str(dataset_root / "testA"),
+                              "--output", str(tmp_path / "res"), "--max-side", "20", "--device", "cpu"]) == 0
+    assert set(sides) == {(20,)}, "with --max-side, a photo is decoded at a reduced scale, not whole"
     assert Image.open(tmp_path / "res" / "img0.png").size == (20, 15)  # from 40x30
     assert Image.open(tmp_path / "res" / "nested" / "img1.png").size == (14, 20)  # from 33x47, in its subfolder
+    code, err = run_cli(["--checkpoint", out / "run" / "latest.pt", "--input", dataset_root / "testA", "--output",
+                         tmp_path / "tiny", "--max-side", "5"], capsys, translate_cli)  # 40x30 to 5x4
+    assert any(re.search(r"skipping .*img0.jpg \(5x4\): .* needs at least 5 pixels a side; raise --max-side$", line)
+               for line in err), err
     argv = ["--checkpoint", out / "run" / "latest.pt", "--input", dataset_root / "testA", "--output", tmp_path / "sq"]
     assert translate_cli([str(a) for a in argv] + ["--size", "24"]) == 0  # the official test.py's square resize
     assert {Image.open(p).size for p in (tmp_path / "sq").rglob("*.png")} == {(24, 24)}

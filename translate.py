@@ -153,14 +153,16 @@ def write_translations(net: torch.nn.Module, files: list[Path], args, smallest: 
     need(not twin, f"two images of --input would both be written as {twin}: rename one")
     output, written, channels = make_folder(args.output, "--output"), 0, input_channels(net)
     for f, target in tqdm(zip(files, targets), total=len(files), desc="translate", leave=False):
-        img = load_image(f, channels)
+        img = load_image(f, channels, args.max_side)  # a JPEG decoded at the scale --max-side needs: less memory
         if img is None:
             warnings.warn(f"skipping unreadable image {f}")
             continue
+        fix = f"scale it up first, or pass --size {max(smallest, 256)}" if min(img.size) < smallest else \
+            "raise --max-side"
         img = img.resize((args.size, args.size), Image.BICUBIC) if args.size else fit_within(img, args.max_side)
         if min(img.size) < smallest:
             warnings.warn(f"skipping {f} ({img.width}x{img.height}): the generator needs at least {smallest} pixels "
-                          f"a side; scale it up first, or pass --size {max(smallest, 256)}")
+                          f"a side; {fix}")
             continue
         with stop_if_out_of_memory(f"translating {f.name} ({img.width}x{img.height}, batch 1)",
                                    "pass --max-side N to scale images down first (e.g. --max-side 1024)"):
