@@ -681,12 +681,14 @@ OFFICIAL_DATASETS = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "m
 
 
 def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
-    """Stream `url` into `dest`; a failure is a UsageError ending in `offline_hint`."""
+    """Stream `url` into `dest`, all of it; a failure is a UsageError ending in `offline_hint`."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out, \
-                tqdm.wrapattr(out, "write", total=int(response.headers.get("Content-Length") or 0) or None,
-                              desc=url.rsplit("/", 1)[-1], leave=False) as f:
-            shutil.copyfileobj(response, f)
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            with tqdm.wrapattr(out, "write", total=total or None, desc=url.rsplit("/", 1)[-1], leave=False) as f:
+                shutil.copyfileobj(response, f)
+            if total and out.tell() != total:  # the server closed the connection early
+                raise OSError(f"cut short at {out.tell()} of {total} bytes")
     except OSError as e:  # urllib's URLError is one
         raise UsageError(f"could not download {url} ({getattr(e, 'reason', e)}): if this machine is offline, "
                          f"{offline_hint}") from None

@@ -2971,6 +2971,16 @@ def test_translate_cli_pretrained_is_one_command_downloading_once_atomically_and
                          "--cache", cache], capsys, translate_cli)
     assert_error(code, err[-1:], "could not download .*zebra2horse.pth.*offline")
     assert sorted(p.name for p in cache.iterdir()) == ["horse2zebra.pth"] and not (tmp_path / "horses").exists()
+
+    def cut_short(*args, **kwargs):  # a server that closes the connection early
+        response = io.BytesIO(source.read_bytes()[:100])
+        response.headers = {"Content-Length": str(source.stat().st_size)}
+        return response
+    monkeypatch.setattr(du.urllib.request, "urlopen", cut_short)
+    code, err = run_cli(["--pretrained", "zebra2horse", "--input", photos, "--output", tmp_path / "horses",
+                         "--cache", cache], capsys, translate_cli)
+    assert_error(code, err[-1:], r"could not download .*zebra2horse.pth \(cut short at 100 of \d+ bytes\)")
+    assert sorted(p.name for p in cache.iterdir()) == ["horse2zebra.pth"], "nothing cut short is kept"
     code, err = run_cli(["--pretrained", "zebra2horse", "--input", photos, "--output", tmp_path / "horses",
                          "--cache", source], capsys, translate_cli)  # a cache under a file
     assert_error(code, err[-1:], "--cache .*horse2zebra.pth cannot be made a folder .*: choose another --cache")
