@@ -344,12 +344,11 @@ def read_table(path: Path) -> list[dict[str, float]]:
 def plot(table: list[dict[str, float]], x: str, panels: dict[str, list[str]], path: Path,
          level: float | None = None) -> None:
     """Plot each panel's columns of a log against column `x`, a dashed line at `level`."""
-    from matplotlib.figure import Figure  # without pyplot: no display, no figure to close
-
     table = [row for row in table if x in row]
     panels = {title: names for title, names in panels.items() if any(n in row for row in table for n in names)}
     if not panels:
         return
+    from matplotlib.figure import Figure  # without pyplot: no display, no figure to close
     fig = Figure(figsize=(7 if level is None else 4.5, max(1.6 * len(panels), 2.4)))
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)
     for ax, (title, names) in zip(axes[:, 0], panels.items()):

@@ -70,8 +70,8 @@ def use_models(args) -> None:
     need(not (args.grid and args.output), "--grid writes one picture and --output a folder of them: pass one")
     need(not args.grid or args.grid.suffix.lower() in (".png", ".jpg", ".jpeg"), f"--grid {args.grid} must end in "
          ".png or .jpg")
-    flag, written = ("--grid", args.grid) if args.grid else ("--output", args.output)
-    need(not written.resolve().is_relative_to(args.input.resolve()), f"{flag} is --input or inside it: choose a "
+    flag, place = ("--grid", args.grid) if args.grid else ("--output", args.output)
+    need(not place.resolve().is_relative_to(args.input.resolve()), f"{flag} is --input or inside it: choose a "
          f"place outside it, so no input is overwritten")
     need(not (args.grid and args.grid.is_dir()), f"--grid {args.grid} is a folder: name a file, e.g. {args.grid}"
          f"{os.sep}grid.jpg")
