@@ -25,8 +25,8 @@ from networks import GENERATORS, PatchDiscriminator, define_G, frozen
 
 @dataclass
 class CycleGANConfig:
-    """CycleGAN's options, junyanz's defaults (the CUT repository's copy: xavier init, blur-pool, 200 + 200 epochs),
-    each with its source: --model cycle_gan's flags."""
+    """CycleGAN's options, junyanz's defaults (not those of the CUT repository's copy: xavier init, blur-pool,
+    200 + 200 epochs), each with its source: --model cycle_gan's flags."""
     lambda_cycle: float = field(default=10.0, metadata=dict(help="lambda of Eq. 3 (Sec. 4)", at_least=0))
     lambda_identity: float = field(default=0.5, metadata=dict(help="Sec. 5.2's loss, x lambda (appendix 7.1)",
                                                               at_least=0))

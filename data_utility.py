@@ -115,8 +115,8 @@ def list_images(folder: Path) -> list[Path]:
 def find_domains(root: Path, direction: str = "AtoB") -> dict[str, Path | None]:
     """A dataset's folders: train_x, train_y, test_x, test_y (None where there is no test folder)."""
     root = Path(root)
-    need(root.is_dir(), f"dataroot {root} does not exist: pass --dataroot with a folder holding trainA/ and trainB/ "
-         f"(or x_train/ and y_train/)")
+    need(root.is_dir(), f"dataroot {root} {'is a file' if root.exists() else 'does not exist'}: pass --dataroot with "
+         f"a folder holding trainA/ and trainB/ (or x_train/ and y_train/)")
     for names in LAYOUTS.values():
         if (root / names[0]).is_dir() and (root / names[1]).is_dir():
             folders = [root / n if (root / n).is_dir() else None for n in names]

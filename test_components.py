@@ -3017,6 +3017,7 @@ BAD_OPTIONS = [
     (["--model", "fastcut", "--channels-x", "1"], "same number of channels"),
     (["--model", "cut", "--channels-y", "1", "--no-nce-idt"], "same number of channels"),
     (["--epochs", "x"], "invalid int value: 'x'"),
+    (["--crop-size", "x"], r"invalid int value: 'x' \(see train_gan.py --help\)"),  # a run's flag: any model's
     (["--precision", "fp16"], "fp16 is for CUDA GPUs"),
     (["--model", "cut", "--nce-negatives", "others"], "other images of a batch: pass --batch-size 2 or more"),
     # 4 images of X: CUT drops a short last batch (the CUT repository's data/__init__.py), and an epoch makes none
@@ -3050,6 +3051,8 @@ def test_faults_a_device_this_machine_lacks_is_refused_in_one_line(dataset_root,
 def test_faults_bad_data_folders_are_refused_in_one_line(tmp_path, capsys):
     code, err = run_cli(cli_args(tmp_path / "nowhere", tmp_path / "out"), capsys)
     assert_error(code, err, "nowhere does not exist")
+    code, err = run_cli(cli_args(Path(__file__), tmp_path / "out"), capsys)
+    assert_error(code, err, "test_components.py is a file: pass --dataroot with a folder holding trainA/")
     (tmp_path / "odd" / "apples").mkdir(parents=True)
     code, err = run_cli(cli_args(tmp_path / "odd", tmp_path / "out"), capsys)
     assert_error(code, err, "neither layout.*found apples/")
@@ -3059,6 +3062,7 @@ def test_faults_bad_data_folders_are_refused_in_one_line(tmp_path, capsys):
     (tmp_path / "empty" / "trainB" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     code, err = run_cli(cli_args(tmp_path / "empty", tmp_path / "out"), capsys)
     assert_error(code, err, "no readable images in .*trainB")
+    assert not (tmp_path / "out").exists(), "a refused dataset leaves no run folder behind"
 
 
 def test_faults_checkpoint_problems_are_named(dataset_root, tmp_path, capsys):

@@ -118,8 +118,9 @@ def decide(argv: list[str]) -> tuple[Run, object, torch.device, dict | None]:
 
 def parser(*records, defaults: dict | None = None) -> Parser:
     """The flags of the fields of `records`, with `defaults` (none: a first look at what was given)."""
-    model = defaults["model"] if defaults else "MODEL"
-    p = Parser(prog=f"train_gan.py --model {model}", usage="%(prog)s [options]", add_help=defaults is not None,
+    model = defaults["model"] if defaults else None
+    p = Parser(prog="train_gan.py" + (f" --model {model}" if model else ""), usage="%(prog)s [options]",
+               add_help=defaults is not None,
                description="Train CycleGAN, CUT or FastCUT with the defaults shown (this machine's; a resume's are its "
                "run's). --model cut --help lists CUT's options. 'train_gan.py download NAME' fetches a dataset; to use "
                "a model: translate.py.")
@@ -337,16 +338,16 @@ def train(argv: list[str], stop: StopFlag | None = None) -> Trainer | None:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if run.benchmark:
         return benchmark(run, config, device, rank, world)
+    folders = find_domains(run.dataroot, run.direction)  # the data first: a refusal leaves no run folder
+    loader = training_loader(run, config, folders, device, rank, world)
+    fixed = [load_fixed_images(folders[f"test_{d}"] or folders[f"train_{d}"], 4, run.crop_size, c)
+             for d, c in (("x", config.channels_x), ("y", config.channels_y))]  # every epoch's pictures show
     folder = RunFolder(run.output_dir / run.name, f"continue with: {continue_with(run)}")  # works as printed
     with held_on_rank0(folder, not run.resume, rank), \
             stop_if_a_write_fails(folder.path, folder.resume_hint), \
             stop_if_out_of_memory(f"at crop {run.crop_size}x{run.crop_size}, batch {run.batch_size}",
                                   f"lower --crop-size or --batch-size, then {folder.resume_hint}"):
         trainer = make_trainer(run, config, device, checkpoint, rank)
-        folders = find_domains(run.dataroot, run.direction)
-        loader = training_loader(run, config, folders, device, rank, world)
-        fixed = [load_fixed_images(folders[f"test_{d}"] or folders[f"train_{d}"], 4, run.crop_size, c)
-                 for d, c in (("x", config.channels_x), ("y", config.channels_y))]  # every epoch's pictures show
         stop = stop or StopFlag(world, rank == 0)
         if rank == 0:
             print(start_line(run, trainer, loader))
