@@ -52,7 +52,8 @@ def need(ok: bool, message: str) -> None:
 
 def write_atomically(path: Path, write) -> None:
     """Write `path` through a file renamed over it, so a full disk, a crash or Ctrl-C leaves it as it was. Every
-    file the commands write goes through here; a failure is an OSError naming `path`."""
+    file the commands write goes through here, but the rows appended to a log; a failure is an OSError naming
+    `path`."""
     tmp = Path(f"{path}.tmp")
     try:
         write(tmp)
@@ -397,7 +398,8 @@ def save_similarity_grid(x: torch.Tensor, fake: torch.Tensor, maps: torch.Tensor
 
 class RunFolder:
     """OUTPUT/NAME/, a run's files (the README's "What a run writes"), each written here alone, whole or not at
-    all; a failure is an OSError (train_gan.py ends the run in one line, with `resume_hint`)."""
+    all (a log: a row at a time); a failure is an OSError (train_gan.py ends the run in one line, with
+    `resume_hint`)."""
     TIMING = {"seconds": "{:.0f} s", "images_per_sec": "{:.2f} img/s", "data_wait": "{:.0%} of it waiting for data"}
     STYLE = ("body { font: 15px/1.45 sans-serif; margin: 2em auto; max-width: 1100px; } .caption { color: #555; } "
              "img { max-width: 100%; display: block; image-rendering: pixelated; } .plots { display: flex; gap: 1em; }")
