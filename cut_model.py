@@ -41,7 +41,7 @@ class CUTConfig:
     gan_mode: str = field(default="lsgan", metadata=dict(help="least squares, as the paper trains",
                                                          choices=GAN_MODES))
     real_label: float = field(default=1.0, metadata=dict(help="D's target for real images (< 1: label smoothing)",
-                                                         at_least=0))
+                                                         above=0))
     netG: str = field(default="resnet_9blocks", metadata=dict(help="a ResNet, whose encoder PatchNCE taps",
                                                               choices=GENERATORS))
     antialias: bool = field(default=True, metadata=dict(help="blur-pool down-sampling in G, D (--no_antialias)"))
@@ -54,7 +54,7 @@ class CUTConfig:
     dropout: bool = field(default=False, metadata=dict(help="in G's blocks"))
     channels_x: int = field(default=3, metadata=dict(help="X's channels, as many as Y's", choices=(1, 3)))
     channels_y: int = field(default=3, metadata=dict(help="Y's channels", choices=(1, 3)))
-    init_gain: float = field(default=0.02, metadata=dict(help="the xavier init's gain", at_least=0))
+    init_gain: float = field(default=0.02, metadata=dict(help="the xavier init's gain", above=0))
     lr: float = field(default=2e-4, metadata=dict(help="Adam's", above=0, resume="changeable"))
     beta1: float = field(default=0.5, metadata=dict(help="Adam's"))
     epochs: int = field(default=200, metadata=dict(help="at the initial lr (TrainOptions')", at_least=0,

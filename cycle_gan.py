@@ -33,7 +33,7 @@ class CycleGANConfig:
     pool_size: int = field(default=50, metadata=dict(help="fakes in D's history (Sec. 4)", at_least=0))
     gan_mode: str = field(default="lsgan", metadata=dict(help="least squares, as Sec. 4 trains", choices=GAN_MODES))
     real_label: float = field(default=1.0, metadata=dict(help="D's target for real images (< 1: label smoothing)",
-                                                         at_least=0))
+                                                         above=0))
     netG: str = field(default="resnet_9blocks", metadata=dict(help="G and F: junyanz's; the paper's at 128: 6 blocks",
                                                               choices=GENERATORS))
     ngf: int = field(default=64, metadata=dict(help="G's first filters (appendix 7.2)", at_least=1))
@@ -43,7 +43,7 @@ class CycleGANConfig:
     dropout: bool = field(default=False, metadata=dict(help="in G's blocks (junyanz's: off)"))
     channels_x: int = field(default=3, metadata=dict(help="X's channels (the official --input_nc)", choices=(1, 3)))
     channels_y: int = field(default=3, metadata=dict(help="Y's channels (--output_nc)", choices=(1, 3)))
-    init_gain: float = field(default=0.02, metadata=dict(help="the init's N(0, gain) (appendix 7.1)", at_least=0))
+    init_gain: float = field(default=0.02, metadata=dict(help="the init's N(0, gain) (appendix 7.1)", above=0))
     lr: float = field(default=2e-4, metadata=dict(help="Adam's (Sec. 4)", above=0, resume="changeable"))
     beta1: float = field(default=0.5, metadata=dict(help="Adam's (junyanz's)"))
     epochs: int = field(default=100, metadata=dict(help="at the initial lr (Sec. 4)", at_least=0, resume="changeable"))

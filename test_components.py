@@ -704,6 +704,9 @@ def test_gan_loss_rejects_unknown_mode_and_smoothing_it_cannot_do():
         GANLoss("nonsaturating", real_label=0.9)
     with pytest.raises(ValueError, match="nonsaturating"):
         GANLoss("nonsaturating", fake_label=0.1)
+    for label in (3.0, 0.0):  # above 1, BCE has no minimum (D's logits run off); at the fake label, nothing to learn
+        with pytest.raises(ValueError, match=rf"a real label of {label} is outside \(0.0, 1\]"):
+            GANLoss("vanilla", real_label=label)
 
 
 def test_patchnce_divides_each_similarity_by_the_temperature():
@@ -1111,7 +1114,7 @@ def test_cyclegan_config_is_the_papers_and_junyanzs():
     assert {f.name for f in dataclasses.fields(c)} == set(paper), "every option of CycleGAN, checked here"
     assert_options_say_what_they_are_refuse_what_cannot_work_and_let_a_resume_change_the_schedule(c, {
         "lambda_cycle": 0, "lambda_identity": 0, "pool_size": 0, "ngf": 1, "ndf": 1, "n_layers_D": 1, "epochs": 0,
-        "epochs_decay": 0, "init_gain": 0, "real_label": 0}, {"lr": 0}, {
+        "epochs_decay": 0}, {"lr": 0, "init_gain": 0, "real_label": 0}, {
         "channels_x": (1, 3), "channels_y": (1, 3), "netG": GENERATORS, "norm": ("instance", "batch", "none"),
         "gan_mode": GAN_MODES})
     for name, (value, rule) in paper.items():
@@ -1130,15 +1133,16 @@ def test_cyclegan_config_is_the_papers_and_junyanzs():
 
 def assert_options_say_what_they_are_refuse_what_cannot_work_and_let_a_resume_change_the_schedule(
         config, at_least: dict, above: dict, choices: dict) -> None:
-    """A config's fields are the command's flags: each says what it is (--help); a weight, a history, an epoch count,
-    an init's gain, a label is never below 0, a count of filters, layers or places never below 1, a learning rate or a
-    temperature never 0; a choice is among the values the networks and losses take; a resume may change the schedule
-    alone."""
+    """A config's fields are the command's flags: each says what it is (--help); a weight, a history, an epoch count
+    is never below 0, a count of filters, layers or places never below 1, a learning rate, a temperature, an init's
+    gain (at 0 every weight is 0, and no gradient reaches them) or a real label never 0; a choice is among the values
+    the networks and losses take; a resume may change the schedule alone."""
     fields = dataclasses.fields(config)
     assert all(f.metadata["help"] for f in fields), "each option says what it is, for --help"
     assert {f.name: f.metadata["at_least"] for f in fields if "at_least" in f.metadata} == at_least, \
-        "weights, histories, epochs, init gains and labels are >= 0; filters, layers and places >= 1"
-    assert {f.name: f.metadata["above"] for f in fields if "above" in f.metadata} == above, "rates are > 0"
+        "weights, histories and epochs are >= 0; filters, layers and places >= 1"
+    assert {f.name: f.metadata["above"] for f in fields if "above" in f.metadata} == above, \
+        "rates, temperatures, init gains and real labels are > 0"
     assert {f.name: tuple(f.metadata["choices"]) for f in fields if "choices" in f.metadata} == choices, \
         "a choice is one the networks and losses take"
     assert {f.name for f in fields if f.metadata.get("resume") == "changeable"} == {"lr", "epochs", "epochs_decay"}, \
@@ -1477,7 +1481,7 @@ def test_cut_model_presets_and_config_are_the_cut_repositorys():
     assert {f.name for f in dataclasses.fields(cut)} == set(official) | set(FASTCUT), "every option checked"
     assert_options_say_what_they_are_refuse_what_cannot_work_and_let_a_resume_change_the_schedule(cut, {
         "lambda_nce": 0, "num_patches": 1, "lambda_gan": 0, "ngf": 1, "ndf": 1, "n_layers_D": 1, "netF_nc": 1,
-        "epochs": 0, "epochs_decay": 0, "init_gain": 0, "real_label": 0}, {"nce_temperature": 0, "lr": 0}, {
+        "epochs": 0, "epochs_decay": 0}, {"nce_temperature": 0, "lr": 0, "init_gain": 0, "real_label": 0}, {
         "nce_negatives": ("image", "batch", "others"), "gan_mode": GAN_MODES, "netG": GENERATORS,
         "norm": ("instance", "batch", "none"), "channels_x": (1, 3), "channels_y": (1, 3)})
 
@@ -3003,8 +3007,9 @@ BAD_OPTIONS = [
     (["--lambda-nce", "-1", "--model", "cut"], "--lambda-nce: must be >= 0"),
     (["--lr", "0"], "--lr: must be > 0, got 0"),
     (["--lr", "inf"], "--lr: must be > 0, got inf"),
-    (["--real-label", "nan"], "--real-label: must be >= 0, got nan"),
-    (["--init-gain", "-1"], "--init-gain: must be >= 0"),
+    (["--real-label", "nan"], "--real-label: must be > 0, got nan"),
+    (["--real-label", "1.5"], r"a real label of 1.5 is outside \(0.0, 1\]: use 1, or a little less to smooth it"),
+    (["--init-gain", "0"], "--init-gain: must be > 0, got 0"),  # every weight 0: no gradient reaches them
     (["--beta1", "1"], r"--beta1 1.0 is outside \[0, 1\), which torch.optim.Adam refuses"),
     (["--model", "cut", "--nce-temperature", "-0.1"], "--nce-temperature: must be > 0, got -0.1"),
     (["--netG", "unet_128", "--crop-size", "32"], "multiple of 128"),
@@ -3019,7 +3024,10 @@ BAD_OPTIONS = [
     (["--epochs", "x"], "invalid int value: 'x'"),
     (["--crop-size", "x"], r"invalid int value: 'x' \(see train_gan.py --help\)"),  # a run's flag: any model's
     (["--precision", "fp16"], "fp16 is for CUDA GPUs"),
-    (["--model", "cut", "--nce-negatives", "others"], "other images of a batch: pass --batch-size 2 or more"),
+    (["--model", "cut", "--nce-negatives", "others"], "--nce-negatives others with --num-patches 256 and --batch-size "
+                                                      "1 leaves a query no negatives: pass --batch-size 2 or more"),
+    (["--model", "cut", "--num-patches", "1"], "--nce-negatives image with --num-patches 1 .* no negatives: pass "
+                                               "--num-patches 2 or more"),  # Eq. 2 would be 0, and train nothing
     # 4 images of X: CUT drops a short last batch (the CUT repository's data/__init__.py), and an epoch makes none
     (["--model", "cut", "--batch-size", "5"], r"an epoch here has 4 pairs of images, too few for one batch of "
                                               r"--batch-size 5 \(cut drops a short last batch\): lower --batch-size "
