@@ -40,8 +40,8 @@ class CUTConfig:
                                                          at_least=0))
     gan_mode: str = field(default="lsgan", metadata=dict(help="least squares, as the paper trains",
                                                          choices=GAN_MODES))
-    real_label: float = field(default=1.0, metadata=dict(help="D's target for real images (< 1: label smoothing)",
-                                                         above=0))
+    real_label: float = field(default=1.0, metadata=dict(help="D's target for real images, at most 1 (< 1: label "
+                                                         "smoothing)", above=0))
     netG: str = field(default="resnet_9blocks", metadata=dict(help="a ResNet, whose encoder PatchNCE taps",
                                                               choices=GENERATORS))
     antialias: bool = field(default=True, metadata=dict(help="blur-pool down-sampling in G, D (--no_antialias)"))

@@ -32,8 +32,8 @@ class CycleGANConfig:
                                                               at_least=0))
     pool_size: int = field(default=50, metadata=dict(help="fakes in D's history (Sec. 4)", at_least=0))
     gan_mode: str = field(default="lsgan", metadata=dict(help="least squares, as Sec. 4 trains", choices=GAN_MODES))
-    real_label: float = field(default=1.0, metadata=dict(help="D's target for real images (< 1: label smoothing)",
-                                                         above=0))
+    real_label: float = field(default=1.0, metadata=dict(help="D's target for real images, at most 1 (< 1: label "
+                                                         "smoothing)", above=0))
     netG: str = field(default="resnet_9blocks", metadata=dict(help="G and F: junyanz's; the paper's at 128: 6 blocks",
                                                               choices=GENERATORS))
     ngf: int = field(default=64, metadata=dict(help="G's first filters (appendix 7.2)", at_least=1))

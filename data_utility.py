@@ -52,7 +52,7 @@ def need(ok: bool, message: str) -> None:
 
 def write_atomically(path: Path, write) -> None:
     """Write `path` through a file renamed over it, so a full disk, a crash or Ctrl-C leaves it as it was. Every
-    file the commands write goes through here, but the rows appended to a log; a failure is an OSError naming
+    file the commands write goes through here, except the rows appended to a log; a failure is an OSError naming
     `path`."""
     tmp = Path(f"{path}.tmp")
     try:
@@ -128,8 +128,9 @@ def find_domains(root: Path, direction: str = "AtoB") -> dict[str, Path | None]:
 
 
 def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Image.Image | None:
-    """Any image as 8-bit RGB (channels 3) or gray (1), upright as its EXIF says, a 16-bit one scaled to 8 bits
-    (Pillow would clip it); None for a file broken or gone. With `min_side`, a JPEG decodes at a reduced scale."""
+    """Any image as 8-bit RGB (channels 3) or gray (1), upright as its EXIF says, a 16-bit one scaled to 8 bits and a
+    float one stretched to its range (Pillow would clip them); None for a file broken or gone. With `min_side`, a
+    JPEG decodes at a reduced scale."""
     try:
         with Image.open(path) as opened:  # closed even when the file turns out broken
             if min_side:
@@ -138,8 +139,10 @@ def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Im
             img = ImageOps.exif_transpose(opened)
     except Exception:  # Pillow raises many types for a broken file
         return None
-    if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 0..65535 to 0..255
-        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8), "L")
+    a = np.asarray(img, dtype=np.float64) if img.mode in ("I", "I;16", "I;16B", "I;16L", "F") else None
+    if a is not None:  # 16 bits a pixel (a PNG's "I" too) scaled to 8; a float one, of no set range, stretched
+        a = a / 257 if img.mode != "F" else (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255
+        img = Image.fromarray(a.clip(0, 255).round().astype(np.uint8), "L")
     return img.convert("RGB" if channels == 3 else "L")
 
 
@@ -228,9 +231,11 @@ class PairSampler(torch.utils.data.Sampler):
 
 
 def quiet_worker(_: int) -> None:
-    """A loader's worker leaves Ctrl-C and SIGTERM to the main process, which takes its step, saves, then stops it.
-    Told SIGTERM with its whole process group (systemd, Slurm), a worker goes on 10 s, to make the batch the step
-    may wait for, then exits with code 0 (killed by a signal, it would make torch raise in the main process)."""
+    """A loader's worker ignores Ctrl-C: the main process takes its step, saves, then stops the workers. For SIGTERM
+    it replaces torch's handler, under which a worker dies of a SIGTERM its parent did not send, and torch then
+    raises in the main process, mid-step. Told SIGTERM with its process group (systemd, Slurm), a worker goes on
+    10 s, to make a batch the step may wait for (a slower one still fails the run), then exits with code 0. It
+    cannot ignore SIGTERM: at exit, multiprocessing ends its workers with one, then waits for them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "alarm"):  # POSIX
         signal.signal(signal.SIGTERM, lambda *_: signal.alarm(10))
@@ -291,13 +296,13 @@ def write_rows(path: Path, rows: list[list]) -> None:
     """A CSV log written whole, its header first."""
     text = io.StringIO()
     csv.writer(text).writerows(rows)
-    write_atomically(path, lambda tmp: tmp.write_text(text.getvalue(), newline=""))
+    write_atomically(path, lambda tmp: tmp.write_text(text.getvalue(), encoding="utf-8", newline=""))
 
 
 def append_row(path: Path, row: dict[str, float]) -> None:
     """Append a row to a CSV log in the columns of its header. A value without a column (a map a resume turned on, a
     column a user deleted) adds its column at the end, and the file is rewritten whole."""
-    with open(path, "a+", newline="", errors="replace") as f:  # read from the start; every write goes to the end
+    with open(path, "a+", newline="", encoding="utf-8", errors="replace") as f:  # read from the start; write at the end
         f.seek(0)
         if f.read(1) != "\ufeff":  # a BOM, from a spreadsheet's 'CSV UTF-8': not part of the first name
             f.seek(0)
@@ -344,10 +349,11 @@ def read_table(path: Path) -> list[dict[str, float]]:
 
 def plot(table: list[dict[str, float]], x: str, panels: dict[str, list[str]], path: Path,
          level: float | None = None) -> None:
-    """Plot each panel's columns of a log against column `x`, a dashed line at `level`."""
+    """Plot each panel's columns of a log against column `x`, a dashed line at `level`; none to plot, no picture."""
     table = [row for row in table if x in row]
     panels = {title: names for title, names in panels.items() if any(n in row for row in table for n in names)}
-    if not panels:
+    if not panels:  # nothing to draw: no picture, not an earlier one
+        Path(path).unlink(missing_ok=True)
         return
     from matplotlib.figure import Figure  # without pyplot: no display, no figure to close
     fig = Figure(figsize=(7 if level is None else 4.5, max(1.6 * len(panels), 2.4)))
@@ -691,8 +697,8 @@ def fetch(url: str, dest: Path, offline_hint: str, timeout: float = 30) -> None:
             if total and out.tell() != total:  # the server closed the connection early
                 raise OSError(f"cut short at {out.tell()} of {total} bytes")
     except OSError as e:  # urllib's URLError is one
-        raise UsageError(f"could not download {url} ({getattr(e, 'reason', e)}): if this machine is offline, "
-                         f"{offline_hint}") from None
+        raise UsageError(f"could not download {url} ({getattr(e, 'reason', e)}): try again; if this machine is "
+                         f"offline, {offline_hint}") from None
 
 
 def download(name: str, root: Path = Path("data"), timeout: float = 30) -> Path:

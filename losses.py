@@ -28,8 +28,8 @@ class GANLoss(nn.Module):
             raise ValueError(f"unknown GAN mode {mode!r}: use one of {', '.join(GAN_MODES)}")
         if mode == "nonsaturating" and (real_label, fake_label) != (1.0, 0.0):
             raise ValueError("the nonsaturating GAN loss has no labels to smooth: use lsgan or vanilla")
-        if not fake_label < real_label <= 1:  # above 1, the vanilla loss has no minimum: D's logits run off
-            raise ValueError(f"a real label of {real_label} is outside ({fake_label}, 1]: use 1, or a little less to "
+        if not fake_label < real_label <= 1:  # above 1, vanilla has no minimum; D's verdicts read 1 as real
+            raise ValueError(f"real_label {real_label} is outside ({fake_label}, 1]: use 1, or a little less to "
                              f"smooth it")
         self.mode, self.real_label, self.fake_label = mode, real_label, fake_label
 

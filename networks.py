@@ -198,7 +198,7 @@ def load_official_state_dict(net: nn.Module, state_dict: Mapping[str, torch.Tens
     theirs = {k.removeprefix("module."): v for k, v in state_dict.items()}
     if not any(k.endswith(_STALE_SUFFIXES) for k in ours):
         theirs = {k: v for k, v in theirs.items() if not k.endswith(_STALE_SUFFIXES)}
-    if not any(k.endswith("num_batches_tracked") for k in theirs):  # saved before PyTorch 0.4.1, which adds them
+    if not any(k.endswith("num_batches_tracked") for k in theirs):  # saved before PyTorch 0.4.1: torch keeps ours
         ours = {k: v for k, v in ours.items() if not k.endswith("num_batches_tracked")}
     mapped, rebuild = {}, "\nBuild the network with the options it was trained with (netG, ngf, n_blocks, norm, ...)"
     for (our_key, our_t), (their_key, their_t) in zip_longest(ours.items(), theirs.items(), fillvalue=(None, None)):

@@ -705,7 +705,7 @@ def test_gan_loss_rejects_unknown_mode_and_smoothing_it_cannot_do():
     with pytest.raises(ValueError, match="nonsaturating"):
         GANLoss("nonsaturating", fake_label=0.1)
     for label in (1.5, 0.0):  # above 1, BCE has no minimum (D's logits run off); at the fake label, nothing to learn
-        with pytest.raises(ValueError, match=rf"a real label of {label} is outside \(0.0, 1\]"):
+        with pytest.raises(ValueError, match=rf"real_label {label} is outside \(0.0, 1\]"):
             GANLoss("vanilla", real_label=label)
 
 
@@ -2005,18 +2005,19 @@ def test_dataset_image_tensor_round_trip():
 
 @pytest.mark.parametrize("mode, array", [
     ("I;16", np.arange(600, dtype=np.uint16).reshape(20, 30) * 100),
+    ("F", np.linspace(0, 1, 600, dtype=np.float32).reshape(20, 30)),  # a float TIFF in [0, 1]
     ("CMYK", None), ("RGBA", None), ("P", None), ("L", None), ("1", None)])
 def test_dataset_loads_every_image_mode_as_8bit_rgb_or_gray(tmp_path, mode, array):
     if array is not None:
         img = Image.fromarray(array)
     else:
         img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)).convert(mode)
-    path = tmp_path / f"img.{'jpg' if mode == 'CMYK' else 'png'}"
+    path = tmp_path / f"img.{ {'CMYK': 'jpg', 'F': 'tiff'}.get(mode, 'png')}"
     img.save(path)
     rgb, gray = du.load_image(path, 3), du.load_image(path, 1)
     assert (rgb.mode, gray.mode, rgb.size) == ("RGB", "L", (30, 20))
     assert np.asarray(gray).std() > 5  # not clipped to one value
-    if array is not None:  # 16 bits scaled to 8, as the image shows, not stretched to its own range
+    if mode == "I;16":  # 16 bits scaled to 8, as the image shows, not stretched to its own range
         assert np.abs(np.asarray(gray, dtype=float) - array / 257).max() <= 0.5
 
 
@@ -2182,9 +2183,10 @@ def test_run_folder_plot_draws_a_panel_for_each_entry_that_has_points(tmp_path):
     table = du.read_table(tmp_path / "l.csv")
     du.plot(table, "step", {"G": ["G"], "D": ["D"], "none": ["F"]}, tmp_path / "two.png")
     du.plot(table, "step", {"G": ["G"]}, tmp_path / "one.png", level=0.5)
+    (tmp_path / "no.png").write_bytes(b"an earlier plot")  # a resume from step 0 drops every row of the log
     du.plot(table, "step", {"none": ["F"]}, tmp_path / "no.png")
     assert Image.open(tmp_path / "two.png").height > Image.open(tmp_path / "one.png").height > 100
-    assert not (tmp_path / "no.png").exists()
+    assert not (tmp_path / "no.png").exists(), "nothing to plot: no picture, not an earlier one"
 
 
 def test_run_folder_log_rows_follow_the_column_order_of_an_existing_file(tmp_path):
@@ -2816,6 +2818,9 @@ def test_translate_cli_names_and_skips_images_too_small_for_the_generator_and_tr
     for name, size in (("icon.png", "5x3"), ("dot.png", "1x1")):
         assert any(f"skipping {inputs / name} ({size}): the generator needs at least 5 pixels a side" in line
                    for line in err), err
+    code, err = run_cli(["--checkpoint", checkpoint, "--input", inputs, "--output", tmp_path / "res1", "--max-side",
+                         "1024"], capsys, translate_cli)  # too small before --max-side: no --size advice beside it
+    assert any(line.endswith("(5x3): the generator needs at least 5 pixels a side; scale it up first") for line in err)
     for flag in ("--size", "--max-side"):  # options that would shrink every image below that: refused before work
         code, err = run_cli(["--checkpoint", checkpoint, "--input", inputs, "--output", tmp_path / "res2", flag, "4",
                              "--device", "cpu"], capsys, translate_cli)
@@ -3008,7 +3013,7 @@ BAD_OPTIONS = [
     (["--lr", "0"], "--lr: must be > 0, got 0"),
     (["--lr", "inf"], "--lr: must be > 0, got inf"),
     (["--real-label", "nan"], "--real-label: must be > 0, got nan"),
-    (["--real-label", "1.5"], r"a real label of 1.5 is outside \(0.0, 1\]: use 1, or a little less to smooth it"),
+    (["--real-label", "1.5"], r"real_label 1.5 is outside \(0.0, 1\]: use 1, or a little less to smooth it"),
     (["--init-gain", "0"], "--init-gain: must be > 0, got 0"),  # every weight 0: no gradient reaches them
     (["--beta1", "1"], r"--beta1 1.0 is outside \[0, 1\), which torch.optim.Adam refuses"),
     (["--model", "cut", "--nce-temperature", "-0.1"], "--nce-temperature: must be > 0, got -0.1"),
@@ -3120,7 +3125,7 @@ def test_faults_translating_problems_are_named(dataset_root, tmp_path, capsys):
         (["--input", dataset_root / "testA", "--output", dataset_root / "testA" / "res"], "--output is --input or "
          "inside it"),
         (["--input", dataset_root / "testA", "--grid", dataset_root / "testA" / "grid.png"], "--grid is --input "
-         "or inside it: choose a place outside it, so no input is overwritten"),
+         "or inside it: choose a file outside it, so no input is overwritten"),
         (["--input", dataset_root / "testA", "--grid", tmp_path / "empty.png"], "--grid .*empty.png is a folder"),
         (["--input", tmp_path / "twins", "--output", tmp_path / "res"], "two images of --input would both be "
          "written as .*a.png: rename one"),

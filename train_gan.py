@@ -178,7 +178,8 @@ def check(run: Run, config, model, device: torch.device) -> None:
     if isinstance(config, CUTConfig):  # Eq. 2 contrasts each query with its negatives: it needs one at least
         p, b, source = config.num_patches, run.batch_size, config.nce_negatives
         fix = "--batch-size" if source == "others" else "--num-patches"
-        need({"image": p - 1, "batch": b * p - 1, "others": (b - 1) * p}[source] > 0, f"--nce-negatives {source} with "
+        need(not config.lambda_nce or {"image": p - 1, "batch": b * p - 1, "others": (b - 1) * p}[source] > 0,
+             f"--nce-negatives {source} with "
              f"--num-patches {p} and --batch-size {b} leaves a query no negatives: pass {fix} 2 or more")
     need(0 <= config.beta1 < 1, f"--beta1 {config.beta1} is outside [0, 1), which torch.optim.Adam refuses: use 0.5")
     need(run.precision != "fp16" or device.type == "cuda", f"--precision fp16 is for CUDA GPUs (on {device.type} "
@@ -488,7 +489,8 @@ def finite_means(sums: dict[str, torch.Tensor], steps: int, if_diverged: str) ->
     means = dict(zip(sums, (torch.stack([v.float() for v in sums.values()]) / steps).tolist()))
     bad = [k for k, v in means.items() if not math.isfinite(v)]
     if any_rank(bool(bad)):
-        raise RunError((f"loss {', '.join(bad)} became {means[bad[0]]}" if bad else "a loss on another rank diverged")
+        raise RunError(("loss " + ", ".join(f"{k} became {means[k]}" for k in bad) if bad else
+                        "a loss on another rank diverged")
                        + f" {if_diverged}")
     return means
 

@@ -70,9 +70,9 @@ def use_models(args) -> None:
     need(not (args.grid and args.output), "--grid writes one picture and --output a folder of them: pass one")
     need(not args.grid or args.grid.suffix.lower() in (".png", ".jpg", ".jpeg"), f"--grid {args.grid} must end in "
          ".png or .jpg")
-    flag, place = ("--grid", args.grid) if args.grid else ("--output", args.output)
+    flag, place, kind = ("--grid", args.grid, "file") if args.grid else ("--output", args.output, "folder")
     need(not place.resolve().is_relative_to(args.input.resolve()), f"{flag} is --input or inside it: choose a "
-         f"place outside it, so no input is overwritten")
+         f"{kind} outside it, so no input is overwritten")
     need(not (args.grid and args.grid.is_dir()), f"--grid {args.grid} is a folder: name a file, e.g. {args.grid}"
          f"{os.sep}grid.jpg")
     need(not (args.size and args.max_side), "--size and --max-side both set the size: pass one")
@@ -157,8 +157,8 @@ def write_translations(net: torch.nn.Module, files: list[Path], args, smallest: 
         if img is None:
             warnings.warn(f"skipping unreadable image {f}")
             continue
-        fix = f"scale it up first, or pass --size {max(smallest, 256)}" if min(img.size) < smallest else \
-            "raise --max-side"
+        fix = "raise --max-side" if min(img.size) >= smallest else "scale it up first" + \
+            ("" if args.max_side else f", or pass --size {max(smallest, 256)}")
         img = img.resize((args.size, args.size), Image.BICUBIC) if args.size else fit_within(img, args.max_side)
         if min(img.size) < smallest:
             warnings.warn(f"skipping {f} ({img.width}x{img.height}): the generator needs at least {smallest} pixels "
