@@ -139,8 +139,9 @@ def load_image(path: Path, channels: int = 3, min_side: int | None = None) -> Im
             img = ImageOps.exif_transpose(opened)
     except Exception:  # Pillow raises many types for a broken file
         return None
-    a = np.asarray(img, dtype=np.float64) if img.mode in ("I", "I;16", "I;16B", "I;16L", "F") else None
-    if a is not None:  # 16 bits a pixel (a PNG's "I" too) scaled to 8; a float one, of no set range, stretched
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16 bits a pixel (a PNG's "I" too) scaled to 8; a float image, of no set range, stretched to its own
+        a = np.asarray(img, dtype=np.float64)
         a = a / 257 if img.mode != "F" else (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255
         img = Image.fromarray(a.clip(0, 255).round().astype(np.uint8), "L")
     return img.convert("RGB" if channels == 3 else "L")
@@ -243,7 +244,7 @@ def quiet_worker(_: int) -> None:
 
 
 def data_loader(data: UnpairedDataset, sampler: PairSampler, batch_size: int, workers: int, pin_memory: bool,
-                drop_last: bool = False) -> torch.utils.data.DataLoader:
+                drop_last: bool) -> torch.utils.data.DataLoader:
     """A loader of `workers` persistent processes (0: the main one); with `drop_last`, no short last batch."""
     return torch.utils.data.DataLoader(data, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                                        drop_last=drop_last, persistent_workers=workers > 0, worker_init_fn=quiet_worker,
